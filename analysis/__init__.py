@@ -1,0 +1,1 @@
+"""Results, FLOPs/MFU, leaderboard and recommendation."""
