@@ -220,3 +220,20 @@ def sweep_from_dict(data: dict) -> SweepConfig:
 
 def as_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
+
+
+@dataclass
+class RootConfig:
+    """The schema of conf/config.yaml: Hydra type-checks presets and overrides against it."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    layout: Layout = field(default_factory=Layout)
+    trial: TrialConfig = field(default_factory=TrialConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=RootConfig)

@@ -1,0 +1,64 @@
+"""Rank a sweep's trials by MFU and render the leaderboard as markdown.
+
+Ranking is by PaLM-convention MFU (Hagemann et al.'s), the same order as
+tokens/s for one model and cluster; both conventions are shown.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+
+def ranked(rows: list[dict]) -> list[dict]:
+    ok = [r for r in rows if r["status"] == "ok" and r["mfu_palm"] is not None]
+    return sorted(ok, key=lambda r: -r["mfu_palm"])
+
+
+def _pct(value) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def layout_label(row: dict) -> str:
+    parts = [f"tp{row['tp']} pp{row['pp']}"]
+    if row["vpp"] and row["vpp"] > 1:
+        parts.append(f"vpp{row['vpp']}")
+    parts.append(f"dp{row['dp']} mbs{row['mbs']}")
+    if row["recompute"] != "none":
+        parts.append(f"rc={row['recompute']}")
+    if row["sequence_parallel"]:
+        parts.append("sp")
+    if row["distributed_optimizer"]:
+        parts.append("distopt")
+    parts.append(f"{row['attention']}/{row['norm']}")
+    return " ".join(parts)
+
+
+def markdown(rows: list[dict], *, top: int | None = None) -> str:
+    best = ranked(rows)
+    lines = [
+        "| # | layout | step s | tokens/s | TFLOP/s/GPU | MFU (PaLM) | MFU (Megatron) | peak GiB | predicted GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(best[:top] if top else best, 1):
+        lines.append(
+            f"| {i} | {layout_label(r)} | {_num(r['step_time_s'], '.3f')} | {_num(r['tokens_per_s'], ',.0f')} "
+            f"| {_num(r['tflops_per_gpu'], '.2f')} | {_pct(r['mfu_palm'])} | {_pct(r['mfu_megatron'])} "
+            f"| {_num(r['peak_memory_gb'], '.2f')} | {_num(r['predicted_memory_gb'], '.2f')} |"
+        )
+    counts = Counter(r["status"] for r in rows)
+    lines.append("")
+    lines.append("Trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    failed = [r for r in rows if r["status"] not in ("ok",)]
+    if failed:
+        lines += ["", "| trial | status | reason |", "|---|---|---|"]
+        for r in sorted(failed, key=lambda r: (r["status"], r["trial"])):
+            reason = (r["reason"] or "").replace("|", "/").replace("\n", " ")[:160]
+            lines.append(f"| {r['trial']} | {r['status']} | {reason} |")
+    lines.append("")
+    lines.append("MFU (PaLM) = tokens/s x (6N + 12*L*H*T) / (peak x GPUs); MFU (Megatron) halves causal "
+                 "attention. Recompute FLOPs are excluded from both; peak is the cluster preset's.")
+    return "\n".join(lines)

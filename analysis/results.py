@@ -1,0 +1,75 @@
+"""Collect a sweep's records, failures included, into one flat table.
+
+    rows = collect("sweeps/local_cpu/tiny-local_cpu")
+    write_csv(rows, path)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+COLUMNS = [
+    "trial", "status", "reason", "tp", "pp", "vpp", "cp", "dp", "mbs", "gbs", "recompute",
+    "sequence_parallel", "distributed_optimizer", "attention", "norm", "step_time_s",
+    "tokens_per_s", "tflops_per_gpu", "mfu_palm", "mfu_megatron", "peak_memory_gb",
+    "predicted_memory_gb", "predicted_fits", "predicted_mfu", "predicted_step_time_s",
+    "model", "cluster", "world_size", "device", "git_commit",
+]
+LAYOUT_COLUMNS = ["tp", "pp", "vpp", "cp", "mbs", "gbs", "recompute", "sequence_parallel",
+                  "distributed_optimizer", "attention", "norm"]
+
+
+def load_records(sweep_dir) -> list[dict]:
+    records = []
+    for path in sorted(Path(sweep_dir).glob("*/result.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue  # an unreadable file is reported by its absence, never fatal
+    return records
+
+
+def to_row(record: dict) -> dict:
+    layout = record.get("layout", {})
+    prediction = record.get("prediction") or {}
+    mfu = record.get("mfu") or {}
+    row = {c: None for c in COLUMNS}
+    row.update({k: layout.get(k) for k in LAYOUT_COLUMNS})
+    row.update(
+        trial=record.get("trial"),
+        status=record.get("status"),
+        reason=record.get("reason"),
+        dp=record.get("dp"),
+        step_time_s=record.get("step_time_s"),
+        tokens_per_s=record.get("tokens_per_s"),
+        tflops_per_gpu=(record.get("tflops_per_gpu") or {}).get("palm"),
+        mfu_palm=mfu.get("palm"),
+        mfu_megatron=mfu.get("megatron"),
+        peak_memory_gb=record.get("peak_memory_gb_max"),
+        predicted_memory_gb=prediction.get("peak_memory_gb"),
+        predicted_fits=prediction.get("fits"),
+        predicted_mfu=prediction.get("mfu"),
+        predicted_step_time_s=prediction.get("step_time_s"),
+        model=(record.get("model") or {}).get("name"),
+        cluster=(record.get("cluster") or {}).get("name"),
+        world_size=record.get("world_size"),
+        device=(record.get("env") or {}).get("device"),
+        git_commit=record.get("git_commit"),
+    )
+    return row
+
+
+def collect(sweep_dir) -> list[dict]:
+    return [to_row(r) for r in load_records(sweep_dir)]
+
+
+def write_csv(rows: list[dict], path) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)

@@ -1,0 +1,83 @@
+"""What a sweep leaves behind when its launcher returns.
+
+In the sweep directory: `results.csv` (every trial), `leaderboard.md` and
+`leaderboard.json` (ranked, with a summary), `calibration.json` (the memory and
+speed model refit on this cluster's measurements). On stdout: the leaderboard,
+where measurement contradicted prediction, and the recommended layout.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from analysis.leaderboard import markdown, ranked
+from analysis.recommend import from_measured
+from analysis.results import collect, load_records, write_csv
+from launch.record import write_json_atomic
+
+
+def mismatches(rows: list[dict]) -> list[str]:
+    """Trials whose outcome contradicts the memory prediction."""
+    out = []
+    for r in rows:
+        if r["predicted_fits"] is None:
+            continue
+        if r["status"] == "oom" and r["predicted_fits"]:
+            out.append(f"{r['trial']}: ran out of memory, predicted to fit ({r['predicted_memory_gb']:.1f} GiB)")
+        if r["status"] == "skipped" and (r["reason"] or "").startswith("predicted OOM"):
+            continue
+        if r["status"] == "ok" and r["predicted_fits"] is False:
+            out.append(f"{r['trial']}: fit ({r['peak_memory_gb']:.1f} GiB), predicted OOM "
+                       f"({r['predicted_memory_gb']:.1f} GiB)")
+    return out
+
+
+def _calibrate(sweep_dir: Path) -> str | None:
+    from sweeper.calibration import fit_calibration, save_calibration
+    from sweeper.config import cluster_from_dict, model_from_dict
+
+    records = [r for r in load_records(sweep_dir) if r.get("status") in ("ok", "oom")]
+    if not any(r["status"] == "ok" for r in records):
+        return None
+    model = model_from_dict(records[0]["model"])
+    cluster = cluster_from_dict(records[0]["cluster"])
+    same = [r for r in records if r["model"] == records[0]["model"]]
+    flat = [{"layout": r["layout"], "status": r["status"], "step_time_s": r.get("step_time_s"),
+             "peak_memory_gb": r.get("peak_memory_gb_max")} for r in same]
+    path = sweep_dir / "calibration.json"
+    save_calibration(fit_calibration(flat, model, cluster), path)
+    return str(path)
+
+
+def finish_sweep(sweep_dir: Path, points=None, echo=print) -> dict:
+    rows = collect(sweep_dir)
+    write_csv(rows, sweep_dir / "results.csv")
+    board = markdown(rows)
+    (sweep_dir / "leaderboard.md").write_text(board + "\n")
+    best = ranked(rows)
+    summary = {
+        "trials": len(rows),
+        "ok": len(best),
+        "best_trial": best[0]["trial"] if best else None,
+        "best_mfu_palm": best[0]["mfu_palm"] if best else None,
+        "best_mfu_megatron": best[0]["mfu_megatron"] if best else None,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json_atomic(sweep_dir / "leaderboard.json", {"summary": summary, "rows": rows})
+    echo("")
+    echo(board)
+    wrong = mismatches(rows)
+    if wrong:
+        echo("\nMeasurement contradicted the memory prediction:")
+        for line in wrong:
+            echo("  " + line)
+    calibration = _calibrate(sweep_dir)
+    if calibration:
+        echo(f"\nCalibration refit from this sweep: {calibration}")
+    if best:
+        echo("")
+        echo("\n".join(from_measured(sweep_dir, top=3)))
+    echo(f"\nResults: {sweep_dir}/results.csv, {sweep_dir}/leaderboard.md")
+    return summary

@@ -1,0 +1,1 @@
+"""Triton kernels (RMSNorm, causal attention) and their megatron-core adapters."""

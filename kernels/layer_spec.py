@@ -1,0 +1,67 @@
+"""The project's megatron-core layer spec, with the kernel choice of a layout.
+
+Kernels enter through `ModuleSpec`, never by patching megatron: a layout's
+`attention` picks the core-attention module and its `norm` picks the module
+for every norm, the final one included. `attention="megatron", norm="megatron"`
+is megatron-core's stock local spec, the baseline.
+"""
+
+from __future__ import annotations
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+
+SDPA_BACKENDS = {"sdpa": "auto", "sdpa_flash": "flash", "sdpa_cudnn": "cudnn"}
+
+
+def norm_module(norm: str):
+    if norm == "triton":
+        from kernels.megatron_norm import TritonRMSNorm
+
+        return TritonRMSNorm
+    if norm == "torch":
+        from kernels.megatron_norm import TorchRMSNorm
+
+        return TorchRMSNorm
+    if norm == "megatron":
+        from megatron.core.models.backends import LocalSpecProvider
+
+        return LocalSpecProvider().layer_norm(rms_norm=True, for_qk=False)
+    raise ValueError(f"unknown norm kernel {norm!r}")
+
+
+def core_attention_spec(attention: str):
+    if attention == "megatron":
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        return ModuleSpec(module=DotProductAttention)
+    if attention == "triton":
+        from kernels.megatron_attention import TritonCoreAttention
+
+        return ModuleSpec(module=TritonCoreAttention)
+    if attention in SDPA_BACKENDS:
+        from kernels.megatron_attention import SDPACoreAttention
+
+        return ModuleSpec(module=SDPACoreAttention, params={"backend": SDPA_BACKENDS[attention]})
+    raise ValueError(f"unknown attention kernel {attention!r}")
+
+
+def layer_spec(*, attention: str, norm: str) -> ModuleSpec:
+    """A TransformerLayer spec: megatron's local linears and MLP, our norm and attention."""
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    subs = spec.submodules
+    subs.self_attention.submodules.core_attention = core_attention_spec(attention)
+    subs.input_layernorm = norm_module(norm)
+    subs.pre_mlp_layernorm = norm_module(norm)
+    return spec
+
+
+def block_spec(config, *, attention: str, norm: str, vp_stage=None) -> TransformerBlockSubmodules:
+    """The decoder block of one model chunk: its layers plus the final norm."""
+    layer = layer_spec(attention=attention, norm=norm)
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm_module(norm))

@@ -1,0 +1,84 @@
+"""Check the sweep command's arguments before Hydra composes anything.
+
+Hydra reports bad input as a multi-line report; a user gets one line here
+instead: an unknown preset, a malformed override, an unknown field, a size
+that is zero or negative.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+
+from sweeper.config import ClusterConfig, Layout, ModelConfig, SweepConfig, TrialConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "cluster", "sweep")
+SCHEMAS = {"model": ModelConfig, "cluster": ClusterConfig, "layout": Layout, "trial": TrialConfig,
+           "sweep": SweepConfig}
+# Hydra's own flags that take a value.
+VALUE_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
+               "--experimental-rerun", "--package", "-p", "--info", "-i"}
+
+
+def presets(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _overrides(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in VALUE_FLAGS:
+            skip = True
+        elif not arg.startswith("-"):
+            out.append(arg)
+    return out
+
+
+def _values(override) -> list:
+    if override.is_sweep_override():
+        if not override.is_discrete_sweep():
+            return []
+        return list(override.sweep_iterator())
+    return [override.value()]
+
+
+def _check_field(key: str, values: list) -> Optional[str]:
+    section, _, name = key.partition(".")
+    fields = {f.name: f for f in dataclasses.fields(SCHEMAS[section])}
+    if name not in fields:
+        return f"unknown field {key} (known: {', '.join(fields)})"
+    default = getattr(SCHEMAS[section](), name)
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        for value in values:
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+                return f"{key} must be positive, got {value}"
+    return None
+
+
+def check_arguments(argv: list[str]) -> Optional[str]:
+    """The first problem with the command-line overrides, or None."""
+    try:
+        overrides = OverridesParser.create().parse_overrides(_overrides(argv))
+    except HydraException as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "cannot parse"
+        return f"malformed override: {first}"
+    for override in overrides:
+        key = override.get_key_element().lstrip("+~")
+        values = _values(override)
+        if key in GROUPS:
+            known = presets(key)
+            for value in values:
+                if str(value) not in known:
+                    return f"unknown {key} preset {value!r} (known: {', '.join(known)})"
+        elif key.split(".")[0] in SCHEMAS and "." in key:
+            problem = _check_field(key, values)
+            if problem:
+                return problem
+    return None

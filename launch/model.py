@@ -1,0 +1,81 @@
+"""Build megatron-core's GPTModel for a model preset and a layout.
+
+One place turns (ModelConfig, Layout, device) into a TransformerConfig, so the
+CPU and GPU trial paths train exactly the same network.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from kernels.layer_spec import block_spec
+from sweeper.config import Layout, ModelConfig
+
+
+def transformer_config(model: ModelConfig, layout: Layout, *, device: str) -> TransformerConfig:
+    on_gpu = device == "cuda"
+    recompute = {}
+    if layout.recompute == "selective":
+        recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    elif layout.recompute == "full":
+        recompute = dict(
+            recompute_granularity="full",
+            recompute_method=layout.recompute_method,
+            recompute_num_layers=layout.recompute_num_layers,
+        )
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=1e-5,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        context_parallel_size=layout.cp,
+        sequence_parallel=layout.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=on_gpu,
+        use_cpu_initialization=not on_gpu,
+        # Megatron's fused CUDA paths; on GPU they are megatron-core's own (no apex/TE needed).
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        deallocate_pipeline_outputs=on_gpu,
+        **recompute,
+    )
+
+
+def build_model(model: ModelConfig, layout: Layout, config: TransformerConfig, *, vp_stage=None,
+                pre_process=True, post_process=True) -> GPTModel:
+    """One model chunk (the whole model when pp == vpp == 1)."""
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec(
+            config, attention=layout.attention, norm=layout.norm, vp_stage=vp_stage
+        ),
+        vocab_size=model.vocab_size,
+        max_sequence_length=model.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        vp_stage=vp_stage,
+    )

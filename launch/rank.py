@@ -1,0 +1,71 @@
+"""One rank of one trial: `python -m launch.rank TRIAL_DIR/spec.json`.
+
+Runs the trial's steps and writes `rank{N}.json` whatever happens; the
+supervisor turns a rank that died without one into a record too.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import sys
+import time
+import traceback
+
+from launch.record import classify, rank_path, write_json_atomic
+from launch.spec import TrialSpec
+
+
+def environment(device: str) -> dict:
+    import torch
+
+    env = {
+        "hostname": socket.gethostname(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+    }
+    for module in ("megatron.core", "triton"):
+        try:
+            env[module.split(".")[0] + ("_core" if "core" in module else "")] = __import__(
+                module, fromlist=["__version__"]).__version__
+        except Exception:  # noqa: BLE001 - a missing version is not a failed trial
+            env[module] = None
+    return env
+
+
+def run(spec: TrialSpec) -> dict:
+    from launch import distributed
+
+    rank, world = distributed.init(spec.layout, device=spec.cluster.device, timeout_s=spec.trial.timeout_s)
+    try:
+        if spec.cluster.device == "cuda":
+            from launch.gpu_trial import run_steps
+        else:
+            from launch.cpu_trial import run_steps
+        return run_steps(spec, rank=rank, world=world)
+    finally:
+        distributed.shutdown()
+
+
+def main(argv: list[str]) -> int:
+    spec = TrialSpec.load(argv[0])
+    rank = int(os.environ["RANK"])
+    record = {"rank": rank, "status": "error", "started_at": time.time()}
+    try:
+        record["env"] = environment(spec.cluster.device)
+        record.update(run(spec))
+        record["status"] = "ok"
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes a record
+        record["status"] = classify(exc)
+        record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        record["traceback"] = traceback.format_exc()[-8000:]
+    record["finished_at"] = time.time()
+    write_json_atomic(rank_path(spec.trial_dir, rank), record)
+    sys.stdout.flush()
+    return 0 if record["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    os._exit(main(sys.argv[1:]))

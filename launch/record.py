@@ -1,0 +1,146 @@
+"""Result records: one JSON file per rank, assembled into one `result.json` per trial.
+
+Every write is atomic (temp file, fsync, rename), so a crash or kill never
+leaves a half-written record and never touches another trial's files.
+
+Statuses: ok, invalid (megatron would reject it), skipped (unsupported here or
+predicted OOM; the reason says which), oom, error, timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+STATUSES = ("ok", "invalid", "skipped", "oom", "error", "timeout")
+FAILED = ("oom", "error", "timeout")
+RESULT_FILE = "result.json"
+
+
+def write_json_atomic(path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path) -> Optional[dict]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def rank_path(trial_dir, rank: int) -> Path:
+    return Path(trial_dir) / f"rank{rank}.json"
+
+
+def classify(exc: BaseException) -> str:
+    """oom for allocator failures (CUDA or host), error otherwise."""
+    text = f"{type(exc).__name__}: {exc}".lower()
+    if "outofmemory" in text.replace(" ", "") or "out of memory" in text:
+        return "oom"
+    return "error"
+
+
+def _worst_status(ranks: list[dict]) -> str:
+    statuses = {r.get("status", "error") for r in ranks}
+    for status in ("timeout", "oom", "error"):
+        if status in statuses:
+            return status
+    return "ok"
+
+
+def _first_error(ranks: list[dict]) -> Optional[str]:
+    # A rank that failed on its own explains the trial better than one killed after it.
+    failed = [r for r in ranks if r.get("status") != "ok" and r.get("error")]
+    failed.sort(key=lambda r: (bool(r.get("secondary")), r.get("rank", 0)))
+    return f"rank {failed[0]['rank']}: {failed[0]['error']}" if failed else None
+
+
+def summarize_steps(ranks: list[dict], warmup: int) -> dict:
+    """Step time is the slowest rank's, per step; the median over measured steps."""
+    per_rank = [r["step_times_s"] for r in ranks if r.get("step_times_s")]
+    if not per_rank:
+        return {}
+    steps = [max(times) for times in zip(*per_rank)]
+    measured = steps[warmup:] or steps
+    return {
+        "step_times_s": steps,
+        "step_time_s": statistics.median(measured),
+    }
+
+
+def base_record(spec, status: str, reason: Optional[str] = None) -> dict:
+    """The part of a record every trial has, launched or not."""
+    from dataclasses import asdict
+
+    return {
+        "trial": spec.name,
+        "status": status,
+        "reason": reason,
+        "model": asdict(spec.model),
+        "cluster": asdict(spec.cluster),
+        "layout": asdict(spec.layout),
+        "trial_config": asdict(spec.trial),
+        "world_size": spec.world_size,
+        "dp": spec.layout.dp(spec.world_size),
+        "prediction": spec.prediction,
+        "git_commit": spec.git_commit,
+        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def result_path(trial_dir) -> Path:
+    return Path(trial_dir) / RESULT_FILE
+
+
+def trial_record(spec, ranks: list[dict], *, wall_s: float) -> dict:
+    """Assemble the trial's record from its rank records (missing ranks already filled in)."""
+    from analysis.flops import FORMULAS, flops_per_token, mfu
+
+    ranks = sorted(ranks, key=lambda r: r.get("rank", 0))
+    status = _worst_status(ranks)
+    record = base_record(spec, status, _first_error(ranks) if status != "ok" else None)
+    record["wall_s"] = round(wall_s, 3)
+    record["ranks"] = [
+        {k: v for k, v in r.items() if k not in ("step_times_s", "losses")} for r in ranks
+    ]
+    first = ranks[0] if ranks else {}
+    record["env"] = first.get("env", {})
+    record["trial_path"] = first.get("trial_path")
+    record["peak_memory_gb"] = [r.get("peak_memory_gb") for r in ranks]
+    known = [m for m in record["peak_memory_gb"] if m is not None]
+    record["peak_memory_gb_max"] = max(known) if known else None
+    if status != "ok":
+        return record
+    record.update(summarize_steps(ranks, spec.trial.warmup_steps))
+    losses = next((r["losses"] for r in ranks if r.get("losses")), None)
+    record["losses"] = losses
+    tokens = spec.layout.gbs * spec.model.seq_length
+    record["tokens_per_s"] = tokens / record["step_time_s"]
+    record["mfu"] = mfu(spec.model, record["tokens_per_s"], spec.cluster.peak_tflops, spec.world_size)
+    record["tflops_per_gpu"] = {
+        c: record["tokens_per_s"] * flops_per_token(spec.model, c) / spec.world_size / 1e12
+        for c in FORMULAS
+    }
+    record["mfu_formula"] = FORMULAS
+    record["peak_tflops"] = spec.cluster.peak_tflops
+    breakdown = next((r["breakdown"] for r in ranks if r.get("breakdown")), None)
+    if breakdown:
+        record["breakdown"] = breakdown
+    return record

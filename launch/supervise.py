@@ -1,0 +1,121 @@
+"""Start rank processes, enforce the trial's time limit, and record what happened.
+
+A rank is always a fresh `python -m launch.rank` process, so no memory or
+state leaks between trials. Locally one supervisor starts every rank; under
+SLURM each task supervises its own rank. A rank that exits without writing its
+record (segfault, kill, host OOM) or outlives the limit gets one written here.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launch.record import rank_path, read_json, write_json_atomic
+from launch.spec import REPO_ROOT, TrialSpec
+
+# After one rank fails, the others are usually stuck in a collective: give them
+# this long to fail on their own before they are stopped.
+FAILURE_GRACE_S = 15.0
+
+
+def rank_env(*, rank: int, local_rank: int, world: int, master_addr: str, master_port: int) -> dict:
+    env = dict(os.environ)
+    env.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR=master_addr,
+        MASTER_PORT=str(master_port),
+        PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _log_tail(path: Path, limit: int = 1500) -> str:
+    try:
+        return path.read_text(errors="replace")[-limit:]
+    except OSError:
+        return ""
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+        proc.wait()
+
+
+def run_ranks(spec: TrialSpec, *, ranks: list[int], local_ranks: list[int], master_addr: str,
+              master_port: int, deadline: float) -> None:
+    """Run the given ranks to completion or the deadline; every rank ends with a record."""
+    spec_path = Path(spec.trial_dir) / "spec.json"
+    procs, logs = {}, {}
+    for rank, local_rank in zip(ranks, local_ranks):
+        path = rank_path(spec.trial_dir, rank)
+        if path.exists():
+            path.unlink()  # a stale record from an interrupted earlier run
+        logs[rank] = Path(spec.trial_dir) / f"rank{rank}.log"
+        env = rank_env(rank=rank, local_rank=local_rank, world=spec.world_size,
+                       master_addr=master_addr, master_port=master_port)
+        with open(logs[rank], "w") as log:
+            procs[rank] = subprocess.Popen(
+                [sys.executable, "-m", "launch.rank", str(spec_path)],
+                env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+    outcome = {}  # rank -> "timeout" | "aborted"
+    first_failure = None
+    while any(p.poll() is None for p in procs.values()):
+        now = time.time()
+        failed = [r for r, p in procs.items() if p.poll() not in (None, 0)]
+        if failed and first_failure is None:
+            first_failure = (failed[0], now)
+        for rank, proc in procs.items():
+            if proc.poll() is not None:
+                continue
+            if now > deadline:
+                outcome[rank] = "timeout"
+                _stop(proc)
+            elif first_failure and now > first_failure[1] + FAILURE_GRACE_S:
+                outcome[rank] = "aborted"
+                _stop(proc)
+        time.sleep(0.2)
+    for rank, proc in procs.items():
+        path = rank_path(spec.trial_dir, rank)
+        if read_json(path) is not None:
+            continue
+        record = {"rank": rank, "exit_code": proc.returncode, "log_tail": _log_tail(logs[rank])}
+        if outcome.get(rank) == "timeout":
+            record.update(status="timeout", error=f"trial exceeded {spec.trial.timeout_s} s")
+        elif outcome.get(rank) == "aborted":
+            record.update(status="error", secondary=True,
+                          error=f"stopped {FAILURE_GRACE_S:.0f} s after rank {first_failure[0]} failed")
+        else:
+            record.update(status="error", error=f"rank exited with code {proc.returncode} "
+                                                 "without a record (crash or kill)")
+        write_json_atomic(path, record)
+
+
+def collect_ranks(spec: TrialSpec, *, wait_until: float) -> list[dict]:
+    """Rank records of every rank, waiting until `wait_until` for ranks run elsewhere."""
+    records = {}
+    while True:
+        for rank in range(spec.world_size):
+            if rank not in records:
+                rec = read_json(rank_path(spec.trial_dir, rank))
+                if rec is not None:
+                    records[rank] = rec
+        if len(records) == spec.world_size or time.time() > wait_until:
+            break
+        time.sleep(0.5)
+    for rank in range(spec.world_size):
+        records.setdefault(rank, {"rank": rank, "status": "error",
+                                  "error": "rank wrote no record (its task never ran or was killed)"})
+    return [records[r] for r in range(spec.world_size)]

@@ -1,0 +1,79 @@
+"""Run one trial from its spec and write its `result.json`.
+
+Two ways a trial's ranks start, one code path after that:
+- local: this process starts every rank (`run_local`);
+- SLURM/submitit: the job has one task per rank and each task runs
+  `run_task`; task 0 assembles the record.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+from launch.record import result_path, trial_record, write_json_atomic
+from launch.spec import TrialSpec
+from launch.supervise import collect_ranks, run_ranks
+
+# How long task 0 waits for other tasks' rank records after its own rank ended.
+COLLECT_GRACE_S = 60.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _finish(spec: TrialSpec, ranks: list[dict], started: float) -> dict:
+    record = trial_record(spec, ranks, wall_s=time.time() - started)
+    write_json_atomic(result_path(spec.trial_dir), record)
+    return record
+
+
+def run_local(spec: TrialSpec) -> dict:
+    started = time.time()
+    spec.save()
+    world = spec.world_size
+    run_ranks(spec, ranks=list(range(world)), local_ranks=list(range(world)),
+              master_addr="127.0.0.1", master_port=_free_port(),
+              deadline=started + spec.trial.timeout_s)
+    return _finish(spec, collect_ranks(spec, wait_until=time.time()), started)
+
+
+def run_task(spec: TrialSpec) -> dict:
+    """Inside a submitit task (SLURM or submitit's local executor): run this task's rank."""
+    import submitit
+
+    job = submitit.JobEnvironment()
+    started = time.time()
+    if job.global_rank == 0:
+        spec.save()
+    else:
+        _wait_for(Path(spec.trial_dir) / "spec.json", timeout_s=120)
+    run_ranks(spec, ranks=[job.global_rank], local_ranks=[job.local_rank],
+              master_addr=job.hostnames[0], master_port=_job_port(job.job_id),
+              deadline=started + spec.trial.timeout_s)
+    if job.global_rank != 0:
+        return {"trial": spec.name, "status": "rank-done", "rank": job.global_rank}
+    ranks = collect_ranks(spec, wait_until=time.time() + COLLECT_GRACE_S)
+    return _finish(spec, ranks, started)
+
+
+def _job_port(job_id: str) -> int:
+    digits = "".join(ch for ch in str(job_id) if ch.isdigit()) or "0"
+    return 20000 + int(digits) % 20000
+
+
+def _wait_for(path: Path, *, timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    while not path.exists():
+        if time.time() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def in_submitit_task() -> bool:
+    return bool(os.environ.get("SUBMITIT_EXECUTOR"))

@@ -1,0 +1,232 @@
+"""The Hydra sweeper: plain cartesian multirun, minus the layouts that must not launch.
+
+`hydra/sweeper=layout` (the default in conf/config.yaml) expands the axes like
+Hydra's basic sweeper, then classifies every point (`sweeper.plan`), records
+the invalid and skipped ones with their reason, skips trials an earlier run of
+the same sweep directory finished, and hands the rest to whatever launcher is
+configured (local, submitit_local, submitit_slurm), best predicted first.
+When the launcher returns, it writes the leaderboard and the recommendation.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.plugins.sweeper import Sweeper
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from launch.record import base_record, read_json, result_path, write_json_atomic
+from launch.spec import TrialSpec, git_commit
+from sweeper.config import (
+    ConfigError,
+    cluster_from_dict,
+    layout_from_dict,
+    model_from_dict,
+    sweep_from_dict,
+    trial_from_dict,
+)
+from sweeper.plan import Point, classify, order, summary_lines
+from sweeper.progress import Progress
+
+
+def fail(message: str) -> None:
+    """One line on stderr and a non-zero exit; Hydra would print a traceback-style report."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _plain(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def _launcher_kind(config: DictConfig) -> str:
+    target = str(config.hydra.launcher.get("_target_", ""))
+    if target.endswith("SlurmLauncher"):
+        return "slurm"
+    if "submitit" in target:
+        return "submitit_local"
+    return "local"
+
+
+def check_slurm() -> None:
+    if shutil.which("sbatch") is None or shutil.which("squeue") is None:
+        fail("SLURM not reachable: sbatch/squeue not found on PATH (hydra/launcher=submitit_slurm needs a SLURM login node)")
+    try:
+        out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        fail("SLURM not reachable: squeue did not answer within 20 s")
+    if out.returncode != 0:
+        first = (out.stderr.strip().splitlines() or ["no output"])[0]
+        fail(f"SLURM not reachable: squeue failed: {first}")
+
+
+class LayoutSweeperImpl(Sweeper):
+    def __init__(self, max_batch_size: Optional[int] = None, params: Optional[dict] = None):
+        super().__init__()
+        self.max_batch_size = max_batch_size
+        self.params = dict(params or {})
+        self.config: Optional[DictConfig] = None
+        self.hydra_context = None
+        self.launcher = None
+        self.task_function = None
+
+    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
+        kind = _launcher_kind(config)
+        if kind == "slurm":
+            check_slurm()
+        if kind != "local":
+            self._fit_submitit_to_cluster(config)
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+
+    @staticmethod
+    def _fit_submitit_to_cluster(config: DictConfig) -> None:
+        """One SLURM task per rank: the job's shape comes from the cluster preset."""
+        try:
+            cluster = cluster_from_dict(_plain(config.cluster))
+        except ConfigError as exc:
+            fail(str(exc))
+        launcher = config.hydra.launcher
+        with read_write(config.hydra), open_dict(launcher):
+            if launcher.tasks_per_node == 1 and launcher.nodes == 1:
+                launcher.tasks_per_node = cluster.gpus_per_node
+                launcher.nodes = cluster.nodes
+            elif launcher.tasks_per_node * launcher.nodes != cluster.world_size:
+                fail(f"hydra.launcher sets {launcher.nodes} node(s) x {launcher.tasks_per_node} tasks, "
+                     f"but cluster {cluster.name} has {cluster.world_size} ranks")
+            if cluster.device == "cuda" and launcher.get("gpus_per_node") is None:
+                launcher.gpus_per_node = cluster.gpus_per_node
+            if launcher.get("cpus_per_task") is None:
+                launcher.cpus_per_task = 1
+            launcher.timeout_min = cluster.time_limit_min
+            for key in ("partition", "account"):
+                if key in launcher and launcher.get(key) is None and getattr(cluster, key):
+                    launcher[key] = getattr(cluster, key)
+
+    # -- expansion -----------------------------------------------------------------
+
+    def _combinations(self, arguments: List[str]) -> list[list[str]]:
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        strings = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
+        overrides = parser.parse_overrides(strings)
+        return BasicSweeper.split_arguments(overrides, None)[0]
+
+    def _points(self, combos: list[list[str]]) -> list[Point]:
+        composed: dict[tuple, DictConfig] = {}
+        points = []
+        for combo in combos:
+            layout_ovs = [o for o in combo if o.startswith("layout.")]
+            rest = tuple(o for o in combo if not o.startswith("layout."))
+            if rest not in composed:
+                composed[rest] = self.hydra_context.config_loader.load_sweep_config(self.config, list(rest))
+            cfg = composed[rest]
+            layout = OmegaConf.merge(_plain(cfg.layout), OmegaConf.from_dotlist([o[len("layout."):] for o in layout_ovs]))
+            points.append(Point(
+                model=model_from_dict(_plain(cfg.model)),
+                cluster=cluster_from_dict(_plain(cfg.cluster)),
+                layout=layout_from_dict(OmegaConf.to_container(layout)),
+                trial=trial_from_dict(_plain(cfg.trial)),
+                overrides=list(combo),
+            ))
+        return points
+
+    # -- the sweep -----------------------------------------------------------------
+
+    def sweep(self, arguments: List[str]) -> Any:
+        try:
+            return self._sweep(arguments)
+        except ConfigError as exc:
+            fail(str(exc))
+
+    def _sweep(self, arguments: List[str]) -> Any:
+        from analysis.summary import finish_sweep
+
+        sweep_cfg = sweep_from_dict(_plain(self.config.sweep))
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        points = self._points(self._combinations(arguments))
+        seen = OrderedDict((p.name, p) for p in points)  # an axis repeated twice adds nothing
+        points = list(seen.values())
+        calibration = self._calibration(sweep_cfg, sweep_dir)
+        for point in points:
+            classify(point, sweep=sweep_cfg, sweep_dir=sweep_dir, calibration=calibration)
+        launch = order(points)
+        if not launch and not any(p.status == "done" for p in points):
+            reasons = [p.reason for p in points if p.reason]
+            fail(f"empty search space: none of {len(points)} layouts can run"
+                 + (f" (first reason: {reasons[0]})" if reasons else ""))
+        if _launcher_kind(self.config) != "local" and len({p.cluster.world_size for p in launch}) > 1:
+            fail("a submitit launcher gives every trial the same number of tasks: sweep one cluster size at a time")
+
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        commit = git_commit()
+        for line in summary_lines(points):
+            print(line)
+        self._record_unlaunched(points, sweep_dir, commit)
+        print(f"launching {len(launch)} trials into {sweep_dir} (launcher: {_launcher_kind(self.config)})")
+
+        returns = []
+        with Progress(sweep_dir, [p.name for p in launch], interval_s=sweep_cfg.progress_interval_s):
+            batch_size = self.max_batch_size or max(1, len(launch))
+            for start in range(0, len(launch), batch_size):
+                batch = launch[start:start + batch_size]
+                for point in batch:
+                    if point.prediction:
+                        write_json_atomic(sweep_dir / point.name / "prediction.json", point.prediction)
+                jobs = [p.overrides + [f"hydra.sweep.subdir={p.name}"] for p in batch]
+                try:
+                    returns.append(self.launcher.launch(jobs, initial_job_idx=start))
+                except Exception as exc:  # noqa: BLE001 - one dead job must not lose the others
+                    print(f"warning: launcher raised {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
+                self._record_lost(batch, sweep_dir, commit)
+        finish_sweep(sweep_dir, points)
+        return returns
+
+    def _calibration(self, sweep_cfg, sweep_dir: Path):
+        from sweeper.calibration import load_calibration
+
+        for path in (sweep_cfg.calibration, sweep_dir / "calibration.json"):
+            if path and Path(path).exists():
+                print(f"using calibration {path}")
+                return load_calibration(path)
+        return None
+
+    @staticmethod
+    def _spec(point: Point, sweep_dir: Path, commit) -> TrialSpec:
+        return TrialSpec(model=point.model, cluster=point.cluster, layout=point.layout, trial=point.trial,
+                         trial_dir=str(sweep_dir / point.name), git_commit=commit, prediction=point.prediction)
+
+    def _record_unlaunched(self, points: list[Point], sweep_dir: Path, commit) -> None:
+        for point in points:
+            if point.status in ("invalid", "skipped"):
+                record = base_record(self._spec(point, sweep_dir, commit), point.status, point.reason)
+                write_json_atomic(result_path(sweep_dir / point.name), record)
+
+    def _record_lost(self, batch: list[Point], sweep_dir: Path, commit) -> None:
+        """A trial whose job died before task 0 wrote its record still gets one."""
+        from launch.record import trial_record
+        from launch.supervise import collect_ranks
+
+        for point in batch:
+            trial_dir = sweep_dir / point.name
+            if read_json(result_path(trial_dir)) is not None:
+                continue
+            spec = self._spec(point, sweep_dir, commit)
+            if (trial_dir / "spec.json").exists():
+                import time
+
+                record = trial_record(spec, collect_ranks(spec, wait_until=time.time()), wall_s=0.0)
+            else:
+                record = base_record(spec, "error", "job never started (see the launcher's logs)")
+            write_json_atomic(result_path(trial_dir), record)

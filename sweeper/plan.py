@@ -1,0 +1,98 @@
+"""From sweep points to a launch plan: what to launch, in which order, and why the rest is not.
+
+Each point is classified once, before anything starts:
+- invalid: megatron-core would reject it at start-up (`validity.invalid_reason`);
+- skipped: valid, but the cluster's trial path can't run it, or it is predicted
+  not to fit in memory (unless pruning is off);
+- done: a record from an earlier run of this sweep exists (resume);
+- launch: everything else, ordered by predicted MFU, best first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from launch.record import FAILED, read_json, result_path
+from sweeper.config import ClusterConfig, Layout, ModelConfig, SweepConfig, TrialConfig
+from sweeper.validity import invalid_reason, unsupported_reason
+
+
+@dataclass(kw_only=True)
+class Point:
+    model: ModelConfig
+    cluster: ClusterConfig
+    layout: Layout
+    trial: TrialConfig
+    overrides: list[str] = field(default_factory=list)
+    status: str = "launch"  # launch | invalid | skipped | done
+    reason: Optional[str] = None
+    prediction: Optional[dict] = None
+
+    @property
+    def name(self) -> str:
+        return self.layout.name
+
+
+def predict(model: ModelConfig, cluster: ClusterConfig, layout: Layout, calibration=None) -> dict:
+    """Predicted peak memory (GiB), fit, step time and MFU (PaLM) for one layout."""
+    from sweeper.memory import predict_memory
+    from sweeper.speed import predict_speed
+
+    memory = predict_memory(model, cluster, layout, calibration)
+    speed = predict_speed(model, cluster, layout, calibration)
+    return {
+        "peak_memory_gb": round(memory.peak_gb, 3),
+        "fits": memory.fits,
+        "step_time_s": speed.step_time_s,
+        "mfu": speed.mfu,
+        "memory_terms_gb": {k: round(v, 3) for k, v in memory.terms.items()},
+    }
+
+
+def classify(point: Point, *, sweep: SweepConfig, sweep_dir: Path, calibration=None) -> None:
+    world = point.cluster.world_size
+    reason = invalid_reason(point.model, point.layout, world)
+    if reason:
+        point.status, point.reason = "invalid", reason
+        return
+    point.prediction = predict(point.model, point.cluster, point.layout, calibration)
+    reason = unsupported_reason(point.cluster, point.layout)
+    if reason:
+        point.status, point.reason = "skipped", reason
+        return
+    if sweep.prune_predicted_oom and not point.prediction["fits"]:
+        point.status = "skipped"
+        point.reason = (
+            f"predicted OOM: {point.prediction['peak_memory_gb']:.1f} GiB > "
+            f"{point.cluster.gpu_memory_gb:.1f} GiB"
+        )
+        return
+    previous = read_json(result_path(sweep_dir / point.name))
+    if previous and previous.get("status") not in (None, "invalid", "skipped"):
+        if not (sweep.rerun_failed and previous["status"] in FAILED):
+            point.status, point.reason = "done", f"recorded earlier as {previous['status']}"
+
+
+def order(points: list[Point]) -> list[Point]:
+    """Launchable points, highest predicted MFU first (ties keep sweep order)."""
+    launch = [p for p in points if p.status == "launch"]
+    return sorted(launch, key=lambda p: -(p.prediction or {}).get("mfu", 0.0))
+
+
+def summary_lines(points: list[Point]) -> list[str]:
+    counts = {}
+    for p in points:
+        counts[p.status] = counts.get(p.status, 0) + 1
+    lines = [
+        f"{len(points)} layouts: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    ]
+    reasons = {}
+    for p in points:
+        if p.status in ("invalid", "skipped"):
+            key = p.reason.split(":")[0] if p.reason.startswith(("needs CUDA", "predicted OOM")) else p.reason
+            reasons[key] = reasons.get(key, 0) + 1
+    for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {n:4d} x {reason}")
+    return lines

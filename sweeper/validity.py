@@ -1,0 +1,157 @@
+"""Which layouts can start at all, and which this cluster can run.
+
+`invalid_reason` is a pure function: the reason megatron-core (or arithmetic)
+would reject the layout at start-up, or None. `unsupported_reason` says what a
+valid layout needs that the cluster lacks (CPU trials cannot run megatron's
+CUDA-only parts). Neither imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from sweeper.config import (
+    ATTENTION_KERNELS,
+    NORM_KERNELS,
+    RECOMPUTE,
+    RECOMPUTE_METHODS,
+    ClusterConfig,
+    Layout,
+    ModelConfig,
+)
+
+# Head dims the Triton attention kernel is compiled for.
+TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def _check_axes(layout: Layout) -> Optional[str]:
+    for name in ("tp", "pp", "vpp", "cp", "mbs", "gbs", "recompute_num_layers"):
+        value = getattr(layout, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            return f"{name} must be a positive integer, got {value!r}"
+    if layout.recompute not in RECOMPUTE:
+        return f"recompute must be one of {', '.join(RECOMPUTE)}, got {layout.recompute!r}"
+    if layout.recompute_method not in RECOMPUTE_METHODS:
+        return f"recompute_method must be uniform or block, got {layout.recompute_method!r}"
+    if layout.attention not in ATTENTION_KERNELS:
+        return f"attention must be one of {', '.join(ATTENTION_KERNELS)}, got {layout.attention!r}"
+    if layout.norm not in NORM_KERNELS:
+        return f"norm must be one of {', '.join(NORM_KERNELS)}, got {layout.norm!r}"
+    return None
+
+
+def _check_world(layout: Layout, world_size: int) -> Optional[str]:
+    model_parallel = layout.tp * layout.pp * layout.cp
+    if world_size % model_parallel:
+        return (
+            f"world size {world_size} is not divisible by tp*pp*cp = "
+            f"{layout.tp}*{layout.pp}*{layout.cp} = {model_parallel}"
+        )
+    return None
+
+
+def _check_model_split(model: ModelConfig, layout: Layout) -> Optional[str]:
+    tp = layout.tp
+    if model.num_attention_heads % tp:
+        return f"num_attention_heads {model.num_attention_heads} is not divisible by tp {tp}"
+    if model.num_query_groups % tp:
+        return f"num_query_groups {model.num_query_groups} is not divisible by tp {tp}"
+    if model.ffn_hidden_size % tp:
+        return f"ffn_hidden_size {model.ffn_hidden_size} is not divisible by tp {tp}"
+    if model.num_layers % layout.pp:
+        return f"num_layers {model.num_layers} is not divisible by pp {layout.pp}"
+    if layout.vpp > 1:
+        if layout.pp == 1:
+            return "virtual pipeline (vpp > 1) needs pp > 1"
+        if model.num_layers % (layout.pp * layout.vpp):
+            return (
+                f"num_layers {model.num_layers} is not divisible by pp*vpp = "
+                f"{layout.pp * layout.vpp}"
+            )
+    if layout.sequence_parallel:
+        if tp == 1:
+            return "sequence parallel needs tp > 1"
+        if model.seq_length % tp:
+            return f"seq_length {model.seq_length} is not divisible by tp {tp} (sequence parallel)"
+    if layout.cp > 1:
+        # megatron-core's context parallelism runs only inside Transformer Engine's attention.
+        return "context parallel (cp > 1) needs Transformer Engine attention, which no kernel here provides"
+    return None
+
+
+def _check_batch(layout: Layout, world_size: int) -> Optional[str]:
+    dp = layout.dp(world_size)
+    if layout.gbs % (layout.mbs * dp):
+        return f"gbs {layout.gbs} is not divisible by mbs*dp = {layout.mbs}*{dp} = {layout.mbs * dp}"
+    microbatches = layout.gbs // (layout.mbs * dp)
+    if layout.vpp > 1 and microbatches % layout.pp:
+        return (
+            f"interleaved pipeline needs the number of micro-batches ({microbatches}) "
+            f"to be divisible by pp {layout.pp}"
+        )
+    return None
+
+
+def _check_recompute(model: ModelConfig, layout: Layout) -> Optional[str]:
+    if layout.recompute != "full":
+        return None
+    layers_per_stage = model.num_layers // layout.pp
+    layers_per_chunk = layers_per_stage // layout.vpp
+    if layout.recompute_num_layers > layers_per_stage:
+        return (
+            f"recompute_num_layers {layout.recompute_num_layers} exceeds the "
+            f"{layers_per_stage} layers per pipeline stage"
+        )
+    if layout.recompute_method == "uniform" and layers_per_chunk % layout.recompute_num_layers:
+        # Uniform recompute checkpoints groups of recompute_num_layers; a ragged last
+        # group is legal in megatron but makes the layout ambiguous to compare.
+        return (
+            f"uniform recompute groups of {layout.recompute_num_layers} do not divide the "
+            f"{layers_per_chunk} layers per model chunk"
+        )
+    return None
+
+
+def _check_kernels(model: ModelConfig, layout: Layout) -> Optional[str]:
+    if layout.attention == "triton" and model.head_dim not in TRITON_HEAD_DIMS:
+        return f"triton attention supports head_dim in {TRITON_HEAD_DIMS}, got {model.head_dim}"
+    return None
+
+
+def invalid_reason(model: ModelConfig, layout: Layout, world_size: int) -> Optional[str]:
+    """The reason this layout cannot start on `world_size` ranks, or None if it can."""
+    reason = _check_axes(layout) or _check_world(layout, world_size)
+    if reason:
+        return reason
+    return (
+        _check_model_split(model, layout)
+        or _check_batch(layout, world_size)
+        or _check_recompute(model, layout)
+        or _check_kernels(model, layout)
+    )
+
+
+def unsupported_reason(cluster: ClusterConfig, layout: Layout) -> Optional[str]:
+    """What a valid layout needs that this cluster's trial path cannot give, or None.
+
+    The CPU path runs megatron-core's GPTModel with tensor parallelism over gloo,
+    data parallelism by all-reducing gradients itself, and torch's AdamW. Megatron's
+    pipeline schedules, sequence parallelism, recompute, DDP buffers, distributed
+    optimizer and fused attention need CUDA, so such layouts are reported, not faked.
+    """
+    if cluster.device == "cuda":
+        return None
+    needs = []
+    if layout.pp > 1:
+        needs.append("pipeline schedules (pp > 1)")
+    if layout.sequence_parallel:
+        needs.append("sequence parallel")
+    if layout.recompute != "none":
+        needs.append(f"{layout.recompute} recompute")
+    if layout.distributed_optimizer:
+        needs.append("distributed optimizer")
+    if layout.attention in ("sdpa_flash", "sdpa_cudnn", "megatron"):
+        needs.append(f"attention={layout.attention}")
+    if needs:
+        return "needs CUDA: " + ", ".join(needs)
+    return None
