@@ -22,7 +22,7 @@ SCHEMAS = {"model": ModelConfig, "cluster": ClusterConfig, "layout": Layout, "tr
            "sweep": SweepConfig}
 # Hydra's own flags that take a value.
 VALUE_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
-               "--experimental-rerun", "--package", "-p", "--info", "-i"}
+               "--experimental-rerun", "--package", "-p", "--info", "-i", "--cfg", "-c"}
 
 
 def presets(group: str) -> list[str]:
