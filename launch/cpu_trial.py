@@ -12,6 +12,7 @@ Peak memory on CPU is the rank's peak resident set size.
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from launch.cpu_rope import keep_rope_on_cpu
 from launch.data import first_sequence, microbatch
 from launch.model import build_model, transformer_config
 from launch.spec import TrialSpec
@@ -44,9 +46,12 @@ def _peak_rss_gb() -> float:
 
 def run_steps(spec: TrialSpec, *, rank: int, world: int) -> dict:
     model_cfg, layout, trial = spec.model, spec.layout, spec.trial
+    # One rank per core share: oversubscribed threads make CPU step times noise.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.cluster.gpus_per_node))
     torch.manual_seed(trial.seed)
     config = transformer_config(model_cfg, layout, device="cpu")
     model = build_model(model_cfg, layout, config)
+    keep_rope_on_cpu(model)
     if trial.fail_if_name_contains and trial.fail_if_name_contains in spec.name:
         raise RuntimeError(f"injected failure: trial name contains {trial.fail_if_name_contains!r}")
     params = [p for p in model.parameters() if p.requires_grad]

@@ -14,7 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from launch.cli_checks import check_arguments
+from launch.cli_checks import CONF_DIR, check_arguments
 from launch.record import base_record, classify, read_json, result_path, write_json_atomic
 from launch.spec import TrialSpec, git_commit
 from launch.trial import in_submitit_task, run_local, run_task
@@ -43,7 +43,7 @@ def spec_from_config(cfg: DictConfig, trial_dir: str) -> TrialSpec:
     )
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def trial(cfg: DictConfig) -> dict:
     """One trial. Never raises: whatever happens ends as the trial's record."""
     trial_dir = HydraConfig.get().runtime.output_dir
