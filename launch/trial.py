@@ -30,6 +30,14 @@ def _free_port() -> int:
 def _finish(spec: TrialSpec, ranks: list[dict], started: float) -> dict:
     record = trial_record(spec, ranks, wall_s=time.time() - started)
     write_json_atomic(result_path(spec.trial_dir), record)
+    if spec.trial.wandb:
+        try:
+            from launch.wandb_log import log_trial
+
+            log_trial(record, trial_dir=spec.trial_dir, project=spec.trial.wandb_project,
+                      mode=spec.trial.wandb_mode)
+        except Exception as exc:  # noqa: BLE001 - logging never costs a trial its record
+            print(f"warning: wandb logging failed for {spec.name}: {exc}")
     return record
 
 

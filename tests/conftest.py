@@ -23,3 +23,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+from tests.slurm import slurm_cluster  # noqa: E402,F401 - a real one-node SLURM cluster, for any test

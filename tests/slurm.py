@@ -1,6 +1,6 @@
 """A real one-node Slurm cluster for tests (no mock of sbatch).
 
-    from slurm import slurm_cluster  # noqa: F401  (pytest fixture, session-scoped)
+    (the fixture is registered in tests/conftest.py)
 
     def test_x(slurm_cluster):       # slurm_cluster == {"SLURM_CONF": ".../slurm.conf"}
         ...                          # os.environ["SLURM_CONF"] is set while the session runs

@@ -10,7 +10,7 @@ import cloudpickle
 import pytest
 import submitit
 
-from slurm import slurm_cluster  # noqa: F401  (fixture)
+
 
 TIMEOUT_S = 120
 
