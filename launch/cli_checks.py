@@ -21,6 +21,8 @@ GROUPS = ("model", "cluster", "sweep")
 SCHEMAS = {"model": ModelConfig, "cluster": ClusterConfig, "layout": Layout, "trial": TrialConfig,
            "sweep": SweepConfig}
 # Hydra's own flags that take a value.
+# Numeric fields where zero means something (no warm-up); every other size must be positive.
+ZERO_ALLOWED = {"trial.warmup_steps"}
 VALUE_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
                "--experimental-rerun", "--package", "-p", "--info", "-i", "--cfg", "-c"}
 
@@ -57,8 +59,9 @@ def _check_field(key: str, values: list) -> Optional[str]:
     default = getattr(SCHEMAS[section](), name)
     if isinstance(default, (int, float)) and not isinstance(default, bool):
         for value in values:
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
-                return f"{key} must be positive, got {value}"
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if value < 0 or (value == 0 and key not in ZERO_ALLOWED):
+                    return f"{key} must be positive, got {value}"
     return None
 
 
