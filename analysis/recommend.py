@@ -42,6 +42,18 @@ def megatron_args(layout: Layout) -> str:
     return " ".join(args)
 
 
+def megatron_core_kwargs(layout: Layout) -> str:
+    """The same layout as megatron-core config arguments."""
+    recompute = {"none": "", "selective": ", recompute_granularity='selective'",
+                 "full": f", recompute_granularity='full', recompute_method='{layout.recompute_method}', "
+                         f"recompute_num_layers={layout.recompute_num_layers}"}[layout.recompute]
+    vpp = layout.vpp if layout.vpp > 1 else None
+    return (f"TransformerConfig(tensor_model_parallel_size={layout.tp}, pipeline_model_parallel_size={layout.pp}, "
+            f"virtual_pipeline_model_parallel_size={vpp}, context_parallel_size={layout.cp}, "
+            f"sequence_parallel={layout.sequence_parallel}{recompute}); "
+            f"DistributedDataParallelConfig(use_distributed_optimizer={layout.distributed_optimizer})")
+
+
 def load_preset(group: str, name: str) -> dict:
     path = CONF_DIR / group / f"{name}.yaml"
     if not path.exists():
@@ -70,6 +82,7 @@ def from_measured(sweep_dir: Path, top: int) -> list[str]:
         lines.append(f"  {i}. {layout_label(row)}: MFU {100 * row['mfu_palm']:.1f}% PaLM, "
                      f"{row['tokens_per_s']:,.0f} tok/s, {row['peak_memory_gb'] or 0:.1f} GiB{note}")
     lines += ["Megatron-LM arguments:", "  " + megatron_args(layout),
+              "megatron-core:", "  " + megatron_core_kwargs(layout),
               f"Kernels: attention={layout.attention}, norm={layout.norm}"]
     return lines
 
@@ -98,7 +111,8 @@ def from_prediction(model_name: str, cluster_name: str, gbs: int, top: int) -> l
     for i, (mfu, layout, p) in enumerate(scored[:top], 1):
         lines.append(f"  {i}. {layout.name}: MFU {100 * mfu:.1f}% PaLM (predicted), "
                      f"{p['peak_memory_gb']:.1f} GiB, {p['step_time_s']:.2f} s/step")
-    lines += ["Megatron-LM arguments:", "  " + megatron_args(scored[0][1])]
+    lines += ["Megatron-LM arguments:", "  " + megatron_args(scored[0][1]),
+              "megatron-core:", "  " + megatron_core_kwargs(scored[0][1])]
     return lines
 
 

@@ -44,9 +44,13 @@ def test_losses_agree_across_layouts(tmp_path):
     """Same seed and data: TP and DP splits train on the same tokens and give the same loss."""
     sweep_dir = tmp_path / "parity"
     result = run_sweep(sweep_dir, "layout.tp=1,2", "layout.mbs=1", "trial.warmup_steps=0",
-                       "trial.measure_steps=3", "layout.pp=1", *FAST[2:])
+                       "trial.measure_steps=3", "layout.pp=1", "trial.wandb=true", *FAST[2:])
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [r["losses"] for r in records(sweep_dir).values() if r["status"] == "ok"]
     assert len(losses) == 2
     for a, b in zip(*losses):
         assert abs(a - b) < 1e-4 * abs(a)  # fp32 on CPU: only reduction order differs
+    # wandb was asked for: each trial wrote an offline run (no network needed)
+    for name in records(sweep_dir):
+        runs = list((sweep_dir / name / "wandb").glob("offline-run-*/*.wandb"))
+        assert runs, f"no offline wandb run for {name}"
