@@ -1,0 +1,290 @@
+"""The memory and speed models' constants, their defaults, and their fit to measured trials.
+
+Defaults are for megatron-core on one H100 SXM in bf16, set from the baselines in
+`shared/anchors/` (1.36B Llama, stock local spec, SDPA attention, torch Adam);
+`cpu_calibration()` holds the CPU (gloo, fp32) trial path's. A sweep refits them
+from its own trials and writes `calibration.json` next to its results, so the next
+sweep on that cluster starts from the fit:
+
+    cal = fit_calibration(records, model, cluster)   # records: see fit_calibration
+    save_calibration(cal, sweep_dir / "calibration.json")
+    cal = load_calibration(sweep_dir / "calibration.json")
+
+The fit is robust, not least squares: speed constants are scaled by the median over
+trials of measured / predicted for the part of the prediction they govern, memory is
+a Theil-Sen line (medians of pairwise slopes). A handful of trials, some of them odd
+(a slow node, a leaky process), cannot drag a median far, and every constant keeps
+a physical meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+from sweeper.config import ATTENTION_KERNELS, ClusterConfig, ConfigError, Layout, ModelConfig
+
+# A ratio outside these bounds means the model is wrong, not that a constant is off.
+SCALE_BOUNDS = (0.2, 5.0)
+MAX_FRAGMENTATION = 0.5
+
+
+def _per_kernel(value: float) -> dict:
+    return {k: value for k in ATTENTION_KERNELS}
+
+
+@dataclass(kw_only=True)
+class Calibration:
+    """Constants of the memory and speed models. Units are in the names."""
+
+    # --- memory ---
+    # Multiplies predicted activations (saved tensors, workspaces, logits).
+    activation_scale: float = 1.0
+    # Added to the allocator peak; the fit's median residual.
+    memory_offset_gb: float = 0.0
+    # Allocator peak -> reserved: caching-allocator fragmentation, as a fraction.
+    fragmentation: float = 0.03
+    # Device memory outside the allocator: CUDA context, cuBLAS/cuDNN handles. The
+    # anchors' OOM messages show 2.4 GiB "non-PyTorch memory" on one H100.
+    framework_gb: float = 2.4
+    # NCCL buffers per communicator in use (tp, cp, dp, pp each open one).
+    comm_buffer_gb: float = 0.25
+    # Optimizer-step temporaries per parameter of the optimizer shard: torch's
+    # foreach Adam holds a sqrt(v) copy (fp32). 0 for a fused Adam (apex, TE).
+    optimizer_temp_bytes: float = 4.0
+
+    # --- speed ---
+    # Large bf16 GEMM efficiency (fraction of peak); it falls off for small GEMMs:
+    # eff = gemm_efficiency * T/(T + gemm_half_tokens) * W/(W + gemm_half_width)
+    # for T tokens per micro-batch and a hidden size per TP rank of W.
+    gemm_efficiency: float = 0.60
+    gemm_half_tokens: float = 512.0
+    gemm_half_width: float = 128.0
+    # Fused attention, model FLOPs (causal halved, fwd+bwd = 3x fwd) per second as a
+    # fraction of peak. Anchors: flash 0.20, cuDNN 0.34. For "megatron" (unfused): the
+    # efficiency of its batched matmuls over the whole s x s; its softmax costs bytes.
+    attention_efficiency: dict = field(
+        default_factory=lambda: {"triton": 0.20, "sdpa": 0.20, "sdpa_flash": 0.20,
+                                 "sdpa_cudnn": 0.34, "megatron": 0.50}
+    )
+    # RMSNorm effective bandwidth, TB/s (fwd+bwd counted as 10 bytes per element).
+    norm_bandwidth_tbps: dict = field(
+        default_factory=lambda: {"triton": 2.4, "torch": 1.5, "megatron": 1.5}
+    )
+    # Device memory bandwidth for elementwise ops and the optimizer, TB/s.
+    memory_bandwidth_tbps: float = 3.0
+    # Bytes moved per parameter of the optimizer shard per step (torch foreach Adam
+    # with grad clipping and the bf16 copy back).
+    optimizer_bytes_per_param: float = 100.0
+    # Host-side time per layer per micro-batch (fwd+bwd) and per micro-batch: a
+    # micro-batch takes max(GPU time, host time); the anchors' mbs 1 is host bound.
+    launch_per_layer_s: float = 3.0e-3
+    launch_per_microbatch_s: float = 7.0e-3
+    # Achieved fraction of the preset's bus bandwidth, and a fixed cost per collective.
+    comm_efficiency: float = 0.75
+    comm_latency_s: float = 2.0e-5
+    # Fraction of the DP gradient reduction hidden behind backward.
+    dp_overlap: float = 0.0
+    # Per attention kernel: measured / predicted micro-batch time, from the fit.
+    compute_scale: dict = field(default_factory=lambda: _per_kernel(1.0))
+
+    # What the constants were fitted from (cluster, trial counts); empty for defaults.
+    source: dict = field(default_factory=dict)
+
+    @property
+    def memory_bytes_per_s(self) -> float:
+        return self.memory_bandwidth_tbps * 1e12
+
+
+def cpu_calibration() -> Calibration:
+    """Defaults for the CPU trial path: fp32, torch AdamW, gloo, a process's RSS."""
+    return Calibration(
+        fragmentation=0.10,  # glibc malloc keeps freed arenas in the RSS
+        framework_gb=0.45,  # RSS of a process that imported torch and megatron-core
+        comm_buffer_gb=0.0,
+        optimizer_temp_bytes=0.0,  # single-tensor AdamW: one tensor's temporaries
+        gemm_efficiency=0.5,
+        gemm_half_tokens=64.0,
+        gemm_half_width=32.0,
+        attention_efficiency=_per_kernel(0.2),
+        norm_bandwidth_tbps={"triton": 0.002, "torch": 0.005, "megatron": 0.005},
+        memory_bandwidth_tbps=0.01,
+        optimizer_bytes_per_param=60.0,
+        launch_per_layer_s=1.0e-3,
+        launch_per_microbatch_s=2.0e-3,
+        comm_efficiency=0.5,
+        comm_latency_s=1.0e-4,
+    )
+
+
+def default_calibration(cluster: ClusterConfig) -> Calibration:
+    return cpu_calibration() if cluster.device == "cpu" else Calibration()
+
+
+def save_calibration(cal: Calibration, path) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(cal), indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)  # a reader never sees half a file
+
+
+def load_calibration(path) -> Calibration:
+    """A calibration from JSON; missing constants keep their defaults."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a calibration must be a JSON object")
+    cal = Calibration()
+    known = {f.name for f in dataclasses.fields(Calibration)}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{path}: unknown calibration constant {key!r}")
+        default = getattr(cal, key)
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: {key} must be an object")
+            value = {**default, **value}
+        elif not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{path}: {key} must be a number, got {value!r}")
+        setattr(cal, key, value)
+    return cal
+
+
+def _layout(data) -> Optional[tuple[Layout, Optional[int]]]:
+    """The record's layout and its dp if it names one; None if it is not a layout."""
+    if not isinstance(data, dict):
+        return None
+    data = dict(data)
+    dp = data.pop("dp", None)
+    known = {f.name for f in dataclasses.fields(Layout)}
+    if set(data) - known or not (dp is None or isinstance(dp, int) and dp > 0):
+        return None
+    return Layout(**data), dp
+
+
+def _clamp(x: float, low: float, high: float) -> float:
+    return min(max(x, low), high)
+
+
+def _usable(records: Iterable[dict], status: str, key: str) -> list[tuple]:
+    """(layout, dp or None, value) of the records with this status and a usable layout."""
+    out = []
+    for r in records:
+        parsed = _layout(r.get("layout"))
+        if parsed is None or r.get("status") != status:
+            continue
+        value = r.get(key)
+        if status == "ok" and not (isinstance(value, (int, float)) and value > 0):
+            continue
+        out.append((*parsed, value))
+    return out
+
+
+def _theil_sen(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Slope and intercept of y = a*x + b: medians of pairwise slopes, then of residuals."""
+    slopes = [(y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(points)
+              for x2, y2 in points[i + 1:] if abs(x2 - x1) > 1e-9 * max(abs(x1), abs(x2))]
+    if not slopes:  # one point, or all at the same x: a ratio through the origin
+        return statistics.median(y / x for x, y in points), 0.0
+    slope = statistics.median(slopes)
+    return slope, statistics.median(y - slope * x for x, y in points)
+
+
+def _fit_memory(cal: Calibration, ok, oom, model, cluster) -> dict:
+    from sweeper.memory import predict_memory  # memory imports this module
+
+    # Each trial: measured allocator peak = static + offset + scale * x, where x is the
+    # predicted activations at scale 1. (On CPU the RSS includes the overhead: undo it.)
+    points, optimizer_bound = [], []
+    for layout, dp, measured in ok:
+        est = predict_memory(model, cluster, layout, cal, dp=dp)
+        if cluster.device == "cpu":
+            fixed = est.peak_gb - est.allocated_gb * (1 + cal.fragmentation)
+            measured = (measured - fixed) / (1 + cal.fragmentation)
+        x = est.dynamic_gb / cal.activation_scale
+        static = est.allocated_gb - cal.memory_offset_gb - est.dynamic_gb
+        if est.phase == "activations" and x > 0:
+            points.append((x, measured - static))
+        else:
+            optimizer_bound.append(measured - static)
+    if points:
+        slope, intercept = _theil_sen(points)
+        cal.activation_scale = _clamp(slope, *SCALE_BOUNDS)
+        residuals = [y - cal.activation_scale * x for x, y in points] + optimizer_bound
+        cal.memory_offset_gb = statistics.median(residuals)
+    elif optimizer_bound:
+        cal.memory_offset_gb = statistics.median(optimizer_bound)
+    # A trial that ran out of memory where a fit was predicted: widen the margin
+    # until it is predicted not to fit. Never narrow it: a false OOM costs a
+    # skipped trial, a false fit costs a crashed one.
+    for layout, dp, _ in oom:
+        est = predict_memory(model, cluster, layout, cal, dp=dp)
+        if est.fits:
+            fixed = est.peak_gb - est.allocated_gb * (1 + cal.fragmentation)
+            needed = (cluster.gpu_memory_gb - fixed) / max(est.allocated_gb, 1e-9) - 1 + 0.005
+            cal.fragmentation = min(max(cal.fragmentation, needed), MAX_FRAGMENTATION)
+    return {"memory_activation_bound": len(points), "memory_optimizer_bound": len(optimizer_bound)}
+
+
+def _fit_speed(cal: Calibration, ok, model, cluster) -> dict:
+    from sweeper.speed import predict_speed
+
+    by_kernel: dict[str, list[float]] = {}
+    launch = []
+    for layout, dp, measured in ok:
+        est = predict_speed(model, cluster, layout, cal, dp=dp)
+        t = est.terms
+        fixed = est.step_time_s - t["compute"] - t["launch"] - t["bubble"]
+        scalable = t["compute"] + t["launch"] + t["bubble"]
+        ratio = (measured - fixed) / scalable
+        if t["launch"] > 0:
+            launch.append(ratio)  # host bound: the host's time per layer is off
+        else:
+            by_kernel.setdefault(layout.attention, []).append(ratio)
+    everything = [r for rs in by_kernel.values() for r in rs]
+    overall = statistics.median(everything) if everything else 1.0
+    for kernel in ATTENTION_KERNELS:
+        ratio = statistics.median(by_kernel[kernel]) if kernel in by_kernel else overall
+        cal.compute_scale[kernel] = _clamp(cal.compute_scale.get(kernel, 1.0) * ratio, *SCALE_BOUNDS)
+    if launch:
+        ratio = _clamp(statistics.median(launch), *SCALE_BOUNDS)
+        cal.launch_per_layer_s *= ratio
+        cal.launch_per_microbatch_s *= ratio
+    return {"speed_compute_bound": len(everything), "speed_launch_bound": len(launch)}
+
+
+def fit_calibration(records: list[dict], model: ModelConfig, cluster: ClusterConfig,
+                    base: Optional[Calibration] = None) -> Calibration:
+    """Refit the constants to measured trials.
+
+    Each record: {"layout": {Layout fields}, "status": "ok" | "oom" | ...,
+    "step_time_s": s, "peak_memory_gb": GiB, the max over ranks}. On CUDA the
+    peak is the allocator's (`torch.cuda.max_memory_allocated`) and is compared
+    with `MemoryEstimate.allocated_gb`; on CPU it is the RSS, compared with
+    `peak_gb`. Records with another status, or without a number, are skipped.
+
+    Memory: measured = static + memory_offset_gb + activation_scale * activations,
+    fitted by Theil-Sen (the median of pairwise slopes, then the median residual;
+    one trial gives a plain ratio) over the trials whose peak is in the activations;
+    then `fragmentation` grows until every OOM trial is predicted not to fit.
+    Speed: per attention kernel, `compute_scale` *= median of (measured - comm -
+    optimizer) / (compute + bubble) over GPU-bound trials (kernels without trials
+    take the median of all); host-bound trials scale the launch constants alike.
+    A layout dict may carry "dp" (else it is derived from the cluster).
+    """
+    cal = dataclasses.replace(base or default_calibration(cluster))
+    cal.attention_efficiency = dict(cal.attention_efficiency)
+    cal.norm_bandwidth_tbps = dict(cal.norm_bandwidth_tbps)
+    cal.compute_scale = dict(cal.compute_scale)
+    records = list(records)
+    ok_memory = _usable(records, "ok", "peak_memory_gb")
+    ok_speed = _usable(records, "ok", "step_time_s")
+    oom = _usable(records, "oom", "peak_memory_gb")
+    counts = {"cluster": cluster.name, "model": model.name, "ok": len(ok_memory), "oom": len(oom)}
+    counts.update(_fit_memory(cal, ok_memory, oom, model, cluster))
+    counts.update(_fit_speed(cal, ok_speed, model, cluster))
+    cal.source = counts
+    return cal

@@ -1,0 +1,175 @@
+"""The `estimate` command: predicted memory and speed for layouts read as JSON lines.
+
+    python -m sweeper.estimate [--calibration cal.json] < layouts.jsonl > estimates.jsonl
+
+Each input line is one object:
+    {"model": {"num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+               "num_query_groups", "vocab_size", "seq_length"},
+     "layout": {"tp", "pp", "dp", "mbs", "gbs", and optionally "vpp" (1), "cp" (1),
+                "recompute" ("none" | "selective" | "full"), "recompute_method" ("uniform"),
+                "recompute_num_layers" (1), "sequence_parallel" (false),
+                "distributed_optimizer" (false), "attention" ("fused" | "unfused", or a
+                kernel name of sweeper.config; "fused"), "norm" ("fused" | "torch", or a
+                kernel name; "fused")},
+     "cluster": {"gpu_memory_gb", "peak_tflops", "gpus_per_node", and optionally
+                 "intra_node_bw_gbps", "inter_node_bw_gbps", "device" ("cuda")}}
+Each output line, in input order: {"line": n, "peak_memory_gb", "fits", "step_time_s",
+"mfu", "mfu_megatron"}, or {"line": n, "error": "line n: <field>: <what is wrong>"}.
+Blank input lines are skipped. Exit status: 0 if every line got an estimate, 1 if any
+line got an error (the others still get theirs), 2 for a bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+from sweeper.calibration import Calibration, load_calibration
+from sweeper.config import ClusterConfig, Layout, ModelConfig
+from sweeper.memory import predict_memory
+from sweeper.speed import predict_speed
+
+MODEL_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                "num_query_groups", "vocab_size", "seq_length")
+# The issue's coarse names, mapped onto the kernels the models know.
+ATTENTION = {"fused": "sdpa_flash", "unfused": "megatron", "triton": "triton", "sdpa": "sdpa",
+             "sdpa_flash": "sdpa_flash", "sdpa_cudnn": "sdpa_cudnn", "megatron": "megatron"}
+NORM = {"fused": "triton", "torch": "torch", "triton": "triton", "megatron": "megatron"}
+
+
+class FieldError(ValueError):
+    """A malformed input field; the message names it."""
+
+
+def _section(data: dict, name: str) -> dict:
+    value = data.get(name)
+    if not isinstance(value, dict):
+        raise FieldError(f"{name}: missing or not an object")
+    return value
+
+
+def _int(section: dict, prefix: str, key: str, default: Optional[int] = None) -> int:
+    value = section.get(key, default)
+    if value is None:
+        raise FieldError(f"{prefix}.{key}: missing")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise FieldError(f"{prefix}.{key}: must be a positive integer, got {value!r}")
+    return value
+
+
+def _number(section: dict, prefix: str, key: str, default: Optional[float] = None) -> float:
+    value = section.get(key, default)
+    if value is None:
+        raise FieldError(f"{prefix}.{key}: missing")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise FieldError(f"{prefix}.{key}: must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _bool(section: dict, prefix: str, key: str) -> bool:
+    value = section.get(key, False)
+    if not isinstance(value, bool):
+        raise FieldError(f"{prefix}.{key}: must be true or false, got {value!r}")
+    return value
+
+
+def _choice(section: dict, prefix: str, key: str, choices, default: str) -> str:
+    value = section.get(key, default)
+    if value not in choices:
+        raise FieldError(f"{prefix}.{key}: must be one of {', '.join(choices)}, got {value!r}")
+    return choices[value] if isinstance(choices, dict) else value
+
+
+def parse_model(data: dict) -> ModelConfig:
+    m = _section(data, "model")
+    model = ModelConfig(name=str(m.get("name", "model")),
+                        **{k: _int(m, "model", k) for k in MODEL_FIELDS})
+    if model.hidden_size % model.num_attention_heads:
+        raise FieldError("model.num_attention_heads: does not divide hidden_size")
+    if model.num_attention_heads % model.num_query_groups:
+        raise FieldError("model.num_query_groups: does not divide num_attention_heads")
+    return model
+
+
+def parse_layout(data: dict) -> tuple[Layout, int]:
+    d = _section(data, "layout")
+    layout = Layout(
+        tp=_int(d, "layout", "tp"), pp=_int(d, "layout", "pp"), vpp=_int(d, "layout", "vpp", 1),
+        cp=_int(d, "layout", "cp", 1), mbs=_int(d, "layout", "mbs"), gbs=_int(d, "layout", "gbs"),
+        recompute=_choice(d, "layout", "recompute", ("none", "selective", "full"), "none"),
+        recompute_method=_choice(d, "layout", "recompute_method", ("uniform", "block"), "uniform"),
+        recompute_num_layers=_int(d, "layout", "recompute_num_layers", 1),
+        sequence_parallel=_bool(d, "layout", "sequence_parallel"),
+        distributed_optimizer=_bool(d, "layout", "distributed_optimizer"),
+        attention=_choice(d, "layout", "attention", ATTENTION, "fused"),
+        norm=_choice(d, "layout", "norm", NORM, "fused"),
+    )
+    dp = _int(d, "layout", "dp")
+    if layout.gbs % (layout.mbs * dp):
+        raise FieldError(f"layout.gbs: {layout.gbs} is not divisible by mbs*dp = {layout.mbs * dp}")
+    return layout, dp
+
+
+def parse_cluster(data: dict, world: int) -> ClusterConfig:
+    c = _section(data, "cluster")
+    per_node = _int(c, "cluster", "gpus_per_node")
+    device = _choice(c, "cluster", "device", ("cuda", "cpu"), "cuda")
+    defaults = ClusterConfig() if device == "cpu" else ClusterConfig(
+        intra_node_bw_gbps=450.0, inter_node_bw_gbps=50.0)  # the H100 preset's
+    return ClusterConfig(
+        name=str(c.get("name", "cluster")), device=device, gpus_per_node=per_node,
+        nodes=-(-world // per_node),
+        gpu_memory_gb=_number(c, "cluster", "gpu_memory_gb"),
+        peak_tflops=_number(c, "cluster", "peak_tflops"),
+        intra_node_bw_gbps=_number(c, "cluster", "intra_node_bw_gbps", defaults.intra_node_bw_gbps),
+        inter_node_bw_gbps=_number(c, "cluster", "inter_node_bw_gbps", defaults.inter_node_bw_gbps),
+    )
+
+
+def estimate_line(text: str, calibration: Optional[Calibration]) -> dict:
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise FieldError(f"not JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise FieldError("not a JSON object")
+    model = parse_model(data)
+    layout, dp = parse_layout(data)
+    cluster = parse_cluster(data, layout.tp * layout.pp * layout.cp * dp)
+    memory = predict_memory(model, cluster, layout, calibration, dp=dp)
+    speed = predict_speed(model, cluster, layout, calibration, dp=dp)
+    return {"peak_memory_gb": round(memory.peak_gb, 3), "fits": memory.fits,
+            "step_time_s": round(speed.step_time_s, 6), "mfu": round(speed.mfu, 5),
+            "mfu_megatron": round(speed.mfu_megatron, 5)}
+
+
+def main(argv=None, stdin=None, stdout=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sweeper.estimate", description=__doc__.split("\n")[0])
+    parser.add_argument("--calibration", help="calibration JSON (default: built-in constants)")
+    args = parser.parse_args(argv)
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    try:
+        calibration = load_calibration(args.calibration) if args.calibration else None
+    except (OSError, ValueError) as err:  # ConfigError and bad JSON are ValueErrors
+        print(f"estimate: cannot read calibration {args.calibration}: {err}", file=sys.stderr)
+        return 2
+    failed = False
+    for number, text in enumerate(stdin, start=1):
+        if not text.strip():
+            continue
+        try:
+            out = {"line": number, **estimate_line(text, calibration)}
+        except FieldError as err:
+            out = {"line": number, "error": f"line {number}: {err}"}
+            failed = True
+        except Exception as err:  # one odd line must not cost the others their answers
+            out = {"line": number, "error": f"line {number}: {type(err).__name__}: {err}"}
+            failed = True
+        stdout.write(json.dumps(out) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

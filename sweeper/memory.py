@@ -1,0 +1,263 @@
+"""Predicted peak memory per GPU of a dense Llama-style model under a parallel layout.
+
+    est = predict_memory(model, cluster, layout)      # calibration=None: defaults
+    est.peak_gb, est.fits, est.worst_stage, est.terms  # GiB; terms sum to peak_gb
+
+What megatron-core holds, as assumed here (CUDA, bf16 mixed precision):
+- weights bf16 (2 B/param); gradients in DDP's fp32 buffer (4 B/param,
+  grad_reduce_in_fp32); Adam: fp32 main weights + two moments (12 B/param), sharded
+  over dp*cp by the distributed optimizer, whole on every rank without it. During
+  the optimizer step torch's foreach Adam adds a temporary (Calibration.optimizer_temp_bytes).
+- activations per layer and micro-batch, after Korthikanti et al. 2022 ("Reducing
+  Activation Recomputation", Table 2), redone for this layer: RMSNorm (every norm
+  kernel here saves its input and a fp32 1/rms; they differ in speed only), RoPE
+  (new Q, K), GQA, SwiGLU (fc1 output 2f, silu output, product), no dropout. V is a view of the fused QKV output, so that whole output stays alive.
+  Without SP the norms' inputs and the inputs of the QKV and fc1 linears are
+  whole on every TP rank; with SP everything is divided by tp. cp divides the sequence.
+- attention: fused kernels save the output and a fp32 log-sum-exp; sdpa's output
+  is permuted into a copy for the output projection, triton's is written in place;
+  "megatron" (stock DotProductAttention, torch softmax in fp32) saves the fp32
+  softmax and the bf16 probabilities, 6 bytes per score, plus a transient of 10.
+- recompute: selective drops the attention core's saved tensors (recomputed in
+  backward); full keeps one layer input per checkpoint group, and re-materialises
+  one group (uniform) or one layer (block) during backward.
+- pipeline: stage k of 1F1B holds min(pp - k, m) micro-batches; interleaved, rank k
+  holds min(2(pp-k-1) + (vpp-1)pp + 1, m*vpp) model-chunk forwards (Megatron's
+  1 + (pp-1)/(pp*vpp) factor). Stage 0 has the embedding and the most in flight;
+  the last stage has the output layer, the fp32 logits kept by the cross entropy,
+  and their bf16 copy while it runs. Middle stages never exceed stage 0.
+- the peak is whichever is larger: the activations at the turn from forward to
+  backward, or the optimizer step's temporaries (activations freed by then).
+- overhead: allocator fragmentation (a fraction), device memory outside the allocator
+  (CUDA context, library handles) and NCCL buffers per communicator in use.
+
+CPU trial path (cluster.device == "cpu"): fp32 weights and activations, param.grad
+fp32, torch AdamW (8 B/param, no main copy, no sharding), gradients flattened for the
+DP all-reduce (a 4 B/param temporary when dp > 1); the peak compares with the RSS.
+
+`allocated_gb` is the allocator's peak (comparable with torch.cuda.max_memory_allocated);
+`peak_gb` adds the overhead and decides `fits`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+from sweeper.calibration import Calibration, default_calibration
+from sweeper.config import ClusterConfig, Layout, ModelConfig
+
+GIB = float(2**30)
+VOCAB_MULTIPLE = 128  # megatron pads the vocabulary to a multiple of 128 * tp
+
+
+@dataclass
+class MemoryEstimate:
+    peak_gb: float  # the worst stage, overhead included
+    fits: bool  # peak_gb <= cluster.gpu_memory_gb
+    worst_stage: int
+    terms: dict  # name -> GiB for the worst stage; they sum to peak_gb
+    allocated_gb: float  # the worst stage's allocator peak, before overhead
+    dynamic_gb: float  # the part of allocated_gb that scales with activation_scale
+    phase: str  # "activations" or "optimizer": when the peak happens
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Per-model constants, computed once per model."""
+
+    L: int
+    h: int
+    f: int
+    a: int
+    g: int
+    q: int  # query projection width, a * head_dim
+    kv: int  # key (or value) projection width, g * head_dim
+    V: int
+    s: int
+    layer_matrix_params: int  # sharded by TP
+    layer_norm_params: int  # replicated on TP ranks
+
+
+@lru_cache(maxsize=256)
+def _shape(L, h, f, a, g, V, s) -> Shape:
+    d = h // a
+    q, kv = a * d, g * d
+    matrices = h * (q + 2 * kv) + q * h + 3 * h * f
+    return Shape(L, h, f, a, g, q, kv, V, s, matrices, 2 * h)
+
+
+def model_shape(model: ModelConfig) -> Shape:
+    return _shape(model.num_layers, model.hidden_size, model.ffn_hidden_size,
+                  model.num_attention_heads, model.num_query_groups, model.vocab_size,
+                  model.seq_length)
+
+
+def padded_vocab(vocab: int, tp: int) -> int:
+    multiple = VOCAB_MULTIPLE * tp
+    return -(-vocab // multiple) * multiple
+
+
+def stage_params(sh: Shape, layout: Layout, stage: int) -> float:
+    """Parameters held by one rank of pipeline stage `stage`."""
+    tp, pp = layout.tp, layout.pp
+    layers = -(-sh.L // pp)
+    params = layers * (sh.layer_matrix_params / tp + sh.layer_norm_params)
+    table = padded_vocab(sh.V, tp) * sh.h / tp
+    if stage == 0:
+        params += table  # input embedding
+    if stage == pp - 1:
+        params += table + sh.h  # output layer (untied) and final norm
+    return params
+
+
+def in_flight(layout: Layout, stage: int, microbatches: int) -> int:
+    """Model-chunk forwards whose activations stage `stage` holds at its peak."""
+    pp, vpp = layout.pp, layout.vpp
+    if vpp > 1:
+        return min(2 * (pp - stage - 1) + (vpp - 1) * pp + 1, microbatches * vpp)
+    return min(pp - stage, microbatches)
+
+
+@dataclass
+class LayerBytes:
+    """Bytes of one transformer layer for one micro-batch on one rank."""
+
+    full: float  # saved for backward without recompute
+    core: float  # of which the attention core's (dropped by selective recompute)
+    checkpoint: float  # one checkpoint's input under full recompute
+    attention_workspace: float  # transient while the layer's attention runs
+    mlp_workspace: float  # transient gradients in the MLP's backward
+
+
+def layer_bytes(sh: Shape, layout: Layout, cpu: bool) -> LayerBytes:
+    e = 4.0 if cpu else 2.0
+    tp, cp = layout.tp, layout.cp
+    T = layout.mbs * sh.s / cp  # tokens per micro-batch on this rank
+    s_local = sh.s / cp
+    whole = 1.0 / tp if layout.sequence_parallel else 1.0  # SP shards what TP alone cannot
+    norms = 2 * (e * sh.h + 4.0) * T * whole  # two norms: input and fp32 1/rms per token
+    linear_inputs = 2 * e * T * sh.h * whole
+    unfused = layout.attention == "megatron"
+    if unfused and sh.g < sh.a:
+        attn_inputs = 3 * e * T * sh.q / tp  # K and V repeated to every head
+    else:
+        attn_inputs = e * T * (2 * sh.q + 3 * sh.kv) / tp  # Q, K after RoPE; fused QKV output
+    if cp > 1:
+        attn_inputs += 2 * e * T * sh.kv * (cp - 1) / tp  # K, V received from the ring
+    scores = T * sh.a / tp * s_local  # per micro-batch, one layer
+    if unfused:
+        core = (4.0 if cpu else 6.0) * scores  # fp32 softmax (+ bf16 probabilities)
+        attention_ws = (12.0 if cpu else 10.0) * scores
+    else:
+        core = 4.0 * T * sh.a / tp  # fp32 log-sum-exp
+        if layout.attention != "triton":
+            core += e * T * sh.q / tp  # sdpa's output; [s, b, h*d] for the projection is a copy
+        attention_ws = (4.0 + e) * T * sh.q / tp + 2 * e * T * sh.kv / tp  # dq (fp32 acc), dk, dv
+    proj_input = e * T * sh.q / tp
+    mlp = 4 * e * T * sh.f / tp  # fc1 output (2f), silu output, product
+    full = norms + linear_inputs + attn_inputs + core + proj_input + mlp
+    return LayerBytes(
+        full=full,
+        core=core,
+        checkpoint=e * T * sh.h * whole,
+        attention_workspace=attention_ws,
+        mlp_workspace=3 * e * T * sh.f / tp,
+    )
+
+
+def chunk_activations(lb: LayerBytes, layout: Layout, layers: int) -> tuple[float, float]:
+    """(bytes saved per model chunk per micro-batch, bytes re-materialised in backward)."""
+    if layout.recompute == "selective":
+        return layers * (lb.full - lb.core), lb.core
+    if layout.recompute == "full":
+        n = min(layout.recompute_num_layers, layers)
+        if layout.recompute_method == "block":
+            return n * lb.checkpoint + (layers - n) * lb.full, lb.full
+        return math.ceil(layers / n) * lb.checkpoint, n * lb.full
+    return layers * lb.full, 0.0
+
+
+def logits_bytes(sh: Shape, layout: Layout, cpu: bool) -> tuple[float, float]:
+    """Last stage: (saved: final norm and fp32 softmax of the loss, transient: bf16 logits)."""
+    e = 4.0 if cpu else 2.0
+    T = layout.mbs * sh.s / layout.cp
+    whole = 1.0 / layout.tp if layout.sequence_parallel else 1.0
+    vocab = padded_vocab(sh.V, layout.tp) / layout.tp
+    saved = (2 * e * sh.h + 4.0) * T * whole + 4.0 * T * vocab
+    transient = 0.0 if cpu else 2.0 * T * vocab  # logits.float() keeps the bf16 original
+    return saved, transient
+
+
+def _stage(sh, layout, cal, cpu, stage, dp, microbatches, lb):
+    """(terms in bytes before overhead, dynamic bytes, phase) for one stage."""
+    pp, cp = layout.pp, layout.cp
+    params = stage_params(sh, layout, stage)
+    shards = dp * cp if layout.distributed_optimizer and not cpu else 1
+    weight_b, grad_b, opt_b = (4.0, 4.0, 8.0) if cpu else (2.0, 4.0, 12.0)
+    chunk_layers = -(-sh.L // (pp * layout.vpp))
+    saved_chunk, recompute = chunk_activations(lb, layout, chunk_layers)
+    chunks = in_flight(layout, stage, microbatches)
+    activations = chunks * saved_chunk
+    if stage == 0:
+        activations += 8.0 * layout.mbs * sh.s / cp * -(-chunks // layout.vpp)  # token ids
+    layer_ws = max(lb.attention_workspace, lb.mlp_workspace) + recompute
+    logits = 0.0
+    if stage == pp - 1:
+        saved, transient = logits_bytes(sh, layout, cpu)
+        logits = saved + transient
+    scale = cal.activation_scale
+    dynamic = (activations + max(layer_ws, logits)) * scale
+    step_temp = cal.optimizer_temp_bytes * params / shards
+    if cpu and dp > 1:
+        step_temp += 4.0 * params  # gradients flattened for the all-reduce
+    phase = "activations" if dynamic >= step_temp else "optimizer"
+    terms = dict(weights=weight_b * params, grads=grad_b * params, optimizer=opt_b * params / shards,
+                 optimizer_step=0.0, activations=0.0, logits=0.0, attention_workspace=0.0,
+                 mlp_workspace=0.0, recompute=0.0)
+    if phase == "optimizer":
+        terms["optimizer_step"] = step_temp
+        return terms, 0.0, phase
+    terms["activations"] = activations * scale
+    if logits > layer_ws:
+        terms["logits"] = logits * scale
+    else:
+        attention_first = lb.attention_workspace >= lb.mlp_workspace
+        terms["attention_workspace" if attention_first else "mlp_workspace"] = (
+            max(lb.attention_workspace, lb.mlp_workspace) * scale)
+        terms["recompute"] = recompute * scale
+    return terms, dynamic, phase
+
+
+def communicators(layout: Layout, dp: int) -> int:
+    return sum(1 for n in (layout.tp, layout.cp, dp, layout.pp) if n > 1)
+
+
+def predict_memory(model: ModelConfig, cluster: ClusterConfig, layout: Layout,
+                   calibration: Optional[Calibration] = None, *, dp: Optional[int] = None) -> MemoryEstimate:
+    """Peak memory of the most loaded pipeline stage. `dp` defaults to the cluster's."""
+    cal = calibration or default_calibration(cluster)
+    cpu = cluster.device == "cpu"
+    sh = model_shape(model)
+    if dp is None:
+        dp = max(1, layout.dp(cluster.world_size))
+    microbatches = max(1, layout.gbs // (layout.mbs * dp))
+    lb = layer_bytes(sh, layout, cpu)
+    fixed = cal.framework_gb + cal.comm_buffer_gb * communicators(layout, dp)
+    best = None
+    for stage in ((0, layout.pp - 1) if layout.pp > 1 else (0,)):
+        terms, dynamic, phase = _stage(sh, layout, cal, cpu, stage, dp, microbatches, lb)
+        allocated = sum(terms.values()) / GIB + cal.memory_offset_gb
+        peak = allocated * (1 + cal.fragmentation) + fixed
+        if best is None or peak > best[0]:
+            best = (peak, stage, terms, allocated, dynamic / GIB, phase)
+    peak, stage, terms, allocated, dynamic, phase = best
+    out = {k: v / GIB for k, v in terms.items()}
+    out["offset"] = cal.memory_offset_gb
+    out["fragmentation"] = allocated * cal.fragmentation
+    out["framework"] = cal.framework_gb
+    out["comm_buffers"] = fixed - cal.framework_gb
+    return MemoryEstimate(peak_gb=peak, fits=peak <= cluster.gpu_memory_gb, worst_stage=stage,
+                          terms=out, allocated_gb=allocated, dynamic_gb=dynamic, phase=phase)

@@ -1,0 +1,216 @@
+"""Predicted step time and MFU of a dense Llama-style model under a parallel layout.
+
+    est = predict_speed(model, cluster, layout)   # calibration=None: defaults
+    est.step_time_s, est.mfu, est.mfu_megatron, est.tokens_per_s, est.terms
+
+One micro-batch on one pipeline stage costs max(GPU time, host time) plus its
+tensor- and context-parallel communication:
+- GPU time: GEMM FLOPs at an efficiency that falls for small GEMMs; fused attention
+  FLOPs at the kernel's efficiency; the stock unfused attention as its batched
+  matmuls (the whole s x s, masked half included) plus the bytes its fp32 softmax
+  moves; RMSNorm and the other elementwise ops (RoPE, SwiGLU, residuals, copies) as
+  bytes at memory bandwidth; the output layer and cross entropy on the last stage.
+  Recompute adds the recomputed forward. All of it is scaled by the fitted
+  `compute_scale` of the attention kernel.
+- host time: the launch cost per layer and per micro-batch (the step is launch-bound
+  when micro-batches are small).
+- TP: per layer, four all-reduces of the layer's activations (fwd and bwd; with SP
+  the same bytes as all-gathers and reduce-scatters), six with full recompute.
+  CP: the ring's K/V exchange, counted where it exceeds the attention it hides behind.
+The step: m micro-batches of the slowest stage, the bubble (p-1)/(m*v) of that,
+PP point-to-point per micro-batch and model chunk, the DP gradient reduction (fp32
+all-reduce; reduce-scatter + bf16 all-gather with the distributed optimizer, over
+dp*cp), and the optimizer step as bytes at memory bandwidth. A group whose ranks fit
+in one node uses the intra-node bandwidth, else the inter-node one.
+MFU: PaLM's and Megatron's conventions from analysis.flops (recompute not counted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from analysis.flops import megatron_flops_per_token, palm_flops_per_token
+from sweeper.calibration import Calibration, default_calibration
+from sweeper.config import ClusterConfig, Layout, ModelConfig
+from sweeper.memory import Shape, model_shape, padded_vocab, stage_params
+
+# Bytes per token per layer moved by elementwise ops (fwd+bwd, bf16), per unit of
+# width: residual adds and their gradients (h), unfused RoPE and the query / output
+# reshapes (q), SwiGLU's silu and product (f).
+ELEMENTWISE_BYTES = {"h": 24.0, "q": 64.0, "f": 26.0}
+NORM_BYTES = 10.0  # per element, fwd (read x, write y) + bwd (read x, dy; write dx)
+UNFUSED_SCORE_BYTES = 86.0  # per score, fwd+bwd: baddbmm, fp32 copy, scale, mask, softmax, cast
+CE_BYTES_PER_LOGIT = 72.0  # megatron's cross entropy in fp32, fwd+bwd
+# Share of a layer's fwd+bwd time that its forward takes (what recompute repeats).
+FORWARD_SHARE = 1.0 / 3.0
+FUSED_ATTENTION_FORWARD_SHARE = 0.25  # flash backward recomputes the scores
+UNFUSED_ATTENTION_FORWARD_SHARE = 0.45
+
+
+@dataclass
+class SpeedEstimate:
+    step_time_s: float
+    mfu: float  # PaLM convention, fraction of peak
+    mfu_megatron: float
+    tokens_per_s: float
+    terms: dict  # seconds: compute, launch, tp_comm, cp_comm, bubble, pp_comm, dp_comm, optimizer
+
+
+def _gemm_efficiency(cal: Calibration, tokens: float, width: float) -> float:
+    return (cal.gemm_efficiency * tokens / (tokens + cal.gemm_half_tokens)
+            * width / (width + cal.gemm_half_width))
+
+
+def _layer_gpu_time(sh: Shape, layout: Layout, cal: Calibration, peak: float) -> tuple[float, float]:
+    """(fwd+bwd seconds of one layer for one micro-batch, of which attention core)."""
+    tp, cp = layout.tp, layout.cp
+    T = layout.mbs * sh.s / cp
+    gemm = 6.0 * T * sh.layer_matrix_params / tp
+    gemm_time = gemm / (peak * _gemm_efficiency(cal, T, sh.h / tp))
+    if layout.attention == "megatron":
+        scores = T * sh.a / tp * sh.s / cp
+        bmm = 12.0 * scores * sh.q / sh.a  # QK^T and PV over the full square, fwd+bwd
+        attention = (bmm / (peak * cal.attention_efficiency["megatron"])
+                     + UNFUSED_SCORE_BYTES * scores / cal.memory_bytes_per_s)
+    else:
+        flops = 6.0 * T * sh.s * sh.q / tp  # causal: half the square, fwd+bwd
+        attention = flops / (peak * cal.attention_efficiency[layout.attention])
+    whole = 1.0 / tp if layout.sequence_parallel else 1.0
+    ew = T * (ELEMENTWISE_BYTES["h"] * sh.h * whole
+              + (ELEMENTWISE_BYTES["q"] * sh.q + ELEMENTWISE_BYTES["f"] * sh.f) / tp)
+    norms = 2 * NORM_BYTES * T * sh.h * whole
+    other = ew / cal.memory_bytes_per_s + norms / (cal.norm_bandwidth_tbps[layout.norm] * 1e12)
+    return gemm_time + attention + other, attention
+
+
+def _recompute_share(layout: Layout, layers: int, attention: float, layer: float) -> float:
+    """Extra time per layer, averaged over the chunk, that recompute adds."""
+    if layout.recompute == "none":
+        return 0.0
+    attn_fwd = (UNFUSED_ATTENTION_FORWARD_SHARE if layout.attention == "megatron"
+                else FUSED_ATTENTION_FORWARD_SHARE) * attention
+    if layout.recompute == "selective":
+        return attn_fwd
+    full = FORWARD_SHARE * (layer - attention) + attn_fwd
+    if layout.recompute_method == "block":
+        return full * min(layout.recompute_num_layers, layers) / layers
+    return full
+
+
+class _Net:
+    """Bandwidths of the groups a layout forms, in bytes/s."""
+
+    def __init__(self, cluster: ClusterConfig, cal: Calibration):
+        self.per_node = cluster.gpus_per_node
+        self.intra = cluster.intra_node_bw_gbps * 1e9 * cal.comm_efficiency
+        self.inter = cluster.inter_node_bw_gbps * 1e9 * cal.comm_efficiency
+        self.latency = cal.comm_latency_s
+
+    def bw(self, span: int) -> float:
+        return self.intra if span <= self.per_node else self.inter
+
+    def all_reduce(self, nbytes: float, size: int, span: int) -> float:
+        if size == 1:
+            return 0.0
+        return 2 * (size - 1) / size * nbytes / self.bw(span) + self.latency
+
+    def gather(self, nbytes: float, size: int, span: int) -> float:
+        """All-gather or reduce-scatter of a tensor of nbytes in total."""
+        if size == 1:
+            return 0.0
+        return (size - 1) / size * nbytes / self.bw(span) + self.latency
+
+
+def _stage_microbatch(sh, layout, cal, cluster, net, peak, stage) -> dict:
+    """Seconds one micro-batch spends on one rank of `stage` (all its model chunks)."""
+    tp, pp, cp = layout.tp, layout.pp, layout.cp
+    e = 4.0 if cluster.device == "cpu" else 2.0
+    layers = -(-sh.L // pp)
+    chunk_layers = -(-sh.L // (pp * layout.vpp))
+    layer, attention = _layer_gpu_time(sh, layout, cal, peak)
+    layer += _recompute_share(layout, chunk_layers, attention, layer)
+    T = layout.mbs * sh.s / cp
+    gpu = layers * layer
+    vocab = padded_vocab(sh.V, tp) / tp
+    if stage == pp - 1:
+        gpu += 6.0 * T * sh.h * vocab / (peak * _gemm_efficiency(cal, T, sh.h / tp))
+        gpu += CE_BYTES_PER_LOGIT * T * vocab / cal.memory_bytes_per_s
+    gpu *= cal.compute_scale.get(layout.attention, 1.0)
+    recompute_layers = layers if layout.recompute == "full" else 0
+    host = (cal.launch_per_layer_s * (layers + FORWARD_SHARE * recompute_layers)
+            + cal.launch_per_microbatch_s)
+    activation = e * T * sh.h
+    collectives = 4 + (2 if layout.recompute == "full" else 0)
+    tp_comm = layers * collectives * net.all_reduce(activation, tp, tp)
+    tp_comm += (int(stage == 0) + int(stage == pp - 1)) * net.all_reduce(activation, tp, tp)
+    cp_comm = 0.0
+    if cp > 1:
+        ring = 3 * (cp - 1) * 2 * e * T * sh.kv / tp / net.bw(tp * cp)
+        cp_comm = layers * max(0.0, ring - attention)
+    return dict(gpu=gpu, host=host, tp_comm=tp_comm, cp_comm=cp_comm)
+
+
+def _dp_and_optimizer(sh, layout, cal, cluster, net, dp, stage) -> tuple[float, float]:
+    params = stage_params(sh, layout, stage)
+    ranks = dp * layout.cp  # gradients are reduced, and optimizer state sharded, over dp x cp
+    span = layout.tp * ranks
+    grad_b = 4.0
+    if layout.distributed_optimizer and cluster.device != "cpu":
+        dp_comm = (net.gather(grad_b * params, ranks, span)
+                   + net.gather(2.0 * params, ranks, span))
+        shard = params / ranks
+    else:
+        dp_comm = net.all_reduce(grad_b * params, ranks, span)
+        shard = params
+    optimizer = (cal.optimizer_bytes_per_param * shard + 6.0 * (params - shard)) / cal.memory_bytes_per_s
+    return dp_comm * (1 - cal.dp_overlap), optimizer
+
+
+def predict_speed(model: ModelConfig, cluster: ClusterConfig, layout: Layout,
+                  calibration: Optional[Calibration] = None, *, dp: Optional[int] = None) -> SpeedEstimate:
+    """Step time of the layout; `dp` defaults to the cluster's."""
+    cal = calibration or default_calibration(cluster)
+    sh = model_shape(model)
+    if dp is None:
+        dp = max(1, layout.dp(cluster.world_size))
+    world = layout.tp * layout.pp * layout.cp * dp
+    m = max(1, layout.gbs // (layout.mbs * dp))
+    peak = cluster.peak_tflops * 1e12
+    net = _Net(cluster, cal)
+    stages = (0, layout.pp - 1) if layout.pp > 1 else (0,)
+    per_mb = max((_stage_microbatch(sh, layout, cal, cluster, net, peak, k) for k in stages),
+                 key=lambda t: max(t["gpu"], t["host"]) + t["tp_comm"] + t["cp_comm"])
+    busy = max(per_mb["gpu"], per_mb["host"])
+    microbatch = busy + per_mb["tp_comm"] + per_mb["cp_comm"]
+    bubble = (layout.pp - 1) / layout.vpp * microbatch
+    pp_comm = 0.0
+    if layout.pp > 1:
+        e = 4.0 if cluster.device == "cpu" else 2.0
+        whole = 1.0 / layout.tp if layout.sequence_parallel else 1.0
+        message = e * layout.mbs * model.seq_length / layout.cp * model.hidden_size * whole
+        bw = net.bw(world)
+        pp_comm = m * layout.vpp * 2 * (message / bw + net.latency)
+    per_stage = [_dp_and_optimizer(sh, layout, cal, cluster, net, dp, k) for k in stages]
+    dp_comm = max(d for d, _ in per_stage)
+    optimizer = max(o for _, o in per_stage)
+    terms = dict(
+        compute=m * per_mb["gpu"],
+        launch=m * (busy - per_mb["gpu"]),
+        tp_comm=m * per_mb["tp_comm"],
+        cp_comm=m * per_mb["cp_comm"],
+        bubble=bubble,
+        pp_comm=pp_comm,
+        dp_comm=dp_comm,
+        optimizer=optimizer,
+    )
+    step = sum(terms.values())
+    tokens_per_s = layout.gbs * model.seq_length / step
+    peak_world = peak * world
+    return SpeedEstimate(
+        step_time_s=step,
+        mfu=tokens_per_s * palm_flops_per_token(model) / peak_world,
+        mfu_megatron=tokens_per_s * megatron_flops_per_token(model) / peak_world,
+        tokens_per_s=tokens_per_s,
+        terms=terms,
+    )

@@ -1,0 +1,122 @@
+"""Calibration: JSON round trip, and a fit that recovers known constants from trials."""
+
+import dataclasses
+import json
+
+import pytest
+
+from sweeper.calibration import (
+    Calibration,
+    cpu_calibration,
+    default_calibration,
+    fit_calibration,
+    load_calibration,
+    save_calibration,
+)
+from sweeper.config import ClusterConfig, ConfigError, Layout, ModelConfig, as_dict
+from sweeper.memory import predict_memory
+from sweeper.speed import predict_speed
+
+MODEL = ModelConfig(name="m", num_layers=8, hidden_size=1024, ffn_hidden_size=2816,
+                    num_attention_heads=8, num_query_groups=4, vocab_size=32000, seq_length=2048)
+H100 = ClusterConfig(name="one_h100", device="cuda", gpus_per_node=1, nodes=1, gpu_memory_gb=79.1,
+                     peak_tflops=989.4, intra_node_bw_gbps=450.0, inter_node_bw_gbps=50.0)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    cal = Calibration(activation_scale=1.25, memory_offset_gb=-0.5, launch_per_layer_s=1e-4,
+                      compute_scale={"sdpa": 1.5}, source={"ok": 3})
+    path = tmp_path / "calibration.json"
+    save_calibration(cal, path)
+    loaded = load_calibration(path)
+    assert loaded.activation_scale == 1.25
+    assert loaded.memory_offset_gb == -0.5
+    assert loaded.launch_per_layer_s == 1e-4
+    assert loaded.compute_scale["sdpa"] == 1.5
+    assert loaded.compute_scale["triton"] == 1.0  # a kernel the file lacks keeps its default
+    assert loaded.source == {"ok": 3}
+
+
+def test_load_rejects_unknown_constants_and_non_numbers(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"activation_scael": 1.0}))
+    with pytest.raises(ConfigError, match="activation_scael"):
+        load_calibration(path)
+    path.write_text(json.dumps({"fragmentation": "lots"}))
+    with pytest.raises(ConfigError, match="fragmentation"):
+        load_calibration(path)
+
+
+def test_defaults_follow_the_device():
+    assert default_calibration(H100) == Calibration()
+    cpu = ClusterConfig(device="cpu")
+    assert default_calibration(cpu) == cpu_calibration()
+    assert cpu_calibration().optimizer_temp_bytes == 0.0
+
+
+def _records(truth: Calibration, layouts, status="ok"):
+    out = []
+    for layout in layouts:
+        memory = predict_memory(MODEL, H100, layout, truth)
+        speed = predict_speed(MODEL, H100, layout, truth)
+        out.append({"layout": as_dict(layout), "status": status,
+                    "step_time_s": speed.step_time_s, "peak_memory_gb": memory.allocated_gb})
+    return out
+
+
+def test_fit_recovers_activation_scale_and_compute_scale():
+    truth = dataclasses.replace(Calibration(), activation_scale=1.3,
+                                compute_scale={"sdpa": 1.4, "triton": 0.8})
+    layouts = [Layout(mbs=mbs, gbs=64, attention=attn, recompute=rc)  # GPU bound
+               for mbs in (8, 16) for attn in ("sdpa", "triton") for rc in ("none", "selective")]
+    fitted = fit_calibration(_records(truth, layouts), MODEL, H100)
+    assert fitted.activation_scale == pytest.approx(1.3, rel=1e-6)
+    assert fitted.memory_offset_gb == pytest.approx(0.0, abs=1e-6)
+    assert fitted.compute_scale["sdpa"] == pytest.approx(1.4, rel=1e-6)
+    assert fitted.compute_scale["triton"] == pytest.approx(0.8, rel=1e-6)
+    # A kernel without trials takes the median of all ratios.
+    assert fitted.compute_scale["sdpa_cudnn"] == pytest.approx((0.8 + 1.4) / 2, rel=1e-6)
+    assert fitted.source["ok"] == len(layouts)
+    # Refitted predictions reproduce the measurements.
+    for record, layout in zip(_records(truth, layouts), layouts):
+        speed = predict_speed(MODEL, H100, layout, fitted)
+        memory = predict_memory(MODEL, H100, layout, fitted)
+        assert speed.step_time_s == pytest.approx(record["step_time_s"])
+        assert memory.allocated_gb == pytest.approx(record["peak_memory_gb"])
+
+
+def test_fit_scales_launch_cost_from_host_bound_trials():
+    truth = dataclasses.replace(Calibration(), launch_per_layer_s=6e-3, launch_per_microbatch_s=14e-3)
+    layouts = [Layout(mbs=1, gbs=16), Layout(mbs=1, gbs=32)]
+    fitted = fit_calibration(_records(truth, layouts), MODEL, H100)
+    assert fitted.launch_per_layer_s == pytest.approx(6e-3, rel=1e-6)
+    assert fitted.launch_per_microbatch_s == pytest.approx(14e-3, rel=1e-6)
+
+
+def test_fit_learns_a_constant_memory_offset():
+    truth = dataclasses.replace(Calibration(), memory_offset_gb=1.7)
+    layouts = [Layout(mbs=mbs, gbs=32) for mbs in (1, 2, 4, 8)]
+    fitted = fit_calibration(_records(truth, layouts), MODEL, H100)
+    assert fitted.memory_offset_gb == pytest.approx(1.7, abs=0.05)
+
+
+def test_an_oom_where_a_fit_was_predicted_widens_the_margin():
+    layout = Layout(mbs=64, gbs=256)  # predicted 72 GiB: fits a 79.1 GiB H100
+    before = predict_memory(MODEL, H100, layout)
+    assert before.fits
+    oom = {"layout": as_dict(layout), "status": "oom", "step_time_s": None, "peak_memory_gb": None}
+    ok = _records(Calibration(), [Layout(mbs=2, gbs=32)])
+    fitted = fit_calibration(ok + [oom], MODEL, H100)
+    assert not predict_memory(MODEL, H100, layout, fitted).fits
+    assert predict_memory(MODEL, H100, Layout(mbs=2, gbs=32), fitted).fits
+
+
+def test_fit_ignores_failed_and_malformed_records():
+    good = _records(Calibration(), [Layout(mbs=4, gbs=32)])
+    junk = [{"layout": {"tp": 1, "mbs": 2}, "status": "error", "step_time_s": 9.0, "peak_memory_gb": 1.0},
+            {"layout": {"no_such_field": 3}, "status": "ok", "step_time_s": 1.0, "peak_memory_gb": 1.0},
+            {"layout": {"mbs": 2}, "status": "ok", "step_time_s": None, "peak_memory_gb": None}]
+    fitted = fit_calibration(good + junk, MODEL, H100)
+    assert fitted.compute_scale["sdpa"] == pytest.approx(1.0)
+    assert fitted.activation_scale == pytest.approx(1.0)
+    assert fitted.source["ok"] == 1

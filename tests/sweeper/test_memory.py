@@ -1,0 +1,277 @@
+"""The memory model, term by term, against values worked out by hand from its assumptions.
+
+The small model used throughout: L=4, h=64, f=128, a=4 heads, g=2 KV groups
+(head_dim 16, so q=64, kv=32), V=1000 (padded to 1024), s=32.
+"""
+
+import dataclasses
+
+import pytest
+
+from sweeper.calibration import Calibration
+from sweeper.config import ClusterConfig, Layout, ModelConfig
+from sweeper.memory import (
+    GIB,
+    chunk_activations,
+    in_flight,
+    layer_bytes,
+    logits_bytes,
+    model_shape,
+    padded_vocab,
+    predict_memory,
+    stage_params,
+)
+
+SMALL = ModelConfig(name="small", num_layers=4, hidden_size=64, ffn_hidden_size=128,
+                    num_attention_heads=4, num_query_groups=2, vocab_size=1000, seq_length=32)
+GPU = ClusterConfig(name="gpu", device="cuda", gpus_per_node=8, nodes=1, gpu_memory_gb=80.0,
+                    peak_tflops=1000.0, intra_node_bw_gbps=400.0, inter_node_bw_gbps=50.0)
+CPU = ClusterConfig(name="cpu", device="cpu", gpus_per_node=2, nodes=1, gpu_memory_gb=8.0)
+# No overhead and no optimizer-step temporary, so the activation terms show on their own.
+BARE = Calibration(fragmentation=0.0, framework_gb=0.0, comm_buffer_gb=0.0, optimizer_temp_bytes=0.0)
+SH = model_shape(SMALL)
+
+# Per layer at mbs=2 (T = 64 tokens), tp=1, bf16 (e=2):
+#   two norms save input + fp32 1/rms: 2 * (2*64 + 4) * 64          = 16896
+#   inputs of the QKV and fc1 linears:  2 * 2 * 64 * 64             = 16384
+#   Q, K after RoPE + fused QKV output: 2 * 64 * (2*64 + 3*32)      = 28672
+#   fused attention output + fp32 LSE:  2*64*64 + 4*64*4            =  9216
+#   output projection input:            2 * 64 * 64                 =  8192
+#   SwiGLU: fc1 out (2f), silu, product: 4 * 2 * 64 * 128           = 65536
+UNSHARDED = 16896 + 16384  # whole on every TP rank without SP
+SHARDED = 28672 + 9216 + 8192 + 65536
+FULL_LAYER = UNSHARDED + SHARDED  # 144896
+
+
+def test_padded_vocab_is_a_multiple_of_128_per_tp_rank():
+    assert padded_vocab(1000, 1) == 1024
+    assert padded_vocab(1000, 8) == 1024
+    assert padded_vocab(1025, 8) == 2048
+    assert padded_vocab(32000, 1) == 32000
+
+
+def test_stage_params_put_embedding_first_and_output_layer_last():
+    # Per layer: h*(q+2kv) + q*h + 3*h*f = 64*128 + 64*64 + 3*64*128 = 36864 matrices,
+    # 128 norm weights. tp=2, pp=2: 2 layers * (36864/2 + 128) = 37120 per stage;
+    # vocabulary table 1024*64/2 = 32768 per rank; the last stage adds the final norm (64).
+    layout = Layout(tp=2, pp=2)
+    assert stage_params(SH, layout, 0) == 37120 + 32768
+    assert stage_params(SH, layout, 1) == 37120 + 32768 + 64
+    # pp=1: everything on one stage, equal to the model's count with the padded vocab.
+    whole = stage_params(SH, Layout(), 0)
+    assert whole == SMALL.num_params() + 2 * (1024 - 1000) * 64
+
+
+def test_weights_grads_and_optimizer_bytes_per_param():
+    params = stage_params(SH, Layout(), 0)
+    est = predict_memory(SMALL, GPU, Layout(mbs=1, gbs=8), BARE, dp=1)
+    assert est.terms["weights"] == pytest.approx(2 * params / GIB)  # bf16
+    assert est.terms["grads"] == pytest.approx(4 * params / GIB)  # fp32 grad buffer
+    assert est.terms["optimizer"] == pytest.approx(12 * params / GIB)  # fp32 main + 2 moments
+
+
+def test_distributed_optimizer_shards_the_optimizer_over_dp_times_cp():
+    params = stage_params(SH, Layout(), 0)
+    layout = Layout(mbs=1, gbs=8, distributed_optimizer=True)
+    est = predict_memory(SMALL, GPU, layout, BARE, dp=4)
+    assert est.terms["optimizer"] == pytest.approx(12 * params / 4 / GIB)
+    assert est.terms["grads"] == pytest.approx(4 * params / GIB)  # grads are not sharded
+    cp2 = predict_memory(SMALL, GPU, dataclasses.replace(layout, cp=2), BARE, dp=4)
+    assert cp2.terms["optimizer"] == pytest.approx(12 * params / 8 / GIB)
+
+
+def test_cpu_path_is_fp32_with_plain_adamw():
+    params = stage_params(SH, Layout(), 0)
+    est = predict_memory(SMALL, CPU, Layout(mbs=1, gbs=8, distributed_optimizer=True), BARE, dp=1)
+    assert est.terms["weights"] == pytest.approx(4 * params / GIB)
+    assert est.terms["grads"] == pytest.approx(4 * params / GIB)
+    assert est.terms["optimizer"] == pytest.approx(8 * params / GIB)  # no main copy, no sharding
+    # fp32 activations are twice the bf16 ones, except the norms' 1/rms (4 B per token,
+    # two norms) and the attention's log-sum-exp (4 B per token and head), fp32 in both.
+    gpu_layer = layer_bytes(SH, Layout(mbs=2), cpu=False)
+    cpu_layer = layer_bytes(SH, Layout(mbs=2), cpu=True)
+    assert cpu_layer.mlp_workspace == 2 * gpu_layer.mlp_workspace
+    assert cpu_layer.full == 2 * FULL_LAYER - 4 * 64 * 2 - 4 * 64 * 4
+
+
+def test_layer_activations_fused_attention():
+    lb = layer_bytes(SH, Layout(mbs=2), cpu=False)
+    assert lb.full == FULL_LAYER
+    assert lb.core == 9216
+    assert lb.checkpoint == 2 * 64 * 64
+
+
+def test_triton_attention_output_is_the_projection_input():
+    # The Triton kernel writes [s, b, h, d] order, so no copy for the projection: the
+    # output (2 * 64 * 64) is stored once, and selective recompute keeps it.
+    lb = layer_bytes(SH, Layout(mbs=2, attention="triton"), cpu=False)
+    assert lb.full == FULL_LAYER - 8192
+    assert lb.core == 4 * 64 * 4  # the fp32 log-sum-exp alone
+
+
+def test_tensor_parallel_without_sp_leaves_norm_and_linear_inputs_whole():
+    lb = layer_bytes(SH, Layout(mbs=2, tp=2), cpu=False)
+    assert lb.full == UNSHARDED + SHARDED / 2
+
+
+def test_sequence_parallel_shards_everything():
+    lb = layer_bytes(SH, Layout(mbs=2, tp=2, sequence_parallel=True), cpu=False)
+    assert lb.full == FULL_LAYER / 2
+    assert lb.checkpoint == 2 * 64 * 64 / 2
+
+
+def test_unfused_attention_keeps_the_scores():
+    # scores per layer: b * a * s * s = 2 * 4 * 32 * 32 = 8192; fp32 softmax + bf16
+    # probabilities = 6 bytes each. GQA: K and V are repeated to all 4 heads, so Q, K, V
+    # are 3 * 2 * 64 * 64 = 24576 instead of the fused path's 28672.
+    lb = layer_bytes(SH, Layout(mbs=2, attention="megatron"), cpu=False)
+    assert lb.core == 6 * 8192
+    assert lb.full == UNSHARDED + 24576 + 6 * 8192 + 8192 + 65536
+    assert lb.attention_workspace == 10 * 8192
+    fused = layer_bytes(SH, Layout(mbs=2, attention="sdpa"), cpu=False)
+    assert fused.attention_workspace == (4 + 2) * 64 * 64 + 2 * 2 * 64 * 32  # dq fp32 + bf16, dk, dv
+
+
+def test_context_parallel_splits_the_sequence_and_keeps_ring_kv():
+    lb = layer_bytes(SH, Layout(mbs=2, cp=2), cpu=False)
+    # T = 32 tokens; plus K, V from the other rank: 2 * 2 * 32 * 32 = 4096.
+    assert lb.full == FULL_LAYER / 2 + 4096
+
+
+def test_recompute_choices():
+    lb = layer_bytes(SH, Layout(mbs=2), cpu=False)
+    none = chunk_activations(lb, Layout(), 4)
+    assert none == (4 * FULL_LAYER, 0.0)
+    selective = chunk_activations(lb, Layout(recompute="selective"), 4)
+    assert selective == (4 * (FULL_LAYER - 9216), 9216)
+    uniform2 = chunk_activations(lb, Layout(recompute="full", recompute_num_layers=2), 4)
+    assert uniform2 == (2 * 8192, 2 * FULL_LAYER)  # 2 checkpoints, 2 layers re-materialised
+    block1 = chunk_activations(lb, Layout(recompute="full", recompute_method="block",
+                                          recompute_num_layers=1), 4)
+    assert block1 == (8192 + 3 * FULL_LAYER, FULL_LAYER)
+
+
+def test_in_flight_microbatches_1f1b_and_interleaved():
+    assert in_flight(Layout(pp=4), 0, 8) == 4
+    assert in_flight(Layout(pp=4), 3, 8) == 1
+    assert in_flight(Layout(pp=4), 0, 2) == 2  # fewer micro-batches than stages
+    assert in_flight(Layout(pp=1), 0, 8) == 1
+    # Interleaved: chunks * layers per chunk equals Megatron's L * (1 + (p-1)/(p*v)).
+    for pp, vpp in ((2, 2), (4, 2), (4, 3), (8, 4)):
+        layers = 48
+        chunks = in_flight(Layout(pp=pp, vpp=vpp), 0, 64)
+        assert chunks * layers / (pp * vpp) == pytest.approx(layers * (1 + (pp - 1) / (pp * vpp)))
+
+
+def test_logits_and_loss_on_the_last_stage():
+    saved, transient = logits_bytes(SH, Layout(mbs=2), cpu=False)
+    # final norm input + output (2 * 2 * 64 + 4 per token) and the fp32 softmax of 1024 logits.
+    assert saved == (2 * 2 * 64 + 4) * 64 + 4 * 64 * 1024
+    assert transient == 2 * 64 * 1024  # bf16 logits while their fp32 copy exists
+    saved_tp, _ = logits_bytes(SH, Layout(mbs=2, tp=2), cpu=False)
+    assert saved_tp == (2 * 2 * 64 + 4) * 64 + 4 * 64 * 512
+
+
+def test_pp1_peak_is_activations_plus_the_larger_transient():
+    layout = Layout(mbs=2, gbs=8)
+    est = predict_memory(SMALL, GPU, layout, BARE, dp=1)
+    params = stage_params(SH, layout, 0)
+    saved, transient = logits_bytes(SH, layout, cpu=False)
+    lb = layer_bytes(SH, layout, cpu=False)
+    activations = 4 * FULL_LAYER + 8 * 64  # 4 layers + int64 token ids
+    assert lb.mlp_workspace < saved + transient  # the logits are this model's transient
+    expected = 18 * params + activations + saved + transient
+    assert est.phase == "activations"
+    assert est.allocated_gb == pytest.approx(expected / GIB)
+    assert est.terms["activations"] == pytest.approx(activations / GIB)
+    assert est.terms["logits"] == pytest.approx((saved + transient) / GIB)
+
+
+def test_optimizer_step_can_be_the_peak():
+    # A long model with a tiny batch: Adam's 4 B/param temporary beats the activations.
+    big = dataclasses.replace(SMALL, num_layers=64, seq_length=8)
+    cal = dataclasses.replace(BARE, optimizer_temp_bytes=4.0)
+    est = predict_memory(big, GPU, Layout(mbs=1, gbs=8), cal, dp=1)
+    params = stage_params(model_shape(big), Layout(), 0)
+    assert est.phase == "optimizer"
+    assert est.allocated_gb == pytest.approx(22 * params / GIB)
+    assert est.terms["activations"] == 0.0
+    assert est.terms["optimizer_step"] == pytest.approx(4 * params / GIB)
+    sharded = predict_memory(big, GPU, Layout(mbs=1, gbs=8, distributed_optimizer=True), cal, dp=2)
+    assert sharded.terms["optimizer_step"] == pytest.approx(4 * params / 2 / GIB)
+
+
+def test_cpu_data_parallel_flattens_the_gradients():
+    big = dataclasses.replace(SMALL, num_layers=64, seq_length=8)
+    params = stage_params(model_shape(big), Layout(), 0)
+    alone = predict_memory(big, CPU, Layout(mbs=1, gbs=8), BARE, dp=1)
+    assert alone.terms["optimizer_step"] == 0.0
+    est = predict_memory(big, CPU, Layout(mbs=1, gbs=8), BARE, dp=2)
+    assert est.phase == "optimizer"
+    assert est.terms["optimizer_step"] == pytest.approx(4 * params / GIB)
+
+
+def test_overhead_terms_and_fits():
+    cal = Calibration(fragmentation=0.1, framework_gb=2.0, comm_buffer_gb=0.5)
+    layout = Layout(tp=2, pp=2, mbs=2, gbs=8)
+    est = predict_memory(SMALL, GPU, layout, cal, dp=2)
+    assert est.terms["fragmentation"] == pytest.approx(0.1 * est.allocated_gb)
+    assert est.terms["comm_buffers"] == pytest.approx(3 * 0.5)  # tp, dp and pp communicators
+    assert est.peak_gb == pytest.approx(1.1 * est.allocated_gb + 2.0 + 1.5)
+    assert sum(est.terms.values()) == pytest.approx(est.peak_gb)
+    tight = dataclasses.replace(GPU, gpu_memory_gb=est.peak_gb * 0.999)
+    assert predict_memory(SMALL, tight, layout, cal, dp=2).fits is False
+    loose = dataclasses.replace(GPU, gpu_memory_gb=est.peak_gb * 1.001)
+    assert predict_memory(SMALL, loose, layout, cal, dp=2).fits is True
+
+
+def test_worst_stage_is_first_with_many_in_flight_and_last_with_a_large_vocabulary():
+    layout = Layout(pp=4, mbs=2, gbs=64)
+    assert predict_memory(SMALL, GPU, layout, BARE, dp=1).worst_stage == 0
+    huge_vocab = dataclasses.replace(SMALL, vocab_size=256000)
+    assert predict_memory(huge_vocab, GPU, layout, BARE, dp=1).worst_stage == 3
+
+
+def test_calibration_scales_activations_and_offsets_the_peak():
+    layout = Layout(mbs=2, gbs=8)
+    base = predict_memory(SMALL, GPU, layout, BARE, dp=1)
+    scaled = predict_memory(SMALL, GPU, layout, dataclasses.replace(BARE, activation_scale=2.0), dp=1)
+    assert scaled.allocated_gb - base.allocated_gb == pytest.approx(base.dynamic_gb)
+    shifted = predict_memory(SMALL, GPU, layout, dataclasses.replace(BARE, memory_offset_gb=1.5), dp=1)
+    assert shifted.allocated_gb == pytest.approx(base.allocated_gb + 1.5)
+
+
+LLAMA_1B3 = ModelConfig(name="llama_1b3", num_layers=24, hidden_size=2048, ffn_hidden_size=5632,
+                        num_attention_heads=16, num_query_groups=16, vocab_size=32000, seq_length=2048)
+H100 = ClusterConfig(name="local_gpu", device="cuda", gpus_per_node=1, nodes=1, gpu_memory_gb=79.1,
+                     peak_tflops=989.4, intra_node_bw_gbps=450.0, inter_node_bw_gbps=50.0)
+
+
+@pytest.mark.parametrize("mbs, recompute, measured, earlier_runs", [
+    (1, "none", 28.0, 0),
+    (2, "none", 45.4, 1),
+    (4, "none", 67.8, 2),
+    (4, "full", 66.1, 3),
+])
+def test_defaults_match_the_h100_anchors(mbs, recompute, measured, earlier_runs):
+    """shared/anchors: megatron-core 0.16.1 local spec with SDPA attention (gpu_probe.py's
+    default core), torch RMSNorm, gbs 16, torch Adam, max_memory_allocated.
+
+    The four runs shared one process and its README says earlier models were still held.
+    The numbers fit a leak of 10 B/param (bf16 weights, fp32 grad buffer, fp32 main
+    weights: 12.7 GiB) per earlier run: full recompute at mbs 4 (66.1) would otherwise
+    need 38 GiB more than mbs 1 (28.0) while storing almost no activations. So each
+    measurement is compared with the prediction plus the earlier runs' leak.
+    """
+    leak = earlier_runs * 10 * LLAMA_1B3.num_params() / GIB
+    layout = Layout(mbs=mbs, gbs=16, recompute=recompute, attention="sdpa", norm="megatron")
+    est = predict_memory(LLAMA_1B3, H100, layout)
+    assert est.allocated_gb + leak == pytest.approx(measured, rel=0.15)
+    assert est.fits
+
+
+def test_unfused_attention_at_mbs4_does_not_fit_an_h100():
+    layout = Layout(mbs=4, gbs=16, attention="megatron", norm="megatron")
+    est = predict_memory(LLAMA_1B3, H100, layout)
+    assert not est.fits
+    assert est.terms["activations"] > 40  # mostly s x s scores: 24 layers * 1.5 GiB
