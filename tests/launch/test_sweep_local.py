@@ -54,3 +54,14 @@ def test_losses_agree_across_layouts(tmp_path):
     for name in records(sweep_dir):
         runs = list((sweep_dir / name / "wandb").glob("offline-run-*/*.wandb"))
         assert runs, f"no offline wandb run for {name}"
+
+
+def test_a_trial_over_its_time_limit_is_recorded_as_timeout(tmp_path):
+    sweep_dir = tmp_path / "slow"
+    # Two seconds cannot even import megatron-core: the supervisor stops the ranks.
+    result = run_sweep(sweep_dir, "layout.tp=1", "layout.pp=1", "layout.mbs=1", "trial.timeout_s=2", *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = records(sweep_dir).values()
+    assert record["status"] == "timeout"
+    assert "exceeded 2 s" in record["reason"]
+    assert "timeout" in (sweep_dir / "leaderboard.md").read_text()
