@@ -65,3 +65,17 @@ def test_a_trial_over_its_time_limit_is_recorded_as_timeout(tmp_path):
     assert record["status"] == "timeout"
     assert "exceeded 2 s" in record["reason"]
     assert "timeout" in (sweep_dir / "leaderboard.md").read_text()
+
+
+def test_predicted_oom_is_pruned_and_a_wrong_prediction_is_reported(tmp_path):
+    tight = ["layout.tp=1", "layout.pp=1", "layout.mbs=1", "cluster.gpu_memory_gb=0.2", *FAST]
+    pruned = run_sweep(tmp_path / "pruned", *tight)
+    assert pruned.returncode != 0
+    assert "empty search space" in pruned.stderr and "predicted OOM" in pruned.stderr
+
+    forced = run_sweep(tmp_path / "forced", *tight, "sweep.prune_predicted_oom=false")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    (record,) = records(tmp_path / "forced").values()
+    assert record["status"] == "ok" and record["prediction"]["fits"] is False
+    assert "Measurement contradicted the memory prediction" in forced.stdout
+    assert f"{record['trial']}: fit" in forced.stdout

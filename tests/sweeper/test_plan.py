@@ -1,0 +1,61 @@
+"""Planning a sweep: classification, pruning by predicted memory, order, resume."""
+
+from pathlib import Path
+
+from launch.record import result_path, write_json_atomic
+from sweeper.config import ClusterConfig, Layout, ModelConfig, SweepConfig, TrialConfig
+from sweeper.plan import Point, classify, order, predict
+
+MODEL = ModelConfig(name="m", num_layers=8, hidden_size=1024, ffn_hidden_size=2816,
+                    num_attention_heads=8, num_query_groups=8, vocab_size=32000, seq_length=1024)
+GPU = ClusterConfig(name="g", device="cuda", gpus_per_node=8, nodes=1, gpu_memory_gb=80.0, peak_tflops=989.4)
+
+
+def point(cluster=GPU, **layout):
+    return Point(model=MODEL, cluster=cluster, layout=Layout(gbs=64, **layout), trial=TrialConfig())
+
+
+def test_invalid_points_are_never_predicted_or_launched(tmp_path):
+    p = point(tp=3)
+    classify(p, sweep=SweepConfig(), sweep_dir=tmp_path)
+    assert p.status == "invalid" and p.prediction is None
+
+
+def test_predicted_oom_is_skipped_unless_pruning_is_off(tmp_path):
+    small = ClusterConfig(name="s", device="cuda", gpus_per_node=8, gpu_memory_gb=1.0, peak_tflops=989.4)
+    p = point(cluster=small, tp=1, mbs=8)
+    classify(p, sweep=SweepConfig(), sweep_dir=tmp_path)
+    expected = predict(MODEL, small, p.layout)["peak_memory_gb"]
+    assert p.status == "skipped"
+    assert p.reason == f"predicted OOM: {expected:.1f} GiB > 1.0 GiB"
+    q = point(cluster=small, tp=1, mbs=8)
+    classify(q, sweep=SweepConfig(prune_predicted_oom=False), sweep_dir=tmp_path)
+    assert q.status == "launch"
+
+
+def test_launch_order_follows_predicted_mfu(tmp_path):
+    points = [point(tp=t, mbs=m) for t in (1, 2, 8) for m in (1, 4)]
+    for p in points:
+        classify(p, sweep=SweepConfig(), sweep_dir=tmp_path)
+    launched = order(points)
+    mfus = [p.prediction["mfu"] for p in launched]
+    assert mfus == sorted(mfus, reverse=True) and len(launched) == len(points)
+
+
+def test_resume_skips_recorded_trials_and_reruns_failures_only_when_asked(tmp_path):
+    done, failed = point(tp=1), point(tp=2)
+    write_json_atomic(result_path(Path(tmp_path) / done.name), {"status": "ok"})
+    write_json_atomic(result_path(Path(tmp_path) / failed.name), {"status": "error"})
+    classify(done, sweep=SweepConfig(), sweep_dir=tmp_path)
+    classify(failed, sweep=SweepConfig(), sweep_dir=tmp_path)
+    assert done.status == "done" and failed.status == "done"
+    again = point(tp=2)
+    classify(again, sweep=SweepConfig(rerun_failed=True), sweep_dir=tmp_path)
+    assert again.status == "launch"
+
+
+def test_cpu_cluster_skips_what_needs_cuda(tmp_path):
+    p = point(cluster=ClusterConfig(), tp=1, pp=2, mbs=1)
+    p.layout.gbs = 8
+    classify(p, sweep=SweepConfig(), sweep_dir=tmp_path)
+    assert p.status == "skipped" and p.reason.startswith("needs CUDA: pipeline")
