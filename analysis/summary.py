@@ -8,7 +8,6 @@ where measurement contradicted prediction, and the recommended layout.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -51,6 +50,26 @@ def _calibrate(sweep_dir: Path) -> str | None:
     return str(path)
 
 
+def headline(rows: list[dict]) -> dict:
+    """The numbers a sweep is judged by: device, best and baseline MFU, small-micro-batch ratio.
+
+    The baseline is megatron-core's stock local spec (attention=megatron, norm=megatron)
+    at its best layout in the same sweep; mbs1_over_best is the best mbs-1 trial's MFU
+    over the best trial's.
+    """
+    best = ranked(rows)
+    stock = [r for r in best if r["attention"] == "megatron" and r["norm"] == "megatron"]
+    mbs1 = [r for r in best if r["mbs"] == 1]
+    top = best[0]["mfu_palm"] if best else None
+    return {
+        "device": next((r["device"] for r in best if r.get("device")), None),
+        "baseline_trial": stock[0]["trial"] if stock else None,
+        "baseline_mfu_palm": stock[0]["mfu_palm"] if stock else None,
+        "best_mbs1_trial": mbs1[0]["trial"] if mbs1 else None,
+        "mbs1_over_best": mbs1[0]["mfu_palm"] / top if mbs1 and top else None,
+    }
+
+
 def finish_sweep(sweep_dir: Path, points=None, echo=print) -> dict:
     rows = collect(sweep_dir)
     write_csv(rows, sweep_dir / "results.csv")
@@ -63,6 +82,7 @@ def finish_sweep(sweep_dir: Path, points=None, echo=print) -> dict:
         "best_trial": best[0]["trial"] if best else None,
         "best_mfu_palm": best[0]["mfu_palm"] if best else None,
         "best_mfu_megatron": best[0]["mfu_megatron"] if best else None,
+        **headline(rows),
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_json_atomic(sweep_dir / "leaderboard.json", {"summary": summary, "rows": rows})

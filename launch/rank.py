@@ -6,6 +6,7 @@ supervisor turns a rank that died without one into a record too.
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import socket
@@ -17,22 +18,25 @@ from launch.record import classify, rank_path, write_json_atomic
 from launch.spec import TrialSpec
 
 
+def _version(module: str):
+    try:
+        return importlib.import_module(module).__version__
+    except Exception:  # noqa: BLE001 - a missing version is not a failed trial
+        return None
+
+
 def environment(device: str) -> dict:
+    """Where and with what this rank ran: recorded with every trial."""
     import torch
 
-    env = {
+    return {
         "hostname": socket.gethostname(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "megatron_core": _version("megatron.core"),
+        "triton": _version("triton"),
+        "device": torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu"),
     }
-    for module in ("megatron.core", "triton"):
-        try:
-            env[module.split(".")[0] + ("_core" if "core" in module else "")] = __import__(
-                module, fromlist=["__version__"]).__version__
-        except Exception:  # noqa: BLE001 - a missing version is not a failed trial
-            env[module] = None
-    return env
 
 
 def run(spec: TrialSpec) -> dict:

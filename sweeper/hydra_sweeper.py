@@ -14,6 +14,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, List, Optional
@@ -242,8 +243,6 @@ class LayoutSweeperImpl(Sweeper):
                 continue
             spec = self._spec(point, sweep_dir, commit)
             if (trial_dir / "spec.json").exists():
-                import time
-
                 record = trial_record(spec, collect_ranks(spec, wait_until=time.time()), wall_s=0.0)
             else:
                 record = base_record(spec, "error", "job never started (see the launcher's logs)")
