@@ -24,6 +24,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from launch.cpu_rope import keep_rope_on_cpu
 from launch.data import first_sequence, microbatch
 from launch.model import build_model, transformer_config
+from launch.profile import StepProfiler, scope
 from launch.spec import TrialSpec
 
 PATH = "cpu-gloo: megatron-core GPTModel, TP over gloo, DP by gradient all-reduce, torch AdamW fp32"
@@ -60,10 +61,13 @@ def run_steps(spec: TrialSpec, *, rank: int, world: int) -> dict:
     dp = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     num_micro = layout.num_microbatches(world)
+    profiler = StepProfiler(spec, [model], rank=rank)
+    measured = trial.warmup_steps + trial.measure_steps
 
     step_times, losses = [], []
-    for step in range(trial.warmup_steps + trial.measure_steps):
+    for step in range(measured + profiler.extra_steps):
         dist.barrier()
+        profiler.begin(step)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         total = torch.zeros(())
@@ -78,16 +82,22 @@ def run_steps(spec: TrialSpec, *, rank: int, world: int) -> dict:
             loss = per_token.float().mean() / num_micro
             loss.backward()
             total += loss.detach()
-        _all_reduce_grads(params, dp_group, dp)
-        optimizer.step()
+        with scope("dp_comm"):
+            _all_reduce_grads(params, dp_group, dp)
+        with scope("optimizer"):
+            optimizer.step()
         dist.all_reduce(total, group=dp_group)
         dist.barrier()
-        step_times.append(time.perf_counter() - start)
-        losses.append(float(total) / dp)
+        elapsed = time.perf_counter() - start
+        profiler.end(step)
+        if step < measured:  # a profiled step is an extra one, never timed
+            step_times.append(elapsed)
+            losses.append(float(total) / dp)
     return {
         "step_times_s": step_times,
         "losses": losses,
         "peak_memory_gb": _peak_rss_gb(),
         "peak_memory_source": "peak RSS (getrusage)",
         "trial_path": PATH,
+        **profiler.record(),
     }

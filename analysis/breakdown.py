@@ -1,0 +1,301 @@
+"""Where one training step's time went: profiler events -> seconds per category.
+
+Pure functions over plain `Event`s (no torch import); `launch.profile` turns the
+torch profiler's events into them and stores the result in the rank record:
+
+    {"step_s": 0.081, "device": "cpu", "categories": {"attention": 0.004, ...}, "method": "..."}
+
+Categories (CATEGORIES): attention (core attention, forward and backward),
+matmul (the MLP, the QKV/output projections and the logits layer), norm,
+elementwise (every other compute op: activations, RoPE, loss, embedding,
+copies), optimizer, tp_comm / dp_comm / pp_comm (collectives and the time spent
+waiting for them), other (host time outside any profiled op: Python and
+framework overhead), idle (barriers, i.e. waiting for slower ranks; on a GPU,
+device time with no kernel running, bubbles included).
+
+Method: the step is the "train_step" annotation's interval. Every instant of it
+is painted with exactly one category, so the totals add up to the step:
+
+- CPU: on the step's thread each event's *self* intervals (its span minus its
+  children's) carry the event's category. An operator's self time wins; the self
+  time of Python-level events (annotations, autograd nodes) goes to a collective
+  in flight on a communication thread if there is one (sync gloo collectives
+  return at once and are waited for in Python), otherwise to the event's own
+  category. What no event covers goes to `other`.
+- Device (CUDA): kernels carry the category of the CPU op that launched them
+  (nccl kernels that of their collective); compute kernels win over
+  communication kernels that overlap them, so communication counts only where
+  it is exposed; time with no kernel goes to `idle`.
+
+An event's category, first match wins: a barrier is idle; a collective takes the
+innermost communication scope around it (dp_comm, pp_comm, tp_comm), else pp_comm
+for send/recv, else tp_comm inside the model, else dp_comm; then the innermost
+category scope (attention, norm, optimizer, dp_comm, pp_comm, tp_comm); then the
+innermost operator name (attention, norm, matmul); then elementwise for an aten
+op, other for anything else. Backward ops inherit the scopes of the forward op
+that created their autograd node (same sequence number).
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+CATEGORIES = ("attention", "matmul", "norm", "elementwise", "optimizer",
+              "tp_comm", "dp_comm", "pp_comm", "other", "idle")
+COMM = ("tp_comm", "dp_comm", "pp_comm")
+STEP_SCOPE = "train_step"
+MODEL_SCOPE = "model"
+CATEGORY_SCOPES = ("attention", "norm", "optimizer", "dp_comm", "pp_comm", "tp_comm")
+BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
+
+_ATTENTION = re.compile(r"scaled_dot_product|flash_attention|efficient_attention|cudnn_attention"
+                        r"|attn|attention|fmha|flash_fwd|flash_bwd|scaleddotproduct", re.I)
+_NORM = re.compile(r"rms_?norm|layer_?norm|fusedrms|rmsnormbackward", re.I)
+_MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul",
+               "aten::linear", "aten::_addmm_activation", "aten::addbmm", "aten::einsum"}
+_MATMUL = re.compile(r"^(mm|addmm|bmm|baddbmm|linear|matmul)backward|linearwithgradaccumulation"
+                     r"|gemm|cublas|cutlass|sm\d+_xmma|nvjet", re.I)
+_COMM = re.compile(r"^(c10d::|gloo:|nccl:|record_param_comms)|nccl(dev)?kernel", re.I)
+_P2P = re.compile(r"send|recv", re.I)
+_BARRIER = re.compile(r"barrier", re.I)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One profiler event; times in microseconds on one clock.
+
+    parent: index of the innermost enclosing event on the same thread, or None.
+    seq: autograd sequence number (-1 if none). is_async: runs on a helper thread
+    (gloo work). device: a GPU kernel/memcpy; link: id of the CPU op that launched it.
+    """
+
+    name: str
+    start: float
+    end: float
+    thread: int = 0
+    parent: Optional[int] = None
+    seq: int = -1
+    is_async: bool = False
+    device: bool = False
+    id: int = 0
+    link: int = 0
+
+
+def is_comm(name: str) -> bool:
+    return bool(_COMM.search(name))
+
+
+def is_op(name: str) -> bool:
+    """An operator whose self time is work, not Python or waiting."""
+    return name.startswith(("aten::", "c10d::", "gloo:", "nccl:"))
+
+
+def name_category(name: str) -> Optional[str]:
+    """attention, norm or matmul from an op or kernel name alone; None otherwise."""
+    if _ATTENTION.search(name):
+        return "attention"
+    if _NORM.search(name):
+        return "norm"
+    if name in _MATMUL_OPS or _MATMUL.search(name.removeprefix(BACKWARD_PREFIX)):
+        return "matmul"
+    return None
+
+
+def _ancestors(events: list[Event], index: int) -> list[int]:
+    chain = []
+    i = events[index].parent
+    while i is not None:
+        chain.append(i)
+        i = events[i].parent
+    return chain
+
+
+def _forward_of_seq(events: list[Event], backward: set[int]) -> dict[int, int]:
+    """seq -> the last forward event with it (the one that created the autograd node)."""
+    found: dict[int, int] = {}
+    for i, e in enumerate(events):
+        if e.seq >= 0 and not e.device and i not in backward:
+            if e.seq not in found or events[found[e.seq]].start <= e.start:
+                found[e.seq] = i
+    return found
+
+
+def _backward_set(events: list[Event]) -> set[int]:
+    """Indices of events that run inside an autograd backward node."""
+    inside = set()
+    for i, e in enumerate(events):
+        if e.device:
+            continue
+        if e.name.startswith(BACKWARD_PREFIX) or any(
+                events[a].name.startswith(BACKWARD_PREFIX) for a in _ancestors(events, i)):
+            inside.add(i)
+    return inside
+
+
+def contexts(events: list[Event]) -> list[list[str]]:
+    """Per event: its chain of event names, innermost first, backward ops extended by
+    the chain of the forward op that created their autograd node."""
+    backward = _backward_set(events)
+    forward = _forward_of_seq(events, backward)
+    chains: list[list[str]] = []
+    for i, e in enumerate(events):
+        own = [i] + _ancestors(events, i)
+        chain = [events[j].name for j in own]
+        if i in backward:
+            node = next((j for j in own if events[j].name.startswith(BACKWARD_PREFIX)
+                         and events[j].seq >= 0), None)
+            fwd = forward.get(events[node].seq) if node is not None else None
+            if fwd is not None:
+                chain += [events[j].name for j in [fwd] + _ancestors(events, fwd)]
+        chains.append(chain)
+    return chains
+
+
+def classify(chain: list[str]) -> str:
+    """The category of an event from its context chain (itself first); see the module doc."""
+    name = chain[0]
+    if _BARRIER.search(name) and is_comm(name):
+        return "idle"
+    if is_comm(name):
+        scope = next((s for s in chain if s in COMM), None)
+        if scope:
+            return scope
+        if _P2P.search(name):
+            return "pp_comm"
+        return "tp_comm" if MODEL_SCOPE in chain else "dp_comm"
+    scope = next((s for s in chain if s in CATEGORY_SCOPES), None)
+    if scope:
+        return scope
+    for link in chain:
+        if link == STEP_SCOPE:
+            break
+        category = name_category(link)
+        if category:
+            return category
+    return "elementwise" if name.startswith("aten::") else "other"
+
+
+def paint(start: float, end: float, layers: list[list[tuple[float, float, str]]],
+          default: str) -> dict[str, float]:
+    """Give every instant of [start, end] one category; return the length per category.
+
+    layers: interval lists, highest priority first; within a layer, the category
+    listed first in CATEGORIES wins. Uncovered time is `default`. The totals add
+    up to end - start exactly (up to float rounding).
+    """
+    rank = {c: k for k, c in enumerate(CATEGORIES)}
+    points = []
+    for level, layer in enumerate(layers):
+        for a, b, category in layer:
+            a, b = max(a, start), min(b, end)
+            if b > a:
+                key = (level, rank[category])
+                points.append((a, 1, key))
+                points.append((b, -1, key))
+    points.sort(key=lambda p: p[0])
+    totals = {c: 0.0 for c in CATEGORIES}
+    active: dict[tuple[int, int], int] = {}
+    now = start
+    for t, delta, key in points:
+        if t > now:
+            live = [k for k, n in active.items() if n > 0]
+            totals[CATEGORIES[min(live)[1]] if live else default] += t - now
+            now = t
+        active[key] = active.get(key, 0) + delta
+    totals[default] += end - now
+    return totals
+
+
+def _self_intervals(events: list[Event], members: list[int]) -> dict[int, list[tuple[float, float]]]:
+    children: dict[int, list[int]] = {i: [] for i in members}
+    for i in members:
+        parent = events[i].parent
+        if parent in children:
+            children[parent].append(i)
+    out = {}
+    for i in members:
+        cursor, spans = events[i].start, []
+        for c in sorted(children[i], key=lambda c: events[c].start):
+            if events[c].start > cursor:
+                spans.append((cursor, events[c].start))
+            cursor = max(cursor, events[c].end)
+        if events[i].end > cursor:
+            spans.append((cursor, events[i].end))
+        out[i] = spans
+    return out
+
+
+def step_event(events: list[Event]) -> int:
+    steps = [i for i, e in enumerate(events) if e.name == STEP_SCOPE and not e.device]
+    if not steps:
+        raise ValueError(f"no {STEP_SCOPE!r} annotation among {len(events)} profiler events")
+    return max(steps, key=lambda i: events[i].end - events[i].start)
+
+
+def _inside(events: list[Event], index: int, root: int) -> bool:
+    return index == root or root in _ancestors(events, index)
+
+
+def cpu_categories(events: list[Event], categories: list[str], root: int) -> dict[str, float]:
+    """Paint the step on its own thread, waits filled by in-flight collectives."""
+    step = events[root]
+    members = [i for i, e in enumerate(events)
+               if not e.device and not e.is_async and e.thread == step.thread and _inside(events, i, root)]
+    spans = _self_intervals(events, members)
+    busy, python = [], []
+    for i in members:
+        target = busy if is_op(events[i].name) else python
+        target += [(a, b, categories[i]) for a, b in spans[i]]
+    # A gloo work item carries no group; the collective that launched it is the last
+    # one started on the step's thread before it.
+    launches = sorted((events[i].start, categories[i]) for i in members if is_comm(events[i].name))
+    starts = [t for t, _ in launches]
+    in_flight = []
+    for e, category in zip(events, categories):
+        if (e.is_async or e.thread != step.thread) and not e.device and is_comm(e.name):
+            k = bisect.bisect_right(starts, e.start)
+            if k and not _BARRIER.search(e.name):
+                category = launches[k - 1][1]
+            in_flight.append((e.start, e.end, category))
+    return paint(step.start, step.end, [busy, in_flight, python], "other")
+
+
+def device_categories(events: list[Event], categories: list[str], root: int) -> dict[str, float]:
+    """Paint the step on the device: compute over exposed communication over idle."""
+    by_id = {e.id: i for i, e in enumerate(events) if not e.device and e.id and not e.link}
+    compute, comm = [], []
+    scopes = {STEP_SCOPE, MODEL_SCOPE, *CATEGORY_SCOPES}
+    for e in events:
+        if not e.device or e.name in scopes:  # a scope's mirror on the GPU timeline is no kernel
+            continue
+        launcher = by_id.get(e.link)
+        category = categories[launcher] if launcher is not None else "other"
+        if is_comm(e.name) and category not in COMM + ("idle",):
+            category = "tp_comm"
+        if category == "other":
+            category = name_category(e.name) or "elementwise"
+        (comm if category in COMM + ("idle",) else compute).append((e.start, e.end, category))
+    step = events[root]
+    return paint(step.start, step.end, [compute, comm], "idle")
+
+
+def breakdown(events: list[Event]) -> dict:
+    """The record's `breakdown` dict for one profiled step."""
+    root = step_event(events)
+    categories = [classify(chain) for chain in contexts(events)]
+    on_device = any(e.device for e in events)
+    painter = device_categories if on_device else cpu_categories
+    totals_us = painter(events, categories, root)
+    step_us = events[root].end - events[root].start
+    return {
+        "step_s": step_us / 1e6,
+        "device": "cuda" if on_device else "cpu",
+        "categories": {c: totals_us[c] / 1e6 for c in CATEGORIES},
+        "method": ("device timeline: kernels by launching op's scope; compute over exposed comm; "
+                   "rest idle" if on_device else
+                   "step thread: self time per op's scope/name; Python time waiting on a collective "
+                   "goes to its comm; uncovered time is other") + "; totals add up to step_s",
+    }
