@@ -99,5 +99,11 @@ def finish_sweep(sweep_dir: Path, points=None, echo=print) -> dict:
     if best:
         echo("")
         echo("\n".join(from_measured(sweep_dir, top=3)))
-    echo(f"\nResults: {sweep_dir}/results.csv, {sweep_dir}/leaderboard.md")
+    from analysis.report import write_report
+
+    try:
+        report = write_report(sweep_dir)
+        echo(f"\nResults: {sweep_dir}/results.csv, {sweep_dir}/leaderboard.md, report: {report}")
+    except Exception as exc:  # noqa: BLE001 - a plotting failure must not hide the results
+        echo(f"\nResults: {sweep_dir}/results.csv, {sweep_dir}/leaderboard.md (report failed: {exc})")
     return summary
