@@ -1,0 +1,267 @@
+"""RMSNorm in Triton, forward and backward.
+
+    y = x * r * w,   r = rsqrt(mean(x^2) + eps)          (per row, statistics in fp32)
+
+x is [..., H] (any leading shape, H any size up to 65536), w is [H]; y has x's dtype
+(bf16, fp16 or fp32). With xhat = x * r and g = dy * w, the gradients are
+
+    dx = r * (g - xhat * mean(g * xhat))                  (per row)
+    dw = sum over rows of dy * xhat
+
+Three layers, as in Liger-Kernel and the Triton layer-norm tutorial:
+  * private @triton.jit kernels: `_forward_kernel` (a [BLOCK_M, BLOCK_N] tile of rows per
+    program), `_backward_kernel` (a persistent grid; each program walks row tiles and keeps
+    its own fp32 partial of dw in registers, written once to a [programs, H] buffer) and
+    `_dw_reduce_kernel` (sums that buffer over programs in a fixed order);
+  * host launchers `forward` and `backward` choosing block, warps and grid;
+  * `RMSNormFunction` (autograd) and the keyword-only entry point `rms_norm`.
+
+dw is reduced without atomics: each partial row belongs to one program and the final sum
+runs in a fixed order, so results are bit-identical from run to run on one device (the
+number of partials depends only on the device's SM count).
+
+Nothing is written in place: y, dx and dw are fresh tensors, x and dy are only read (the
+megatron adapter relies on this under selective recompute).
+
+`reference` is the float64 formula the tests compare with.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_HIDDEN = 65536  # one row lives in registers; wider rows would spill
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, w_ptr, y_ptr, rstd_ptr,
+    n_rows, n_cols, stride_x, stride_y, eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0,
+                eviction_policy="evict_first").to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = x * rstd[:, None] * w[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=mask)
+    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _load_tile(dy_ptr, x_ptr, rstd_ptr, tile, n_rows, n_cols, stride_dy, stride_x,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dy, x (fp32, [BLOCK_M, BLOCK_N]) and rstd ([BLOCK_M]) of one row tile; zeros past the end."""
+    rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols < n_cols)[None, :]
+    dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0,
+                 eviction_policy="evict_first").to(tl.float32)
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0,
+                eviction_policy="evict_first").to(tl.float32)
+    rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+    return dy, x, rstd
+
+
+@triton.jit
+def _backward_kernel(
+    dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
+    n_rows, n_cols, stride_dy, stride_x, stride_dx,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    # Program p walks row tiles p, p + P, p + 2P, ... (P programs); with PREFETCH it loads
+    # the next tile before working on the current one, so loads stay in flight meanwhile.
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    n_tiles = tl.cdiv(n_rows, BLOCK_M)
+    if PREFETCH:
+        dy_next, x_next, rstd_next = _load_tile(dy_ptr, x_ptr, rstd_ptr, pid, n_rows, n_cols,
+                                                stride_dy, stride_x, BLOCK_M, BLOCK_N)
+    for tile in range(pid, n_tiles, programs):
+        if PREFETCH:
+            dy, x, rstd = dy_next, x_next, rstd_next
+            dy_next, x_next, rstd_next = _load_tile(dy_ptr, x_ptr, rstd_ptr, tile + programs,
+                                                    n_rows, n_cols, stride_dy, stride_x,
+                                                    BLOCK_M, BLOCK_N)
+        else:
+            dy, x, rstd = _load_tile(dy_ptr, x_ptr, rstd_ptr, tile, n_rows, n_cols,
+                                     stride_dy, stride_x, BLOCK_M, BLOCK_N)
+        xhat = x * rstd[:, None]
+        g = dy * w[None, :]
+        c = tl.sum(g * xhat, axis=1) / n_cols
+        dx = (g - xhat * c[:, None]) * rstd[:, None]
+        rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mask = (rows < n_rows)[:, None] & col_ok[None, :]
+        tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :],
+                 dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * xhat, axis=0)
+    tl.store(dw_partial_ptr + pid.to(tl.int64) * n_cols + cols, dw, mask=col_ok)
+
+
+@triton.jit
+def _dw_reduce_kernel(
+    partial_ptr, dw_ptr, n_partials, n_cols,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < n_cols
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for start in range(0, n_partials, BLOCK_P):
+        p = start + tl.arange(0, BLOCK_P)
+        mask = (p < n_partials)[:, None] & col_ok[None, :]
+        acc += tl.load(partial_ptr + p[:, None].to(tl.int64) * n_cols + cols[None, :],
+                       mask=mask, other=0.0)
+    tl.store(dw_ptr + cols, tl.sum(acc, axis=0).to(dw_ptr.dtype.element_ty), mask=col_ok)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+class ForwardConfig(NamedTuple):
+    block_m: int  # rows per program
+    num_warps: int
+
+
+class BackwardConfig(NamedTuple):
+    block_m: int  # rows per loop iteration
+    num_warps: int
+    programs_per_sm: int  # persistent grid = SMs * programs_per_sm (capped by row tiles)
+    prefetch: bool = False  # load the next row tile before computing this one
+    num_stages: int = 1
+
+
+def _warps_for(elements: int, per_thread: int, lo: int, hi: int) -> int:
+    """Warps giving each thread about `per_thread` elements (16 bf16 = two 16-byte loads)."""
+    return max(lo, min(hi, elements // (32 * per_thread)))
+
+
+def forward_config(n_cols: int) -> ForwardConfig:
+    """One row per program for wide rows; short rows share a program so it moves >= 8 KB."""
+    block_n = triton.next_power_of_2(n_cols)
+    block_m = max(1, min(16, 4096 // block_n))
+    return ForwardConfig(block_m, _warps_for(block_m * block_n, 16, 4, 16))
+
+
+def backward_config(n_cols: int) -> BackwardConfig:
+    """Row-tile walk of a persistent grid; several programs per SM keep loads in flight."""
+    block_n = triton.next_power_of_2(n_cols)
+    block_m = max(1, min(16, 4096 // block_n))
+    num_warps = _warps_for(block_m * block_n, 16, 4, 16)
+    return BackwardConfig(block_m, num_warps, 4 if num_warps <= 8 else 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # CPU under TRITON_INTERPRET: a few programs exercise the partial reduction
+
+
+def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """[..., H] -> [M, H] with unit stride along H (a copy only if the layout needs one)."""
+    t2 = t.reshape(-1, n_cols)
+    return t2 if t2.stride(-1) == 1 or t2.shape[0] == 0 else t2.contiguous()
+
+
+def forward(x2: torch.Tensor, weight: torch.Tensor, eps: float,
+            config: Optional[ForwardConfig] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2 [M, H], weight [H] -> y [M, H] (x2's dtype), rstd [M] (fp32)."""
+    n_rows, n_cols = x2.shape
+    y = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
+    if n_rows == 0:
+        return y, rstd
+    cfg = config or forward_config(n_cols)
+    _forward_kernel[(triton.cdiv(n_rows, cfg.block_m),)](
+        x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
+        BLOCK_M=cfg.block_m, BLOCK_N=triton.next_power_of_2(n_cols),
+        num_warps=cfg.num_warps,
+    )
+    return y, rstd
+
+
+def backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+             config: Optional[BackwardConfig] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """dy2, x2 [M, H], weight [H], rstd [M] -> dx [M, H] (x2's dtype), dw [H] (weight's)."""
+    n_rows, n_cols = x2.shape
+    dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
+    dw = torch.empty(n_cols, dtype=weight.dtype, device=weight.device)
+    if n_rows == 0:
+        return dx, dw.zero_()
+    cfg = config or backward_config(n_cols)
+    n_tiles = triton.cdiv(n_rows, cfg.block_m)
+    programs = min(n_tiles, _sm_count(x2.device) * cfg.programs_per_sm)
+    partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
+    _backward_kernel[(programs,)](
+        dy2, x2, weight, rstd, dx, partial,
+        n_rows, n_cols, dy2.stride(0), x2.stride(0), dx.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=triton.next_power_of_2(n_cols), PREFETCH=cfg.prefetch,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    block_c = 64
+    _dw_reduce_kernel[(triton.cdiv(n_cols, block_c),)](
+        partial, dw, programs, n_cols, BLOCK_P=32, BLOCK_C=block_c, num_warps=4,
+    )
+    return dx, dw
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """y = rms_norm(x, w); saves x, w and the fp32 rstd of each row (4 bytes a row)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, fwd_config=None, bwd_config=None):
+        n_cols = x.shape[-1]
+        x2 = _as_rows(x, n_cols)
+        y, rstd = forward(x2, weight, eps, fwd_config)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.bwd_config = bwd_config
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        dx, dw = backward(_as_rows(dy, x2.shape[1]), x2, weight, rstd, ctx.bwd_config)
+        return dx.view(dy.shape), dw, None, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-5) -> torch.Tensor:
+    """RMSNorm over the last dim of x ([..., H]) with weight [H]; autograd-aware.
+
+    Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1.
+    """
+    n_cols = x.shape[-1]
+    if weight.shape != (n_cols,):
+        raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size {n_cols}")
+    if n_cols > MAX_HIDDEN:
+        raise ValueError(f"hidden size {n_cols} exceeds {MAX_HIDDEN}, the widest row kept in registers")
+    if x.device != weight.device:
+        raise ValueError(f"x on {x.device} but weight on {weight.device}")
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """The formula in float64 (for tests): x * rsqrt(mean(x^2) + eps) * w."""
+    x64, w64 = x.double(), weight.double()
+    return x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * w64

@@ -1,0 +1,142 @@
+"""kernels.rmsnorm against the float64 formula: forward, dx and dw over random shapes and dtypes.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py), so shapes stay small;
+the `cuda` tests repeat the check at training sizes on a GPU.
+"""
+
+import random
+
+import pytest
+import torch
+
+from kernels.rmsnorm import backward_config, reference, rms_norm
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Normwise relative error bound ||out - ref|| / ||ref|| for each dtype. Inputs are exact in
+# the dtype and all arithmetic is fp32, so the error is the final rounding to the dtype
+# (at most its unit roundoff u per element, hence at most u normwise) plus fp32 arithmetic:
+# sums of up to 16384 fp32 terms err by about sqrt(H) * 2^-24 < 1e-5 relative.
+# Triton's CPU interpreter truncates fp32 -> bf16 instead of rounding to nearest (up to 2u
+# per element; checked on triton 3.9), so bf16 gets 2u there and u on a GPU.
+_BF16_U = 2.0**-8  # 8 significand bits
+TOLERANCE = {
+    torch.bfloat16: (_BF16_U if DEVICE == "cuda" else 2 * _BF16_U) + 1e-5,
+    torch.float16: 2.0**-11 + 1e-5,  # u = 2^-11; the interpreter rounds fp16 to nearest
+    torch.float32: 1e-5,  # fp32 arithmetic alone
+}
+HIDDEN_SIZES = (1000, 2048, 5120, 6656, 8192, 16384)  # from the issue; most not powers of two
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def _random_case(seed: int):
+    """A leading shape of 1-3 dims (2..40 rows in all), a hidden size, a dtype, an eps."""
+    rng = random.Random(seed)
+    hidden = rng.choice(HIDDEN_SIZES + (rng.randint(1, 3000),))
+    max_rows = max(2, 40 * 1024 // hidden)  # the interpreter's cost grows with rows * hidden
+    lead = [rng.randint(1, 6) for _ in range(rng.randint(1, 3))]
+    while torch.Size(lead).numel() > max_rows:
+        lead[rng.randrange(len(lead))] = max(1, lead[rng.randrange(len(lead))] // 2)
+    return tuple(lead) + (hidden,), rng.choice(DTYPES), rng.choice((1e-5, 1e-6, 1e-2))
+
+
+def _check_against_reference(shape, dtype, eps, device=DEVICE, scale=1.0):
+    x = (torch.randn(shape, device=device) * scale).to(dtype).requires_grad_()
+    w = (1 + 0.5 * torch.randn(shape[-1], device=device)).to(dtype).requires_grad_()
+    dy = torch.randn(shape, device=device).to(dtype)
+    y = rms_norm(x, w, eps=eps)
+    y.backward(dy)
+
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    y64 = reference(x64, w64, eps)
+    y64.backward(dy.double())
+
+    assert y.dtype == dtype and y.shape == x.shape
+    assert x.grad.dtype == dtype and w.grad.dtype == dtype
+    tol = TOLERANCE[dtype]
+    for name, out, ref in (("y", y, y64), ("dx", x.grad, x64.grad), ("dw", w.grad, w64.grad)):
+        assert torch.isfinite(out).all(), name
+        err = _relerr(out, ref)
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.2e} ({shape}, {dtype})"
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_shapes_match_float64(seed):
+    torch.manual_seed(seed)
+    shape, dtype, eps = _random_case(seed)
+    _check_against_reference(shape, dtype, eps)
+
+
+@pytest.mark.parametrize("hidden", HIDDEN_SIZES)
+def test_each_issue_hidden_size_bf16(hidden):
+    torch.manual_seed(hidden)
+    # More rows than the backward grid has programs, so programs walk several row tiles.
+    rows = 4 * backward_config(hidden).block_m + 1
+    _check_against_reference((rows, hidden), torch.bfloat16, 1e-5)
+
+
+def test_eps_dominates_small_inputs():
+    # With mean(x^2) ~ 1e-6 << eps the output shrinks by sqrt(eps); a kernel that dropped
+    # or misplaced eps would be off by orders of magnitude.
+    torch.manual_seed(0)
+    _check_against_reference((6, 1000), torch.float32, 1e-2, scale=1e-3)
+
+
+def test_strided_rows_and_expanded_grad():
+    torch.manual_seed(1)
+    base = torch.randn(9, 1200, device=DEVICE)
+    x = base[:, 100:1124].requires_grad_()  # row stride 1200 != hidden 1024
+    w = torch.randn(1024, device=DEVICE, requires_grad=True)
+    y = rms_norm(x, w)
+    y.sum().backward()  # dy is an expanded scalar: stride 0 everywhere
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    reference(x64, w64).sum().backward()
+    assert _relerr(y, reference(x64.detach(), w64.detach())) <= TOLERANCE[torch.float32]
+    assert _relerr(x.grad, x64.grad) <= TOLERANCE[torch.float32]
+    assert _relerr(w.grad, w64.grad) <= TOLERANCE[torch.float32]
+
+
+def test_deterministic_and_no_writes_into_inputs():
+    torch.manual_seed(2)
+    x = torch.randn(3, 7, 2048, device=DEVICE).to(torch.bfloat16)
+    w = torch.randn(2048, device=DEVICE).to(torch.bfloat16)
+    dy = torch.randn_like(x)
+    x_before, dy_before = x.clone(), dy.clone()
+    results = []
+    for _ in range(2):
+        xr = x.clone().requires_grad_()
+        wr = w.clone().requires_grad_()
+        y = rms_norm(xr, wr)
+        y.backward(dy)
+        # y owns exactly its own storage: megatron's recompute resizes and refills it.
+        assert y.untyped_storage().nbytes() == y.numel() * y.element_size()
+        assert y.untyped_storage().data_ptr() != xr.untyped_storage().data_ptr()
+        results.append((y.detach(), xr.grad, wr.grad))
+    assert torch.equal(x, x_before) and torch.equal(dy, dy_before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)  # bitwise: no atomics, fixed reduction order
+
+
+def test_empty_input_and_shape_errors():
+    w = torch.ones(64, device=DEVICE, requires_grad=True)
+    x = torch.empty(0, 64, device=DEVICE, requires_grad=True)
+    y = rms_norm(x, w)
+    y.sum().backward()
+    assert y.shape == (0, 64)
+    assert torch.equal(w.grad, torch.zeros_like(w))
+    with pytest.raises(ValueError, match="weight shape"):
+        rms_norm(torch.randn(2, 64, device=DEVICE), torch.ones(32, device=DEVICE))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(16384, 4096), (8192, 5120), (4096, 8192), (1024, 16384), (3000, 1000)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_training_sizes_on_gpu(shape, dtype):
+    torch.manual_seed(3)
+    _check_against_reference(shape, dtype, 1e-5, device="cuda")
