@@ -1,0 +1,211 @@
+"""Fused causal attention: the project's own FlashAttention-2-style Triton kernel.
+
+    out = softmax(scale * Q K^T + causal_mask) V        per (batch, query head)
+
+q: [b, s, hq, d], k, v: [b, s, hkv, d] with hkv dividing hq (GQA/MQA: query head h
+reads KV head h // (hq // hkv)); any strides. The s x s score matrix is never
+stored: the forward keeps only the per-row log-sum-exp [b, hq, s] for the backward.
+The backward is deterministic (each gradient block owned by one program, no atomics).
+
+Layers: `attention_fwd.py` / `attention_bwd.py` hold the @triton.jit kernels and
+their launchers; here are the block configurations, the autograd.Function and
+the keyword-only entry point `flash_attention`, plus a float64 reference.
+
+Dtypes: fp16 and bf16 (fp32 too: on a GPU its dots run as tf32). Head dims: powers
+of two from 16 to 256 (64 and 128 tuned). Any sequence length; rows past the last
+full block are masked. Works on CUDA and, under TRITON_INTERPRET=1, on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+import triton
+
+from kernels.attention_bwd import launch_delta, launch_dkdv, launch_dq
+from kernels.attention_fwd import launch_forward
+
+HEAD_DIMS = (16, 32, 64, 128, 256)
+
+# Block configurations per head dim, winners of the H100 sweep in
+# benchmarks/bench_attention.py (bf16, causal; see benchmarks/results/attention_*.json).
+# "tma": load tiles through tensor descriptors (sm_90+, when the strides allow).
+FWD_CONFIGS = {
+    64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, tma=True),
+    128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma=True),
+}
+DKDV_CONFIGS = {
+    64: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, tma=True),
+    128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2, tma=True),
+}
+DQ_CONFIGS = {
+    64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma=True),
+    128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, tma=True),
+}
+# Untuned head dims get small blocks. The CPU interpreter simulates every program
+# in numpy: few, small tiles keep the tests fast there.
+SMALL_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, tma=False)
+INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, tma=False)
+
+
+def kernel_configs(head_dim: int, device: torch.device):
+    """(forward, dk/dv, dq) block configurations for this head dim and device."""
+    if device.type != "cuda":
+        return INTERPRETER_CONFIG, INTERPRETER_CONFIG, INTERPRETER_CONFIG
+    if head_dim in FWD_CONFIGS:
+        return FWD_CONFIGS[head_dim], DKDV_CONFIGS[head_dim], DQ_CONFIGS[head_dim]
+    return SMALL_CONFIG, SMALL_CONFIG, SMALL_CONFIG
+
+
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """TMA wants sm_90+, a 16-byte aligned base, unit last stride, other strides in 16 B.
+
+    On CPU the interpreter emulates tensor descriptors, so tests can cover that path.
+    """
+    if tensors[0].device.type != "cuda":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return False
+    elif torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any((stride * size) % 16 for stride in t.stride()[:-1]):
+            return False
+    return True
+
+
+_allocator_set = False
+
+
+def _ensure_tma_allocator():
+    """Device-side tensor descriptors need a scratch allocator (set once per process)."""
+    global _allocator_set
+    if not _allocator_set:
+        triton.set_allocator(
+            lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda")
+        )
+        _allocator_set = True
+
+
+def _use_tma(config, *tensors) -> bool:
+    use = bool(config.get("tma")) and tma_ok(*tensors)
+    if use:
+        _ensure_tma_allocator()
+    return use
+
+
+def _device(t):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _check_inputs(q, k, v):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"expected [b, s, h, d] tensors, got {q.shape}, {k.shape}, {v.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v differ in shape: {k.shape} vs {v.shape}")
+    b, s, hq, d = q.shape
+    if k.shape[0] != b or k.shape[1] != s or k.shape[3] != d:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in b, s or d")
+    if hq % k.shape[2]:
+        raise ValueError(f"KV heads {k.shape[2]} must divide query heads {hq}")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head dim {d} not supported (supported: {HEAD_DIMS})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype {q.dtype} not supported (fp16, bf16, fp32)")
+    if not (q.device == k.device == v.device):
+        raise ValueError("q, k, v must be on one device")
+
+
+def attention_forward(q, k, v, *, causal, softmax_scale, seq_first_out=False, config=None):
+    """Host launcher: (out [b, s, hq, d], lse [b, hq, s] fp32, natural log).
+
+    `seq_first_out` lays the output out as [s, b, hq, d] in memory (returned as its
+    [b, s, hq, d] view), which megatron's adapter then reshapes for free.
+    `config` overrides the tuned block configuration (the benchmark sweep uses it).
+    """
+    b, s, hq, d = q.shape
+    if seq_first_out:
+        out = torch.empty((s, b, hq, d), dtype=q.dtype, device=q.device).permute(1, 0, 2, 3)
+    else:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((b, hq, s), dtype=torch.float32, device=q.device)
+    config = config or kernel_configs(d, q.device)[0]
+    with _device(q):
+        launch_forward(q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale,
+                       config=config, use_tma=_use_tma(config, q, k, v))
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, *, causal, softmax_scale, dkdv_config=None,
+                       dq_config=None):
+    """Host launcher: (dq, dk, dv), each laid out in its input's dimension order."""
+    _, dkdv_default, dq_default = kernel_configs(q.shape[-1], q.device)
+    dkdv_config, dq_config = dkdv_config or dkdv_default, dq_config or dq_default
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    kw = dict(causal=causal, softmax_scale=softmax_scale)
+    with _device(q):
+        launch_delta(out, do, delta)
+        launch_dkdv(q, k, v, do, lse, delta, dk, dv, config=dkdv_config,
+                    use_tma=_use_tma(dkdv_config, q, k, v, do), **kw)
+        launch_dq(q, k, v, do, lse, delta, dq, config=dq_config,
+                  use_tma=_use_tma(dq_config, q, k, v, do), **kw)
+    return dq, dk, dv
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper; saves q, k, v, out and the log-sum-exp (no s x s tensor)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, softmax_scale, seq_first_out):
+        out, lse = attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                     seq_first_out=seq_first_out)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal = causal
+        ctx.softmax_scale = softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, causal=ctx.causal,
+                                        softmax_scale=ctx.softmax_scale)
+        return dq, dk, dv, None, None, None
+
+
+def flash_attention(q, k, v, *, causal=True, softmax_scale=None, seq_first_out=False):
+    """Fused attention. q [b, s, hq, d], k, v [b, s, hkv, d] -> out [b, s, hq, d].
+
+    softmax_scale defaults to 1/sqrt(d). The output is contiguous, or, with
+    `seq_first_out=True`, a [b, s, hq, d] view of a contiguous [s, b, hq, d] buffer.
+    """
+    _check_inputs(q, k, v)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    return FlashAttentionFunction.apply(q, k, v, bool(causal), float(softmax_scale),
+                                        bool(seq_first_out))
+
+
+def attention_reference(q, k, v, *, causal=True, softmax_scale=None):
+    """Float64 reference with the same layout and GQA convention: [b, s, hq, d]."""
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
+    group = q.shape[2] // k.shape[2]
+    q64, k64, v64 = (t.double().transpose(1, 2) for t in (q, k, v))  # [b, h, s, d]
+    k64 = k64.repeat_interleave(group, dim=1)
+    v64 = v64.repeat_interleave(group, dim=1)
+    scores = scale * q64 @ k64.transpose(-1, -2)
+    if causal:
+        s = q.shape[1]
+        mask = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    return (scores.softmax(-1) @ v64).transpose(1, 2)

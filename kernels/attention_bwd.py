@@ -1,0 +1,271 @@
+"""Backward pass of the fused attention kernel, deterministic (no atomics).
+
+With P = softmax(S), S = scale * Q K^T, and the forward's LSE (so P = exp(S - LSE)
+is recomputed block by block, never stored):
+
+    delta_i = rowsum(dO_i * O_i)                       (_delta_kernel)
+    dV_j = sum_i P_ij^T dO_i
+    dS_ij = P_ij * (dO_i V_j^T - delta_i)
+    dK_j = scale * sum_i dS_ij^T Q_i                   (_dkdv_kernel: one key block,
+                                                        loops over query blocks and over
+                                                        the query heads of its KV group)
+    dQ_i = scale * sum_j dS_ij K_j                     (_dq_kernel: one query block,
+                                                        loops over key blocks)
+
+Each output block is owned by exactly one program and summed in a fixed order,
+so results are bitwise reproducible run to run. The price is recomputing
+Q K^T and dO V^T in both kernels: 7 block matmuls instead of the 5 of an
+atomic-add dQ. Reference: Dao, "FlashAttention-2" (2023), Algorithm 2.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kernels.attention_fwd import LOG2E, _dot, _load_rows, _rows_source, dot_f32
+
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA,
+                  stride_ob, stride_os, stride_oh, stride_od,
+                  stride_gb, stride_gs, stride_gh, stride_gd,
+                  seqlen, num_heads,
+                  HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    bh = tl.program_id(0)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, HEAD_DIM)
+    mask = rows[:, None] < seqlen
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_os
+                + cols[None, :] * stride_od, mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_gb + h * stride_gh + rows[:, None] * stride_gs
+                 + cols[None, :] * stride_gd, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * seqlen + rows, delta, mask=rows < seqlen)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, offs_n, lo, hi, seqlen,
+                stride_qs, stride_qd, stride_gs, stride_gd, qk_scale2,
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
+                EVEN: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr):
+    for start_m in tl.range(lo, hi, BLOCK_M, warp_specialize=WARP_SPEC):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_src, start_m, seqlen, stride_qs, stride_qd, BLOCK_M, HEAD_DIM,
+                       USE_TMA, EVEN)
+        if EVEN:
+            lse2 = tl.load(lse_ptr + offs_m) * LOG2E
+        else:
+            # +inf for rows past the end makes their probabilities exactly 0.
+            lse2 = tl.load(lse_ptr + offs_m, mask=offs_m < seqlen, other=float("inf")) * LOG2E
+        qk_t = _dot(k, tl.trans(q), None, DOT_F32)  # [BLOCK_N, BLOCK_M]
+        p_t = tl.math.exp2(qk_t * qk_scale2 - lse2[None, :])
+        if MASK:
+            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        do = _load_rows(do_src, start_m, seqlen, stride_gs, stride_gd, BLOCK_M, HEAD_DIM,
+                        USE_TMA, EVEN)
+        dv = _dot(p_t.to(do.dtype), do, dv, DOT_F32)
+        if EVEN:
+            delta = tl.load(delta_ptr + offs_m)
+        else:
+            delta = tl.load(delta_ptr + offs_m, mask=offs_m < seqlen, other=0.0)
+        dp_t = _dot(v, tl.trans(do), None, DOT_F32)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _dot(ds_t.to(q.dtype), q, dk, DOT_F32)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+                 stride_qb, stride_qs, stride_qh, stride_qd,
+                 stride_kb, stride_ks, stride_kh, stride_kd,
+                 stride_vb, stride_vs, stride_vh, stride_vd,
+                 stride_gb, stride_gs, stride_gh, stride_gd,
+                 stride_dkb, stride_dks, stride_dkh, stride_dkd,
+                 stride_dvb, stride_dvs, stride_dvh, stride_dvd,
+                 seqlen, num_heads, num_kv_heads, group, softmax_scale, qk_scale2,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr, EVEN: tl.constexpr, USE_TMA: tl.constexpr,
+                 WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr):
+    tl.static_assert(BLOCK_N % BLOCK_M == 0)
+    bhk = tl.program_id(0)
+    start_n = tl.program_id(1) * BLOCK_N
+    b = (bhk // num_kv_heads).to(tl.int64)
+    hk = (bhk % num_kv_heads).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k_src = _rows_source(K + b * stride_kb + hk * stride_kh, seqlen, stride_ks, BLOCK_N,
+                         HEAD_DIM, USE_TMA)
+    v_src = _rows_source(V + b * stride_vb + hk * stride_vh, seqlen, stride_vs, BLOCK_N,
+                         HEAD_DIM, USE_TMA)
+    k = _load_rows(k_src, start_n, seqlen, stride_ks, stride_kd, BLOCK_N, HEAD_DIM, USE_TMA,
+                   EVEN)
+    v = _load_rows(v_src, start_n, seqlen, stride_vs, stride_vd, BLOCK_N, HEAD_DIM, USE_TMA,
+                   EVEN)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+
+    # The query heads sharing this KV head, summed in order inside one program (GQA).
+    for g in range(group):
+        h = hk * group + g
+        q_src = _rows_source(Q + b * stride_qb + h * stride_qh, seqlen, stride_qs, BLOCK_M,
+                             HEAD_DIM, USE_TMA)
+        do_src = _rows_source(DO + b * stride_gb + h * stride_gh, seqlen, stride_gs, BLOCK_M,
+                              HEAD_DIM, USE_TMA)
+        row = (b * num_heads + h) * seqlen
+        if CAUSAL:
+            # Query blocks on the diagonal are masked; those below it are not.
+            diag_end = tl.minimum(start_n + BLOCK_N, seqlen)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE + row, DELTA + row, offs_n,
+                                 start_n, diag_end, seqlen, stride_qs, stride_qd, stride_gs,
+                                 stride_gd, qk_scale2, BLOCK_M, HEAD_DIM, True, EVEN, USE_TMA,
+                                 WARP_SPEC, DOT_F32)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE + row, DELTA + row, offs_n,
+                                 start_n + BLOCK_N, seqlen, seqlen, stride_qs, stride_qd,
+                                 stride_gs, stride_gd, qk_scale2, BLOCK_M, HEAD_DIM, False,
+                                 EVEN, USE_TMA, WARP_SPEC, DOT_F32)
+        else:
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE + row, DELTA + row, offs_n,
+                                 0, seqlen, seqlen, stride_qs, stride_qd, stride_gs, stride_gd,
+                                 qk_scale2, BLOCK_M, HEAD_DIM, False, EVEN, USE_TMA, WARP_SPEC, DOT_F32)
+
+    dk = dk * softmax_scale
+    cols = tl.arange(0, HEAD_DIM)
+    dk_ptrs = (DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks
+               + cols[None, :] * stride_dkd)
+    dv_ptrs = (DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvs
+               + cols[None, :] * stride_dvd)
+    if EVEN:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty))
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty))
+    else:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=offs_n[:, None] < seqlen)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < seqlen)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, offs_m, lo, hi, seqlen,
+              stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
+              EVEN: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k = _load_rows(k_src, start_n, seqlen, stride_ks, stride_kd, BLOCK_N, HEAD_DIM,
+                       USE_TMA, EVEN)
+        v = _load_rows(v_src, start_n, seqlen, stride_vs, stride_vd, BLOCK_N, HEAD_DIM,
+                       USE_TMA, EVEN)
+        qk = _dot(q, tl.trans(k), None, DOT_F32)
+        p = tl.math.exp2(qk * qk_scale2 - lse2[:, None])
+        if MASK:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), None, DOT_F32)
+        # Key rows past the end are zero, so they add nothing to dQ even unmasked.
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq, DOT_F32)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+               stride_qb, stride_qs, stride_qh, stride_qd,
+               stride_kb, stride_ks, stride_kh, stride_kd,
+               stride_vb, stride_vs, stride_vh, stride_vd,
+               stride_gb, stride_gs, stride_gh, stride_gd,
+               stride_dqb, stride_dqs, stride_dqh, stride_dqd,
+               seqlen, num_heads, group, softmax_scale, qk_scale2,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, EVEN: tl.constexpr, USE_TMA: tl.constexpr,
+               WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    bh = tl.program_id(0)
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    b = (bh // num_heads).to(tl.int64)
+    h = bh % num_heads
+    hk = (h // group).to(tl.int64)
+    h = h.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+
+    q_src = _rows_source(Q + b * stride_qb + h * stride_qh, seqlen, stride_qs, BLOCK_M,
+                         HEAD_DIM, USE_TMA)
+    do_src = _rows_source(DO + b * stride_gb + h * stride_gh, seqlen, stride_gs, BLOCK_M,
+                          HEAD_DIM, USE_TMA)
+    k_src = _rows_source(K + b * stride_kb + hk * stride_kh, seqlen, stride_ks, BLOCK_N,
+                         HEAD_DIM, USE_TMA)
+    v_src = _rows_source(V + b * stride_vb + hk * stride_vh, seqlen, stride_vs, BLOCK_N,
+                         HEAD_DIM, USE_TMA)
+    q = _load_rows(q_src, start_m, seqlen, stride_qs, stride_qd, BLOCK_M, HEAD_DIM, USE_TMA,
+                   EVEN)
+    do = _load_rows(do_src, start_m, seqlen, stride_gs, stride_gd, BLOCK_M, HEAD_DIM, USE_TMA,
+                    EVEN)
+    row = bh.to(tl.int64) * seqlen
+    if EVEN:
+        lse2 = tl.load(LSE + row + offs_m) * LOG2E
+        delta = tl.load(DELTA + row + offs_m)
+    else:
+        lse2 = tl.load(LSE + row + offs_m, mask=offs_m < seqlen, other=float("inf")) * LOG2E
+        delta = tl.load(DELTA + row + offs_m, mask=offs_m < seqlen, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    if CAUSAL:
+        diag_end = tl.minimum(start_m + BLOCK_M, seqlen)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, offs_m, start_m, diag_end, seqlen,
+                       stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2, BLOCK_N,
+                       HEAD_DIM, True, EVEN, USE_TMA, WARP_SPEC, DOT_F32)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, offs_m, 0, start_m, seqlen,
+                       stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2, BLOCK_N,
+                       HEAD_DIM, False, True, USE_TMA, WARP_SPEC, DOT_F32)
+    else:
+        dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, offs_m, 0, seqlen, seqlen,
+                       stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2, BLOCK_N,
+                       HEAD_DIM, False, EVEN, USE_TMA, WARP_SPEC, DOT_F32)
+
+    dq = dq * softmax_scale
+    dq_ptrs = (DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs
+               + tl.arange(0, HEAD_DIM)[None, :] * stride_dqd)
+    if EVEN:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
+    else:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=offs_m[:, None] < seqlen)
+
+
+def launch_delta(o, do, delta):
+    """delta [b, hq, s] fp32 = rowsum(o * do)."""
+    batch, seqlen, num_heads, head_dim = o.shape
+    block = 64
+    _delta_kernel[(batch * num_heads, triton.cdiv(seqlen, block))](
+        o, do, delta, *o.stride(), *do.stride(), seqlen, num_heads,
+        HEAD_DIM=head_dim, BLOCK=block, num_warps=4,
+    )
+
+
+def launch_dkdv(q, k, v, do, lse, delta, dk, dv, *, causal, softmax_scale, config, use_tma):
+    """dk, dv [b, s, hkv, d]: one program per (key block, batch, KV head)."""
+    batch, seqlen, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    _dkdv_kernel[(batch * num_kv_heads, triton.cdiv(seqlen, config["BLOCK_N"]))](
+        q, k, v, do, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        seqlen, num_heads, num_kv_heads, num_heads // num_kv_heads, softmax_scale,
+        softmax_scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+        CAUSAL=causal, EVEN=seqlen % config["BLOCK_N"] == 0, USE_TMA=use_tma,
+        WARP_SPEC=config.get("WARP_SPEC", False), DOT_F32=dot_f32(q),
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+
+
+def launch_dq(q, k, v, do, lse, delta, dq, *, causal, softmax_scale, config, use_tma):
+    """dq [b, s, hq, d]: one program per (query block, batch, query head)."""
+    batch, seqlen, num_heads, head_dim = q.shape
+    _dq_kernel[(batch * num_heads, triton.cdiv(seqlen, config["BLOCK_M"]))](
+        q, k, v, do, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        seqlen, num_heads, num_heads // k.shape[2], softmax_scale, softmax_scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+        CAUSAL=causal, EVEN=seqlen % config["BLOCK_M"] == 0, USE_TMA=use_tma,
+        WARP_SPEC=config.get("WARP_SPEC", False), DOT_F32=dot_f32(q),
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )

@@ -1,0 +1,187 @@
+"""Forward pass of the fused attention kernel (FlashAttention-2 style).
+
+For one (batch, query head) and one block of BLOCK_M query rows, a program
+streams the key/value rows in blocks of BLOCK_N and keeps a running softmax
+(online softmax, base 2):
+
+    S_j = (Q K_j^T) * scale * log2(e)          [BLOCK_M, BLOCK_N], never stored
+    m   = max(m, rowmax(S_j));  P_j = exp2(S_j - m)
+    l   = l * exp2(m_old - m) + rowsum(P_j);  acc = acc * exp2(m_old - m) + P_j V_j
+    O   = acc / l,   LSE = (m + log2 l) * ln 2   (natural log, kept for backward)
+
+Causal: key blocks entirely left of the diagonal run without any mask; only the
+blocks that straddle the diagonal pay for it. Rows past the sequence end are
+zero-filled on load and never stored.
+
+Tensors are [b, s, h, d] with any strides (d must be the unit stride for the
+tensor-descriptor path). Key/value head `h // group` serves query head `h`.
+Reference: Dao, "FlashAttention-2" (2023), Algorithm 1; Triton's fused-attention tutorial.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _rows_source(base, seqlen, stride_s, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 USE_TMA: tl.constexpr):
+    """A TMA tensor descriptor over one head's [seqlen, HEAD_DIM] rows, or the plain pointer."""
+    if USE_TMA:
+        src = tl.make_tensor_descriptor(base, shape=[seqlen, HEAD_DIM], strides=[stride_s, 1],
+                                        block_shape=[BLOCK, HEAD_DIM])
+    else:
+        src = base
+    return src
+
+
+@triton.jit
+def _load_rows(src, row0, seqlen, stride_s, stride_d, BLOCK: tl.constexpr,
+               HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, EVEN: tl.constexpr):
+    """Rows [row0, row0 + BLOCK) of one head, [BLOCK, HEAD_DIM]; rows >= seqlen read as 0."""
+    if USE_TMA:
+        tile = src.load([row0, 0])  # the descriptor zero-fills out-of-bounds rows
+    else:
+        rows = row0 + tl.arange(0, BLOCK)
+        ptrs = src + rows[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :] * stride_d
+        if EVEN:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=rows[:, None] < seqlen, other=0.0)
+    return tile
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_F32: tl.constexpr):
+    """tl.dot with fp32 accumulation. DOT_F32 upcasts the operands first: only for the
+    CPU interpreter, whose dot (Triton 3.9) multiplies bf16 bit patterns as integers.
+    The operands are already rounded to their storage dtype, so numerics are unchanged."""
+    if DOT_F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, offs_m, lo, hi, seqlen,
+               stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_CAUSAL: tl.constexpr,
+               MASK_TAIL: tl.constexpr, EVEN: tl.constexpr, USE_TMA: tl.constexpr,
+               WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k = _load_rows(k_src, start_n, seqlen, stride_ks, stride_kd, BLOCK_N, HEAD_DIM,
+                       USE_TMA, EVEN)
+        qk = _dot(q, tl.trans(k), None, DOT_F32)
+        if MASK_CAUSAL or MASK_TAIL:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            if MASK_CAUSAL:
+                keep = offs_m[:, None] >= offs_n[None, :]
+            else:
+                keep = offs_n[None, :] < seqlen
+            # Every row keeps at least one column in its first block, so m stays finite.
+            qk = tl.where(keep, qk * qk_scale2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            qk = qk - m_new[:, None]
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale2)
+            qk = qk * qk_scale2 - m_new[:, None]
+        p = tl.math.exp2(qk)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = _load_rows(v_src, start_n, seqlen, stride_vs, stride_vd, BLOCK_N, HEAD_DIM,
+                       USE_TMA, EVEN)
+        acc = _dot(p.to(v.dtype), v, acc, DOT_F32)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE,
+                stride_qb, stride_qs, stride_qh, stride_qd,
+                stride_kb, stride_ks, stride_kh, stride_kd,
+                stride_vb, stride_vs, stride_vh, stride_vd,
+                stride_ob, stride_os, stride_oh, stride_od,
+                seqlen, num_heads, group, qk_scale2,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr, EVEN: tl.constexpr, USE_TMA: tl.constexpr,
+                WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    bh = tl.program_id(0)
+    # Last query blocks first: under the causal mask they carry the most work.
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    b = (bh // num_heads).to(tl.int64)
+    h = bh % num_heads
+    hk = (h // group).to(tl.int64)
+    h = h.to(tl.int64)
+
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_src = _rows_source(K + b * stride_kb + hk * stride_kh, seqlen, stride_ks, BLOCK_N,
+                         HEAD_DIM, USE_TMA)
+    v_src = _rows_source(V + b * stride_vb + hk * stride_vh, seqlen, stride_vs, BLOCK_N,
+                         HEAD_DIM, USE_TMA)
+    q_src = _rows_source(q_base, seqlen, stride_qs, BLOCK_M, HEAD_DIM, USE_TMA)
+    q = _load_rows(q_src, start_m, seqlen, stride_qs, stride_qd, BLOCK_M, HEAD_DIM, USE_TMA,
+                   EVEN)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    if CAUSAL:
+        # Blocks left of the diagonal: no mask, always inside the sequence.
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, offs_m, 0, start_m, seqlen,
+                                   stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2,
+                                   BLOCK_N, HEAD_DIM, False, False, True, USE_TMA, WARP_SPEC, DOT_F32)
+        hi = tl.minimum(start_m + BLOCK_M, seqlen)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, offs_m, start_m, hi, seqlen,
+                                   stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2,
+                                   BLOCK_N, HEAD_DIM, True, False, EVEN, USE_TMA, WARP_SPEC, DOT_F32)
+    else:
+        full = (seqlen // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, offs_m, 0, full, seqlen,
+                                   stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2,
+                                   BLOCK_N, HEAD_DIM, False, False, True, USE_TMA, WARP_SPEC, DOT_F32)
+        if not EVEN:
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, offs_m, full, seqlen,
+                                       seqlen, stride_ks, stride_kd, stride_vs, stride_vd,
+                                       qk_scale2, BLOCK_N, HEAD_DIM, False, True, False,
+                                       USE_TMA, WARP_SPEC, DOT_F32)
+
+    acc = acc / l_i[:, None]
+    lse = (m_i + tl.math.log2(l_i)) * LN2
+    o_ptrs = (O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os
+              + tl.arange(0, HEAD_DIM)[None, :] * stride_od)
+    lse_ptrs = LSE + bh.to(tl.int64) * seqlen + offs_m
+    if EVEN:
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty))
+        tl.store(lse_ptrs, lse)
+    else:
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=offs_m[:, None] < seqlen)
+        tl.store(lse_ptrs, lse, mask=offs_m < seqlen)
+
+
+def dot_f32(q) -> bool:
+    """Upcast dot operands: bf16 under the CPU interpreter only (see `_dot`)."""
+    return q.device.type != "cuda" and q.dtype.is_floating_point and q.element_size() == 2
+
+
+def launch_forward(q, k, v, o, lse, *, causal, softmax_scale, config, use_tma):
+    """Run the forward kernel: fills o [b, s, hq, d] (any strides) and lse [b, hq, s] fp32."""
+    batch, seqlen, num_heads, head_dim = q.shape
+    block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
+    grid = (batch * num_heads, triton.cdiv(seqlen, block_m))
+    _fwd_kernel[grid](
+        q, k, v, o, lse,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        seqlen, num_heads, num_heads // k.shape[2], softmax_scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
+        EVEN=seqlen % block_m == 0, USE_TMA=use_tma, WARP_SPEC=config.get("WARP_SPEC", False),
+        DOT_F32=dot_f32(q), num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )

@@ -1,0 +1,144 @@
+"""megatron-core core-attention modules: the project's Triton kernel, and torch SDPA.
+
+Both take what megatron-core 0.16's SelfAttention hands its `core_attention`:
+query [s, b, np, hn], key/value [s, b, ng, hn] (np, ng: query and KV heads of this
+tensor-parallel rank; the tensors are often strided views of the fused QKV
+projection), and return [s, b, np * hn]. They enter a layer through its spec:
+
+    ModuleSpec(module=TritonCoreAttention)
+    ModuleSpec(module=SDPACoreAttention, params={"backend": "cudnn"})
+
+Neither keeps state between calls, so megatron's selective recompute (re-running
+the forward inside the backward) is safe. Context parallelism is rejected.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+from kernels.attention import flash_attention
+
+SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+
+
+class _CoreAttention(MegatronModule):
+    """What both adapters share: megatron's constructor signature and mask handling."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
+                 pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size > 1:
+            raise ValueError(
+                f"{type(self).__name__} does not support context parallelism "
+                f"(context_parallel_size={config.context_parallel_size}); use cp=1"
+            )
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        head_dim = config.kv_channels
+        self.softmax_scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
+
+    def _is_causal(self, attention_mask, attn_mask_type) -> bool:
+        """Causal, or no mask at all; an explicit mask tensor of another kind is refused."""
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        if mask_type == AttnMaskType.causal:
+            return True  # any mask tensor given alongside is the same causal mask
+        if attention_mask is None and mask_type in (AttnMaskType.no_mask, AttnMaskType.padding):
+            return False
+        raise ValueError(
+            f"{type(self).__name__} supports causal or unmasked attention, got {mask_type} "
+            f"with a mask tensor={attention_mask is not None}"
+        )
+
+    @staticmethod
+    def _check_unsupported(attention_bias, packed_seq_params):
+        if attention_bias is not None:
+            raise ValueError("attention_bias is not supported by this core attention")
+        if packed_seq_params is not None:
+            raise ValueError("packed sequences (packed_seq_params) are not supported")
+
+
+class TritonCoreAttention(_CoreAttention):
+    """Core attention through kernels.attention.flash_attention (fused, no s x s scores)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.dropout_p:
+            raise ValueError(
+                f"TritonCoreAttention has no attention dropout; set attention_dropout=0.0 "
+                f"(got {self.dropout_p})"
+            )
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        """query [s, b, np, hn], key/value [s, b, ng, hn] -> [s, b, np * hn]."""
+        self._check_unsupported(attention_bias, packed_seq_params)
+        causal = self._is_causal(attention_mask, attn_mask_type)
+        s, b, heads, head_dim = query.shape
+        # [s, b, h, d] -> [b, s, h, d] views; the kernel reads through the strides, and
+        # writes its output in [s, b, h, d] memory order so the reshape below is free.
+        out = flash_attention(query.permute(1, 0, 2, 3), key.permute(1, 0, 2, 3),
+                              value.permute(1, 0, 2, 3), causal=causal,
+                              softmax_scale=self.softmax_scale, seq_first_out=True)
+        return out.permute(1, 0, 2, 3).reshape(s, b, heads * head_dim)
+
+
+class SDPACoreAttention(_CoreAttention):
+    """Core attention through torch's scaled_dot_product_attention.
+
+    backend: "auto" lets torch choose (the math path on CPU: the CPU-safe choice),
+    "flash", "cudnn", "efficient" or "math" pins one.
+    """
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        if backend not in SDPA_BACKENDS:
+            raise ValueError(f"SDPA backend must be one of {SDPA_BACKENDS}, got {backend!r}")
+        self.backend = backend
+
+    def _backends(self):
+        from torch.nn.attention import SDPBackend
+
+        return {
+            "flash": [SDPBackend.FLASH_ATTENTION],
+            "cudnn": [SDPBackend.CUDNN_ATTENTION],
+            "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+            "math": [SDPBackend.MATH],
+        }[self.backend]
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        """query [s, b, np, hn], key/value [s, b, ng, hn] -> [s, b, np * hn]."""
+        from torch.nn.attention import sdpa_kernel
+
+        self._check_unsupported(attention_bias, packed_seq_params)
+        causal = self._is_causal(attention_mask, attn_mask_type)
+        s, b, heads, head_dim = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
+        group = heads // k.shape[1]
+        gqa = {}
+        if group > 1:
+            if self.backend in ("flash", "math", "auto"):
+                gqa = {"enable_gqa": True}
+            else:  # cuDNN and mem-efficient take no enable_gqa: repeat the KV heads
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        dropout_p = self.dropout_p if self.training else 0.0
+
+        def attend():
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal,
+                                                  scale=self.softmax_scale, **gqa)
+
+        if self.backend == "auto":
+            out = attend()
+        else:
+            with sdpa_kernel(self._backends()):
+                out = attend()
+        return out.permute(2, 0, 1, 3).reshape(s, b, heads * head_dim)

@@ -1,0 +1,200 @@
+"""kernels.attention against a float64 reference: output, log-sum-exp, dq/dk/dv.
+
+On CPU these run under TRITON_INTERPRET=1 with small shapes; the `cuda` tests
+repeat them at tuned block sizes on a GPU.
+"""
+
+import math
+
+import pytest
+import torch
+
+from kernels.attention import (
+    INTERPRETER_CONFIG,
+    attention_backward,
+    attention_forward,
+    attention_reference,
+    flash_attention,
+)
+
+# Relative-norm tolerances ||x - ref|| / ||ref||. bf16 keeps 8 mantissa bits
+# (unit roundoff 2^-9 = 2e-3): P is rounded to bf16 before P V and dS before
+# dS K, then the result once more, so errors land at 4e-3 to 8e-3; 2e-2 leaves
+# margin without hiding indexing bugs (those give errors of order 1). fp16 has
+# 11 bits (4.9e-4): errors land near 3e-4 to 5e-4. fp32 on the interpreter is
+# exact-ish (1e-7); on a GPU its dots run as tf32 (10 bits, like fp16).
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 3e-3}
+
+
+def _relerr(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def _random_case(seed):
+    """A random shape: odd sequence lengths, GQA/MQA, both half dtypes, d 64 or 128."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[torch.randint(len(options), (1,), generator=gen).item()]
+
+    hkv = pick([1, 2])
+    return dict(
+        b=pick([1, 2]),
+        s=torch.randint(17, 50, (1,), generator=gen).item(),
+        hkv=hkv,
+        hq=hkv * pick([1, 2]),
+        d=pick([64, 128]),
+        dtype=pick([torch.bfloat16, torch.float16]),
+        causal=pick([True, True, False]),
+        scale=pick([None, 0.3]),
+    )
+
+
+def _inputs(b, s, hq, hkv, d, dtype, device="cpu", seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q, k, v = (
+        torch.randn(b, s, h, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+        for h in (hq, hkv, hkv)
+    )
+    return q, k, v
+
+
+def _check_against_reference(q, k, v, *, causal, scale, tol):
+    out = flash_attention(q, k, v, causal=causal, softmax_scale=scale)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(q64, k64, v64, causal=causal, softmax_scale=scale)
+    ref.backward(dout.double())
+    assert out.shape == q.shape and out.is_contiguous()
+    for name, got, want in [("out", out, ref), ("dq", q.grad, q64.grad),
+                            ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)]:
+        assert torch.isfinite(got).all(), name
+        err = _relerr(got, want)
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol}"
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_shapes_match_float64(seed):
+    case = _random_case(seed)
+    q, k, v = _inputs(case["b"], case["s"], case["hq"], case["hkv"], case["d"], case["dtype"],
+                      seed=seed)
+    _check_against_reference(q, k, v, causal=case["causal"], scale=case["scale"],
+                             tol=TOLERANCE[case["dtype"]])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fp32_is_near_exact(causal):
+    # fp32 operands and accumulation on the interpreter: only summation order differs.
+    q, k, v = _inputs(2, 33, 4, 2, 64, torch.float32, seed=3)
+    _check_against_reference(q, k, v, causal=causal, scale=None, tol=1e-5)
+
+
+def test_log_sum_exp_matches_reference():
+    q, k, v = _inputs(1, 29, 2, 1, 64, torch.float32, seed=5)
+    scale = 0.2
+    _, lse = attention_forward(q, k, v, causal=True, softmax_scale=scale)
+    scores = scale * q.double().transpose(1, 2) @ k.double().transpose(1, 2).repeat_interleave(
+        2, dim=1).transpose(-1, -2)
+    scores = scores.masked_fill(torch.ones(29, 29, dtype=torch.bool).triu(1), float("-inf"))
+    assert lse.shape == (1, 2, 29)
+    torch.testing.assert_close(lse.double(), scores.logsumexp(-1), rtol=0, atol=1e-5)
+
+
+def _fused_qkv_views(s, b, hkv, group, d, dtype, seed):
+    """megatron's layout: one [s, b, hkv, (group + 2) * d] buffer, q/k/v strided views."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(s, b, hkv, (group + 2) * d, generator=gen).to(dtype)
+    q = qkv[..., : group * d].reshape(s, b, hkv * group, d)  # a view when group == 1
+    k = qkv[..., group * d: (group + 1) * d]
+    v = qkv[..., (group + 1) * d:]
+    return [t.permute(1, 0, 2, 3) for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("tma", [False, True])
+def test_strided_views_and_seq_first_output(tma):
+    # Both load paths: pointer arithmetic, and tensor descriptors (emulated on CPU).
+    q, k, v = _fused_qkv_views(s=37, b=2, hkv=2, group=1, d=64, dtype=torch.float16, seed=7)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    config = dict(INTERPRETER_CONFIG, tma=tma)
+    out, lse = attention_forward(q, k, v, causal=True, softmax_scale=0.125, seq_first_out=True,
+                                 config=config)
+    assert out.permute(1, 0, 2, 3).is_contiguous()  # [s, b, h, d] in memory
+    ref = attention_reference(q, k, v, causal=True, softmax_scale=0.125)
+    assert _relerr(out, ref) < TOLERANCE[torch.float16]
+    dout = torch.randn_like(ref).to(torch.float16).permute(1, 0, 2, 3).contiguous().permute(
+        1, 0, 2, 3)  # strided like the gradient megatron hands back
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, causal=True, softmax_scale=0.125,
+                                    dkdv_config=config, dq_config=config)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    attention_reference(q64, k64, v64, causal=True, softmax_scale=0.125).backward(dout.double())
+    for got, want in [(dq, q64.grad), (dk, k64.grad), (dv, v64.grad)]:
+        assert _relerr(got, want) < TOLERANCE[torch.float16]
+
+
+def test_gqa_views_with_copied_query():
+    # With 2 query heads per KV head megatron's query reshape copies; k, v stay views.
+    q, k, v = _fused_qkv_views(s=21, b=1, hkv=2, group=2, d=64, dtype=torch.bfloat16, seed=11)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    _check_against_reference(q, k, v, causal=True, scale=None, tol=TOLERANCE[torch.bfloat16])
+
+
+def test_backward_is_deterministic():
+    q, k, v = _inputs(1, 40, 4, 1, 64, torch.bfloat16, seed=13)
+    grads = []
+    for _ in range(2):
+        for t in (q, k, v):
+            t.grad = None
+        out = flash_attention(q, k, v)
+        out.backward(torch.ones_like(out))
+        grads.append([t.grad.clone() for t in (q, k, v)])
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    q, k, v = _inputs(1, 18, 2, 2, 64, torch.float32, seed=17)
+    explicit = flash_attention(q, k, v, softmax_scale=1 / math.sqrt(64))
+    default = flash_attention(q, k, v)
+    assert torch.equal(explicit, default)
+    other = flash_attention(q, k, v, softmax_scale=0.5)
+    assert not torch.allclose(other, default)
+
+
+@pytest.mark.parametrize("shapes, message", [
+    (((1, 8, 3, 64), (1, 8, 2, 64)), "must divide"),
+    (((1, 8, 2, 48), (1, 8, 2, 48)), "head dim"),
+    (((1, 8, 2, 64), (1, 9, 2, 64)), "differ"),
+])
+def test_rejects_bad_shapes(shapes, message):
+    q, k = (torch.randn(shape) for shape in shapes)
+    with pytest.raises(ValueError, match=message):
+        flash_attention(q, k, k)
+
+
+# ----------------------------------------------------------------------- GPU
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("s, hq, hkv, causal", [(1000, 8, 2, True), (1024, 4, 4, False),
+                                                (777, 4, 1, True)])
+def test_gpu_tuned_configs_match_float64(d, dtype, s, hq, hkv, causal):
+    q, k, v = _inputs(2, s, hq, hkv, d, dtype, device="cuda", seed=s + d)
+    _check_against_reference(q, k, v, causal=causal, scale=None, tol=TOLERANCE[dtype])
+
+
+@pytest.mark.cuda
+def test_gpu_backward_is_deterministic():
+    q, k, v = _inputs(2, 2048, 8, 2, 128, torch.bfloat16, device="cuda", seed=1)
+    dout = torch.randn(2, 2048, 8, 128, device="cuda", dtype=torch.bfloat16)
+    grads = []
+    for _ in range(3):
+        for t in (q, k, v):
+            t.grad = None
+        flash_attention(q, k, v).backward(dout)
+        grads.append([t.grad.clone() for t in (q, k, v)])
+    for run in grads[1:]:
+        for first, other in zip(grads[0], run):
+            assert torch.equal(first, other)
