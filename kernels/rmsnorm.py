@@ -47,34 +47,37 @@ def _forward_kernel(
     n_rows, n_cols, stride_x, stride_y, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # 64-bit math once per program for the tile's first row; 32-bit offsets inside the tile.
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
+    row_ok = rows < n_rows - row0
     col_ok = cols < n_cols
     mask = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0,
-                eviction_policy="evict_first").to(tl.float32)
+    x = tl.load(x_ptr + row0 * stride_x + rows[:, None] * stride_x + cols[None, :], mask=mask,
+                other=0.0, eviction_policy="evict_first").to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = x * rstd[:, None] * w[None, :]
-    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=mask)
-    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+    tl.store(y_ptr + row0 * stride_y + rows[:, None] * stride_y + cols[None, :],
+             y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(rstd_ptr + row0 + rows, rstd, mask=row_ok)
 
 
 @triton.jit
-def _load_tile(dy_ptr, x_ptr, rstd_ptr, tile, n_rows, n_cols, stride_dy, stride_x,
+def _load_tile(dy_ptr, x_ptr, rstd_ptr, row0, n_rows, n_cols, stride_dy, stride_x,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dy, x (fp32, [BLOCK_M, BLOCK_N]) and rstd ([BLOCK_M]) of one row tile; zeros past the end."""
-    rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    """dy, x (fp32, [BLOCK_M, BLOCK_N]) and rstd ([BLOCK_M]) of the tile starting at row0
+    (int64); zeros past the last row."""
+    rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
+    row_ok = rows < n_rows - row0
     mask = row_ok[:, None] & (cols < n_cols)[None, :]
-    dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0,
-                 eviction_policy="evict_first").to(tl.float32)
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0,
-                eviction_policy="evict_first").to(tl.float32)
-    rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+    dy = tl.load(dy_ptr + row0 * stride_dy + rows[:, None] * stride_dy + cols[None, :],
+                 mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    x = tl.load(x_ptr + row0 * stride_x + rows[:, None] * stride_x + cols[None, :],
+                mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    rstd = tl.load(rstd_ptr + row0 + rows, mask=row_ok, other=0.0)
     return dy, x, rstd
 
 
@@ -88,33 +91,35 @@ def _backward_kernel(
     # the next tile before working on the current one, so loads stay in flight meanwhile.
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
+    rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     n_tiles = tl.cdiv(n_rows, BLOCK_M)
     if PREFETCH:
-        dy_next, x_next, rstd_next = _load_tile(dy_ptr, x_ptr, rstd_ptr, pid, n_rows, n_cols,
-                                                stride_dy, stride_x, BLOCK_M, BLOCK_N)
+        dy_next, x_next, rstd_next = _load_tile(
+            dy_ptr, x_ptr, rstd_ptr, tl.cast(pid, tl.int64) * BLOCK_M, n_rows, n_cols,
+            stride_dy, stride_x, BLOCK_M, BLOCK_N)
     for tile in range(pid, n_tiles, programs):
+        row0 = tl.cast(tile, tl.int64) * BLOCK_M
         if PREFETCH:
             dy, x, rstd = dy_next, x_next, rstd_next
-            dy_next, x_next, rstd_next = _load_tile(dy_ptr, x_ptr, rstd_ptr, tile + programs,
-                                                    n_rows, n_cols, stride_dy, stride_x,
-                                                    BLOCK_M, BLOCK_N)
+            dy_next, x_next, rstd_next = _load_tile(
+                dy_ptr, x_ptr, rstd_ptr, row0 + programs * BLOCK_M, n_rows, n_cols,
+                stride_dy, stride_x, BLOCK_M, BLOCK_N)
         else:
-            dy, x, rstd = _load_tile(dy_ptr, x_ptr, rstd_ptr, tile, n_rows, n_cols,
+            dy, x, rstd = _load_tile(dy_ptr, x_ptr, rstd_ptr, row0, n_rows, n_cols,
                                      stride_dy, stride_x, BLOCK_M, BLOCK_N)
         xhat = x * rstd[:, None]
         g = dy * w[None, :]
         c = tl.sum(g * xhat, axis=1) / n_cols
         dx = (g - xhat * c[:, None]) * rstd[:, None]
-        rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        mask = (rows < n_rows)[:, None] & col_ok[None, :]
-        tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :],
+        mask = (rows < n_rows - row0)[:, None] & col_ok[None, :]
+        tl.store(dx_ptr + row0 * stride_dx + rows[:, None] * stride_dx + cols[None, :],
                  dx.to(dx_ptr.dtype.element_ty), mask=mask)
         dw += tl.sum(dy * xhat, axis=0)
-    tl.store(dw_partial_ptr + pid.to(tl.int64) * n_cols + cols, dw, mask=col_ok)
+    tl.store(dw_partial_ptr + tl.cast(pid, tl.int64) * n_cols + cols, dw, mask=col_ok)
 
 
 @triton.jit
@@ -149,24 +154,35 @@ class BackwardConfig(NamedTuple):
     num_stages: int = 1
 
 
-def _warps_for(elements: int, per_thread: int, lo: int, hi: int) -> int:
-    """Warps giving each thread about `per_thread` elements (16 bf16 = two 16-byte loads)."""
-    return max(lo, min(hi, elements // (32 * per_thread)))
+def _pow2_at_most(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
 
 
+@functools.lru_cache(maxsize=None)
 def forward_config(n_cols: int) -> ForwardConfig:
-    """One row per program for wide rows; short rows share a program so it moves >= 8 KB."""
-    block_n = triton.next_power_of_2(n_cols)
-    block_m = max(1, min(16, 4096 // block_n))
-    return ForwardConfig(block_m, _warps_for(block_m * block_n, 16, 4, 16))
+    """One row per program for wide rows, short rows share one (>= 4096 elements a program);
+    warps so each thread holds about 16 live elements (two 16-byte bf16 loads).
+
+    Measured on H100 (benchmarks/results/rmsnorm_*.json sweeps): 16 live elements a thread
+    beat 8 and 32; at H=5120 (block 8192) 8 warps beat 16 by 3%.
+    """
+    block_m = max(1, min(16, 4096 // triton.next_power_of_2(n_cols)))
+    return ForwardConfig(block_m, max(4, min(32, _pow2_at_most(block_m * n_cols // 512))))
 
 
+@functools.lru_cache(maxsize=None)
 def backward_config(n_cols: int) -> BackwardConfig:
-    """Row-tile walk of a persistent grid; several programs per SM keep loads in flight."""
+    """One program per SM walking tiles of >= 8192 elements with the next tile prefetched.
+
+    Measured on H100: prefetch with one program per SM beat 2-4 programs per SM without it
+    (occupancy is register-bound: x, dy, w and the dw partial all live in registers), and
+    two 4096-wide rows per tile beat one. Beyond 8192 elements a tile a prefetched copy no
+    longer fits in registers, so wider rows go without.
+    """
     block_n = triton.next_power_of_2(n_cols)
-    block_m = max(1, min(16, 4096 // block_n))
-    num_warps = _warps_for(block_m * block_n, 16, 4, 16)
-    return BackwardConfig(block_m, num_warps, 4 if num_warps <= 8 else 2)
+    block_m = max(1, min(16, 8192 // block_n))
+    tile = block_m * block_n
+    return BackwardConfig(block_m, 16 if tile <= 8192 else 32, 1, prefetch=tile <= 8192)
 
 
 @functools.lru_cache(maxsize=None)
@@ -183,16 +199,17 @@ def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 
 def forward(x2: torch.Tensor, weight: torch.Tensor, eps: float,
-            config: Optional[ForwardConfig] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x2 [M, H], weight [H] -> y [M, H] (x2's dtype), rstd [M] (fp32)."""
+            config: Optional[ForwardConfig] = None, out_shape=None):
+    """x2 [M, H], weight [H] -> y (x2's dtype, contiguous, shape out_shape or [M, H]),
+    rstd [M] (fp32)."""
     n_rows, n_cols = x2.shape
-    y = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
+    y = torch.empty(out_shape or (n_rows, n_cols), dtype=x2.dtype, device=x2.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
     if n_rows == 0:
         return y, rstd
     cfg = config or forward_config(n_cols)
     _forward_kernel[(triton.cdiv(n_rows, cfg.block_m),)](
-        x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
+        x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), n_cols, eps,
         BLOCK_M=cfg.block_m, BLOCK_N=triton.next_power_of_2(n_cols),
         num_warps=cfg.num_warps,
     )
@@ -200,20 +217,20 @@ def forward(x2: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 def backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-             config: Optional[BackwardConfig] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """dy2, x2 [M, H], weight [H], rstd [M] -> dx [M, H] (x2's dtype), dw [H] (weight's)."""
+             config: Optional[BackwardConfig] = None, out_shape=None):
+    """dy2, x2 [M, H], weight [H], rstd [M] -> dx (x2's dtype, contiguous, shape out_shape
+    or [M, H]), dw [H] (weight's dtype)."""
     n_rows, n_cols = x2.shape
-    dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
-    dw = torch.empty(n_cols, dtype=weight.dtype, device=weight.device)
+    dx = torch.empty(out_shape or (n_rows, n_cols), dtype=x2.dtype, device=x2.device)
     if n_rows == 0:
-        return dx, dw.zero_()
+        return dx, torch.zeros_like(weight)
+    dw = torch.empty_like(weight)
     cfg = config or backward_config(n_cols)
-    n_tiles = triton.cdiv(n_rows, cfg.block_m)
-    programs = min(n_tiles, _sm_count(x2.device) * cfg.programs_per_sm)
+    programs = min(triton.cdiv(n_rows, cfg.block_m), _sm_count(x2.device) * cfg.programs_per_sm)
     partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
     _backward_kernel[(programs,)](
         dy2, x2, weight, rstd, dx, partial,
-        n_rows, n_cols, dy2.stride(0), x2.stride(0), dx.stride(0),
+        n_rows, n_cols, dy2.stride(0), x2.stride(0), n_cols,
         BLOCK_M=cfg.block_m, BLOCK_N=triton.next_power_of_2(n_cols), PREFETCH=cfg.prefetch,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -228,22 +245,25 @@ def backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: to
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """y = rms_norm(x, w); saves x, w and the fp32 rstd of each row (4 bytes a row)."""
+    """y = rms_norm(x, w); saves x, w and the fp32 rstd of each row (4 bytes a row).
+
+    y and dx are allocated in their final shapes, not returned as views, so autograd can
+    take dx as x.grad without a copy.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, eps, fwd_config=None, bwd_config=None):
-        n_cols = x.shape[-1]
-        x2 = _as_rows(x, n_cols)
-        y, rstd = forward(x2, weight, eps, fwd_config)
+        x2 = _as_rows(x, x.shape[-1])
+        y, rstd = forward(x2, weight, eps, fwd_config, x.shape)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.bwd_config = bwd_config
-        return y.view(x.shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
-        dx, dw = backward(_as_rows(dy, x2.shape[1]), x2, weight, rstd, ctx.bwd_config)
-        return dx.view(dy.shape), dw, None, None, None
+        dx, dw = backward(_as_rows(dy, x2.shape[1]), x2, weight, rstd, ctx.bwd_config, dy.shape)
+        return dx, dw, None, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-5) -> torch.Tensor:

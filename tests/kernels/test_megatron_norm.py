@@ -218,7 +218,9 @@ def test_selective_recompute_of_the_norm_on_gpu():
         xr = x.clone().requires_grad_()
         norm.weight.grad, proj.weight.grad = None, None
         if recompute:
-            checkpoint = tensor_parallel.CheckpointWithoutOutput()
+            # megatron-core 0.16.1 reads fp8=False as "fp8 on" (`fp8 is not None`) and then
+            # needs TransformerEngine; None is its spelling of off.
+            checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=None)
             y = checkpoint.checkpoint(norm, xr)
             out = proj(y)  # saves y for its weight grad
             checkpoint.discard_output_and_register_recompute(out)
