@@ -33,6 +33,8 @@ def layout_label(row: dict) -> str:
         parts.append("sp")
     if row["distributed_optimizer"]:
         parts.append("distopt")
+    if row.get("cuda_graph"):
+        parts.append("cudagraph")
     parts.append(f"{row['attention']}/{row['norm']}")
     return " ".join(parts)
 

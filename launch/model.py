@@ -53,6 +53,10 @@ def transformer_config(model: ModelConfig, layout: Layout, *, device: str) -> Tr
         # Megatron's fused CUDA paths; on GPU they are megatron-core's own (no apex/TE needed).
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
+        # megatron-core's native fused cross-entropy (torch.compile'd, no TE): fewer passes
+        # over the [s, b, vocab] logits than the unfused vocab-parallel one.
+        cross_entropy_loss_fusion=on_gpu,
+        cross_entropy_fusion_impl="native",
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,

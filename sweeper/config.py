@@ -113,6 +113,9 @@ class Layout:
     distributed_optimizer: bool = False
     attention: str = "sdpa"  # triton | sdpa | sdpa_flash | sdpa_cudnn | megatron (stock)
     norm: str = "torch"  # triton | torch | megatron (stock)
+    # Capture each step's forward/backward as one CUDA graph and replay it (GPU, pp = 1):
+    # removes host launch overhead where small micro-batches make the step launch-bound.
+    cuda_graph: bool = False
 
     @property
     def name(self) -> str:
@@ -134,6 +137,8 @@ class Layout:
             f"attn-{self.attention}",
             f"norm-{self.norm}",
         ]
+        if self.cuda_graph:  # named only when on, so earlier sweeps' names still resume
+            parts.append("cg1")
         return "_".join(parts)
 
     def dp(self, world_size: int) -> int:

@@ -139,6 +139,8 @@ def unsupported_reason(cluster: ClusterConfig, layout: Layout) -> Optional[str]:
     pipeline schedules, sequence parallelism, recompute, DDP buffers, distributed
     optimizer and fused attention need CUDA, so such layouts are reported, not faked.
     """
+    if layout.cuda_graph and layout.pp > 1:
+        return "cuda_graph captures the non-pipelined schedule only (pp = 1)"
     if cluster.device == "cuda":
         return None
     needs = []
@@ -150,6 +152,8 @@ def unsupported_reason(cluster: ClusterConfig, layout: Layout) -> Optional[str]:
         needs.append(f"{layout.recompute} recompute")
     if layout.distributed_optimizer:
         needs.append("distributed optimizer")
+    if layout.cuda_graph:
+        needs.append("CUDA graphs")
     if layout.attention in ("sdpa_flash", "sdpa_cudnn", "megatron"):
         needs.append(f"attention={layout.attention}")
     if needs:

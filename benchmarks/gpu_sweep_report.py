@@ -1,0 +1,100 @@
+"""Assemble the GPU sweep's report: leaderboard JSON/markdown plus the loss-parity check.
+
+    python benchmarks/gpu_sweep_report.py --sweep SWEEP_DIR [--parity PARITY_DIR] --out DIR --tag NAME
+
+Writes DIR/NAME.json (the leaderboard's `summary` and `rows`, the summary extended
+with `loss_parity`) and DIR/NAME.md. Loss parity: every trial of the parity sweep
+trains the same seed on the same tokens (launch/data.py), so per-step losses must
+agree across kernel variants, recompute and CUDA graphs up to bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from analysis.results import load_records, to_row  # noqa: E402
+
+# bf16 keeps 8 significant bits (unit roundoff 2^-9 relative): activations differ by
+# that much between kernels, and the mean loss over a step's 2^15 tokens averages it
+# down. A relative gap past one unit roundoff means different arithmetic, not rounding.
+PARITY_RTOL = 2.0**-9
+
+
+def _is_stock(layout: dict) -> bool:
+    return layout.get("attention") == "megatron" and layout.get("norm") == "megatron"
+
+
+def parity(records: list[dict], rtol: float = PARITY_RTOL) -> dict:
+    """Largest per-step loss gap of each trial against a reference trial (the stock spec if run)."""
+    runs = [r for r in records if r.get("status") == "ok" and r.get("losses")]
+    if len(runs) < 2:
+        return {"trials": len(runs), "passed": None, "reason": "fewer than two trials with losses"}
+    plain = [r for r in runs if _is_stock(r["layout"]) and r["layout"].get("recompute") == "none"
+             and not r["layout"].get("cuda_graph")]
+    reference = (plain or runs)[0]
+    ref = reference["losses"]
+    rows = []
+    for r in runs:
+        steps = min(len(ref), len(r["losses"]))
+        gaps = [abs(a - b) for a, b in zip(ref[:steps], r["losses"][:steps])]
+        worst = max(gaps) if gaps else None
+        rows.append({"trial": r["trial"], "steps": steps, "max_abs_diff": worst,
+                     "max_rel_diff": max(g / abs(a) for g, a in zip(gaps, ref)) if gaps else None,
+                     "first_loss": r["losses"][0], "last_loss": r["losses"][steps - 1]})
+    passed = all(row["max_rel_diff"] is not None and row["max_rel_diff"] <= rtol for row in rows)
+    return {"reference": reference["trial"], "rtol": rtol, "min_steps": min(row["steps"] for row in rows),
+            "passed": passed, "trials": rows}
+
+
+def parity_markdown(result: dict) -> str:
+    if not result.get("reference"):
+        return f"Loss parity: not measured ({result.get('reason')})."
+    lines = [f"Loss parity against `{result['reference']}` over {result['min_steps']} steps "
+             f"(rtol {result['rtol']:.2e}): {'PASS' if result['passed'] else 'FAIL'}", "",
+             "| trial | steps | max abs diff | max rel diff | first loss | last loss |",
+             "|---|---|---|---|---|---|"]
+    for row in result["trials"]:
+        lines.append(f"| {row['trial']} | {row['steps']} | {row['max_abs_diff']:.2e} | {row['max_rel_diff']:.2e} "
+                     f"| {row['first_loss']:.4f} | {row['last_loss']:.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from analysis.summary import finish_sweep
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sweep", required=True, type=Path)
+    ap.add_argument("--parity", type=Path, action="append", default=[],
+                    help="a sweep directory whose trials share seed and tokens (repeatable)")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--tag", required=True)
+    args = ap.parse_args(argv)
+
+    summary = finish_sweep(args.sweep, echo=lambda *_: None)
+    board = json.loads((args.sweep / "leaderboard.json").read_text())
+    checks = {str(d): parity(load_records(d)) for d in args.parity if d.exists()}
+    summary["loss_parity"] = {d: {k: v for k, v in r.items() if k != "trials"} for d, r in checks.items()}
+    board["summary"] = summary
+    board["loss_parity"] = checks
+    board["parity_rows"] = {d: [to_row(r) for r in load_records(d)] for d in checks}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.tag}.json").write_text(json.dumps(board, indent=1, default=str) + "\n")
+    md = (args.sweep / "leaderboard.md").read_text()
+    head = [f"# {args.tag}", "", "| summary | value |", "|---|---|"]
+    for key in ("device", "trials", "ok", "best_trial", "best_mfu_palm", "best_mfu_megatron",
+                "baseline_trial", "baseline_mfu_palm", "best_mbs1_trial", "mbs1_over_best"):
+        head.append(f"| {key} | {summary.get(key)} |")
+    parts = [f"## Loss parity: {d}\n\n" + parity_markdown(r) for d, r in checks.items()]
+    (args.out / f"{args.tag}.md").write_text("\n".join(head) + "\n\n" + md + "\n" + "\n\n".join(parts) + "\n")
+    print(json.dumps(summary, indent=1, default=str))
+    print("\n\n".join(parts))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
