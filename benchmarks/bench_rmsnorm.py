@@ -138,7 +138,9 @@ def backward_candidates(n_cols):
 
 
 def sweep(m, n, x, w, dy, rstd):
-    """Time each launch configuration on the launchers alone; returns rows, best of each."""
+    """Time each launch configuration on the launchers alone (GPU time: the host's launch
+    latency would otherwise swamp the short kernels); returns rows, best of each.
+    (Runs up to commit d64735e timed the sweep with do_bench, host latency included.)"""
     fwd_bytes, bwd_bytes = 2 * m * n * 2, 3 * m * n * 2
     rows = {"forward": [], "backward": []}
     y_ref, _ = ours.forward(x, w, EPS)
@@ -147,7 +149,7 @@ def sweep(m, n, x, w, dy, rstd):
         try:
             y, _ = ours.forward(x, w, EPS, cfg)
             ok = relerr(y, y_ref.double()) < 1e-2  # same function; sums regroup with warps
-            ms = bench(lambda: ours.forward(x, w, EPS, cfg), warmup=5, rep=40)
+            ms = gpu_ms(lambda: ours.forward(x, w, EPS, cfg), reps=20)
             rows["forward"].append(dict(config=cfg._asdict(), ms=ms, tbs=tbs(fwd_bytes, ms), same=ok))
         except Exception as e:  # a config the compiler rejects (registers, shared memory)
             rows["forward"].append(dict(config=cfg._asdict(), error=repr(e)[:200]))
@@ -156,7 +158,7 @@ def sweep(m, n, x, w, dy, rstd):
             dx, dw = ours.backward(dy, x, w, rstd, cfg)
             # same function; row sums regroup with warps, dw partials with the grid size
             ok = relerr(dx, dx_ref.double()) < 1e-2 and relerr(dw, dw_ref.double()) < 1e-2
-            ms = bench(lambda: ours.backward(dy, x, w, rstd, cfg), warmup=5, rep=40)
+            ms = gpu_ms(lambda: ours.backward(dy, x, w, rstd, cfg), reps=20)
             rows["backward"].append(dict(config=cfg._asdict(), ms=ms, tbs=tbs(bwd_bytes, ms), same=ok))
         except Exception as e:
             rows["backward"].append(dict(config=cfg._asdict(), error=repr(e)[:200]))

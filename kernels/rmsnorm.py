@@ -161,28 +161,29 @@ def _pow2_at_most(n: int) -> int:
 @functools.lru_cache(maxsize=None)
 def forward_config(n_cols: int) -> ForwardConfig:
     """One row per program for wide rows, short rows share one (>= 4096 elements a program);
-    warps so each thread holds about 16 live elements (two 16-byte bf16 loads).
+    warps so each thread holds about 16 live elements (two 16-byte bf16 loads), 4 to 16.
 
-    Measured on H100 (benchmarks/results/rmsnorm_*.json sweeps): 16 live elements a thread
-    beat 8 and 32; at H=5120 (block 8192) 8 warps beat 16 by 3%.
+    Measured on H100, bf16 (benchmarks/results/rmsnorm_h100_2026-11-23*.json sweeps): 4, 8
+    and 16 warps land within 2% of each other at H = 4096..16384; 32 warps lose 5-30%.
     """
     block_m = max(1, min(16, 4096 // triton.next_power_of_2(n_cols)))
-    return ForwardConfig(block_m, max(4, min(32, _pow2_at_most(block_m * n_cols // 512))))
+    return ForwardConfig(block_m, max(4, min(16, _pow2_at_most(block_m * n_cols // 512))))
 
 
 @functools.lru_cache(maxsize=None)
 def backward_config(n_cols: int) -> BackwardConfig:
-    """One program per SM walking tiles of >= 8192 elements with the next tile prefetched.
+    """One program per SM, 16 warps, walking tiles of 8192 elements (2 rows of 4096, one of
+    5120..8192) with the next tile prefetched.
 
-    Measured on H100: prefetch with one program per SM beat 2-4 programs per SM without it
-    (occupancy is register-bound: x, dy, w and the dw partial all live in registers), and
-    two 4096-wide rows per tile beat one. Beyond 8192 elements a tile a prefetched copy no
-    longer fits in registers, so wider rows go without.
+    Measured on H100, bf16: prefetch with one program per SM beat 2 programs per SM without
+    it by 5-10% (occupancy is register-bound: x, dy, w and the dw partial all live in
+    registers); 2 rows of 4096 beat 1 by 10%; 32 warps spill at H = 6656 (2x slower).
+    Wider tiles (H = 16384) have no room for a prefetched copy: without it 16 warps gave
+    2.1 TB/s, prefetching spilled to 0.2 TB/s.
     """
     block_n = triton.next_power_of_2(n_cols)
     block_m = max(1, min(16, 8192 // block_n))
-    tile = block_m * block_n
-    return BackwardConfig(block_m, 16 if tile <= 8192 else 32, 1, prefetch=tile <= 8192)
+    return BackwardConfig(block_m, 16, 1, prefetch=block_m * block_n <= 8192)
 
 
 @functools.lru_cache(maxsize=None)
