@@ -25,7 +25,7 @@ import concurrent.futures as futures
 import datetime
 import json
 import math
-import multiprocessing
+import subprocess
 import os
 import sys
 import time
@@ -52,31 +52,32 @@ def _cfg(bm, bn, w, s, tma, ws=False):
 
 def candidates(kind, d):
     """Block configs to try. fwd/dq: BLOCK_M query rows held, BLOCK_N key rows streamed;
-    dkdv: BLOCK_N key rows held, BLOCK_M query rows streamed."""
+    dkdv: BLOCK_N key rows held, BLOCK_M query rows streamed. Mostly tensor-descriptor
+    loads (fewer registers than pointer arithmetic: the d=128 dK/dV kernel spills
+    either way, least with small BLOCK_M); a few pointer-path twins for comparison.
+    Warp specialization is left out: Triton's NVGPUWarpSpecialization pass aborted
+    (C++ assertion) on several of these kernels when compiled for sm_90 offline."""
     if kind == "fwd":
-        base = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 2),
-                (128, 128, 8, 3), (64, 64, 4, 3)]
-        out = [_cfg(*c, tma) for c in base for tma in (False, True)]
-        # Warp specialization (producer/consumer warps) needs the descriptor loads.
-        out += [_cfg(128, 64, 4, 3, True, True), _cfg(128, 128, 8, 2, True, True),
-                _cfg(128, 128, 8, 3, True, True)]
+        tma = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 2),
+               (128, 128, 8, 3), (64, 64, 4, 3)]
+        ptr = [(128, 64, 8, 3), (128, 64, 4, 3)]
+    elif kind == "dkdv" and d == 128:
+        tma = [(16, 128, 8, 2), (16, 128, 8, 3), (32, 128, 8, 2), (32, 128, 8, 3),
+               (64, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)]
+        ptr = [(32, 128, 8, 2)]
     elif kind == "dkdv":
-        if d == 128:
-            base = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 8, 4),
-                    (64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3)]
-        else:
-            base = [(64, 128, 8, 3), (32, 128, 4, 3), (32, 128, 4, 5), (64, 128, 4, 3),
-                    (64, 64, 4, 3), (32, 128, 8, 3), (128, 128, 8, 3)]
-        out = [_cfg(*c, tma) for c in base for tma in (False, True)]
+        tma = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (32, 128, 4, 3),
+               (64, 64, 4, 3), (128, 128, 8, 2)]
+        ptr = [(64, 128, 8, 2)]
+    elif d == 128:
+        tma = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3),
+               (128, 128, 8, 2), (64, 32, 4, 3)]
+        ptr = [(128, 64, 8, 2)]
     else:
-        if d == 128:
-            base = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3),
-                    (128, 128, 8, 2), (64, 32, 4, 4)]
-        else:
-            base = [(128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 4, 3), (64, 64, 4, 3),
-                    (128, 128, 8, 3), (64, 32, 4, 4)]
-        out = [_cfg(*c, tma) for c in base for tma in (False, True)]
-    return out
+        tma = [(128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 4, 3), (64, 64, 4, 3),
+               (128, 128, 8, 3), (64, 32, 4, 3)]
+        ptr = [(128, 64, 8, 3)]
+    return [_cfg(*c, True) for c in tma] + [_cfg(*c, False) for c in ptr]
 
 
 def _inputs(b, hq, hkv, s, d, dtype=torch.bfloat16, seed=0):
@@ -86,6 +87,11 @@ def _inputs(b, hq, hkv, s, d, dtype=torch.bfloat16, seed=0):
     v = torch.randn(b, s, hkv, d, device="cuda", dtype=dtype, generator=g)
     do = torch.randn(b, s, hq, d, device="cuda", dtype=dtype, generator=g)
     return q, k, v, do
+
+
+def _err(e):
+    """The end of an exception's message: Triton puts the cause after the source excerpt."""
+    return f"{type(e).__name__}: {str(e)[-600:]}"
 
 
 def _relerr(x, ref):
@@ -136,6 +142,14 @@ class KernelRun:
                                  causal=True, softmax_scale=self.scale, config=cfg, use_tma=tma)
 
 
+def _precompile_in_subprocess(task):
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--compile-one",
+                           json.dumps(task)], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        return f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-600:]}"
+    return proc.stdout.strip().splitlines()[-1] if "ERROR" in proc.stdout else None
+
+
 def _precompile(task):
     """Worker: compile (and run once) one config so the main process hits Triton's cache."""
     kind, cfg, shape = task
@@ -145,7 +159,7 @@ def _precompile(task):
         torch.cuda.synchronize()
         return None
     except Exception as e:  # noqa: BLE001 - reported in the sweep table
-        return f"{type(e).__name__}: {str(e)[:300]}"
+        return "ERROR " + _err(e).replace("\n", " ")
 
 
 # ------------------------------------------------------------------- sections
@@ -209,7 +223,7 @@ def check(results):
                 row[variant + "_ok"] = all(e < tol[dtype] for e in errs.values())
             except Exception as e:  # noqa: BLE001
                 row[variant + "_ok"] = False
-                row[variant + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                row[variant + "_error"] = _err(e)
         out.append(row)
         print("check", row, flush=True)
     # Repeatable backward: three runs, bitwise equal gradients.
@@ -237,9 +251,10 @@ def sweep(results, workers):
     tasks = [(kind, cfg, TUNE_SHAPES[d][0]) for d in TUNE_SHAPES
              for kind in ("fwd", "dkdv", "dq") for cfg in candidates(kind, d)]
     t0 = time.time()
-    ctx = multiprocessing.get_context("spawn")
-    with futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        compile_errors = list(pool.map(_precompile, tasks))
+    # One process per config: a compiler abort then costs that config only, and only
+    # configs that compiled are ever launched in this process (from Triton's cache).
+    with futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        compile_errors = list(pool.map(_precompile_in_subprocess, tasks))
     print(f"precompiled {len(tasks)} configs in {time.time() - t0:.0f}s", flush=True)
     failed = {json.dumps([k, c, s]): e for (k, c, s), e in zip(tasks, compile_errors) if e}
 
@@ -288,7 +303,7 @@ def sweep(results, workers):
                     if row["ok"] and (best is None or total < best[0]):
                         best = (total, cfg)
                 except Exception as e:  # noqa: BLE001
-                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    row["error"] = _err(e)
                 table.append(row)
                 print("sweep", row, flush=True)
             if best is not None:
@@ -364,10 +379,10 @@ def bench(results):
                 if repeat_kv.get(label):
                     row[label]["note"] = "no enable_gqa: KV heads repeated in the timed region"
             except Exception as e:  # noqa: BLE001
-                row[label] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+                row[label] = dict(error=_err(e))
             print("bench", name, label, row[label], flush=True)
         for peer in ("sdpa_flash", "sdpa_cudnn"):
-            if "fwdbwd_ms" in row[peer]:
+            if "fwdbwd_ms" in row[peer] and "fwdbwd_ms" in row["ours"]:
                 row[f"over_{peer}"] = {m: row[peer][f"{m}_ms"] / row["ours"][f"{m}_ms"]
                                        for m in ("fwd", "bwd", "fwdbwd")}
         if "over_sdpa_flash" in row:
@@ -400,7 +415,13 @@ def main():
     parser.add_argument("--bench", action="store_true")
     parser.add_argument("--workers", type=int, default=12)
     parser.add_argument("--out", default="benchmarks/results/attention.json")
+    parser.add_argument("--compile-one", help=argparse.SUPPRESS)  # sweep worker
     args = parser.parse_args()
+    if args.compile_one:
+        kind, cfg, shape = json.loads(args.compile_one)
+        error = _precompile((kind, cfg, tuple(shape)))
+        print(error or "compiled")
+        return
     import triton
 
     results = dict(
@@ -412,9 +433,11 @@ def main():
         command=" ".join(sys.argv),
         flops="causal: fwd 2*b*h*s^2*d, bwd 2.5x, fwd+bwd 3.5x",
     )
-    sections = [("matmul", matmul_peak, True), ("check", check, args.check),
+    # The sweep goes first: it launches only configs that compiled in a worker, then
+    # installs its winners, which the check and the benchmark then use.
+    sections = [("matmul", matmul_peak, True),
                 ("sweep", lambda r: sweep(r, args.workers), args.sweep),
-                ("bench", bench, args.bench)]
+                ("check", check, args.check), ("bench", bench, args.bench)]
     for name, fn, wanted in sections:
         if not wanted:
             continue

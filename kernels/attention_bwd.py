@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.attention_fwd import LOG2E, _dot, _load_rows, _rows_source, dot_f32
+from kernels.attention_fwd import LOG2E, LOG2E_HOST, _dot, _load_rows, _rows_source, dot_f32
 
 
 @triton.jit
@@ -249,7 +249,7 @@ def launch_dkdv(q, k, v, do, lse, delta, dk, dv, *, causal, softmax_scale, confi
         q, k, v, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         seqlen, num_heads, num_kv_heads, num_heads // num_kv_heads, softmax_scale,
-        softmax_scale * LOG2E,
+        softmax_scale * LOG2E_HOST,
         HEAD_DIM=head_dim, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         CAUSAL=causal, EVEN=seqlen % config["BLOCK_N"] == 0, USE_TMA=use_tma,
         WARP_SPEC=config.get("WARP_SPEC", False), DOT_F32=dot_f32(q),
@@ -263,7 +263,7 @@ def launch_dq(q, k, v, do, lse, delta, dq, *, causal, softmax_scale, config, use
     _dq_kernel[(batch * num_heads, triton.cdiv(seqlen, config["BLOCK_M"]))](
         q, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        seqlen, num_heads, num_heads // k.shape[2], softmax_scale, softmax_scale * LOG2E,
+        seqlen, num_heads, num_heads // k.shape[2], softmax_scale, softmax_scale * LOG2E_HOST,
         HEAD_DIM=head_dim, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         CAUSAL=causal, EVEN=seqlen % config["BLOCK_M"] == 0, USE_TMA=use_tma,
         WARP_SPEC=config.get("WARP_SPEC", False), DOT_F32=dot_f32(q),

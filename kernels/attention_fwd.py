@@ -23,8 +23,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LN2 = 0.6931471805599453
-LOG2E = 1.4426950408889634
+LOG2E_HOST = 1.4426950408889634  # log2(e), for host-side scale folding
+LN2 = tl.constexpr(0.6931471805599453)
+LOG2E = tl.constexpr(LOG2E_HOST)
 
 
 @triton.jit
@@ -180,7 +181,7 @@ def launch_forward(q, k, v, o, lse, *, causal, softmax_scale, config, use_tma):
     _fwd_kernel[grid](
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        seqlen, num_heads, num_heads // k.shape[2], softmax_scale * LOG2E,
+        seqlen, num_heads, num_heads // k.shape[2], softmax_scale * LOG2E_HOST,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
         EVEN=seqlen % block_m == 0, USE_TMA=use_tma, WARP_SPEC=config.get("WARP_SPEC", False),
         DOT_F32=dot_f32(q), num_warps=config["num_warps"], num_stages=config["num_stages"],
