@@ -11,9 +11,9 @@ One rank of one trial, mirroring `launch.cpu_trial` with all of megatron-core:
   1F1B when vpp > 1); recompute and sequence parallelism come from the config;
 - `layout.cuda_graph`: the whole forward/backward of a step (all micro-batches) is
   captured once and replayed (megatron's FullCudaGraphWrapper), so a launch-bound step
-  at small micro-batches costs GPU time, not Python time. On 2026-11-23 the capture
-  failed in the backward (cudaErrorStreamCaptureImplicit: the eager warm-up ran on the
-  legacy default stream); see benchmarks/results/gpu_sweep_2026-11-23.md.
+  at small micro-batches costs GPU time, not Python time. The steps run on a side
+  stream: a warm-up on the legacy default stream made the backward's capture fail
+  (cudaErrorStreamCaptureImplicit, benchmarks/results/gpu_sweep_2026-11-23.md).
 
 Step time: CUDA-synchronised wall clock per step (record.py takes the median of the
 measured ones). Peak memory: the allocator's max reserved (`peak_memory_gb`) and max
@@ -23,7 +23,9 @@ context, NCCL buffers and other processes included).
 
 from __future__ import annotations
 
+import contextlib
 import time
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -228,43 +230,47 @@ def run_steps(spec: TrialSpec, *, rank: int, world: int) -> dict:
     measured = trial.warmup_steps + trial.measure_steps
 
     step_times, losses, profiler_error = [], [], None
-    for step in range(measured + profiler.extra_steps):
-        batches = _step_batches(spec, step, num_micro, dp_rank)
-        if layout.cuda_graph and step == 1:
-            torch.cuda.empty_cache()  # the capture's private pool should not sit beside eager blocks
-        dist.barrier(device_ids=[device])
-        torch.cuda.synchronize()
-        profiler.begin(step)
-        start = time.perf_counter()
-        for chunk in model:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        step_losses = forward_backward(
-            forward_step_func=_forward_step,
-            data_iterator=[iter(batches) for _ in model],
-            model=model,
-            num_microbatches=num_micro,
-            seq_length=model_cfg.seq_length,
-            micro_batch_size=layout.mbs,
-            forward_only=False,
-        )
-        with scope("optimizer"):
-            optimizer.step()
-        torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        try:
-            profiler.end(step)
-        except Exception as exc:  # noqa: BLE001 - a failed breakdown must not fail a measured trial
-            profiler_error = f"{type(exc).__name__}: {exc}"[:500]
-        if step == 0:
-            setup.mark("first_step")
-        if step >= measured:  # the profiled step is an extra one, never timed
-            continue
-        step_times.append(elapsed)
-        if last_stage:
-            total = torch.stack([d["loss"] for d in step_losses]).sum() / num_micro
-            dist.all_reduce(total, group=dp_group)
-            losses.append(float(total) / dp)
+    # PyTorch captures a backward only if the eager warm-up ran on a side stream: on the
+    # legacy default stream the capture fails (cudaErrorStreamCaptureImplicit, 2026-11-23).
+    side_stream = torch.cuda.Stream() if layout.cuda_graph else None
+    with torch.cuda.stream(side_stream) if side_stream else contextlib.nullcontext():
+        for step in range(measured + profiler.extra_steps):
+            batches = _step_batches(spec, step, num_micro, dp_rank)
+            if layout.cuda_graph and step == 1:
+                torch.cuda.empty_cache()  # the capture's private pool should not sit beside eager blocks
+            dist.barrier(device_ids=[device])
+            torch.cuda.synchronize()
+            profiler.begin(step)
+            start = time.perf_counter()
+            for chunk in model:
+                chunk.zero_grad_buffer()
+            optimizer.zero_grad()
+            step_losses = forward_backward(
+                forward_step_func=_forward_step,
+                data_iterator=[iter(batches) for _ in model],
+                model=model,
+                num_microbatches=num_micro,
+                seq_length=model_cfg.seq_length,
+                micro_batch_size=layout.mbs,
+                forward_only=False,
+            )
+            with scope("optimizer"):
+                optimizer.step()
+            torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            try:
+                profiler.end(step)
+            except Exception as exc:  # noqa: BLE001 - a failed breakdown must not fail a measured trial
+                profiler_error = f"{type(exc).__name__}: {exc}"[:500]
+            if step == 0:
+                setup.mark("first_step")
+            if step >= measured:  # the profiled step is an extra one, never timed
+                continue
+            step_times.append(elapsed)
+            if last_stage:
+                total = torch.stack([d["loss"] for d in step_losses]).sum() / num_micro
+                dist.all_reduce(total, group=dp_group)
+                losses.append(float(total) / dp)
     record = {"step_times_s": step_times, **_memory(), "trial_path": PATH, "setup_s": setup.marks}
     if profiler_error:
         record["breakdown_error"] = profiler_error
