@@ -50,7 +50,8 @@ def _delta_kernel(O, DO, DELTA,
 def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, offs_n, lo, hi, seqlen,
                 stride_qs, stride_qd, stride_gs, stride_gd, qk_scale2,
                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
-                EVEN: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr):
+                EVEN: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+                DOT_F32: tl.constexpr):
     for start_m in tl.range(lo, hi, BLOCK_M, warp_specialize=WARP_SPEC):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -129,7 +130,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         else:
             dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE + row, DELTA + row, offs_n,
                                  0, seqlen, seqlen, stride_qs, stride_qd, stride_gs, stride_gd,
-                                 qk_scale2, BLOCK_M, HEAD_DIM, False, EVEN, USE_TMA, WARP_SPEC, DOT_F32)
+                                 qk_scale2, BLOCK_M, HEAD_DIM, False, EVEN, USE_TMA, WARP_SPEC,
+                                 DOT_F32)
 
     dk = dk * softmax_scale
     cols = tl.arange(0, HEAD_DIM)
@@ -149,7 +151,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
 def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, offs_m, lo, hi, seqlen,
               stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
-              EVEN: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr):
+              EVEN: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+              DOT_F32: tl.constexpr):
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k = _load_rows(k_src, start_n, seqlen, stride_ks, stride_kd, BLOCK_N, HEAD_DIM,

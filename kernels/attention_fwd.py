@@ -139,16 +139,19 @@ def _fwd_kernel(Q, K, V, O, LSE,
         # Blocks left of the diagonal: no mask, always inside the sequence.
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, offs_m, 0, start_m, seqlen,
                                    stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2,
-                                   BLOCK_N, HEAD_DIM, False, False, True, USE_TMA, WARP_SPEC, DOT_F32)
+                                   BLOCK_N, HEAD_DIM, False, False, True, USE_TMA, WARP_SPEC,
+                                   DOT_F32)
         hi = tl.minimum(start_m + BLOCK_M, seqlen)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, offs_m, start_m, hi, seqlen,
                                    stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2,
-                                   BLOCK_N, HEAD_DIM, True, False, EVEN, USE_TMA, WARP_SPEC, DOT_F32)
+                                   BLOCK_N, HEAD_DIM, True, False, EVEN, USE_TMA, WARP_SPEC,
+                                   DOT_F32)
     else:
         full = (seqlen // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, offs_m, 0, full, seqlen,
                                    stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2,
-                                   BLOCK_N, HEAD_DIM, False, False, True, USE_TMA, WARP_SPEC, DOT_F32)
+                                   BLOCK_N, HEAD_DIM, False, False, True, USE_TMA, WARP_SPEC,
+                                   DOT_F32)
         if not EVEN:
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, offs_m, full, seqlen,
                                        seqlen, stride_ks, stride_kd, stride_vs, stride_vd,
