@@ -5,6 +5,7 @@
 #
 #   benchmarks/run_gpu_sweep.sh smoke   # every trial path once, few steps (~2 min)
 #   benchmarks/run_gpu_sweep.sh full    # the sweep, a 20-step loss-parity sweep, one profiled step
+#   benchmarks/run_gpu_sweep.sh followup  # CUDA graphs at mbs 1 and the 20-step parity only
 #
 # Blocks run in priority order and a block starts only while time is left (BUDGET_S,
 # seconds from the start), so the whole command ends inside one device call. Results:
@@ -18,6 +19,7 @@ BUDGET_S=${BUDGET_S:-540}
 OUT=${OUT:-benchmarks/results}
 TAG=${TAG:-gpu_sweep_$(date +%Y-%m-%d)}
 [ "$MODE" = smoke ] && TAG=${TAG}_smoke
+[ "$MODE" = followup ] && TAG=${TAG}_followup
 mkdir -p "$OUT"
 exec > >(tee "$OUT/$TAG.log") 2>&1
 START=$(date +%s)
@@ -59,6 +61,17 @@ if [ "$MODE" = smoke ]; then
   sweep 30 sweep=h100_smoke layout.attention=megatron layout.norm=megatron layout.mbs=2
   sweep 30 sweep=h100_smoke layout.mbs=1 layout.cuda_graph=true,false
   python3 benchmarks/gpu_sweep_report.py --sweep $D --parity $D --out "$OUT" --tag "$TAG"
+elif [ "$MODE" = followup ]; then
+  D=sweeps/h100_single/llama_1b3-local_gpu
+  P=sweeps/h100_parity/llama_1b3-local_gpu
+  sweep 30 sweep=h100_single layout.cuda_graph=true layout.mbs=1 layout.recompute=none
+  PAR="sweep=h100_smoke sweep.name=h100_parity layout.gbs=4 layout.mbs=2 trial.warmup_steps=2 \
+    trial.measure_steps=18"
+  sweep 30 $PAR layout.attention=megatron layout.norm=megatron
+  sweep 30 $PAR layout.attention=sdpa_cudnn
+  sweep 30 $PAR layout.attention=triton
+  sweep 30 $PAR layout.attention=sdpa_cudnn layout.recompute=full
+  python3 benchmarks/gpu_sweep_report.py --sweep $D --parity $P --out "$OUT" --tag "$TAG"
 else
   D=sweeps/h100_single/llama_1b3-local_gpu
   P=sweeps/h100_parity/llama_1b3-local_gpu
