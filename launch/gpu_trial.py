@@ -186,6 +186,17 @@ def achieved_rates(breakdown: dict, model: ModelConfig, layout: Layout, world: i
 
 
 def run_steps(spec: TrialSpec, *, rank: int, world: int) -> dict:
+    """PyTorch captures a backward only off the legacy default stream, and megatron's DDP
+    keeps the AccumulateGrad nodes it hooks at construction: a CUDA-graph trial builds and
+    trains entirely on a side stream (on the default stream the capture failed with
+    cudaErrorStreamCaptureImplicit, 2026-11-23)."""
+    if spec.layout.cuda_graph:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            return _run_steps(spec, rank=rank, world=world)
+    return _run_steps(spec, rank=rank, world=world)
+
+
+def _run_steps(spec: TrialSpec, *, rank: int, world: int) -> dict:
     model_cfg, layout, trial = spec.model, spec.layout, spec.trial
     if layout.cuda_graph and trial.warmup_steps < 2:
         raise ValueError("cuda_graph needs warmup_steps >= 2: step 0 runs eagerly, step 1 is captured")
@@ -230,10 +241,7 @@ def run_steps(spec: TrialSpec, *, rank: int, world: int) -> dict:
     measured = trial.warmup_steps + trial.measure_steps
 
     step_times, losses, profiler_error = [], [], None
-    # PyTorch captures a backward only if the eager warm-up ran on a side stream: on the
-    # legacy default stream the capture fails (cudaErrorStreamCaptureImplicit, 2026-11-23).
-    side_stream = torch.cuda.Stream() if layout.cuda_graph else None
-    with torch.cuda.stream(side_stream) if side_stream else contextlib.nullcontext():
+    with contextlib.nullcontext():
         for step in range(measured + profiler.extra_steps):
             batches = _step_batches(spec, step, num_micro, dp_rank)
             if layout.cuda_graph and step == 1:
