@@ -23,13 +23,17 @@ from analysis.results import load_records, to_row  # noqa: E402
 # that much between kernels, and the mean loss over a step's 2^15 tokens averages it
 # down. A relative gap past one unit roundoff means different arithmetic, not rounding.
 PARITY_RTOL = 2.0**-9
+# After the first update the runs no longer share weights: Adam normalises each update,
+# so a rounding-level gradient difference becomes a difference of a whole lr-sized step,
+# and the gap compounds. Over 20 steps we hold it to bf16's machine epsilon (2^-7).
+TRAINED_RTOL = 2.0**-7
 
 
 def _is_stock(layout: dict) -> bool:
     return layout.get("attention") == "megatron" and layout.get("norm") == "megatron"
 
 
-def parity(records: list[dict], rtol: float = PARITY_RTOL) -> dict:
+def parity(records: list[dict], rtol: float = PARITY_RTOL, trained_rtol: float = TRAINED_RTOL) -> dict:
     """Largest per-step loss gap of each trial against a reference trial (the stock spec if run)."""
     runs = [r for r in records if r.get("status") == "ok" and r.get("losses")]
     if len(runs) < 2:
@@ -45,9 +49,12 @@ def parity(records: list[dict], rtol: float = PARITY_RTOL) -> dict:
         worst = max(gaps) if gaps else None
         rows.append({"trial": r["trial"], "steps": steps, "max_abs_diff": worst,
                      "max_rel_diff": max(g / abs(a) for g, a in zip(gaps, ref)) if gaps else None,
+                     "step0_rel_diff": gaps[0] / abs(ref[0]) if gaps else None,
                      "first_loss": r["losses"][0], "last_loss": r["losses"][steps - 1]})
-    passed = all(row["max_rel_diff"] is not None and row["max_rel_diff"] <= rtol for row in rows)
-    return {"reference": reference["trial"], "rtol": rtol, "min_steps": min(row["steps"] for row in rows),
+    passed = all(row["max_rel_diff"] is not None and row["step0_rel_diff"] <= rtol
+                 and row["max_rel_diff"] <= trained_rtol for row in rows)
+    return {"reference": reference["trial"], "rtol": rtol, "trained_rtol": trained_rtol,
+            "min_steps": min(row["steps"] for row in rows),
             "passed": passed, "trials": rows}
 
 
@@ -55,11 +62,13 @@ def parity_markdown(result: dict) -> str:
     if not result.get("reference"):
         return f"Loss parity: not measured ({result.get('reason')})."
     lines = [f"Loss parity against `{result['reference']}` over {result['min_steps']} steps "
-             f"(rtol {result['rtol']:.2e}): {'PASS' if result['passed'] else 'FAIL'}", "",
-             "| trial | steps | max abs diff | max rel diff | first loss | last loss |",
-             "|---|---|---|---|---|---|"]
+             f"(step 0 within {result['rtol']:.2e}, every step within {result.get('trained_rtol', result['rtol']):.2e}): "
+             f"{'PASS' if result['passed'] else 'FAIL'}", "",
+             "| trial | steps | step-0 rel diff | max abs diff | max rel diff | first loss | last loss |",
+             "|---|---|---|---|---|---|---|"]
     for row in result["trials"]:
-        lines.append(f"| {row['trial']} | {row['steps']} | {row['max_abs_diff']:.2e} | {row['max_rel_diff']:.2e} "
+        lines.append(f"| {row['trial']} | {row['steps']} | {row.get('step0_rel_diff') or 0:.2e} "
+                     f"| {row['max_abs_diff']:.2e} | {row['max_rel_diff']:.2e} "
                      f"| {row['first_loss']:.4f} | {row['last_loss']:.4f} |")
     return "\n".join(lines)
 
