@@ -10,7 +10,9 @@ with that rank's traceback.
 from __future__ import annotations
 
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -63,9 +65,20 @@ def run_on_gloo(fn, *, world_size=2, tp=1, pp=1, args=(), timeout_s=600):
     for p in procs:
         p.start()
     results = {}
+    deadline = time.time() + timeout_s
     try:
-        for _ in range(world_size):
-            rank, status, value = queue.get(timeout=timeout_s)
+        while len(results) < world_size:
+            try:
+                rank, status, value = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                # A rank killed before it could report (segfault, OOM kill) must not
+                # leave the test waiting for the whole timeout.
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead:
+                    raise RuntimeError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}")
+                if time.time() > deadline:
+                    raise TimeoutError(f"ranks did not finish within {timeout_s} s")
+                continue
             if status != "ok":
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
             results[rank] = value
