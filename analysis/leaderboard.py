@@ -39,7 +39,13 @@ def layout_label(row: dict) -> str:
     return " ".join(parts)
 
 
-def markdown(rows: list[dict], *, top: int | None = None) -> str:
+def markdown(rows: list[dict], *, top: int | None = None, group_unlaunched: bool = False) -> str:
+    """The ranked table, then every trial that did not end ok with its reason.
+
+    With `group_unlaunched`, invalid and skipped layouts are counted per reason instead
+    of listed one by one (a large sweep's console output stays readable); trials that
+    ran and failed are always listed.
+    """
     best = ranked(rows)
     lines = [
         "| # | layout | step s | tokens/s | TFLOP/s/GPU | MFU (PaLM) | MFU (Megatron) | peak GiB | predicted GiB |",
@@ -54,13 +60,22 @@ def markdown(rows: list[dict], *, top: int | None = None) -> str:
     counts = Counter(r["status"] for r in rows)
     lines.append("")
     lines.append("Trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    failed = [r for r in rows if r["status"] not in ("ok",)]
+    unlaunched = ("invalid", "skipped") if group_unlaunched else ()
+    failed = [r for r in rows if r["status"] != "ok" and r["status"] not in unlaunched]
     if failed:
         lines += ["", "| trial | status | reason |", "|---|---|---|"]
         for r in sorted(failed, key=lambda r: (r["status"], r["trial"])):
-            reason = (r["reason"] or "").replace("|", "/").replace("\n", " ")[:160]
-            lines.append(f"| {r['trial']} | {r['status']} | {reason} |")
+            lines.append(f"| {r['trial']} | {r['status']} | {_reason(r)} |")
+    grouped = Counter((r["status"], _reason(r)) for r in rows if r["status"] in unlaunched)
+    if grouped:
+        lines += ["", "| not run | layouts | reason |", "|---|---|---|"]
+        for (status, reason), n in sorted(grouped.items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {status} | {n} | {reason} |")
     lines.append("")
     lines.append("MFU (PaLM) = tokens/s x (6N + 12*L*H*T) / (peak x GPUs); MFU (Megatron) halves causal "
                  "attention. Recompute FLOPs are excluded from both; peak is the cluster preset's.")
     return "\n".join(lines)
+
+
+def _reason(row: dict) -> str:
+    return (row["reason"] or "").replace("|", "/").replace("\n", " ")[:160]

@@ -87,7 +87,7 @@ def finish_sweep(sweep_dir: Path, points=None, echo=print) -> dict:
     }
     write_json_atomic(sweep_dir / "leaderboard.json", {"summary": summary, "rows": rows})
     echo("")
-    echo(board)
+    echo(markdown(rows, top=20, group_unlaunched=True))
     wrong = mismatches(rows)
     if wrong:
         echo("\nMeasurement contradicted the memory prediction:")

@@ -100,3 +100,12 @@ def test_recommend_predicts_without_runs(capsys):
     out = capsys.readouterr().out
     assert "Predicted best layouts for llama2_7b on 32 GPUs" in out and "--micro-batch-size" in out
     assert recommend_main(["--model", "llama2_7b", "--cluster", "tpu_v5"]) == 2
+
+
+def test_console_leaderboard_groups_layouts_that_never_ran(tmp_path):
+    fast, slow, oom, bad = _sweep(tmp_path)
+    other = _spec(tmp_path, tp=3, mbs=2)
+    write_json_atomic(result_path(other.trial_dir), base_record(other, "invalid", "world size 2 is not divisible"))
+    board = markdown(collect(tmp_path), group_unlaunched=True)
+    assert oom.name in board  # a trial that ran and failed is always named
+    assert bad.name not in board and "| invalid | 2 | world size 2 is not divisible |" in board
