@@ -66,7 +66,7 @@ def markdown(rows: list[dict], *, top: int | None = None, group_unlaunched: bool
         lines += ["", "| trial | status | reason |", "|---|---|---|"]
         for r in sorted(failed, key=lambda r: (r["status"], r["trial"])):
             lines.append(f"| {r['trial']} | {r['status']} | {_reason(r)} |")
-    grouped = Counter((r["status"], _reason(r)) for r in rows if r["status"] in unlaunched)
+    grouped = Counter((r["status"], _reason_group(_reason(r))) for r in rows if r["status"] in unlaunched)
     if grouped:
         lines += ["", "| not run | layouts | reason |", "|---|---|---|"]
         for (status, reason), n in sorted(grouped.items(), key=lambda kv: -kv[1]):
@@ -75,6 +75,13 @@ def markdown(rows: list[dict], *, top: int | None = None, group_unlaunched: bool
     lines.append("MFU (PaLM) = tokens/s x (6N + 12*L*H*T) / (peak x GPUs); MFU (Megatron) halves causal "
                  "attention. Recompute FLOPs are excluded from both; peak is the cluster preset's.")
     return "\n".join(lines)
+
+
+def _reason_group(reason: str) -> str:
+    """Reasons that differ only in per-layout numbers count as one."""
+    if reason.startswith("predicted OOM:") and ">" in reason:
+        return "predicted OOM: > " + reason.split(">", 1)[1].strip()
+    return reason.split(" (rank ")[0]
 
 
 def _reason(row: dict) -> str:

@@ -173,6 +173,7 @@ class SweepConfig:
     name: str = "default"
     prune_predicted_oom: bool = True  # skip layouts the memory model says won't fit
     rerun_failed: bool = False  # on resume, re-run trials recorded as error/timeout
+    max_trials: Optional[int] = None  # launch only the best N by predicted MFU; None = all
     progress_interval_s: float = 10.0
     calibration: Optional[str] = None  # path to a calibration JSON from an earlier sweep
 

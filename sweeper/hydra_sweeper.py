@@ -179,7 +179,9 @@ class LayoutSweeperImpl(Sweeper):
         calibration = self._calibration(sweep_cfg, sweep_dir)
         for point in points:
             classify(point, sweep=sweep_cfg, sweep_dir=sweep_dir, calibration=calibration)
-        launch = order(points)
+        if sweep_cfg.max_trials is not None and sweep_cfg.max_trials <= 0:
+            fail(f"sweep.max_trials must be positive, got {sweep_cfg.max_trials}")
+        launch = order(points, sweep_cfg.max_trials)
         if not launch and not any(p.status == "done" for p in points):
             reasons = [p.reason for p in points if p.reason]
             fail(f"empty search space: none of {len(points)} layouts can run"

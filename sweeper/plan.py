@@ -75,10 +75,21 @@ def classify(point: Point, *, sweep: SweepConfig, sweep_dir: Path, calibration=N
             point.status, point.reason = "done", f"recorded earlier as {previous['status']}"
 
 
-def order(points: list[Point]) -> list[Point]:
-    """Launchable points, highest predicted MFU first (ties keep sweep order)."""
+def order(points: list[Point], max_trials: Optional[int] = None) -> list[Point]:
+    """Launchable points, highest predicted MFU first (ties keep sweep order).
+
+    With `max_trials`, the rest are skipped with their predicted rank as the reason:
+    GPU hours go to the layouts most likely to win.
+    """
     launch = [p for p in points if p.status == "launch"]
-    return sorted(launch, key=lambda p: -(p.prediction or {}).get("mfu", 0.0))
+    launch.sort(key=lambda p: -(p.prediction or {}).get("mfu", 0.0))
+    if max_trials is not None:
+        for rank, point in enumerate(launch[max_trials:], max_trials + 1):
+            point.status = "skipped"
+            point.reason = (f"outside the top {max_trials} by predicted MFU "
+                            f"(rank {rank}, {100 * point.prediction['mfu']:.1f}%)")
+        launch = launch[:max_trials]
+    return launch
 
 
 def summary_lines(points: list[Point]) -> list[str]:
@@ -91,7 +102,8 @@ def summary_lines(points: list[Point]) -> list[str]:
     reasons = {}
     for p in points:
         if p.status in ("invalid", "skipped"):
-            key = p.reason.split(":")[0] if p.reason.startswith(("needs CUDA", "predicted OOM")) else p.reason
+            prefixes = ("needs CUDA", "predicted OOM", "outside the top")
+            key = p.reason.split(":")[0].split(" (rank")[0] if p.reason.startswith(prefixes) else p.reason
             reasons[key] = reasons.get(key, 0) + 1
     for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {n:4d} x {reason}")

@@ -59,3 +59,17 @@ def test_cpu_cluster_skips_what_needs_cuda(tmp_path):
     p.layout.gbs = 8
     classify(p, sweep=SweepConfig(), sweep_dir=tmp_path)
     assert p.status == "skipped" and p.reason.startswith("needs CUDA: pipeline")
+
+
+def test_max_trials_keeps_the_best_predicted_and_records_the_rest(tmp_path):
+    points = [point(tp=t, mbs=m) for t in (1, 2, 8) for m in (1, 4)]
+    for p in points:
+        classify(p, sweep=SweepConfig(), sweep_dir=tmp_path)
+    everything = [p.name for p in order(list(points))]
+    for p in points:
+        p.status = "launch"
+    top = order(points, max_trials=2)
+    assert [p.name for p in top] == everything[:2]
+    rest = [p for p in points if p.name not in everything[:2]]
+    assert all(p.status == "skipped" and p.reason.startswith("outside the top 2 by predicted MFU (rank ")
+               for p in rest)
