@@ -23,7 +23,6 @@ context, NCCL buffers and other processes included).
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
@@ -241,44 +240,43 @@ def _run_steps(spec: TrialSpec, *, rank: int, world: int) -> dict:
     measured = trial.warmup_steps + trial.measure_steps
 
     step_times, losses, profiler_error = [], [], None
-    with contextlib.nullcontext():
-        for step in range(measured + profiler.extra_steps):
-            batches = _step_batches(spec, step, num_micro, dp_rank)
-            if layout.cuda_graph and step == 1:
-                torch.cuda.empty_cache()  # the capture's private pool should not sit beside eager blocks
-            dist.barrier(device_ids=[device])
-            torch.cuda.synchronize()
-            profiler.begin(step)
-            start = time.perf_counter()
-            for chunk in model:
-                chunk.zero_grad_buffer()
-            optimizer.zero_grad()
-            step_losses = forward_backward(
-                forward_step_func=_forward_step,
-                data_iterator=[iter(batches) for _ in model],
-                model=model,
-                num_microbatches=num_micro,
-                seq_length=model_cfg.seq_length,
-                micro_batch_size=layout.mbs,
-                forward_only=False,
-            )
-            with scope("optimizer"):
-                optimizer.step()
-            torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
-            try:
-                profiler.end(step)
-            except Exception as exc:  # noqa: BLE001 - a failed breakdown must not fail a measured trial
-                profiler_error = f"{type(exc).__name__}: {exc}"[:500]
-            if step == 0:
-                setup.mark("first_step")
-            if step >= measured:  # the profiled step is an extra one, never timed
-                continue
-            step_times.append(elapsed)
-            if last_stage:
-                total = torch.stack([d["loss"] for d in step_losses]).sum() / num_micro
-                dist.all_reduce(total, group=dp_group)
-                losses.append(float(total) / dp)
+    for step in range(measured + profiler.extra_steps):
+        batches = _step_batches(spec, step, num_micro, dp_rank)
+        if layout.cuda_graph and step == 1:
+            torch.cuda.empty_cache()  # the capture's private pool should not sit beside eager blocks
+        dist.barrier(device_ids=[device])
+        torch.cuda.synchronize()
+        profiler.begin(step)
+        start = time.perf_counter()
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        step_losses = forward_backward(
+            forward_step_func=_forward_step,
+            data_iterator=[iter(batches) for _ in model],
+            model=model,
+            num_microbatches=num_micro,
+            seq_length=model_cfg.seq_length,
+            micro_batch_size=layout.mbs,
+            forward_only=False,
+        )
+        with scope("optimizer"):
+            optimizer.step()
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        try:
+            profiler.end(step)
+        except Exception as exc:  # noqa: BLE001 - a failed breakdown must not fail a measured trial
+            profiler_error = f"{type(exc).__name__}: {exc}"[:500]
+        if step == 0:
+            setup.mark("first_step")
+        if step >= measured:  # the profiled step is an extra one, never timed
+            continue
+        step_times.append(elapsed)
+        if last_stage:
+            total = torch.stack([d["loss"] for d in step_losses]).sum() / num_micro
+            dist.all_reduce(total, group=dp_group)
+            losses.append(float(total) / dp)
     record = {"step_times_s": step_times, **_memory(), "trial_path": PATH, "setup_s": setup.marks}
     if profiler_error:
         record["breakdown_error"] = profiler_error

@@ -19,7 +19,6 @@ from launch.record import base_record, classify, read_json, result_path, write_j
 from launch.spec import TrialSpec, git_commit
 from launch.trial import in_submitit_task, run_local, run_task
 from sweeper.config import (
-    ConfigError,
     cluster_from_dict,
     layout_from_dict,
     model_from_dict,
@@ -51,7 +50,7 @@ def trial(cfg: DictConfig) -> dict:
     try:
         spec = spec_from_config(cfg, trial_dir)
         return run_task(spec) if in_submitit_task() else run_local(spec)
-    except (Exception, ConfigError) as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - ConfigError included
         if spec is None:
             return {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
         record = base_record(spec, classify(exc), f"{type(exc).__name__}: {exc}")
