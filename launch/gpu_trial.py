@@ -9,10 +9,10 @@ One rank of one trial, mirroring `launch.cpu_trial` with all of megatron-core:
   grads), distributed (ZeRO-1) when `layout.distributed_optimizer`;
 - the schedule: `get_forward_backward_func()` (no pipelining, 1F1B, or interleaved
   1F1B when vpp > 1); recompute and sequence parallelism come from the config;
-- `layout.cuda_graph`: the whole forward/backward of a step (all micro-batches) is
-  captured once and replayed (megatron's FullCudaGraphWrapper), so a launch-bound step
-  at small micro-batches costs GPU time, not Python time. The steps run on a side
-  stream: a warm-up on the legacy default stream made the backward's capture fail
+- `layout.cuda_graph`: one micro-batch's forward and backward is captured once and
+  replayed for every micro-batch (`launch.step_graph`), so a launch-bound step at small
+  micro-batches costs GPU time, not Python time. The steps run on a side stream: a
+  warm-up on the legacy default stream made the backward's capture fail
   (cudaErrorStreamCaptureImplicit, benchmarks/results/gpu_sweep_2026-11-23.md).
 
 Step time: CUDA-synchronised wall clock per step (record.py takes the median of the
@@ -23,6 +23,7 @@ context, NCCL buffers and other processes included).
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -39,6 +40,7 @@ from launch.data import first_sequence, microbatch
 from launch.model import build_model, transformer_config
 from launch.profile import StepProfiler, scope
 from launch.spec import TrialSpec
+from launch.step_graph import MicrobatchGraph
 from sweeper.config import Layout, ModelConfig
 
 PATH = ("cuda-nccl: megatron-core GPTModel, Float16Module, megatron DDP (fp32 grad buffers), "
@@ -148,6 +150,10 @@ class Timeline:
 
 
 def _process_age_s():
+    """Seconds since this rank's process started, or since a spare got this rank (launch.spare)."""
+    assigned = os.environ.get("LAYOUT_SWEEP_ASSIGNED_AT")
+    if assigned:
+        return round(time.time() - float(assigned), 3)
     try:
         import psutil
 
@@ -225,13 +231,11 @@ def _run_steps(spec: TrialSpec, *, rank: int, world: int) -> dict:
     _use_fused_adam(optimizer)
     setup.mark("ddp_and_optimizer")
 
-    forward_backward = get_forward_backward_func()
     if layout.cuda_graph:
-        from megatron.core.full_cuda_graph import FullCudaGraphWrapper
-
-        # Step 0 runs eagerly (cuDNN plans, Triton and torch.compile kernels, optimizer
-        # state); step 1 is captured (and replayed), every later step only replays.
-        forward_backward = FullCudaGraphWrapper(forward_backward, cuda_graph_warmup_steps=1)
+        # Step 0 runs eagerly; step 1 captures its first micro-batch, then replays.
+        forward_backward = MicrobatchGraph(loss_func=_loss_func, eager_steps=1)
+    else:
+        forward_backward = get_forward_backward_func()
     num_micro = layout.num_microbatches(world)
     last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     dp_group = parallel_state.get_data_parallel_group()
@@ -242,8 +246,6 @@ def _run_steps(spec: TrialSpec, *, rank: int, world: int) -> dict:
     step_times, losses, profiler_error = [], [], None
     for step in range(measured + profiler.extra_steps):
         batches = _step_batches(spec, step, num_micro, dp_rank)
-        if layout.cuda_graph and step == 1:
-            torch.cuda.empty_cache()  # the capture's private pool should not sit beside eager blocks
         dist.barrier(device_ids=[device])
         torch.cuda.synchronize()
         profiler.begin(step)
