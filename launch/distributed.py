@@ -2,7 +2,7 @@
 
 The supervisor that starts a rank (locally, or inside a SLURM/submitit task)
 sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; see
-`launch.supervise.rank_env`.
+`launch.supervise.rank_vars`.
 """
 
 from __future__ import annotations

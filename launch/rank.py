@@ -2,6 +2,8 @@
 
 Runs the trial's steps and writes `rank{N}.json` whatever happens; the
 supervisor turns a rank that died without one into a record too.
+`python -m launch.rank --spare DEVICE IMPORT_LOG` is a rank started ahead of
+its trial (`launch.spare`).
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def run(spec: TrialSpec) -> dict:
 def main(argv: list[str]) -> int:
     spec = TrialSpec.load(argv[0])
     rank = int(os.environ["RANK"])
-    record = {"rank": rank, "status": "error", "started_at": time.time()}
+    record = {"rank": rank, "status": "error", "started_at": time.time(),
+              "prestarted": "LAYOUT_SWEEP_ASSIGNED_AT" in os.environ}
     try:
         record["env"] = environment(spec.cluster.device)
         record.update(run(spec))
@@ -72,4 +75,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--spare"]:
+        from launch.spare import serve
+
+        os._exit(serve(*sys.argv[2:4]))
     os._exit(main(sys.argv[1:]))

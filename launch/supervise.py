@@ -1,7 +1,8 @@
 """Start rank processes, enforce the trial's time limit, and record what happened.
 
-A rank is always a fresh `python -m launch.rank` process, so no memory or
-state leaks between trials. Locally one supervisor starts every rank; under
+A rank is always a fresh `python -m launch.rank` process (started just now, or
+a spare started ahead of need, `launch.spare`), used for one trial only, so no
+memory or state leaks between trials. Locally one supervisor starts every rank; under
 SLURM each task supervises its own rank. A rank that exits without writing its
 record (segfault, kill, host OOM) or outlives the limit gets one written here.
 """
@@ -14,7 +15,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
+from launch import spare
 from launch.record import rank_path, read_json, write_json_atomic
 from launch.spec import REPO_ROOT, TrialSpec
 
@@ -23,18 +26,25 @@ from launch.spec import REPO_ROOT, TrialSpec
 FAILURE_GRACE_S = 15.0
 
 
-def rank_env(*, rank: int, local_rank: int, world: int, master_addr: str, master_port: int) -> dict:
-    env = dict(os.environ)
-    env.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(local_rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR=master_addr,
-        MASTER_PORT=str(master_port),
-        PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        PYTHONUNBUFFERED="1",
-    )
-    return env
+def rank_vars(*, rank: int, local_rank: int, world: int, master_addr: str, master_port: int) -> dict:
+    """What one rank's environment adds to the supervisor's."""
+    return {"RANK": str(rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world),
+            "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
+
+
+def _start(spec_path: Path, log_path: Path, variables: dict, *, device: Optional[str]) -> subprocess.Popen:
+    """A rank process: a waiting spare when `device` names one that is ready, else a fresh one."""
+    ready = spare.SPARES.take(device) if device else None
+    if ready is not None:
+        proc, _ = ready
+        spare.assign(proc, spec_path=spec_path, env=variables, log=log_path)
+        return proc
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "launch.rank", str(spec_path)],
+            env={**spare.base_env(), **variables}, cwd=REPO_ROOT, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
 
 
 def _log_tail(path: Path, limit: int = 1500) -> str:
@@ -54,22 +64,25 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def run_ranks(spec: TrialSpec, *, ranks: list[int], local_ranks: list[int], master_addr: str,
-              master_port: int, deadline: float) -> None:
-    """Run the given ranks to completion or the deadline; every rank ends with a record."""
+              master_port: int, deadline: float, prestart: bool = False) -> None:
+    """Run the given ranks to completion or the deadline; every rank ends with a record.
+
+    prestart: take ranks from waiting spares, and start spares for the next trial
+    (`launch.spare`).
+    """
     spec_path = Path(spec.trial_dir) / "spec.json"
+    device = spec.cluster.device if prestart else None
     procs, logs = {}, {}
     for rank, local_rank in zip(ranks, local_ranks):
         path = rank_path(spec.trial_dir, rank)
         if path.exists():
             path.unlink()  # a stale record from an interrupted earlier run
         logs[rank] = Path(spec.trial_dir) / f"rank{rank}.log"
-        env = rank_env(rank=rank, local_rank=local_rank, world=spec.world_size,
-                       master_addr=master_addr, master_port=master_port)
-        with open(logs[rank], "w") as log:
-            procs[rank] = subprocess.Popen(
-                [sys.executable, "-m", "launch.rank", str(spec_path)],
-                env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
+        variables = rank_vars(rank=rank, local_rank=local_rank, world=spec.world_size,
+                              master_addr=master_addr, master_port=master_port)
+        procs[rank] = _start(spec_path, logs[rank], variables, device=device)
+    if device:
+        spare.SPARES.prepare(device, len(ranks))
     outcome = {}  # rank -> "timeout" | "aborted"
     first_failure = None
     while any(p.poll() is None for p in procs.values()):

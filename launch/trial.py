@@ -45,9 +45,12 @@ def run_local(spec: TrialSpec) -> dict:
     started = time.time()
     spec.save()
     world = spec.world_size
+    prestart = spec.trial.prestart_ranks
+    if prestart is None:
+        prestart = spec.cluster.device == "cuda"
     run_ranks(spec, ranks=list(range(world)), local_ranks=list(range(world)),
               master_addr="127.0.0.1", master_port=_free_port(),
-              deadline=started + spec.trial.timeout_s)
+              deadline=started + spec.trial.timeout_s, prestart=prestart)
     return _finish(spec, collect_ranks(spec, wait_until=time.time()), started)
 
 

@@ -162,6 +162,9 @@ class TrialConfig:
     wandb_project: str = "layout-sweep"
     profile: bool = False  # record a per-category time breakdown of one measured step
     trace: bool = False  # also export that step's Chrome trace
+    # Local runs: hand ranks to processes started (and imported) while the previous trial
+    # ran (launch/spare.py). None: on for GPU trials, off on CPU.
+    prestart_ranks: Optional[bool] = None
     # Testing aid: a trial whose name contains this string raises on purpose.
     fail_if_name_contains: Optional[str] = None
 

@@ -41,12 +41,19 @@ def test_local_sweep_records_every_trial_and_resumes(tmp_path):
 
 
 def test_losses_agree_across_layouts(tmp_path):
-    """Same seed and data: TP and DP splits train on the same tokens and give the same loss."""
+    """Same seed and data: TP and DP splits train on the same tokens and give the same loss.
+
+    With prestarted ranks: the second trial's ranks are spares that imported while the
+    first trial ran (launch/spare.py), and train exactly like fresh processes.
+    """
     sweep_dir = tmp_path / "parity"
     result = run_sweep(sweep_dir, "layout.tp=1,2", "layout.mbs=1", "trial.warmup_steps=0",
-                       "trial.measure_steps=3", "layout.pp=1", "trial.wandb=true", *FAST[2:])
+                       "trial.measure_steps=3", "layout.pp=1", "trial.wandb=true",
+                       "trial.prestart_ranks=true", *FAST[2:])
     assert result.returncode == 0, result.stderr[-3000:]
-    losses = [r["losses"] for r in records(sweep_dir).values() if r["status"] == "ok"]
+    recs = sorted(records(sweep_dir).values(), key=lambda r: r["ranks"][0]["started_at"])
+    assert [[rank["prestarted"] for rank in r["ranks"]] for r in recs] == [[False, False], [True, True]]
+    losses = [r["losses"] for r in recs if r["status"] == "ok"]
     assert len(losses) == 2
     for a, b in zip(*losses):
         assert abs(a - b) < 1e-4 * abs(a)  # fp32 on CPU: only reduction order differs
