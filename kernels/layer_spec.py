@@ -4,6 +4,10 @@ Kernels enter through `ModuleSpec`, never by patching megatron: a layout's
 `attention` picks the core-attention module and its `norm` picks the module
 for every norm, the final one included. `attention="megatron", norm="megatron"`
 is megatron-core's stock local spec, the baseline.
+
+RoPE goes with the attention: our core-attention modules apply it themselves (one
+fused kernel, kernels.rope), megatron's applies its own. `applies_rope` says which,
+so the model builder can switch megatron's off (position_embedding_type="none").
 """
 
 from __future__ import annotations
@@ -16,6 +20,17 @@ from megatron.core.transformer.transformer_block import (
 )
 
 SDPA_BACKENDS = {"sdpa": "auto", "sdpa_flash": "flash", "sdpa_cudnn": "cudnn"}
+OUR_ATTENTION = ("triton", *SDPA_BACKENDS)
+
+
+def applies_rope(attention: str) -> bool:
+    """Whether this attention's core-attention module applies RoPE itself (ours do);
+    when False, megatron's GPTModel must apply it (position_embedding_type="rope")."""
+    if attention in OUR_ATTENTION:
+        return True
+    if attention == "megatron":
+        return False
+    raise ValueError(f"unknown attention kernel {attention!r}")
 
 
 def norm_module(norm: str):
@@ -34,34 +49,39 @@ def norm_module(norm: str):
     raise ValueError(f"unknown norm kernel {norm!r}")
 
 
-def core_attention_spec(attention: str):
+def core_attention_spec(attention: str, *, rope_base: float):
+    """The core-attention module; ours rotate q and k themselves (see `applies_rope`)."""
     if attention == "megatron":
         from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-        return ModuleSpec(module=DotProductAttention)
+        return ModuleSpec(module=DotProductAttention)  # megatron's RoPE runs before it
+    rope = {"rope": applies_rope(attention), "rope_base": rope_base}  # raises if unknown
     if attention == "triton":
         from kernels.megatron_attention import TritonCoreAttention
 
-        return ModuleSpec(module=TritonCoreAttention)
-    if attention in SDPA_BACKENDS:
-        from kernels.megatron_attention import SDPACoreAttention
+        return ModuleSpec(module=TritonCoreAttention, params=rope)
+    from kernels.megatron_attention import SDPACoreAttention
 
-        return ModuleSpec(module=SDPACoreAttention, params={"backend": SDPA_BACKENDS[attention]})
-    raise ValueError(f"unknown attention kernel {attention!r}")
+    return ModuleSpec(module=SDPACoreAttention,
+                      params={"backend": SDPA_BACKENDS[attention], **rope})
 
 
-def layer_spec(*, attention: str, norm: str) -> ModuleSpec:
+def layer_spec(*, attention: str, norm: str, rope_base: float) -> ModuleSpec:
     """A TransformerLayer spec: megatron's local linears and MLP, our norm and attention."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     subs = spec.submodules
-    subs.self_attention.submodules.core_attention = core_attention_spec(attention)
+    subs.self_attention.submodules.core_attention = core_attention_spec(
+        attention, rope_base=rope_base)
     subs.input_layernorm = norm_module(norm)
     subs.pre_mlp_layernorm = norm_module(norm)
     return spec
 
 
-def block_spec(config, *, attention: str, norm: str, vp_stage=None) -> TransformerBlockSubmodules:
-    """The decoder block of one model chunk: its layers plus the final norm."""
-    layer = layer_spec(attention=attention, norm=norm)
+def block_spec(config, *, attention: str, norm: str, rope_base: float,
+               vp_stage=None) -> TransformerBlockSubmodules:
+    """The decoder block of one model chunk: its layers plus the final norm. rope_base
+    reaches our core attention; with attention="megatron" it is unused here (megatron's
+    RotaryEmbedding takes GPTModel's rotary_base)."""
+    layer = layer_spec(attention=attention, norm=norm, rope_base=rope_base)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm_module(norm))

@@ -5,11 +5,18 @@ query [s, b, np, hn], key/value [s, b, ng, hn] (np, ng: query and KV heads of th
 tensor-parallel rank; the tensors are often strided views of the fused QKV
 projection), and return [s, b, np * hn]. They enter a layer through its spec:
 
-    ModuleSpec(module=TritonCoreAttention)
-    ModuleSpec(module=SDPACoreAttention, params={"backend": "cudnn"})
+    ModuleSpec(module=TritonCoreAttention, params={"rope": True})
+    ModuleSpec(module=SDPACoreAttention, params={"backend": "cudnn", "rope": True})
+
+With `rope=True` the module applies rotary embeddings itself (kernels.rope: one fused
+Triton launch for q and k on CUDA) at positions 0..s-1, so the GPTModel must be built
+with position_embedding_type="none" (launch/model.py does this); megatron's own RoPE
+is several unfused elementwise passes over q and k each way without Transformer Engine.
 
 Neither keeps state between calls, so megatron's selective recompute (re-running
-the forward inside the backward) is safe. Context parallelism is rejected.
+the forward inside the backward) is safe; it then recomputes the rotation too, and keeps
+q and k from before it. Context parallelism and packed sequences are rejected (the
+rotation also assumes every sequence sits at positions 0..s-1).
 """
 
 from __future__ import annotations
@@ -22,17 +29,22 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from kernels.attention import flash_attention
+from kernels.rope import DEFAULT_BASE, apply_rope
 
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 
 class _CoreAttention(MegatronModule):
-    """What both adapters share: megatron's constructor signature and mask handling."""
+    """What both adapters share: megatron's constructor signature, mask handling and RoPE.
+
+    rope: rotate query and key (kernels.rope, positions 0..s-1, `rope_base`) before
+    attending; megatron must then not apply its own (position_embedding_type="none").
+    """
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, attention_dropout: Optional[float] = None,
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
-                 pg_collection=None):
+                 pg_collection=None, rope: bool = False, rope_base: float = DEFAULT_BASE):
         super().__init__(config=config)
         if config.context_parallel_size > 1:
             raise ValueError(
@@ -46,6 +58,15 @@ class _CoreAttention(MegatronModule):
                           else attention_dropout)
         head_dim = config.kv_channels
         self.softmax_scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
+        self.rope = rope
+        self.rope_base = rope_base
+
+    def _rotate(self, query, key):
+        """(query, key) with RoPE applied when this module owns it: fresh contiguous
+        [s, b, h, d] tensors; otherwise the inputs unchanged."""
+        if not self.rope:
+            return query, key
+        return apply_rope(query, key, base=self.rope_base)
 
     def _is_causal(self, attention_mask, attn_mask_type) -> bool:
         """Causal, or no mask at all; an explicit mask tensor of another kind is refused."""
@@ -83,6 +104,7 @@ class TritonCoreAttention(_CoreAttention):
         """query [s, b, np, hn], key/value [s, b, ng, hn] -> [s, b, np * hn]."""
         self._check_unsupported(attention_bias, packed_seq_params)
         causal = self._is_causal(attention_mask, attn_mask_type)
+        query, key = self._rotate(query, key)
         s, b, heads, head_dim = query.shape
         # [s, b, h, d] -> [b, s, h, d] views; the kernel reads through the strides, and
         # writes its output in [s, b, h, d] memory order so the reshape below is free.
@@ -122,8 +144,12 @@ class SDPACoreAttention(_CoreAttention):
 
         self._check_unsupported(attention_bias, packed_seq_params)
         causal = self._is_causal(attention_mask, attn_mask_type)
+        query, key = self._rotate(query, key)
         s, b, heads, head_dim = query.shape
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
+        # [b, h, s, d] views, no copies: their memory stays in [s, b, h, d] order (query and
+        # key contiguous after RoPE, value a strided slice of the fused QKV output). SDPA's
+        # flash and cuDNN kernels take any strides with a unit last one.
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         group = heads // k.shape[1]
         gqa = {}
         if group > 1:
@@ -142,4 +168,7 @@ class SDPACoreAttention(_CoreAttention):
         else:
             with sdpa_kernel(self._backends()):
                 out = attend()
+        # [b, h, s, d] -> [s, b, h * d]: a view when SDPA returned its output in query's
+        # [s, b, h, d] memory order (torch's cuDNN path allocates the output in the query's
+        # layout), otherwise one copy (flash writes [b, s, h, d]; math on CPU [b, h, s, d]).
         return out.permute(2, 0, 1, 3).reshape(s, b, heads * head_dim)

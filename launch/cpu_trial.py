@@ -21,7 +21,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from launch.cpu_rope import keep_rope_on_cpu
 from launch.data import first_sequence, microbatch
 from launch.model import build_model, transformer_config
 from launch.profile import StepProfiler, scope
@@ -51,8 +50,9 @@ def run_steps(spec: TrialSpec, *, rank: int, world: int) -> dict:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.cluster.gpus_per_node))
     torch.manual_seed(trial.seed)
     config = transformer_config(model_cfg, layout, device="cpu")
+    # CPU layouts use our attention (megatron's is CUDA-only: sweeper.validity), which
+    # applies RoPE itself; megatron's RotaryEmbedding, which moves to CUDA, is not built.
     model = build_model(model_cfg, layout, config)
-    keep_rope_on_cpu(model)
     if trial.fail_if_name_contains and trial.fail_if_name_contains in spec.name:
         raise RuntimeError(f"injected failure: trial name contains {trial.fail_if_name_contains!r}")
     params = [p for p in model.parameters() if p.requires_grad]

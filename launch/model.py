@@ -2,6 +2,11 @@
 
 One place turns (ModelConfig, Layout, device) into a TransformerConfig, so the
 CPU and GPU trial paths train exactly the same network.
+
+RoPE is applied once, by whichever side owns it: our core-attention modules rotate q
+and k themselves (kernels.rope, fused), so for them the GPTModel is built with
+position_embedding_type="none"; with megatron's stock attention it keeps its own
+("rope"). Both use ROPE_BASE.
 """
 
 from __future__ import annotations
@@ -11,8 +16,16 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from kernels.layer_spec import block_spec
+from kernels.layer_spec import applies_rope, block_spec
 from sweeper.config import Layout, ModelConfig
+
+ROPE_BASE = 10000.0  # rotary base for megatron's RoPE and ours alike (GPTModel's default)
+
+
+def position_embedding_type(layout: Layout) -> str:
+    """GPTModel's position embedding: "none" when the layout's core attention applies RoPE
+    itself, else megatron's "rope"."""
+    return "none" if applies_rope(layout.attention) else "rope"
 
 
 def transformer_config(model: ModelConfig, layout: Layout, *, device: str) -> TransformerConfig:
@@ -72,7 +85,8 @@ def build_model(model: ModelConfig, layout: Layout, config: TransformerConfig, *
     return GPTModel(
         config=config,
         transformer_layer_spec=block_spec(
-            config, attention=layout.attention, norm=layout.norm, vp_stage=vp_stage
+            config, attention=layout.attention, norm=layout.norm, rope_base=ROPE_BASE,
+            vp_stage=vp_stage,
         ),
         vocab_size=model.vocab_size,
         max_sequence_length=model.seq_length,
@@ -80,6 +94,7 @@ def build_model(model: ModelConfig, layout: Layout, config: TransformerConfig, *
         post_process=post_process,
         parallel_output=True,
         share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
+        position_embedding_type=position_embedding_type(layout),
+        rotary_base=ROPE_BASE,
         vp_stage=vp_stage,
     )
