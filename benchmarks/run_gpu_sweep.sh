@@ -6,6 +6,7 @@
 #   benchmarks/run_gpu_sweep.sh smoke   # every trial path once, few steps (~2 min)
 #   benchmarks/run_gpu_sweep.sh full    # the sweep, a 20-step loss-parity sweep, one profiled step
 #   benchmarks/run_gpu_sweep.sh followup  # CUDA graphs at mbs 1 and the 20-step parity only
+#   benchmarks/run_gpu_sweep.sh check   # CUDA tests of new paths, CUDA graphs per mbs, one profile
 #
 # Blocks run in priority order and a block starts only while time is left (BUDGET_S,
 # seconds from the start), so the whole command ends inside one device call. Results:
@@ -20,6 +21,7 @@ OUT=${OUT:-benchmarks/results}
 TAG=${TAG:-gpu_sweep_$(date +%Y-%m-%d)}
 [ "$MODE" = smoke ] && TAG=${TAG}_smoke
 [ "$MODE" = followup ] && TAG=${TAG}_followup
+[ "$MODE" = check ] && TAG=${TAG}_check
 mkdir -p "$OUT"
 exec > >(tee "$OUT/$TAG.log") 2>&1
 START=$(date +%s)
@@ -43,6 +45,7 @@ print(f"device {p.name} sms={p.multi_processor_count} torch {torch.__version__} 
 PY
 
 MODEL="model=llama_1b3 cluster=local_gpu"
+S=sweep=h100_single
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 # sweep NEED_S PRESET [overrides...]: run one sweep command if NEED_S seconds are left.
 sweep() {
@@ -52,7 +55,18 @@ sweep() {
   python3 -m launch.main $MODEL "$@"
 }
 
-if [ "$MODE" = smoke ]; then
+if [ "$MODE" = check ]; then
+  # CUDA tests of the newest code paths, then CUDA graphs per micro-batch size in one
+  # sweep command (its later trials start from prestarted ranks, launch/spare.py).
+  D=sweeps/h100_check/llama_1b3-local_gpu
+  python3 -m pytest -q -p no:cacheprovider -m cuda tests/launch/test_step_graph.py \
+    $(ls tests/kernels/test_rope.py 2>/dev/null) || echo "== CUDA tests failed"
+  python3 benchmarks/bench_rope.py --out "$OUT/rope_h100_$(date +%Y-%m-%d).json" || echo "== bench_rope failed"
+  sweep 60 $S sweep.name=h100_check layout.mbs=1,2,4,8 layout.cuda_graph=true,false layout.recompute=none
+  sweep 60 $S sweep.name=h100_check layout.mbs=4 layout.cuda_graph=true layout.recompute=selective,full
+  sweep 30 $S sweep.name=h100_check layout.mbs=4 layout.recompute=none trial.profile=true
+  python3 benchmarks/gpu_sweep_report.py --sweep $D --out "$OUT" --tag "$TAG"
+elif [ "$MODE" = smoke ]; then
   D=sweeps/h100_smoke/llama_1b3-local_gpu
   sweep 30 sweep=h100_smoke layout.mbs=4 trial.profile=true
   sweep 30 sweep=h100_smoke layout.attention=sdpa_cudnn layout.mbs=4 layout.recompute=selective \
@@ -75,7 +89,6 @@ elif [ "$MODE" = followup ]; then
 else
   D=sweeps/h100_single/llama_1b3-local_gpu
   P=sweeps/h100_parity/llama_1b3-local_gpu
-  S=sweep=h100_single
   ok() { grep -qs '"status": "ok"' "$D/$1/result.json"; }
   # 1. The main kernel pair (sdpa_cudnn attention, Triton RMSNorm), no recompute, per micro-batch
   #    size; mbs 4 also profiles one extra step (launch/profile.py).
