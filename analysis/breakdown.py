@@ -3,7 +3,9 @@
 Pure functions over plain `Event`s (no torch import); `launch.profile` turns the
 torch profiler's events into them and stores the result in the rank record:
 
-    {"step_s": 0.081, "device": "cpu", "categories": {"attention": 0.004, ...}, "method": "..."}
+    {"step_s": 0.081, "device": "cpu", "categories": {"attention": 0.004, ...}, "method": "...",
+     "top_kernels": [{"name": "nvjet_tst_...", "category": "matmul", "count": 96,
+                      "total_s": 0.21, "share": 0.29}, ...]}          # device (CUDA) only
 
 Categories (CATEGORIES): attention (core attention, forward and backward),
 matmul (the MLP, the QKV/output projections and the logits layer), norm,
@@ -22,18 +24,31 @@ is painted with exactly one category, so the totals add up to the step:
   in flight on a communication thread if there is one (sync gloo collectives
   return at once and are waited for in Python), otherwise to the event's own
   category. What no event covers goes to `other`.
-- Device (CUDA): kernels carry the category of the CPU op that launched them
-  (nccl kernels that of their collective); compute kernels win over
-  communication kernels that overlap them, so communication counts only where
-  it is exposed; time with no kernel goes to `idle`.
+- Device (CUDA): each kernel takes a category from its launcher and its own name
+  (see below); compute kernels win over communication kernels that overlap them,
+  so communication counts only where it is exposed; time with no kernel goes to
+  `idle`. `top_kernels` lists the kernels with the most device time in the step
+  (summed per shortened name and category; kernels on several streams overlap, so
+  the shares need not add up).
 
 An event's category, first match wins: a barrier is idle; a collective takes the
 innermost communication scope around it (dp_comm, pp_comm, tp_comm), else pp_comm
 for send/recv, else tp_comm inside the model, else dp_comm; then the innermost
 category scope (attention, norm, optimizer, dp_comm, pp_comm, tp_comm); then the
-innermost operator name (attention, norm, matmul); then elementwise for an aten
-op, other for anything else. Backward ops inherit the scopes of the forward op
-that created their autograd node (same sequence number).
+innermost name that `name_category` knows (attention, norm, matmul, optimizer);
+then elementwise for an aten op, other for anything else. Backward ops inherit the
+scopes of the forward op that created their autograd node (same sequence number).
+
+A kernel's launcher is the CPU op the profiler links it to, else the innermost
+CPU event around the runtime call that launched it (same correlation id), which
+reaches record_function scopes and Triton launches outside any aten op. A
+kernel's category, first match wins: an nccl kernel takes its launcher's
+communication category, else pp_comm for send/recv, else tp_comm; then its
+launcher's category unless that is elementwise or other (or there is no
+launcher); then its own name (`name_category`: cuDNN/flash/fmha SDPA and our
+Triton attention kernels, our Triton RMSNorm kernels and rms/layer norm, GEMMs
+from cuBLAS (nvjet, sm90_xmma), CUTLASS and inductor templates, Adam and the
+multi-tensor gradient norm for the optimizer); then elementwise.
 """
 
 from __future__ import annotations
@@ -51,13 +66,28 @@ MODEL_SCOPE = "model"
 CATEGORY_SCOPES = ("attention", "norm", "optimizer", "dp_comm", "pp_comm", "tp_comm")
 BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
 
+# Our Triton kernels (kernels/attention_fwd.py, attention_bwd.py, rmsnorm.py) by their
+# @triton.jit names, which are their CUDA names (older Triton appends a signature: _0d1d2de).
+TRITON_ATTENTION_KERNELS = ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel", "_delta_kernel")
+TRITON_NORM_KERNELS = ("_forward_kernel", "_backward_kernel", "_dw_reduce_kernel")
+
+
+def _exactly(names: tuple[str, ...]) -> str:
+    return r"^(" + "|".join(names) + r")(_\d\w*)?$"
+
+
 _ATTENTION = re.compile(r"scaled_dot_product|flash_attention|efficient_attention|cudnn_attention"
-                        r"|attn|attention|fmha|flash_fwd|flash_bwd|scaleddotproduct", re.I)
-_NORM = re.compile(r"rms_?norm|layer_?norm|fusedrms|rmsnormbackward", re.I)
+                        r"|attn|attention|fmha|flash|sdpa|scaleddotproduct|masked_softmax|"
+                        + _exactly(TRITON_ATTENTION_KERNELS), re.I)
+_NORM = re.compile(r"rms_?norm|layer_?norm|fusedrms|gammabeta|"
+                   r"^triton_(red|per)_fused_\w*(mean|var)\w*rsqrt|" + _exactly(TRITON_NORM_KERNELS), re.I)
 _MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul",
                "aten::linear", "aten::_addmm_activation", "aten::addbmm", "aten::einsum"}
 _MATMUL = re.compile(r"^(mm|addmm|bmm|baddbmm|linear|matmul)backward|linearwithgradaccumulation"
-                     r"|gemm|cublas|cutlass|sm\d+_xmma|nvjet", re.I)
+                     r"|gemm|gemv|cublas|cutlass|sm\d+_xmma|nvjet|^triton_tem_fused_(\w*_)?(mm|addmm|bmm)(_|$)",
+                     re.I)
+# Adam, torch's fused optimizers, and the multi-tensor norms of gradient clipping (_foreach_norm)
+_OPTIMIZER = re.compile(r"adam|fusedoptimizer|multi_tensor_apply_kernel.*(l2|lp)normfunctor|lpnorm_cleanup", re.I)
 _COMM = re.compile(r"^(c10d::|gloo:|nccl:|record_param_comms)|nccl(dev)?kernel", re.I)
 _P2P = re.compile(r"send|recv", re.I)
 _BARRIER = re.compile(r"barrier", re.I)
@@ -69,7 +99,9 @@ class Event:
 
     parent: index of the innermost enclosing event on the same thread, or None.
     seq: autograd sequence number (-1 if none). is_async: runs on a helper thread
-    (gloo work). device: a GPU kernel/memcpy; link: id of the CPU op that launched it.
+    (gloo work). device: a GPU kernel/memcpy; link: id of the CPU op that launched it
+    (0: unknown). runtime: a CUDA runtime/driver call on the CPU (cudaLaunchKernel);
+    its id is the correlation id of the kernels it launched, which share it.
     """
 
     name: str
@@ -82,6 +114,7 @@ class Event:
     device: bool = False
     id: int = 0
     link: int = 0
+    runtime: bool = False
 
 
 def is_comm(name: str) -> bool:
@@ -94,14 +127,27 @@ def is_op(name: str) -> bool:
 
 
 def name_category(name: str) -> Optional[str]:
-    """attention, norm or matmul from an op or kernel name alone; None otherwise."""
+    """attention, norm, matmul or optimizer from an op or kernel name alone; None otherwise."""
     if _ATTENTION.search(name):
         return "attention"
     if _NORM.search(name):
         return "norm"
     if name in _MATMUL_OPS or _MATMUL.search(name.removeprefix(BACKWARD_PREFIX)):
         return "matmul"
+    if _OPTIMIZER.search(name):
+        return "optimizer"
     return None
+
+
+def kernel_category(name: str, launcher: Optional[str]) -> str:
+    """A device event's category from its name and its launcher's category (None: unknown)."""
+    if is_comm(name):
+        if launcher in COMM + ("idle",):
+            return launcher
+        return "pp_comm" if _P2P.search(name) else "tp_comm"
+    if launcher not in (None, "elementwise", "other"):
+        return launcher
+    return name_category(name) or "elementwise"
 
 
 def _ancestors(events: list[Event], index: int) -> list[int]:
@@ -263,23 +309,116 @@ def cpu_categories(events: list[Event], categories: list[str], root: int) -> dic
     return paint(step.start, step.end, [busy, in_flight, python], "other")
 
 
-def device_categories(events: list[Event], categories: list[str], root: int) -> dict[str, float]:
-    """Paint the step on the device: compute over exposed communication over idle."""
-    by_id = {e.id: i for i, e in enumerate(events) if not e.device and e.id and not e.link}
-    compute, comm = [], []
-    scopes = {STEP_SCOPE, MODEL_SCOPE, *CATEGORY_SCOPES}
-    for e in events:
-        if not e.device or e.name in scopes:  # a scope's mirror on the GPU timeline is no kernel
+class _Enclosing:
+    """The innermost CPU event running at an instant, on any thread: the context of a
+    runtime call that the profiler nested under nothing (its thread id is the OS one)."""
+
+    def __init__(self, events: list[Event]):
+        self.events = events
+        self.kids: dict = {}  # parent index, or ("root", thread) -> children by start
+        for i, e in enumerate(events):
+            if not (e.device or e.runtime or e.is_async):
+                self.kids.setdefault(e.parent if e.parent is not None else ("root", e.thread), []).append(i)
+        for kids in self.kids.values():
+            kids.sort(key=lambda i: events[i].start)
+        self.starts = {key: [events[i].start for i in kids] for key, kids in self.kids.items()}
+
+    def at(self, t: float) -> Optional[int]:
+        best = None
+        for root in [key for key in self.kids if isinstance(key, tuple)]:
+            key, node = root, None
+            while key in self.kids:
+                k = bisect.bisect_right(self.starts[key], t) - 1
+                if k < 0 or self.events[self.kids[key][k]].end < t:
+                    break
+                node = key = self.kids[key][k]
+            if node is not None and (best is None or self.events[node].start > self.events[best].start):
+                best = node
+        return best
+
+
+def launchers(events: list[Event]) -> dict[int, int]:
+    """Device event index -> the CPU event it was launched from: the linked op, else the
+    innermost event around its runtime call. Kernels with neither are left out."""
+    ops = {e.id: i for i, e in enumerate(events) if not (e.device or e.runtime or e.link) and e.id}
+    calls = {e.id: i for i, e in enumerate(events) if e.runtime and e.id}
+    enclosing = None
+    found = {}
+    for i, e in enumerate(events):
+        if not e.device:
             continue
-        launcher = by_id.get(e.link)
-        category = categories[launcher] if launcher is not None else "other"
-        if is_comm(e.name) and category not in COMM + ("idle",):
-            category = "tp_comm"
-        if category == "other":
-            category = name_category(e.name) or "elementwise"
+        call = calls.get(e.id)
+        if e.link in ops:
+            found[i] = ops[e.link]
+        elif call is not None and events[call].parent is not None:
+            found[i] = events[call].parent
+        elif call is not None:
+            enclosing = enclosing or _Enclosing(events)
+            outer = enclosing.at((events[call].start + events[call].end) / 2)
+            if outer is not None:
+                found[i] = outer
+    return found
+
+
+def device_kernels(events: list[Event], categories: list[str]) -> list[tuple[int, str]]:
+    """(index, category) of every kernel (memcpy, memset) on the device timeline."""
+    scopes = {STEP_SCOPE, MODEL_SCOPE, *CATEGORY_SCOPES}
+    launched = launchers(events)
+    return [(i, kernel_category(e.name, categories[launched[i]] if i in launched else None))
+            for i, e in enumerate(events)
+            if e.device and e.name not in scopes]  # a scope's mirror on the GPU timeline is no kernel
+
+
+def device_categories(events: list[Event], kernels: list[tuple[int, str]], root: int) -> dict[str, float]:
+    """Paint the step on the device: compute over exposed communication over idle."""
+    compute, comm = [], []
+    for i, category in kernels:
+        e = events[i]
         (comm if category in COMM + ("idle",) else compute).append((e.start, e.end, category))
     step = events[root]
     return paint(step.start, step.end, [compute, comm], "idle")
+
+
+def short_name(name: str, limit: int = 96) -> str:
+    """A kernel name for people: no return type, arguments, namespaces, lambdas or nested
+    template arguments (`multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<...>, ...>`)."""
+    name = name.removeprefix("void ").replace("(anonymous namespace)::", "")
+    out, angles, parens = [], 0, 0  # parens: inside template arguments, dropped with their content
+    for k, ch in enumerate(name):
+        if angles == 0:
+            if ch == "(" and k and name[k - 1] != " ":
+                break  # the argument list; "Memcpy HtoD (Pageable -> Device)" keeps its words
+            angles += ch == "<"
+            out.append(ch)
+        elif ch in "()":
+            parens += 1 if ch == "(" else -1
+        elif parens == 0 and ch in "<>":
+            angles += 1 if ch == "<" else -1
+            if ch == "<" and angles == 2:
+                out.append("<...")
+            elif angles <= 1:
+                out.append(ch)
+        elif parens == 0 and angles == 1:
+            out.append(ch)
+    short = re.sub(r"\b\w+::|::\{lambda#\d+\}", "", "".join(out)).strip()
+    return short if len(short) <= limit else short[:limit - 3] + "..."
+
+
+def top_kernels(events: list[Event], kernels: list[tuple[int, str]], root: int, n: int = 25) -> list[dict]:
+    """The n (short name, category) pairs with the most device time inside the step."""
+    step = events[root]
+    step_s = (step.end - step.start) / 1e6
+    totals: dict[tuple[str, str], list] = {}
+    for i, category in kernels:
+        seconds = (min(events[i].end, step.end) - max(events[i].start, step.start)) / 1e6
+        if seconds > 0:
+            entry = totals.setdefault((short_name(events[i].name), category), [0, 0.0])
+            entry[0] += 1
+            entry[1] += seconds
+    ranked = sorted(totals.items(), key=lambda item: (-item[1][1], item[0]))[:n]
+    return [{"name": name, "category": category, "count": count, "total_s": total,
+             "share": total / step_s if step_s > 0 else 0.0}
+            for (name, category), (count, total) in ranked]
 
 
 def breakdown(events: list[Event]) -> dict:
@@ -287,15 +426,22 @@ def breakdown(events: list[Event]) -> dict:
     root = step_event(events)
     categories = [classify(chain) for chain in contexts(events)]
     on_device = any(e.device for e in events)
-    painter = device_categories if on_device else cpu_categories
-    totals_us = painter(events, categories, root)
     step_us = events[root].end - events[root].start
-    return {
+    if on_device:
+        kernels = device_kernels(events, categories)
+        totals_us = device_categories(events, kernels, root)
+        method = ("device timeline: kernels by launcher's scope/op, else by kernel name; compute over "
+                  "exposed comm; rest idle")
+    else:
+        totals_us = cpu_categories(events, categories, root)
+        method = ("step thread: self time per op's scope/name; Python time waiting on a collective "
+                  "goes to its comm; uncovered time is other")
+    result = {
         "step_s": step_us / 1e6,
         "device": "cuda" if on_device else "cpu",
         "categories": {c: totals_us[c] / 1e6 for c in CATEGORIES},
-        "method": ("device timeline: kernels by launching op's scope; compute over exposed comm; "
-                   "rest idle" if on_device else
-                   "step thread: self time per op's scope/name; Python time waiting on a collective "
-                   "goes to its comm; uncovered time is other") + "; totals add up to step_s",
+        "method": method + "; totals add up to step_s",
     }
+    if on_device:
+        result["top_kernels"] = top_kernels(events, kernels, root)
+    return result

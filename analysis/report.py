@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import re
 import sys
 from pathlib import Path
 
@@ -51,8 +52,20 @@ def _mean_breakdown(record: dict) -> dict | None:
     return {
         "step_s": sum(b["step_s"] for b in per_rank) / n,
         "categories": {c: sum(b["categories"].get(c, 0.0) for b in per_rank) / n for c in CATEGORIES},
+        "top_kernels": _mean_top_kernels(per_rank),
         "ranks": n,
     }
+
+
+def _mean_top_kernels(per_rank: list[dict]) -> list[dict]:
+    """The ranks' top_kernels merged per (name, category), mean per rank, most time first."""
+    merged: dict[tuple[str, str], dict] = {}
+    for b in per_rank:
+        for k in b.get("top_kernels", []):
+            m = merged.setdefault((k["name"], k["category"]), {**k, "count": 0, "total_s": 0.0, "share": 0.0})
+            for field in ("count", "total_s", "share"):
+                m[field] += k[field] / len(per_rank)
+    return sorted(merged.values(), key=lambda k: -k["total_s"])
 
 
 def breakdowns(rows: list[dict], records: list[dict]) -> list[dict]:
@@ -107,6 +120,16 @@ def breakdown_table(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def kernels_table(kernels: list[dict], n: int = 10) -> str:
+    """Markdown: the n kernels with the most device time in the profiled step."""
+    lines = ["| kernel | category | calls | ms | % of step |", "|---|---|---|---|---|"]
+    for k in kernels[:n]:
+        name = k["name"].replace("|", "/").replace("`", "'")
+        lines.append(f"| `{name}` | {k['category']} | {k['count']:g} | {1e3 * k['total_s']:.2f} "
+                     f"| {100 * k['share']:.1f} |")
+    return "\n".join(lines)
+
+
 def summary_lines(rows: list[dict]) -> list[str]:
     first = rows[0]
     best = ranked(rows)
@@ -132,6 +155,11 @@ def report_markdown(sweep_dir, rows, records, entries, images: dict) -> str:
         out.append(f"![{title}]({images[name]})" if images.get(name) else "_Nothing to show in this sweep._")
         if name == "time_breakdown" and entries:
             out += ["", "Milliseconds per category:", "", breakdown_table(entries)]
+            top = next((e for e in entries if e.get("top_kernels")), None)
+            if top:
+                out += ["", f"Kernels with the most device time, {top['label']} (mean over ranks; "
+                        "kernels on several streams overlap, so shares need not add up):", "",
+                        kernels_table(top["top_kernels"])]
         out.append("")
     out += ["## Traces", ""]
     found = traces(sweep_dir)
@@ -152,7 +180,8 @@ def report_markdown(sweep_dir, rows, records, entries, images: dict) -> str:
 
 
 def _md_table_html(lines: list[str]) -> list[str]:
-    cells = [[html.escape(c.strip()) for c in line.strip().strip("|").split("|")] for line in lines]
+    cells = [[re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(c.strip()))
+              for c in line.strip().strip("|").split("|")] for line in lines]
     out = ["<table>", "<tr>" + "".join(f"<th>{c}</th>" for c in cells[0]) + "</tr>"]
     for row in cells[2:]:
         out.append("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>")
@@ -170,7 +199,6 @@ def png_bytes(fig) -> bytes:
 
 def markdown_to_html(text: str, title: str) -> str:
     """Just enough markdown for this report: headings, tables, images, links, code, bold."""
-    import re
 
     def inline(s: str) -> str:
         s = html.escape(s, quote=False)

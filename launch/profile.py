@@ -28,6 +28,7 @@ each norm ("norm") with record_function scopes that `analysis.breakdown` reads.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -52,21 +53,53 @@ def module_scope(name: str, module: torch.nn.Module) -> str | None:
     return None
 
 
+_RUNTIME_CALL = re.compile(r"^cu(da)?[A-Z]\w*$")  # cudaLaunchKernel, cuLaunchKernelEx (Triton)
+
+
 def _is_device(e) -> bool:
     return e.device_type != torch.autograd.DeviceType.CPU
 
 
+def _activity(e) -> str:
+    """Kineto's activity type ("kernel", "cuda_runtime", ...); "" where torch does not keep it."""
+    return str(getattr(e, "activity_type", "") or "")
+
+
+def _is_no_kernel(e, annotations: set[str]) -> bool:
+    """A device event that is no kernel, memcpy or memset: kineto's copy of a record_function
+    range on the GPU timeline, a sync. Torch releases without `activity_type` mark the copy
+    `is_user_annotation`, or it carries an annotation's name."""
+    if not _is_device(e):
+        return False
+    if _activity(e):
+        return not any(kind in _activity(e) for kind in ("kernel", "memcpy", "memset"))
+    return bool(getattr(e, "is_user_annotation", False)) or e.name in annotations
+
+
+def _is_runtime(e) -> bool:
+    """A CUDA runtime/driver call on the CPU; its id is the correlation id of what it launched."""
+    if _is_device(e):
+        return False
+    activity = _activity(e)
+    return ("runtime" in activity or "driver" in activity) if activity else bool(_RUNTIME_CALL.match(e.name))
+
+
 def events_from_profile(function_events) -> list[Event]:
-    """torch profiler FunctionEvents -> plain breakdown Events (times in us)."""
-    # kineto copies each record_function range onto the GPU timeline; those are no kernels.
-    kept = [e for e in function_events
-            if not (_is_device(e) and "annotation" in str(getattr(e, "activity_type", "") or ""))]
+    """torch profiler FunctionEvents -> plain breakdown Events (times in us).
+
+    Works with torch releases whose FunctionEvents lack `linked_correlation_id` and
+    `activity_type`: kernels then find their launcher through their runtime call, which
+    shares their id.
+    """
+    annotations = {e.name for e in function_events
+                   if not _is_device(e) and getattr(e, "is_user_annotation", False)}
+    kept = [e for e in function_events if not _is_no_kernel(e, annotations)]
     index = {id(e): i for i, e in enumerate(kept)}
     return [
         Event(name=e.name, start=e.time_range.start, end=e.time_range.end, thread=e.thread,
               parent=index.get(id(e.cpu_parent)) if e.cpu_parent is not None else None,
               seq=e.sequence_nr, is_async=bool(e.is_async), device=_is_device(e), id=e.id,
-              link=getattr(e, "linked_correlation_id", 0) or 0)
+              link=getattr(e, "linked_correlation_id", 0) or 0, runtime=_is_runtime(e))
         for e in kept
     ]
 
@@ -113,7 +146,8 @@ class StepProfiler:
         self._profiler = None
 
     def record(self) -> dict:
-        """What the rank record gains: {"breakdown": ..., "trace": file name} when profiled."""
+        """What the rank record gains when profiled: {"breakdown": ..., "trace": file name}; on a GPU
+        the breakdown holds `top_kernels` too (see analysis.breakdown), all plain JSON."""
         return dict(self._result)
 
     def _attach_hooks(self) -> None:

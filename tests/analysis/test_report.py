@@ -72,3 +72,20 @@ def test_reason_keys():
         "world size 2 is not divisible by tp*pp*cp"]
     assert reason_keys("error", "rank 1: RuntimeError: boom") == ["RuntimeError: boom"]
     assert reason_keys("timeout", None) == ["timeout"]
+
+
+def test_top_kernels_table_is_the_mean_over_ranks():
+    from analysis.report import _mean_breakdown, _md_table_html, kernels_table
+
+    def rank(gemm_s, copy_s):
+        return {"breakdown": {"step_s": 1.0, "categories": {}, "top_kernels": [
+            {"name": "nvjet_tst_a|b", "category": "matmul", "count": 4, "total_s": gemm_s, "share": gemm_s},
+            {"name": "_forward_kernel", "category": "norm", "count": 2, "total_s": copy_s, "share": copy_s}]}}
+
+    mean = _mean_breakdown({"ranks": [rank(0.4, 0.1), rank(0.2, 0.3)]})
+    assert [(k["name"], k["total_s"], k["count"]) for k in mean["top_kernels"]] == [
+        ("nvjet_tst_a|b", pytest.approx(0.3), 4), ("_forward_kernel", pytest.approx(0.2), 2)]
+    table = kernels_table(mean["top_kernels"], n=1)
+    assert table.splitlines()[2] == "| `nvjet_tst_a/b` | matmul | 4 | 300.00 | 30.0 |"
+    assert "<td><code>nvjet_tst_a/b</code></td>" in "".join(_md_table_html(table.splitlines()))
+    assert _mean_breakdown({"ranks": [{"breakdown": {"step_s": 1.0, "categories": {}}}]})["top_kernels"] == []
