@@ -3,10 +3,8 @@
 # command (Hydra multirun, layout sweeper, basic launcher: each trial's rank is a fresh
 # local process on the one GPU).
 #
-#   benchmarks/run_gpu_sweep.sh smoke   # every trial path once, few steps (~2 min)
-#   benchmarks/run_gpu_sweep.sh full    # the sweep, a 20-step loss-parity sweep, one profiled step
-#   benchmarks/run_gpu_sweep.sh followup  # CUDA graphs at mbs 1 and the 20-step parity only
-#   benchmarks/run_gpu_sweep.sh check   # CUDA tests of new paths, CUDA graphs per mbs, one profile
+#   benchmarks/run_gpu_sweep.sh sweep   # the 26-layout sweep, one command (~8 min)
+#   benchmarks/run_gpu_sweep.sh extras  # CUDA tests, the anchors' peer, 20-step parity, profiles
 #
 # Blocks run in priority order and a block starts only while time is left (BUDGET_S,
 # seconds from the start), so the whole command ends inside one device call. Results:
@@ -15,13 +13,11 @@
 # result.json, and the logs of failed trials), <tag>.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-MODE=${1:-full}
+MODE=${1:-sweep}
 BUDGET_S=${BUDGET_S:-540}
 OUT=${OUT:-benchmarks/results}
 TAG=${TAG:-gpu_sweep_$(date +%Y-%m-%d)}
-[ "$MODE" = smoke ] && TAG=${TAG}_smoke
-[ "$MODE" = followup ] && TAG=${TAG}_followup
-[ "$MODE" = check ] && TAG=${TAG}_check
+[ "$MODE" = extras ] && TAG=${TAG}_extras
 mkdir -p "$OUT"
 exec > >(tee "$OUT/$TAG.log") 2>&1
 START=$(date +%s)
@@ -55,76 +51,38 @@ sweep() {
   python3 -m launch.main $MODEL "$@"
 }
 
-if [ "$MODE" = check ]; then
-  # CUDA tests of the newest code paths, then CUDA graphs per micro-batch size in one
-  # sweep command (its later trials start from prestarted ranks, launch/spare.py).
-  D=sweeps/h100_check/llama_1b3-local_gpu
-  python3 -m pytest -q -p no:cacheprovider -m cuda tests/launch/test_step_graph.py \
-    $(ls tests/kernels/test_rope.py 2>/dev/null) || echo "== CUDA tests failed"
-  python3 benchmarks/bench_rope.py --out "$OUT/rope_h100_$(date +%Y-%m-%d).json" || echo "== bench_rope failed"
-  sweep 60 $S sweep.name=h100_check layout.mbs=1,2,4,8 layout.cuda_graph=true,false layout.recompute=none
-  sweep 60 $S sweep.name=h100_check layout.mbs=4 layout.cuda_graph=true layout.recompute=selective,full
-  sweep 30 $S sweep.name=h100_check layout.mbs=4 layout.recompute=none trial.profile=true
-  python3 benchmarks/gpu_sweep_report.py --sweep $D --out "$OUT" --tag "$TAG"
-elif [ "$MODE" = smoke ]; then
-  D=sweeps/h100_smoke/llama_1b3-local_gpu
-  sweep 30 sweep=h100_smoke layout.mbs=4 trial.profile=true
-  sweep 30 sweep=h100_smoke layout.attention=sdpa_cudnn layout.mbs=4 layout.recompute=selective \
-    layout.distributed_optimizer=true
-  sweep 30 sweep=h100_smoke layout.attention=sdpa_cudnn layout.norm=torch layout.mbs=2 layout.recompute=full
-  sweep 30 sweep=h100_smoke layout.attention=megatron layout.norm=megatron layout.mbs=2
-  sweep 30 sweep=h100_smoke layout.mbs=1 layout.cuda_graph=true,false
+if [ "$MODE" = sweep ]; then
+  # The sweep: one command, 26 layouts (conf/sweep/h100_single.yaml). Every trial trains
+  # the same seed on the same tokens, so its losses are a parity check too.
+  D=sweeps/h100_single/llama_1b3-local_gpu
+  sweep 60 sweep=h100_single
   python3 benchmarks/gpu_sweep_report.py --sweep $D --parity $D --out "$OUT" --tag "$TAG"
-elif [ "$MODE" = followup ]; then
-  D=sweeps/h100_single/llama_1b3-local_gpu
-  P=sweeps/h100_parity/llama_1b3-local_gpu
-  sweep 30 sweep=h100_single layout.cuda_graph=true layout.mbs=1 layout.recompute=none
-  PAR="sweep=h100_smoke sweep.name=h100_parity layout.gbs=4 layout.mbs=2 trial.warmup_steps=2 \
-    trial.measure_steps=18"
-  sweep 30 $PAR layout.attention=megatron layout.norm=megatron
-  sweep 30 $PAR layout.attention=sdpa_cudnn
-  sweep 30 $PAR layout.attention=triton
-  sweep 30 $PAR layout.attention=sdpa_cudnn layout.recompute=full
-  python3 benchmarks/gpu_sweep_report.py --sweep $D --parity $P --out "$OUT" --tag "$TAG"
 else
-  D=sweeps/h100_single/llama_1b3-local_gpu
-  P=sweeps/h100_parity/llama_1b3-local_gpu
-  ok() { grep -qs '"status": "ok"' "$D/$1/result.json"; }
-  # 1. The main kernel pair (sdpa_cudnn attention, Triton RMSNorm), no recompute, per micro-batch
-  #    size; mbs 4 also profiles one extra step (launch/profile.py).
-  sweep 40 $S layout.mbs=4 layout.recompute=none trial.profile=true trial.timeout_s=150
-  sweep 90 $S layout.mbs=1,2,8 layout.recompute=none
-  # 2. Launch-bound small micro-batches: each step's forward/backward as one CUDA graph.
-  sweep 30 $S layout.cuda_graph=true layout.mbs=1 layout.recompute=none
-  if ok tp1_pp1_vpp1_cp1_mbs1_gbs16_rc-none_sp0_do0_attn-sdpa_cudnn_norm-triton_cg1; then
-    sweep 60 $S layout.cuda_graph=true layout.mbs=2,4 layout.recompute=none
+  # extras: the CUDA tests of the GPU paths, megatron-core's local spec as the anchors
+  # measured it (the peer, in this run: .peer/gpu_probe.py, a copy of
+  # ../shared/anchors/gpu_probe.py, when carried), 20-step loss parity on llama_1b3, and
+  # profiled steps (time by category and the top kernels).
+  python3 -m pytest -q -p no:cacheprovider -m cuda tests/launch/test_step_graph.py \
+    tests/launch/test_gpu_trial.py tests/kernels/test_rope.py || echo "== CUDA tests failed"
+  if [ -f .peer/gpu_probe.py ]; then
+    echo "== $(( $(date +%s) - START )) s: peer (anchors' megatron-core local spec + SDPA, mbs 1/2/4)"
+    SECTIONS=mcore OUT="$OUT" python3 .peer/gpu_probe.py > "$OUT/peer_probe.log" 2>&1 \
+      && cp "$OUT/probe.json" "$OUT/peer_probe_$(date +%Y-%m-%d).json" && rm -f "$OUT/probe.json"
+    grep '^mcore' "$OUT/peer_probe.log"
   fi
-  # 3. megatron-core's stock local spec, the baseline (its mbs 4 needs recompute to fit).
-  sweep 60 $S layout.attention=megatron layout.norm=megatron layout.mbs=1,2 layout.recompute=none
-  sweep 30 $S layout.attention=megatron layout.norm=megatron layout.mbs=4 layout.recompute=selective
-  # 4. Loss parity over 20 steps: kernels, recompute, CUDA graphs; same seed and tokens.
-  #    The trial preset's lr (1e-4): at 1e-3 this small-batch run is unstable (the loss
-  #    jumps by 0.4 at step 6 on 2026-11-23) and chaos, not arithmetic, sets the gaps.
+  P=sweeps/h100_parity/llama_1b3-local_gpu
   PAR="sweep=h100_smoke sweep.name=h100_parity layout.gbs=4 layout.mbs=2 trial.warmup_steps=2 \
     trial.measure_steps=18"
-  sweep 30 $PAR layout.attention=megatron layout.norm=megatron
-  sweep 30 $PAR layout.attention=sdpa_cudnn
-  sweep 30 $PAR layout.attention=sdpa_cudnn layout.recompute=full
+  sweep 30 $PAR layout.attention=megatron,sdpa_cudnn,triton layout.norm=megatron,triton \
+    layout.cuda_graph=false
+  sweep 30 $PAR layout.attention=sdpa_cudnn layout.recompute=full,selective
   sweep 30 $PAR layout.attention=sdpa_cudnn layout.cuda_graph=true
-  # 5. The other kernel choices.
-  sweep 30 $S layout.attention=triton layout.mbs=4 layout.recompute=none
-  sweep 30 $S layout.norm=torch layout.mbs=4 layout.recompute=none
-  # 6. Recompute (selective; full of every layer, or of the first 12 per stage) and the
-  #    distributed optimizer (one GPU: nothing to shard, the code path is what differs).
-  sweep 30 $S layout.mbs=4 layout.recompute=selective
-  sweep 30 $S layout.mbs=8 layout.recompute=full
-  sweep 30 $S layout.mbs=8 layout.recompute=full layout.recompute_method=block layout.recompute_num_layers=12
-  sweep 30 $S layout.distributed_optimizer=true layout.mbs=4 layout.recompute=none
-  sweep 30 $PAR layout.attention=triton
-  sweep 30 $S layout.attention=sdpa_flash layout.mbs=4 layout.recompute=none
-  # Parity twice: the 20-step runs, and the sweep itself (gbs 16, one seed: every trial
-  # trains on the same tokens whatever its micro-batch size or kernels).
-  python3 benchmarks/gpu_sweep_report.py --sweep $D --parity $P --parity $D --out "$OUT" --tag "$TAG"
+  R=sweeps/h100_profile/llama_1b3-local_gpu
+  sweep 60 sweep=h100_smoke sweep.name=h100_profile layout.attention=sdpa_cudnn layout.mbs=1,8 \
+    layout.cuda_graph=true trial.profile=true trial.measure_steps=3
+  sweep 30 sweep=h100_smoke sweep.name=h100_profile layout.attention=megatron layout.norm=megatron \
+    layout.mbs=2 trial.profile=true trial.measure_steps=3
+  python3 benchmarks/gpu_sweep_report.py --sweep $R --parity $P --out "$OUT" --tag "$TAG"
 fi
 # Every trial's record, and the rank logs of trials that did not end ok.
 tar czf "$OUT/${TAG}_trials.tgz" --exclude='*.log' --exclude='trace*.json' \

@@ -179,6 +179,7 @@ class SweepConfig:
     max_trials: Optional[int] = None  # launch only the best N by predicted MFU; None = all
     progress_interval_s: float = 10.0
     calibration: Optional[str] = None  # path to a calibration JSON from an earlier sweep
+    dry_run: bool = False  # print the plan (what would launch, in order, and why not the rest); launch nothing
 
 
 def _build(cls, data: Optional[dict], prefix: str):

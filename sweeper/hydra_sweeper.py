@@ -34,7 +34,7 @@ from sweeper.config import (
     sweep_from_dict,
     trial_from_dict,
 )
-from sweeper.plan import Point, classify, order, summary_lines
+from sweeper.plan import Point, classify, launch_lines, order, summary_lines
 from sweeper.progress import Progress
 
 
@@ -86,10 +86,12 @@ class _OnlyOnce(logging.Filter):
 
 
 class LayoutSweeperImpl(Sweeper):
-    def __init__(self, max_batch_size: Optional[int] = None, params: Optional[dict] = None):
+    def __init__(self, max_batch_size: Optional[int] = None, params: Optional[dict] = None,
+                 grids: Optional[list] = None):
         super().__init__()
         self.max_batch_size = max_batch_size
         self.params = dict(params or {})
+        self.grids = [dict(grid) for grid in (grids or [])]
         self.config: Optional[DictConfig] = None
         self.hydra_context = None
         self.launcher = None
@@ -136,10 +138,19 @@ class LayoutSweeperImpl(Sweeper):
     # -- expansion -----------------------------------------------------------------
 
     def _combinations(self, arguments: List[str]) -> list[list[str]]:
+        """The cartesian product of the axes, for the main grid and each extra grid.
+
+        An extra grid is the main grid's axes with its own replacing some; axes given on
+        the command line apply to every grid and replace the preset's.
+        """
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        strings = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
-        overrides = parser.parse_overrides(strings)
-        return BasicSweeper.split_arguments(overrides, None)[0]
+        combos = []
+        for grid in [{}, *self.grids]:
+            axes = {**self.params, **{str(k): str(v) for k, v in grid.items()}}
+            strings = [f"{k}={v}" for k, v in axes.items()] + list(arguments)
+            overrides = parser.parse_overrides(strings)
+            combos.extend(BasicSweeper.split_arguments(overrides, None)[0])
+        return combos
 
     def _points(self, combos: list[list[str]]) -> list[Point]:
         composed: dict[tuple, DictConfig] = {}
@@ -189,6 +200,10 @@ class LayoutSweeperImpl(Sweeper):
         if _launcher_kind(self.config) != "local" and len({p.cluster.world_size for p in launch}) > 1:
             fail("a submitit launcher gives every trial the same number of tasks: sweep one cluster size at a time")
 
+        if sweep_cfg.dry_run:
+            for line in summary_lines(points) + [f"would launch {len(launch)} trials:"] + launch_lines(launch):
+                print(line)
+            return []
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         commit = git_commit()

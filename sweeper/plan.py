@@ -108,3 +108,14 @@ def summary_lines(points: list[Point]) -> list[str]:
     for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {n:4d} x {reason}")
     return lines
+
+
+def launch_lines(launch: list[Point]) -> list[str]:
+    """The trials a sweep would launch, in launch order, with their predictions."""
+    lines = []
+    for i, p in enumerate(launch, 1):
+        pred = p.prediction or {}
+        mfu = f"{100 * pred['mfu']:.1f}%" if "mfu" in pred else "?"
+        mem = f"{pred['peak_memory_gb']:.1f} GiB" if "peak_memory_gb" in pred else "?"
+        lines.append(f"  {i:3d}. {p.name}  predicted MFU {mfu}, peak {mem}")
+    return lines

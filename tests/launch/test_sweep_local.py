@@ -86,3 +86,12 @@ def test_predicted_oom_is_pruned_and_a_wrong_prediction_is_reported(tmp_path):
     assert record["status"] == "ok" and record["prediction"]["fits"] is False
     assert "Measurement contradicted the memory prediction" in forced.stdout
     assert f"{record['trial']}: fit" in forced.stdout
+
+
+def test_dry_run_prints_the_plan_and_launches_nothing(tmp_path):
+    sweep_dir = tmp_path / "dry"
+    result = run_sweep(sweep_dir, "layout.tp=1,2", "layout.pp=1,2", "layout.mbs=2", "sweep.dry_run=true", *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 layouts:" in result.stdout and "would launch 2 trials:" in result.stdout
+    assert trial_name(tp=2, mbs=2, gbs=4) in result.stdout and "predicted MFU" in result.stdout
+    assert not sweep_dir.exists()
