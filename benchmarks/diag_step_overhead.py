@@ -2,6 +2,8 @@
 
     python benchmarks/diag_step_overhead.py --out DIR [--mbs 1 --variants ours,no_fusions,...]
 
+DIAG_CUDA_GRAPH=1 runs every variant with the layout's CUDA graph (launch/step_graph.py).
+
 Each variant runs `launch.gpu_trial` on llama_1b3 (gbs 16) in a fresh process, with one
 change to the trial's configuration, and reports the median step time and the host
 time of a step (the wall time until `optimizer.step()` returns, before synchronising:
@@ -33,6 +35,7 @@ VARIANTS = {
     "no_fusions": {"config": {"bias_activation_fusion": False, "cross_entropy_loss_fusion": False}},
     "torch_norm": {"layout": {"norm": "torch"}},
     "plain_rng": {"plain_rng": True},
+    "no_wgrad_fusion": {"config": {"gradient_accumulation_fusion": False}},
     "anchor_like": {"config": {"bias_activation_fusion": False, "cross_entropy_loss_fusion": False},
                     "layout": {"norm": "torch"}, "plain_rng": True, "unfused_adam": True},
 }
@@ -52,7 +55,7 @@ def child(variant: str, mbs: int, profile: bool, out: Path) -> None:
     cluster = ClusterConfig(name="local_gpu", device="cuda", gpus_per_node=1, nodes=1,
                             gpu_memory_gb=79.1, peak_tflops=989.4)
     layout = Layout(**{"mbs": mbs, "gbs": 16, "attention": "sdpa_cudnn", "norm": "triton",
-                       **change.get("layout", {})})
+                       "cuda_graph": os.environ.get("DIAG_CUDA_GRAPH") == "1", **change.get("layout", {})})
     spec = TrialSpec(model=model, cluster=cluster, layout=layout,
                      trial=TrialConfig(warmup_steps=2, measure_steps=4), trial_dir=str(out / variant))
 

@@ -55,8 +55,17 @@ if [ "$MODE" = sweep ]; then
   # The sweep: one command, 26 layouts (conf/sweep/h100_single.yaml). Every trial trains
   # the same seed on the same tokens, so its losses are a parity check too.
   D=sweeps/h100_single/llama_1b3-local_gpu
+  python3 -m pytest -q -p no:cacheprovider -m cuda tests/kernels/test_wgrad.py || echo "== CUDA tests failed"
+  # What the weight-gradient fusion (kernels/wgrad.py, on by default) buys: the same
+  # CUDA-graph trial with it off, at mbs 1 before the sweep and mbs 8 after it if time is left.
+  wgrad_off() {
+    DIAG_CUDA_GRAPH=1 python3 benchmarks/diag_step_overhead.py --out /tmp/wgrad_off --mbs "$1" \
+      --variants no_wgrad_fusion --profile none && cp /tmp/wgrad_off/no_wgrad_fusion_mbs$1.json "$OUT/"
+  }
+  wgrad_off 1
   sweep 60 sweep=h100_single
   python3 benchmarks/gpu_sweep_report.py --sweep $D --parity $D --out "$OUT" --tag "$TAG"
+  [ "$(left)" -gt 45 ] && wgrad_off 8
 else
   # extras: the CUDA tests of the GPU paths, megatron-core's local spec as the anchors
   # measured it (the peer, in this run: .peer/gpu_probe.py, a copy of

@@ -279,7 +279,8 @@ def _run_steps(spec: TrialSpec, *, rank: int, world: int) -> dict:
             total = torch.stack([d["loss"] for d in step_losses]).sum() / num_micro
             dist.all_reduce(total, group=dp_group)
             losses.append(float(total) / dp)
-    record = {"step_times_s": step_times, **_memory(), "trial_path": PATH, "setup_s": setup.marks}
+    record = {"step_times_s": step_times, **_memory(), "trial_path": PATH, "setup_s": setup.marks,
+              "wgrad_fusion": config.gradient_accumulation_fusion}
     if profiler_error:
         record["breakdown_error"] = profiler_error
     if losses:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from kernels import wgrad
 from kernels.layer_spec import applies_rope, block_spec
 from sweeper.config import Layout, ModelConfig
 
@@ -71,7 +72,8 @@ def transformer_config(model: ModelConfig, layout: Layout, *, device: str) -> Tr
         cross_entropy_loss_fusion=on_gpu,
         cross_entropy_fusion_impl="native",
         masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
+        # Weight-gradient GEMMs accumulate into DDP's fp32 buffers (kernels/wgrad.py).
+        gradient_accumulation_fusion=on_gpu and wgrad.install(),
         persist_layer_norm=False,
         apply_rope_fusion=False,
         deallocate_pipeline_outputs=on_gpu,
