@@ -73,6 +73,35 @@ def parity_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def peer_comparison(probe: dict, records: list[dict], best_step_s: float) -> dict:
+    """The anchors' megatron-core local-spec runs (gpu_probe.py's JSON) beside this sweep.
+
+    Step times compare directly (same model, global batch and device kind); the peer's MFU
+    is recomputed here under this project's PaLM convention, from its step time.
+    """
+    from analysis.flops import mfu
+    from sweeper.config import cluster_from_dict, model_from_dict
+
+    ok = [r for r in records if r.get("status") == "ok"]
+    if not ok:
+        return {}
+    model, cluster = model_from_dict(ok[0]["model"]), cluster_from_dict(ok[0]["cluster"])
+    gbs = ok[0]["layout"]["gbs"]
+    runs = []
+    for run in probe.get("mcore", []):
+        if run.get("step_s") and run.get("gbs") == gbs and run.get("seq") == model.seq_length:
+            tokens_per_s = gbs * model.seq_length / run["step_s"]
+            runs.append({"mbs": run["mbs"], "recompute": run.get("recompute"), "step_s": run["step_s"],
+                         "mfu_palm": mfu(model, tokens_per_s, cluster.peak_tflops, cluster.world_size)["palm"],
+                         "peak_memory_gb": run.get("peak_mem_gb")})
+    if not runs:
+        return {}
+    best = min(runs, key=lambda r: r["step_s"])
+    return {"runs": runs, "best_step_s": best["step_s"], "best_mfu_palm": best["mfu_palm"],
+            "best_mbs": best["mbs"], "speedup_of_best": best["step_s"] / best_step_s,
+            "env": probe.get("env")}
+
+
 def main(argv=None) -> int:
     from analysis.summary import finish_sweep
 
@@ -80,6 +109,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", required=True, type=Path)
     ap.add_argument("--parity", type=Path, action="append", default=[],
                     help="a sweep directory whose trials share seed and tokens (repeatable)")
+    ap.add_argument("--peer", type=Path, help="gpu_probe.py's JSON (the anchors' megatron-core runs)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--tag", required=True)
     args = ap.parse_args(argv)
@@ -88,6 +118,9 @@ def main(argv=None) -> int:
     board = json.loads((args.sweep / "leaderboard.json").read_text())
     checks = {str(d): parity(load_records(d)) for d in args.parity if d.exists()}
     summary["loss_parity"] = {d: {k: v for k, v in r.items() if k != "trials"} for d, r in checks.items()}
+    if args.peer:
+        best = min((r["step_time_s"] for r in board["rows"] if r.get("status") == "ok"), default=None)
+        summary["peer"] = peer_comparison(json.loads(args.peer.read_text()), load_records(args.sweep), best)
     board["summary"] = summary
     board["loss_parity"] = checks
     board["parity_rows"] = {d: [to_row(r) for r in load_records(d)] for d in checks}

@@ -181,3 +181,22 @@ def test_gpu_losses_agree_across_kernels_and_recompute_over_20_steps(tmp_path):
     assert all(r["status"] == "ok" for r in records), [r.get("reason") for r in records]
     result = report.parity(records)
     assert result["min_steps"] == 20 and result["passed"], result
+
+
+def test_peer_runs_are_compared_by_step_time_and_rescored_under_palm():
+    from dataclasses import asdict
+
+    report = _report_module()
+    cluster = ClusterConfig(name="one_gpu", device="cuda", gpus_per_node=1, peak_tflops=989.4)
+    records = [{"status": "ok", "model": asdict(LLAMA_1B3), "cluster": asdict(cluster), "layout": {"gbs": 16}}]
+    probe = {"mcore": [{"mbs": 1, "gbs": 16, "seq": 2048, "step_s": 1.6},
+                       {"mbs": 4, "gbs": 16, "seq": 2048, "step_s": 0.8},
+                       {"mbs": 8, "gbs": 16, "seq": 2048, "error": "OutOfMemoryError"},
+                       {"mbs": 4, "gbs": 32, "seq": 2048, "step_s": 0.1}]}  # another batch: not comparable
+    peer = report.peer_comparison(probe, records, best_step_s=0.4)
+    assert [r["mbs"] for r in peer["runs"]] == [1, 4]
+    assert peer["best_mbs"] == 4 and peer["speedup_of_best"] == pytest.approx(2.0)
+    tokens_per_s = 16 * 2048 / 0.8
+    expected = tokens_per_s * palm_flops_per_token(LLAMA_1B3) / 989.4e12
+    assert peer["best_mfu_palm"] == pytest.approx(expected)
+    assert report.peer_comparison(probe, [], best_step_s=0.4) == {}
