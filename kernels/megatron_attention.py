@@ -61,12 +61,16 @@ class _CoreAttention(MegatronModule):
         self.rope = rope
         self.rope_base = rope_base
 
-    def _rotate(self, query, key):
-        """(query, key) with RoPE applied when this module owns it: fresh contiguous
-        [s, b, h, d] tensors; otherwise the inputs unchanged."""
-        if not self.rope:
-            return query, key
-        return apply_rope(query, key, base=self.rope_base)
+    def _prepare(self, query, key, attention_mask, attn_mask_type, attention_bias,
+                 packed_seq_params):
+        """What every forward does first: refuse what is unsupported, decide causality,
+        and apply RoPE when this module owns it (query and key then come back as fresh
+        contiguous [s, b, h, d] tensors). Returns (query, key, causal)."""
+        self._check_unsupported(attention_bias, packed_seq_params)
+        causal = self._is_causal(attention_mask, attn_mask_type)
+        if self.rope:
+            query, key = apply_rope(query, key, base=self.rope_base)
+        return query, key, causal
 
     def _is_causal(self, attention_mask, attn_mask_type) -> bool:
         """Causal, or no mask at all; an explicit mask tensor of another kind is refused."""
@@ -102,9 +106,8 @@ class TritonCoreAttention(_CoreAttention):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         """query [s, b, np, hn], key/value [s, b, ng, hn] -> [s, b, np * hn]."""
-        self._check_unsupported(attention_bias, packed_seq_params)
-        causal = self._is_causal(attention_mask, attn_mask_type)
-        query, key = self._rotate(query, key)
+        query, key, causal = self._prepare(query, key, attention_mask, attn_mask_type,
+                                           attention_bias, packed_seq_params)
         s, b, heads, head_dim = query.shape
         # [s, b, h, d] -> [b, s, h, d] views; the kernel reads through the strides, and
         # writes its output in [s, b, h, d] memory order so the reshape below is free.
@@ -142,9 +145,8 @@ class SDPACoreAttention(_CoreAttention):
         """query [s, b, np, hn], key/value [s, b, ng, hn] -> [s, b, np * hn]."""
         from torch.nn.attention import sdpa_kernel
 
-        self._check_unsupported(attention_bias, packed_seq_params)
-        causal = self._is_causal(attention_mask, attn_mask_type)
-        query, key = self._rotate(query, key)
+        query, key, causal = self._prepare(query, key, attention_mask, attn_mask_type,
+                                           attention_bias, packed_seq_params)
         s, b, heads, head_dim = query.shape
         # [b, h, s, d] views, no copies: their memory stays in [s, b, h, d] order (query and
         # key contiguous after RoPE, value a strided slice of the fused QKV output). SDPA's
@@ -168,7 +170,6 @@ class SDPACoreAttention(_CoreAttention):
         else:
             with sdpa_kernel(self._backends()):
                 out = attend()
-        # [b, h, s, d] -> [s, b, h * d]: a view when SDPA returned its output in query's
-        # [s, b, h, d] memory order (torch's cuDNN path allocates the output in the query's
-        # layout), otherwise one copy (flash writes [b, s, h, d]; math on CPU [b, h, s, d]).
+        # [b, h, s, d] -> [s, b, h * d]: free when SDPA returned its output in [s, b, h, d]
+        # memory order, else one copy. Which backend does which is not measured here.
         return out.permute(2, 0, 1, 3).reshape(s, b, heads * head_dim)

@@ -18,9 +18,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from kernels import wgrad
 from kernels.layer_spec import applies_rope, block_spec
+from kernels.rope import DEFAULT_BASE
 from sweeper.config import Layout, ModelConfig
 
-ROPE_BASE = 10000.0  # rotary base for megatron's RoPE and ours alike (GPTModel's default)
+ROPE_BASE = DEFAULT_BASE  # rotary base for megatron's RoPE and ours alike
 
 
 def position_embedding_type(layout: Layout) -> str:

@@ -37,8 +37,11 @@ def _start(spec_path: Path, log_path: Path, variables: dict, *, device: Optional
     ready = spare.SPARES.take(device) if device else None
     if ready is not None:
         proc, _ = ready
-        spare.assign(proc, spec_path=spec_path, env=variables, log=log_path)
-        return proc
+        try:
+            spare.assign(proc, spec_path=spec_path, env=variables, log=log_path)
+            return proc
+        except OSError:  # the spare died after take() saw it alive: start a fresh rank
+            proc.kill()
     with open(log_path, "w") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "launch.rank", str(spec_path)],
