@@ -60,6 +60,7 @@ class MemoryEstimate:
     worst_stage: int
     terms: dict  # name -> GiB for the worst stage; they sum to peak_gb
     allocated_gb: float  # the worst stage's allocator peak, before overhead
+    reserved_gb: float  # allocated_gb plus fragmentation: torch.cuda.max_memory_reserved
     dynamic_gb: float  # the part of allocated_gb that scales with activation_scale
     phase: str  # "activations" or "optimizer": when the peak happens
 
@@ -260,4 +261,5 @@ def predict_memory(model: ModelConfig, cluster: ClusterConfig, layout: Layout,
     out["framework"] = cal.framework_gb
     out["comm_buffers"] = fixed - cal.framework_gb
     return MemoryEstimate(peak_gb=peak, fits=peak <= cluster.gpu_memory_gb, worst_stage=stage,
-                          terms=out, allocated_gb=allocated, dynamic_gb=dynamic, phase=phase)
+                          terms=out, allocated_gb=allocated,
+                          reserved_gb=allocated * (1 + cal.fragmentation), dynamic_gb=dynamic, phase=phase)
