@@ -20,7 +20,7 @@ from megatron.core.transformer.transformer_block import (
 )
 
 SDPA_BACKENDS = {"sdpa": "auto", "sdpa_flash": "flash", "sdpa_cudnn": "cudnn"}
-OUR_ATTENTION = ("triton", *SDPA_BACKENDS)
+OUR_ATTENTION = ("triton", "flash_attn", *SDPA_BACKENDS)
 
 
 def applies_rope(attention: str) -> bool:
@@ -60,6 +60,10 @@ def core_attention_spec(attention: str, *, rope_base: float):
         from kernels.megatron_attention import TritonCoreAttention
 
         return ModuleSpec(module=TritonCoreAttention, params=rope)
+    if attention == "flash_attn":  # flash-attn-4, imported only when the module is built
+        from kernels.megatron_attention import FlashAttn4CoreAttention
+
+        return ModuleSpec(module=FlashAttn4CoreAttention, params=rope)
     from kernels.megatron_attention import SDPACoreAttention
 
     return ModuleSpec(module=SDPACoreAttention,

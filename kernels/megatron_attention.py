@@ -1,19 +1,20 @@
-"""megatron-core core-attention modules: the project's Triton kernel, and torch SDPA.
+"""megatron-core core-attention modules: the project's Triton kernel, flash-attn-4, torch SDPA.
 
-Both take what megatron-core 0.16's SelfAttention hands its `core_attention`:
+All take what megatron-core 0.16's SelfAttention hands its `core_attention`:
 query [s, b, np, hn], key/value [s, b, ng, hn] (np, ng: query and KV heads of this
 tensor-parallel rank; the tensors are often strided views of the fused QKV
 projection), and return [s, b, np * hn]. They enter a layer through its spec:
 
     ModuleSpec(module=TritonCoreAttention, params={"rope": True})
     ModuleSpec(module=SDPACoreAttention, params={"backend": "cudnn", "rope": True})
+    ModuleSpec(module=FlashAttn4CoreAttention, params={"rope": True})
 
 With `rope=True` the module applies rotary embeddings itself (kernels.rope: one fused
 Triton launch for q and k on CUDA) at positions 0..s-1, so the GPTModel must be built
 with position_embedding_type="none" (launch/model.py does this); megatron's own RoPE
 is several unfused elementwise passes over q and k each way without Transformer Engine.
 
-Neither keeps state between calls, so megatron's selective recompute (re-running
+None keeps state between calls, so megatron's selective recompute (re-running
 the forward inside the backward) is safe; it then recomputes the rotation too, and keeps
 q and k from before it. Context parallelism and packed sequences are rejected (the
 rotation also assumes every sequence sits at positions 0..s-1).
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from kernels import attention_fa4
 from kernels.attention import flash_attention
 from kernels.rope import DEFAULT_BASE, apply_rope
 
@@ -84,6 +86,14 @@ class _CoreAttention(MegatronModule):
             f"with a mask tensor={attention_mask is not None}"
         )
 
+    def _refuse_dropout(self):
+        """For kernels without attention dropout: refuse it rather than drop it silently."""
+        if self.dropout_p:
+            raise ValueError(
+                f"{type(self).__name__} has no attention dropout; set attention_dropout=0.0 "
+                f"(got {self.dropout_p})"
+            )
+
     @staticmethod
     def _check_unsupported(attention_bias, packed_seq_params):
         if attention_bias is not None:
@@ -97,11 +107,7 @@ class TritonCoreAttention(_CoreAttention):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.dropout_p:
-            raise ValueError(
-                f"TritonCoreAttention has no attention dropout; set attention_dropout=0.0 "
-                f"(got {self.dropout_p})"
-            )
+        self._refuse_dropout()
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -114,6 +120,33 @@ class TritonCoreAttention(_CoreAttention):
         out = flash_attention(query.permute(1, 0, 2, 3), key.permute(1, 0, 2, 3),
                               value.permute(1, 0, 2, 3), causal=causal,
                               softmax_scale=self.softmax_scale, seq_first_out=True)
+        return out.permute(1, 0, 2, 3).reshape(s, b, heads * head_dim)
+
+
+class FlashAttn4CoreAttention(_CoreAttention):
+    """Core attention through flash-attn-4 (`flash_attn.cute.flash_attn_func`), imported
+    when the module is built: a missing package fails the build with one line, never a
+    silent fallback. GQA goes in as is (no KV repeat); q, k, v are passed as strided
+    [b, s, h, d] views (unit last stride, 16-byte aligned: flash-attn-4 copies nothing)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._refuse_dropout()
+        reason = attention_fa4.head_dim_reason(self.config.kv_channels)
+        if reason:
+            raise ValueError(reason)
+        self._attend = attention_fa4.flash_attn_func()
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        """query [s, b, np, hn], key/value [s, b, ng, hn] -> [s, b, np * hn]."""
+        query, key, causal = self._prepare(query, key, attention_mask, attn_mask_type,
+                                           attention_bias, packed_seq_params)
+        s, b, heads, head_dim = query.shape
+        out, _ = self._attend(query.permute(1, 0, 2, 3), key.permute(1, 0, 2, 3),
+                              value.permute(1, 0, 2, 3), softmax_scale=self.softmax_scale,
+                              causal=causal)
+        # flash-attn-4 returns a contiguous [b, s, h, d]: one copy into [s, b, h * d].
         return out.permute(1, 0, 2, 3).reshape(s, b, heads * head_dim)
 
 

@@ -69,7 +69,10 @@ class Calibration:
     # efficiency of its batched matmuls over the whole s x s; its softmax costs bytes.
     attention_efficiency: dict = field(
         default_factory=lambda: {"triton": 0.20, "sdpa": 0.20, "sdpa_flash": 0.20,
-                                 "sdpa_cudnn": 0.34, "megatron": 0.50}
+                                 "sdpa_cudnn": 0.34, "megatron": 0.50,
+                                 # flash-attn-4: cuDNN's x 1.08, its smallest fwd+bwd ratio
+                                 # over 4 shapes on one H200 (anchors h200_baseline_2026-12-01)
+                                 "flash_attn": 0.37}
     )
     # RMSNorm effective bandwidth, TB/s (fwd+bwd counted as 10 bytes per element).
     norm_bandwidth_tbps: dict = field(

@@ -8,10 +8,11 @@ No torch import: the sweeper and the memory model run without it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
-ATTENTION_KERNELS = ("triton", "sdpa", "sdpa_flash", "sdpa_cudnn", "megatron")
+ATTENTION_KERNELS = ("triton", "flash_attn", "sdpa", "sdpa_flash", "sdpa_cudnn", "megatron")
 NORM_KERNELS = ("triton", "torch", "megatron")
 RECOMPUTE = ("none", "selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
@@ -92,8 +93,9 @@ class ClusterConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"cluster.{name} must be positive, got {getattr(self, name)}")
         for name in ("gpu_memory_gb", "peak_tflops", "intra_node_bw_gbps", "inter_node_bw_gbps"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"cluster.{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):  # inf would make every MFU 0.0%
+                raise ConfigError(f"cluster.{name} must be a finite positive number, got {value}")
 
 
 @dataclass(kw_only=True)
@@ -111,7 +113,7 @@ class Layout:
     recompute_num_layers: int = 1  # full recompute only
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
-    attention: str = "sdpa"  # triton | sdpa | sdpa_flash | sdpa_cudnn | megatron (stock)
+    attention: str = "sdpa"  # triton | flash_attn | sdpa | sdpa_flash | sdpa_cudnn | megatron
     norm: str = "torch"  # triton | torch | megatron (stock)
     # Capture each step's forward/backward as one CUDA graph and replay it (GPU, pp = 1):
     # removes host launch overhead where small micro-batches make the step launch-bound.
@@ -167,6 +169,11 @@ class TrialConfig:
     prestart_ranks: Optional[bool] = None
     # Testing aid: a trial whose name contains this string raises on purpose.
     fail_if_name_contains: Optional[str] = None
+    # Testing aid: an error planted on purpose so a check can be seen to fail
+    # (launch/divergence.py): nan_weights | non_causal | perturb_weight; None is off.
+    plant: Optional[str] = None
+    plant_if_name_contains: Optional[str] = None  # only these trials; None: every trial
+    plant_step: int = 1  # nan_weights: the first step whose loss is NaN (counted from 0)
 
 
 @dataclass(kw_only=True)
@@ -180,6 +187,12 @@ class SweepConfig:
     progress_interval_s: float = 10.0
     calibration: Optional[str] = None  # path to a calibration JSON from an earlier sweep
     dry_run: bool = False  # print the plan (what would launch, in order, and why not the rest); launch nothing
+    # SLURM: a job still pending this long after submission is cancelled and recorded
+    # `lost: job never started`; a running job gets its time limit plus a minute.
+    queue_allowance_s: float = 3600.0
+    # SLURM: on resume, cancel jobs an earlier (killed) driver left queued or running and
+    # submit those trials again, instead of adopting them (the default).
+    cancel_orphans: bool = False
 
 
 def _build(cls, data: Optional[dict], prefix: str):

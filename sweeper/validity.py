@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from kernels import attention_fa4  # no torch: it only looks for flash-attn-4 on the path
 from sweeper.config import (
     ATTENTION_KERNELS,
     NORM_KERNELS,
@@ -115,6 +116,8 @@ def _check_recompute(model: ModelConfig, layout: Layout) -> Optional[str]:
 def _check_kernels(model: ModelConfig, layout: Layout) -> Optional[str]:
     if layout.attention == "triton" and model.head_dim not in TRITON_HEAD_DIMS:
         return f"triton attention supports head_dim in {TRITON_HEAD_DIMS}, got {model.head_dim}"
+    if layout.attention == "flash_attn":
+        return attention_fa4.head_dim_reason(model.head_dim)
     return None
 
 
@@ -141,6 +144,8 @@ def unsupported_reason(cluster: ClusterConfig, layout: Layout) -> Optional[str]:
     """
     if layout.cuda_graph and layout.pp > 1:
         return "cuda_graph captures the non-pipelined schedule only (pp = 1)"
+    if layout.attention == "flash_attn" and not attention_fa4.installed():
+        return attention_fa4.NOT_INSTALLED  # an optional dependency (extra `gpu`), never faked
     if cluster.device == "cuda":
         return None
     needs = []
@@ -154,7 +159,7 @@ def unsupported_reason(cluster: ClusterConfig, layout: Layout) -> Optional[str]:
         needs.append("distributed optimizer")
     if layout.cuda_graph:
         needs.append("CUDA graphs")
-    if layout.attention in ("sdpa_flash", "sdpa_cudnn", "megatron"):
+    if layout.attention in ("flash_attn", "sdpa_flash", "sdpa_cudnn", "megatron"):
         needs.append(f"attention={layout.attention}")
     if needs:
         return "needs CUDA: " + ", ".join(needs)

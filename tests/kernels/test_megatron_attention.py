@@ -114,6 +114,10 @@ def _gpt_loss_and_grads(rank, attention, config_kwargs, seq_len, device):
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     if attention == "triton":
         core = ModuleSpec(module=TritonCoreAttention)
+    elif attention == "flash_attn":
+        from kernels.megatron_attention import FlashAttn4CoreAttention
+
+        core = ModuleSpec(module=FlashAttn4CoreAttention)
     else:
         core = ModuleSpec(module=SDPACoreAttention, params={"backend": attention})
     spec.submodules.self_attention.submodules.core_attention = core
@@ -156,17 +160,23 @@ def test_gpt_model_tp2_triton_matches_sdpa():
 # ---------------------------------------------------------------------- GPU
 
 
-def _gpu_recompute_compare(rank):
+def gpu_compare(rank, attention, peer, kwargs, seq_len):
+    """GPTModel on CUDA with `attention` and with `peer`: (loss, peer loss, relative error of
+    each parameter's gradient)."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     model_parallel_cuda_manual_seed(123)
+    loss, grads = _gpt_loss_and_grads(rank, attention, kwargs, seq_len, "cuda")
+    peer_loss, peer_grads = _gpt_loss_and_grads(rank, peer, kwargs, seq_len, "cuda")
+    errors = {name: ((grads[name] - peer_grads[name]).norm()
+                     / peer_grads[name].norm().clamp_min(1e-12)).item() for name in grads}
+    return loss, peer_loss, errors
+
+
+def _gpu_recompute_compare(rank):
     kwargs = dict(bf16=True, params_dtype=torch.bfloat16, recompute_granularity="selective",
                   hidden_size=256, num_attention_heads=4, num_query_groups=2, kv_channels=64)
-    triton_loss, triton_grads = _gpt_loss_and_grads(rank, "triton", kwargs, 300, "cuda")
-    sdpa_loss, sdpa_grads = _gpt_loss_and_grads(rank, "flash", kwargs, 300, "cuda")
-    errors = {name: ((triton_grads[name] - sdpa_grads[name]).norm()
-                     / sdpa_grads[name].norm().clamp_min(1e-12)).item() for name in triton_grads}
-    return triton_loss, sdpa_loss, errors
+    return gpu_compare(rank, "triton", "flash", kwargs, 300)
 
 
 @pytest.mark.cuda
