@@ -48,14 +48,15 @@ class Calibration:
     memory_offset_gb: float = 0.0
     # Allocator peak -> reserved: caching-allocator fragmentation, as a fraction.
     fragmentation: float = 0.03
-    # Device memory outside the allocator: CUDA context, cuBLAS/cuDNN handles. The
-    # anchors' OOM messages show 2.4 GiB "non-PyTorch memory" on one H100.
-    framework_gb: float = 2.4
+    # Device memory outside the allocator: CUDA context, cuBLAS/cuDNN handles. The H100
+    # sweep's trials (2026-11-23) measure 2.83 GiB (mem_get_info used - max reserved).
+    framework_gb: float = 2.8
     # NCCL buffers per communicator in use (tp, cp, dp, pp each open one).
     comm_buffer_gb: float = 0.25
     # Optimizer-step temporaries per parameter of the optimizer shard: torch's
-    # foreach Adam holds a sqrt(v) copy (fp32). 0 for a fused Adam (apex, TE).
-    optimizer_temp_bytes: float = 4.0
+    # foreach Adam holds a sqrt(v) copy (4, fp32). 0 for a fused Adam: the GPU trial
+    # path's (torch fused), apex's and TE's.
+    optimizer_temp_bytes: float = 0.0
 
     # --- speed ---
     # Large bf16 GEMM efficiency (fraction of peak); it falls off for small GEMMs:

@@ -9,23 +9,26 @@ What megatron-core holds, as assumed here (CUDA, bf16 mixed precision):
   over dp*cp by the distributed optimizer, whole on every rank without it. During
   the optimizer step torch's foreach Adam adds a temporary (Calibration.optimizer_temp_bytes).
 - activations per layer and micro-batch, after Korthikanti et al. 2022 ("Reducing
-  Activation Recomputation", Table 2), redone for this layer: RMSNorm (every norm
-  kernel here saves its input and a fp32 1/rms; they differ in speed only), RoPE
-  (new Q, K), GQA, SwiGLU (fc1 output 2f, silu output, product), no dropout. V is a view of the fused QKV output, so that whole output stays alive.
-  Without SP the norms' inputs and the inputs of the QKV and fc1 linears are
+  Activation Recomputation", Table 2), redone for this layer and audited against
+  megatron-core 0.16.1: RMSNorm (every norm kernel here saves its input and a fp32
+  1/rms), the fused QKV output (alive: V is a strided view of it), Q and K after RoPE,
+  GQA (cuDNN SDPA and stock attention repeat K, V to every head), megatron's fused
+  SwiGLU (saves fc1's output, 2f; fc2 saves the product, f), no dropout (p=0 saves no
+  mask). Without SP the norms' inputs and the inputs of the QKV and fc1 linears are
   whole on every TP rank; with SP everything is divided by tp. cp divides the sequence.
-- attention: fused kernels save the output and a fp32 log-sum-exp; sdpa's output
-  is permuted into a copy for the output projection, triton's is written in place;
-  "megatron" (stock DotProductAttention, torch softmax in fp32) saves the fp32
-  softmax and the bf16 probabilities, 6 bytes per score, plus a transient of 10.
-- recompute: selective drops the attention core's saved tensors (recomputed in
-  backward); full keeps one layer input per checkpoint group, and re-materialises
+- attention: fused kernels save a fp32 log-sum-exp and their output, which is the
+  output projection's input (written in [s, b, h*d] order, no copy); "megatron"
+  (stock DotProductAttention, torch softmax in fp32) saves the fp32 softmax and the
+  bf16 probabilities, 6 bytes per score, plus a transient of 10.
+- recompute: selective checkpoints core attention: it keeps the core's inputs (our
+  adapters rotate Q, K inside it, so only the QKV output; megatron's keeps Q, K after
+  its RoPE) and drops the rest; full keeps one layer input per checkpoint group, and re-materialises
   one group (uniform) or one layer (block) during backward.
 - pipeline: stage k of 1F1B holds min(pp - k, m) micro-batches; interleaved, rank k
   holds min(2(pp-k-1) + (vpp-1)pp + 1, m*vpp) model-chunk forwards (Megatron's
   1 + (pp-1)/(pp*vpp) factor). Stage 0 has the embedding and the most in flight;
-  the last stage has the output layer, the fp32 logits kept by the cross entropy,
-  and their bf16 copy while it runs. Middle stages never exceed stage 0.
+  the last stage has the output layer and the loss: megatron's fused cross entropy
+  holds 10 B per logit while it runs (bf16 logits, two fp32 buffers) and keeps 4. Middle stages never exceed stage 0.
 - the peak is whichever is larger: the activations at the turn from forward to
   backward, or the optimizer step's temporaries (activations freed by then).
 - overhead: allocator fragmentation (a fraction), device memory outside the allocator
@@ -35,8 +38,10 @@ CPU trial path (cluster.device == "cpu"): fp32 weights and activations, param.gr
 fp32, torch AdamW (8 B/param, no main copy, no sharding), gradients flattened for the
 DP all-reduce (a 4 B/param temporary when dp > 1); the peak compares with the RSS.
 
-`allocated_gb` is the allocator's peak (comparable with torch.cuda.max_memory_allocated);
-`peak_gb` adds the overhead and decides `fits`.
+Which peak: `allocated_gb` predicts torch.cuda.max_memory_allocated, `reserved_gb`
+(allocated plus fragmentation) torch.cuda.max_memory_reserved, and `peak_gb` adds the
+memory outside the allocator (CUDA context, NCCL buffers): the device's used memory,
+which decides `fits`. The trial records carry the first two (max over ranks).
 """
 
 from __future__ import annotations
@@ -133,6 +138,10 @@ class LayerBytes:
     mlp_workspace: float  # transient gradients in the MLP's backward
 
 
+# Attention kernels whose adapter repeats K and V to every query head for GQA.
+REPEATS_KV = ("megatron", "sdpa_cudnn")
+
+
 def layer_bytes(sh: Shape, layout: Layout, cpu: bool) -> LayerBytes:
     e = 4.0 if cpu else 2.0
     tp, cp = layout.tp, layout.cp
@@ -142,24 +151,30 @@ def layer_bytes(sh: Shape, layout: Layout, cpu: bool) -> LayerBytes:
     norms = 2 * (e * sh.h + 4.0) * T * whole  # two norms: input and fp32 1/rms per token
     linear_inputs = 2 * e * T * sh.h * whole
     unfused = layout.attention == "megatron"
-    if unfused and sh.g < sh.a:
-        attn_inputs = 3 * e * T * sh.q / tp  # K and V repeated to every head
+    qkv_output = e * T * (sh.q + 2 * sh.kv) / tp  # kept alive by V, a strided view of it
+    if sh.g < sh.a and layout.attention in REPEATS_KV:
+        attention_inputs = 3 * e * T * sh.q / tp  # Q after RoPE, K and V repeated to every head
     else:
-        attn_inputs = e * T * (2 * sh.q + 3 * sh.kv) / tp  # Q, K after RoPE; fused QKV output
-    if cp > 1:
-        attn_inputs += 2 * e * T * sh.kv * (cp - 1) / tp  # K, V received from the ring
+        attention_inputs = qkv_output + e * T * (sh.q + sh.kv) / tp  # + Q, K after RoPE
+    attention_inputs += 2 * e * T * sh.kv * (cp - 1) / tp  # K, V received from the CP ring
     scores = T * sh.a / tp * s_local  # per micro-batch, one layer
+    # Selective recompute checkpoints core attention: what it keeps are the core's inputs.
+    # megatron's RoPE runs before DotProductAttention (Q, K after RoPE are its inputs);
+    # our adapters rotate inside, so only the fused QKV output (their input's storage) stays.
     if unfused:
-        core = (4.0 if cpu else 6.0) * scores  # fp32 softmax (+ bf16 probabilities)
+        kept = qkv_output + e * T * (sh.q + sh.kv) / tp
+        saved_core = (4.0 if cpu else 6.0) * scores  # fp32 softmax + bf16 probabilities
         attention_ws = (12.0 if cpu else 10.0) * scores
     else:
-        core = 4.0 * T * sh.a / tp  # fp32 log-sum-exp
-        if layout.attention != "triton":
-            core += e * T * sh.q / tp  # sdpa's output; [s, b, h*d] for the projection is a copy
+        kept = qkv_output
+        saved_core = 4.0 * T * sh.a / tp  # fp32 log-sum-exp; the output is the projection's input
         attention_ws = (4.0 + e) * T * sh.q / tp + 2 * e * T * sh.kv / tp  # dq (fp32 acc), dk, dv
+    core = attention_inputs - kept + saved_core
     proj_input = e * T * sh.q / tp
-    mlp = 4 * e * T * sh.f / tp  # fc1 output (2f), silu output, product
-    full = norms + linear_inputs + attn_inputs + core + proj_input + mlp
+    # GPU: megatron's fused SwiGLU saves its input (fc1 output, 2f) and fc2 saves the
+    # product (f). CPU (no fusion): fc1 output, silu output and the product.
+    mlp = (4.0 if cpu else 3.0) * e * T * sh.f / tp
+    full = norms + linear_inputs + kept + core + proj_input + mlp
     return LayerBytes(
         full=full,
         core=core,
@@ -182,13 +197,18 @@ def chunk_activations(lb: LayerBytes, layout: Layout, layers: int) -> tuple[floa
 
 
 def logits_bytes(sh: Shape, layout: Layout, cpu: bool) -> tuple[float, float]:
-    """Last stage: (saved: final norm and fp32 softmax of the loss, transient: bf16 logits)."""
+    """Last stage: (saved: final norm and fp32 softmax of the loss, transient while the loss runs).
+
+    GPU (megatron's fused cross entropy): the bf16 logits (2 B), their fp32 copy (4 B)
+    and a second fp32 buffer (4 B) coexist during the forward, 10 B per logit; the H100
+    sweep's trials (24 layers, V=32000) measure the peak there for every recompute mode.
+    """
     e = 4.0 if cpu else 2.0
     T = layout.mbs * sh.s / layout.cp
     whole = 1.0 / layout.tp if layout.sequence_parallel else 1.0
     vocab = padded_vocab(sh.V, layout.tp) / layout.tp
     saved = (2 * e * sh.h + 4.0) * T * whole + 4.0 * T * vocab
-    transient = 0.0 if cpu else 2.0 * T * vocab  # logits.float() keeps the bf16 original
+    transient = 0.0 if cpu else 6.0 * T * vocab
     return saved, transient
 
 

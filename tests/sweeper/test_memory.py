@@ -34,13 +34,15 @@ SH = model_shape(SMALL)
 # Per layer at mbs=2 (T = 64 tokens), tp=1, bf16 (e=2):
 #   two norms save input + fp32 1/rms: 2 * (2*64 + 4) * 64          = 16896
 #   inputs of the QKV and fc1 linears:  2 * 2 * 64 * 64             = 16384
-#   Q, K after RoPE + fused QKV output: 2 * 64 * (2*64 + 3*32)      = 28672
-#   fused attention output + fp32 LSE:  2*64*64 + 4*64*4            =  9216
-#   output projection input:            2 * 64 * 64                 =  8192
-#   SwiGLU: fc1 out (2f), silu, product: 4 * 2 * 64 * 128           = 65536
+#   fused QKV output (V is a view):     2 * 64 * (64 + 2*32)        = 16384
+#   Q, K after RoPE:                    2 * 64 * (64 + 32)          = 12288
+#   fp32 log-sum-exp:                   4 * 64 * 4                  =  1024
+#   attention output = projection input: 2 * 64 * 64                =  8192
+#   fused SwiGLU: fc1 out (2f), product (f): 3 * 2 * 64 * 128       = 49152
 UNSHARDED = 16896 + 16384  # whole on every TP rank without SP
-SHARDED = 28672 + 9216 + 8192 + 65536
-FULL_LAYER = UNSHARDED + SHARDED  # 144896
+SHARDED = 16384 + 12288 + 1024 + 8192 + 49152
+FULL_LAYER = UNSHARDED + SHARDED  # 120320
+CORE = 12288 + 1024  # what selective recompute drops: our adapters rotate inside core attention
 
 
 def test_padded_vocab_is_a_multiple_of_128_per_tp_rank():
@@ -91,22 +93,27 @@ def test_cpu_path_is_fp32_with_plain_adamw():
     gpu_layer = layer_bytes(SH, Layout(mbs=2), cpu=False)
     cpu_layer = layer_bytes(SH, Layout(mbs=2), cpu=True)
     assert cpu_layer.mlp_workspace == 2 * gpu_layer.mlp_workspace
-    assert cpu_layer.full == 2 * FULL_LAYER - 4 * 64 * 2 - 4 * 64 * 4
+    # ...and unfused SwiGLU keeps silu's output too (f per token, fp32).
+    assert cpu_layer.full == 2 * FULL_LAYER - 4 * 64 * 2 - 4 * 64 * 4 + 4 * 64 * 128
 
 
 def test_layer_activations_fused_attention():
     lb = layer_bytes(SH, Layout(mbs=2), cpu=False)
     assert lb.full == FULL_LAYER
-    assert lb.core == 9216
+    assert lb.core == CORE
     assert lb.checkpoint == 2 * 64 * 64
 
 
-def test_triton_attention_output_is_the_projection_input():
-    # The Triton kernel writes [s, b, h, d] order, so no copy for the projection: the
-    # output (2 * 64 * 64) is stored once, and selective recompute keeps it.
-    lb = layer_bytes(SH, Layout(mbs=2, attention="triton"), cpu=False)
-    assert lb.full == FULL_LAYER - 8192
-    assert lb.core == 4 * 64 * 4  # the fp32 log-sum-exp alone
+def test_fused_kernels_save_the_same_and_cudnn_repeats_kv_for_gqa():
+    # The H100 sweep measured one peak for triton, sdpa_flash and sdpa_cudnn (MHA): every
+    # output lands in [s, b, h*d] order, so no copy for the projection.
+    for kernel in ("triton", "sdpa", "sdpa_flash"):
+        assert layer_bytes(SH, Layout(mbs=2, attention=kernel), cpu=False).full == FULL_LAYER
+    # cuDNN takes no enable_gqa: K, V repeated to 4 heads (2 * 2*64*64) replace K after
+    # RoPE and the fused QKV output: Q (8192) + 16384 instead of 16384 + 12288.
+    cudnn = layer_bytes(SH, Layout(mbs=2, attention="sdpa_cudnn"), cpu=False)
+    assert cudnn.full == FULL_LAYER - (16384 + 12288) + 3 * 8192
+    assert cudnn.core == 3 * 8192 - 16384 + 1024  # the checkpoint keeps the QKV output
 
 
 def test_tensor_parallel_without_sp_leaves_norm_and_linear_inputs_whole():
@@ -123,10 +130,12 @@ def test_sequence_parallel_shards_everything():
 def test_unfused_attention_keeps_the_scores():
     # scores per layer: b * a * s * s = 2 * 4 * 32 * 32 = 8192; fp32 softmax + bf16
     # probabilities = 6 bytes each. GQA: K and V are repeated to all 4 heads, so Q, K, V
-    # are 3 * 2 * 64 * 64 = 24576 instead of the fused path's 28672.
+    # are 3 * 2 * 64 * 64 = 24576 instead of the fused path's 16384 + 12288.
     lb = layer_bytes(SH, Layout(mbs=2, attention="megatron"), cpu=False)
-    assert lb.core == 6 * 8192
-    assert lb.full == UNSHARDED + 24576 + 6 * 8192 + 8192 + 65536
+    assert lb.full == UNSHARDED + 24576 + 6 * 8192 + 8192 + 49152
+    # Selective recompute keeps megatron's core-attention inputs: Q, K after RoPE and the
+    # QKV output (16384 + 12288), more than the repeated tensors it drops.
+    assert lb.core == 24576 - (16384 + 12288) + 6 * 8192
     assert lb.attention_workspace == 10 * 8192
     fused = layer_bytes(SH, Layout(mbs=2, attention="sdpa"), cpu=False)
     assert fused.attention_workspace == (4 + 2) * 64 * 64 + 2 * 2 * 64 * 32  # dq fp32 + bf16, dk, dv
@@ -143,7 +152,7 @@ def test_recompute_choices():
     none = chunk_activations(lb, Layout(), 4)
     assert none == (4 * FULL_LAYER, 0.0)
     selective = chunk_activations(lb, Layout(recompute="selective"), 4)
-    assert selective == (4 * (FULL_LAYER - 9216), 9216)
+    assert selective == (4 * (FULL_LAYER - CORE), CORE)
     uniform2 = chunk_activations(lb, Layout(recompute="full", recompute_num_layers=2), 4)
     assert uniform2 == (2 * 8192, 2 * FULL_LAYER)  # 2 checkpoints, 2 layers re-materialised
     block1 = chunk_activations(lb, Layout(recompute="full", recompute_method="block",
@@ -167,7 +176,9 @@ def test_logits_and_loss_on_the_last_stage():
     saved, transient = logits_bytes(SH, Layout(mbs=2), cpu=False)
     # final norm input + output (2 * 2 * 64 + 4 per token) and the fp32 softmax of 1024 logits.
     assert saved == (2 * 2 * 64 + 4) * 64 + 4 * 64 * 1024
-    assert transient == 2 * 64 * 1024  # bf16 logits while their fp32 copy exists
+    # bf16 logits + a second fp32 buffer while the fused cross entropy runs (10 B per
+    # logit in all, the saved softmax's 4 included)
+    assert transient == 6 * 64 * 1024
     saved_tp, _ = logits_bytes(SH, Layout(mbs=2, tp=2), cpu=False)
     assert saved_tp == (2 * 2 * 64 + 4) * 64 + 4 * 64 * 512
 
@@ -226,9 +237,12 @@ def test_overhead_terms_and_fits():
 
 
 def test_worst_stage_is_first_with_many_in_flight_and_last_with_a_large_vocabulary():
+    # 16 layers, 4 per stage: stage 0 holds 4 micro-batches (4 * 4 * 120320 B), the last
+    # one 1 micro-batch and the loss's 10 B per logit (4 * 120320 + 10 * 64 * 1024 B).
+    deep = dataclasses.replace(SMALL, num_layers=16)
     layout = Layout(pp=4, mbs=2, gbs=64)
-    assert predict_memory(SMALL, GPU, layout, BARE, dp=1).worst_stage == 0
-    huge_vocab = dataclasses.replace(SMALL, vocab_size=256000)
+    assert predict_memory(deep, GPU, layout, BARE, dp=1).worst_stage == 0
+    huge_vocab = dataclasses.replace(deep, vocab_size=256000)
     assert predict_memory(huge_vocab, GPU, layout, BARE, dp=1).worst_stage == 3
 
 
