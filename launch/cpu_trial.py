@@ -1,13 +1,18 @@
-"""The CPU trial path: megatron-core's GPTModel trained over gloo, honestly scoped.
+"""The CPU trial path: megatron-core's own training machinery over gloo, fp32.
 
-What runs here is real megatron-core: its GPTModel, its tensor-parallel
-linears and embeddings (TP over gloo), with the project's norm and attention.
-Megatron's DDP buffers, optimizer and pipeline schedules need CUDA, so data
-parallelism is an all-reduce of gradients done here and the optimizer is
-torch's AdamW in fp32. Layouts that need more are reported as skipped by the
-sweeper (`sweeper.validity.unsupported_reason`), never faked.
+The same megatron-core calls as `launch.gpu_trial` (shared in `launch.steps`):
+- the model: `launch.model.build_model`, one chunk per virtual pipeline stage;
+- the schedule: `get_forward_backward_func()` (no pipelining, 1F1B, interleaved 1F1B when
+  vpp > 1) with megatron's P2PCommunicator; sequence parallelism and selective/full recompute
+  (`tensor_parallel.checkpoint`) come from the TransformerConfig;
+- data parallelism: megatron's DistributedDataParallel (contiguous fp32 grad buffers),
+  reduced by `finalize_model_grads` (which also sums sequence-parallel norm grads over TP).
+What differs from the GPU path: fp32 and no fused CUDA kernels, torch's AdamW on the DDP
+buffers' gradients (megatron's optimizer allocates on "cuda" in many places), no
+overlap of the gradient reduction, and the CPU shims of `launch.cpu_shims` (device
+redirect around DDP construction and each step, a CPU RNG tracker, unbatched p2p).
 
-Peak memory on CPU is the rank's peak resident set size.
+Peak memory on CPU is the rank's peak resident set size (the whole process, not per term).
 """
 
 from __future__ import annotations
@@ -15,29 +20,70 @@ from __future__ import annotations
 import os
 import resource
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from launch.data import first_sequence, microbatch
+from launch import steps
+from launch.cpu_shims import device_redirect, install_rng_tracker
+from launch.divergence import StepGuard
 from launch.model import build_model, transformer_config
 from launch.profile import StepProfiler, scope
 from launch.spec import TrialSpec
+from sweeper.config import Layout, ModelConfig
 
-PATH = "cpu-gloo: megatron-core GPTModel, TP over gloo, DP by gradient all-reduce, torch AdamW fp32"
+PATH = ("cpu-gloo: megatron-core GPTModel fp32, get_forward_backward_func schedules, "
+        "megatron DDP + finalize_model_grads, torch AdamW")
 
 
-def _all_reduce_grads(params: list[torch.nn.Parameter], group, size: int) -> None:
-    grads = [p.grad for p in params if p.grad is not None]
-    if size == 1 or not grads:
-        return
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=group)
-    flat /= size
-    for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        grad.copy_(synced)
+@dataclass
+class Trainer:
+    """One rank's model chunks (in megatron's DDP), its optimizer and its schedule."""
+
+    config: object
+    model: list
+    params: list
+    optimizer: torch.optim.Optimizer
+    schedule: object
+
+
+def build(model_cfg: ModelConfig, layout: Layout, *, seed: int, lr: float) -> Trainer:
+    """Model chunks, DDP and optimizer for this rank; megatron's parallel state must be set."""
+    install_rng_tracker()  # before seeding: megatron's seeding then fills the CPU tracker
+    model_parallel_cuda_manual_seed(seed)
+    config = transformer_config(model_cfg, layout, device="cpu")
+    # CPU layouts use our attention (megatron's is CUDA-only: sweeper.validity), which
+    # applies RoPE itself; megatron's RotaryEmbedding, which moves to CUDA, is not built.
+    chunks = [build_model(model_cfg, layout, config, vp_stage=vp_stage, pre_process=pre,
+                          post_process=post)
+              for vp_stage, pre, post in steps.chunk_stages(layout)]
+    with device_redirect():  # DDP places its grad buffers on torch.cuda.current_device()
+        model = steps.wrap_ddp(chunks, config, distributed_optimizer=False, overlap=False)
+    steps.sync_config(config, model, overlap=False)
+    params = [p for chunk in model for p in chunk.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    return Trainer(config, model, params, optimizer, get_forward_backward_func())
+
+
+def forward_backward(trainer: Trainer, batches: list[dict], *, seq_length: int, mbs: int) -> list:
+    """One step's forward and backward; the reduced grads end in the DDP buffers (`main_grad`)."""
+    with device_redirect():
+        return steps.forward_backward(trainer.schedule, trainer.model, batches,
+                                      num_micro=len(batches), seq_length=seq_length, mbs=mbs)
+
+
+def optimizer_step(trainer: Trainer) -> None:
+    """AdamW on the DDP buffers' gradients. `grad` is released afterwards: the next backward
+    must accumulate into a fresh `grad`, which megatron's hook then adds to `main_grad`."""
+    for p in trainer.params:
+        p.grad = p.main_grad
+    trainer.optimizer.step()
+    for p in trainer.params:
+        p.grad = None
 
 
 def _peak_rss_gb() -> float:
@@ -49,57 +95,44 @@ def run_steps(spec: TrialSpec, *, rank: int, world: int) -> dict:
     # One rank per core share: oversubscribed threads make CPU step times noise.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.cluster.gpus_per_node))
     torch.manual_seed(trial.seed)
-    config = transformer_config(model_cfg, layout, device="cpu")
-    # CPU layouts use our attention (megatron's is CUDA-only: sweeper.validity), which
-    # applies RoPE itself; megatron's RotaryEmbedding, which moves to CUDA, is not built.
-    model = build_model(model_cfg, layout, config)
+    trainer = build(model_cfg, layout, seed=trial.seed, lr=trial.lr)
     if trial.fail_if_name_contains and trial.fail_if_name_contains in spec.name:
         raise RuntimeError(f"injected failure: trial name contains {trial.fail_if_name_contains!r}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=trial.lr)
-    dp_group = parallel_state.get_data_parallel_group()
-    dp = parallel_state.get_data_parallel_world_size()
+    guard = StepGuard(spec, trainer.model)  # a non-finite loss ends the trial `diverged`
     dp_rank = parallel_state.get_data_parallel_rank()
     num_micro = layout.num_microbatches(world)
-    profiler = StepProfiler(spec, [model], rank=rank)
+    profiler = StepProfiler(spec, trainer.model, rank=rank)
     measured = trial.warmup_steps + trial.measure_steps
 
     step_times, losses = [], []
     for step in range(measured + profiler.extra_steps):
         # The step's batches are made before the clock starts, as a prefetching loader would.
-        batches = [
-            microbatch(seed=trial.seed, step=step, mbs=layout.mbs, seq_length=model_cfg.seq_length,
-                       vocab_size=model_cfg.vocab_size, device="cpu",
-                       first=first_sequence(dp_rank=dp_rank, num_microbatches=num_micro,
-                                            mbs=layout.mbs, index=index))
-            for index in range(num_micro)
-        ]
+        batches = steps.step_batches(spec, step, num_micro, dp_rank, device="cpu")
         dist.barrier()
         profiler.begin(step)
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros(())
-        for batch in batches:
-            per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-            loss = per_token.float().mean() / num_micro
-            loss.backward()
-            total += loss.detach()
-        with scope("dp_comm"):
-            _all_reduce_grads(params, dp_group, dp)
+        step_losses = forward_backward(trainer, batches, seq_length=model_cfg.seq_length,
+                                       mbs=layout.mbs)
         with scope("optimizer"):
-            optimizer.step()
-        dist.all_reduce(total, group=dp_group)
+            optimizer_step(trainer)
+        loss = steps.step_loss(step_losses, num_micro)
         dist.barrier()
         elapsed = time.perf_counter() - start
         profiler.end(step)
         if step < measured:  # a profiled step is an extra one, never timed
             step_times.append(elapsed)
-            losses.append(float(total) / dp)
-    return {
+            if loss is not None:
+                losses.append(float(loss))
+            # No global grad norm here (torch's AdamW): each rank checks its own reduced grads.
+            guard.after_step(step, loss=None if loss is None else float(loss), local_grads=True)
+    record = {
         "step_times_s": step_times,
-        "losses": losses,
         "peak_memory_gb": _peak_rss_gb(),
         "peak_memory_source": "peak RSS (getrusage)",
         "trial_path": PATH,
         **profiler.record(),
+        **guard.record(),
     }
+    if losses:  # the last pipeline stage's ranks compute the loss
+        record["losses"] = losses
+    return record

@@ -19,6 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from kernels import wgrad
 from kernels.layer_spec import applies_rope, block_spec
 from kernels.rope import DEFAULT_BASE
+from launch.steps import p2p_settings
 from sweeper.config import Layout, ModelConfig
 
 ROPE_BASE = DEFAULT_BASE  # rotary base for megatron's RoPE and ours alike
@@ -77,7 +78,7 @@ def transformer_config(model: ModelConfig, layout: Layout, *, device: str) -> Tr
         gradient_accumulation_fusion=on_gpu and wgrad.install(),
         persist_layer_norm=False,
         apply_rope_fusion=False,
-        deallocate_pipeline_outputs=on_gpu,
+        **p2p_settings(layout, device=device),  # batch/overlap p2p, deallocation: why there
         **recompute,
     )
 

@@ -13,6 +13,8 @@ from typing import Optional
 from kernels import attention_fa4  # no torch: it only looks for flash-attn-4 on the path
 from sweeper.config import (
     ATTENTION_KERNELS,
+    FUSION_CHOICES,
+    FUSION_DEFAULTS,
     NORM_KERNELS,
     RECOMPUTE,
     RECOMPUTE_METHODS,
@@ -38,6 +40,9 @@ def _check_axes(layout: Layout) -> Optional[str]:
         return f"attention must be one of {', '.join(ATTENTION_KERNELS)}, got {layout.attention!r}"
     if layout.norm not in NORM_KERNELS:
         return f"norm must be one of {', '.join(NORM_KERNELS)}, got {layout.norm!r}"
+    for axis, choices in FUSION_CHOICES.items():
+        if getattr(layout, axis) not in choices:
+            return f"{axis} must be one of {', '.join(choices)}, got {getattr(layout, axis)!r}"
     return None
 
 
@@ -118,6 +123,8 @@ def _check_kernels(model: ModelConfig, layout: Layout) -> Optional[str]:
         return f"triton attention supports head_dim in {TRITON_HEAD_DIMS}, got {model.head_dim}"
     if layout.attention == "flash_attn":
         return attention_fa4.head_dim_reason(model.head_dim)
+    if layout.loss == "fused" and layout.tp > 1:
+        return "loss=fused does not split the vocabulary: it needs tp = 1"
     return None
 
 
@@ -137,10 +144,12 @@ def invalid_reason(model: ModelConfig, layout: Layout, world_size: int) -> Optio
 def unsupported_reason(cluster: ClusterConfig, layout: Layout) -> Optional[str]:
     """What a valid layout needs that this cluster's trial path cannot give, or None.
 
-    The CPU path runs megatron-core's GPTModel with tensor parallelism over gloo,
-    data parallelism by all-reducing gradients itself, and torch's AdamW. Megatron's
-    pipeline schedules, sequence parallelism, recompute, DDP buffers, distributed
-    optimizer and fused attention need CUDA, so such layouts are reported, not faked.
+    The CPU path (launch/cpu_trial.py) runs megatron-core's own schedules (pp, vpp),
+    sequence parallelism, selective and full recompute and DDP over gloo in fp32. What
+    still needs CUDA: megatron's optimizer (so the distributed optimizer), CUDA graphs,
+    and the attention kernels built on CUDA-only libraries (cuDNN, flash) or, for
+    megatron's stock attention, a causal mask and RoPE built on "cuda". Such layouts
+    are reported, not faked.
     """
     if layout.cuda_graph and layout.pp > 1:
         return "cuda_graph captures the non-pipelined schedule only (pp = 1)"
@@ -149,18 +158,15 @@ def unsupported_reason(cluster: ClusterConfig, layout: Layout) -> Optional[str]:
     if cluster.device == "cuda":
         return None
     needs = []
-    if layout.pp > 1:
-        needs.append("pipeline schedules (pp > 1)")
-    if layout.sequence_parallel:
-        needs.append("sequence parallel")
-    if layout.recompute != "none":
-        needs.append(f"{layout.recompute} recompute")
     if layout.distributed_optimizer:
         needs.append("distributed optimizer")
     if layout.cuda_graph:
         needs.append("CUDA graphs")
     if layout.attention in ("flash_attn", "sdpa_flash", "sdpa_cudnn", "megatron"):
         needs.append(f"attention={layout.attention}")
+    # The fusions of issue 17: Triton kernels on GPU tensors, and megatron's optimizer.
+    needs += [f"{axis}={getattr(layout, axis)}" for axis, default in FUSION_DEFAULTS.items()
+              if getattr(layout, axis) != default]
     if needs:
         return "needs CUDA: " + ", ".join(needs)
     return None

@@ -76,9 +76,14 @@ def test_triton_attention_head_dim():
 def test_cpu_cluster_reports_what_needs_cuda():
     cpu = ClusterConfig(device="cpu")
     gpu = ClusterConfig(device="cuda")
-    layout = Layout(pp=2, recompute="selective", attention="sdpa_cudnn")
+    layout = Layout(pp=2, recompute="selective", distributed_optimizer=True, attention="sdpa_cudnn")
     message = unsupported_reason(cpu, layout)
     assert message.startswith("needs CUDA:")
-    assert "pipeline" in message and "selective recompute" in message and "sdpa_cudnn" in message
+    assert "distributed optimizer" in message and "sdpa_cudnn" in message
+    assert "pipeline" not in message and "recompute" not in message  # the CPU path runs those
     assert unsupported_reason(gpu, layout) is None
     assert unsupported_reason(cpu, Layout(tp=2, attention="sdpa", norm="triton")) is None
+    # every 3D axis runs on CPU (launch/cpu_trial.py): pp, vpp, sp and each recompute
+    for axes in (dict(pp=2, vpp=2), dict(tp=2, sequence_parallel=True), dict(recompute="selective"),
+                 dict(recompute="full", recompute_method="block")):
+        assert unsupported_reason(cpu, Layout(**axes)) is None, axes
