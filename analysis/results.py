@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import csv
-import json
+import sys
 from pathlib import Path
+
+from launch.record_check import load_record
 
 COLUMNS = [
     "trial", "status", "reason", "tp", "pp", "vpp", "cp", "dp", "mbs", "gbs", "recompute",
@@ -21,13 +23,15 @@ LAYOUT_COLUMNS = ["tp", "pp", "vpp", "cp", "mbs", "gbs", "recompute", "sequence_
                   "distributed_optimizer", "attention", "norm", "cuda_graph"]
 
 
-def load_records(sweep_dir) -> list[dict]:
+def load_records(sweep_dir, warn=lambda line: print(line, file=sys.stderr)) -> list[dict]:
+    """Every trial record; a damaged one is skipped with one line (path, what is wrong), never fatal."""
     records = []
     for path in sorted(Path(sweep_dir).glob("*/result.json")):
-        try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue  # an unreadable file is reported by its absence, never fatal
+        record, problem = load_record(path)
+        if problem:
+            warn(f"warning: skipping damaged record {path}: {problem}")
+        elif record is not None:
+            records.append(record)
     return records
 
 

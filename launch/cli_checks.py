@@ -1,19 +1,23 @@
 """Check the sweep command's arguments before Hydra composes anything.
 
 Hydra reports bad input as a multi-line report; a user gets one line here
-instead: an unknown preset, a malformed override, an unknown field, a size
-that is zero or negative.
+instead: an unknown preset, a malformed override, an unknown field, a value of
+the wrong type (`layout.mbs=abc`, `layout.tp=1.5`, `layout.tp=`), a number that
+is not finite, a size that is zero or negative, a name that is not a plain name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from pathlib import Path
 from typing import Optional
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
+from sweeper.capacity import PATH_NAMES, name_problem
 from sweeper.config import ClusterConfig, Layout, ModelConfig, SweepConfig, TrialConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -51,11 +55,38 @@ def _values(override) -> list:
     return [override.value()]
 
 
+def _field_type(cls, name: str):
+    """The field's type, Optional[X] read as X."""
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+
+
+def _type_problem(key: str, kind, value) -> Optional[str]:
+    if value is None:
+        return None
+    if kind is bool and not (isinstance(value, bool) or value in (0, 1)):
+        return f"{key} must be true or false, got {value!r}"
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        return f"{key} must be an integer, got {value!r}"
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{key} must be a number, got {value!r}"
+        if not math.isfinite(value):
+            return f"{key} must be a finite number, got {value!r}"
+    return None
+
+
 def _check_field(key: str, values: list) -> Optional[str]:
     section, _, name = key.partition(".")
     fields = {f.name: f for f in dataclasses.fields(SCHEMAS[section])}
     if name not in fields:
         return f"unknown field {key} (known: {', '.join(fields)})"
+    kind = _field_type(SCHEMAS[section], name)
+    for value in values:
+        problem = _type_problem(key, kind, value) or (name_problem(key, value) if key in PATH_NAMES else None)
+        if problem:
+            return problem
     default = getattr(SCHEMAS[section](), name)
     if isinstance(default, (int, float)) and not isinstance(default, bool):
         for value in values:

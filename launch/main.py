@@ -3,11 +3,14 @@
 Hydra runs it as a multirun: the layout sweeper (sweeper.hydra_sweeper) plans
 the trials, the configured launcher starts them, and `trial` below runs once
 per trial (once per SLURM task under submitit). Bad input is caught before
-Hydra composes anything and reported in one line.
+Hydra composes anything and reported in one line. Ctrl-C or SIGTERM stops the
+running trial's ranks, records it `interrupted`, prints one line and exits 130;
+running the same command again resumes.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import hydra
@@ -50,12 +53,23 @@ def trial(cfg: DictConfig) -> dict:
     try:
         spec = spec_from_config(cfg, trial_dir)
         return run_task(spec) if in_submitit_task() else run_local(spec)
+    except KeyboardInterrupt:  # the driver was stopped: run_ranks has stopped the ranks
+        if spec is not None:
+            write_json_atomic(result_path(trial_dir), base_record(spec, "interrupted", "the sweep was interrupted"))
+        raise
     except Exception as exc:  # noqa: BLE001 - ConfigError included
         if spec is None:
             return {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
-        record = base_record(spec, classify(exc), f"{type(exc).__name__}: {exc}")
+        status = classify(exc)
+        if type(exc).__name__ == "UncompletedJobError" and "timed-out" in str(exc):
+            status = "timeout"  # submitit's handler for SLURM's time-limit signal
+        record = base_record(spec, status, f"{type(exc).__name__}: {exc}")
         write_json_atomic(result_path(trial_dir), record)
         return record
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM takes Ctrl-C's path: ranks stopped, records written
 
 
 def cli() -> None:
@@ -63,7 +77,13 @@ def cli() -> None:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
-    trial()
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        trial()
+    except KeyboardInterrupt:
+        print("interrupted: running trials stopped and recorded as interrupted; "
+              "run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

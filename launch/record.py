@@ -4,7 +4,10 @@ Every write is atomic (temp file, fsync, rename), so a crash or kill never
 leaves a half-written record and never touches another trial's files.
 
 Statuses: ok, invalid (megatron would reject it), skipped (unsupported here or
-predicted OOM; the reason says which), oom, error, timeout.
+predicted OOM; the reason says which), oom (GPU or host allocator), error, timeout
+(the trial's or SLURM's limit), interrupted (the driver was stopped while it ran) and
+lost (its SLURM job never started or was cancelled before it wrote a record). The last
+two are not results: a resumed sweep runs those trials again.
 """
 
 from __future__ import annotations
@@ -17,7 +20,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-STATUSES = ("ok", "invalid", "skipped", "oom", "error", "timeout")
+STATUSES = ("ok", "invalid", "skipped", "oom", "error", "timeout", "interrupted", "lost")
+# A resumed sweep runs these again: they say nothing about the layout.
+NOT_RESULTS = ("interrupted", "lost")
+# Bumped when a record's fields change meaning; launch/record_check.py reads it.
+SCHEMA_VERSION = 1
 FAILED = ("oom", "error", "timeout")
 RESULT_FILE = "result.json"
 
@@ -51,15 +58,25 @@ def rank_path(trial_dir, rank: int) -> Path:
 
 def classify(exc: BaseException) -> str:
     """oom for allocator failures (CUDA or host), error otherwise."""
-    text = f"{type(exc).__name__}: {exc}".lower()
-    if "outofmemory" in text.replace(" ", "") or "out of memory" in text:
+    return classify_text(f"{type(exc).__name__}: {exc}")
+
+
+# Host OOM reads differently from CUDA's: torch's CPU allocator and Python's own.
+OOM_MARKERS = ("outofmemory", "out of memory", "can't allocate memory", "cannot allocate memory",
+               "memoryerror", "std::bad_alloc")
+
+
+def classify_text(text: str) -> str:
+    """oom when an error message (or a rank's log) says an allocator failed, error otherwise."""
+    text = text.lower()
+    if any(m in text or m in text.replace(" ", "") for m in OOM_MARKERS):
         return "oom"
     return "error"
 
 
 def _worst_status(ranks: list[dict]) -> str:
     statuses = {r.get("status", "error") for r in ranks}
-    for status in ("timeout", "oom", "error"):
+    for status in ("interrupted", "timeout", "oom", "error"):
         if status in statuses:
             return status
     return "ok"
@@ -90,6 +107,7 @@ def base_record(spec, status: str, reason: Optional[str] = None) -> dict:
     from dataclasses import asdict
 
     return {
+        "schema": SCHEMA_VERSION,
         "trial": spec.name,
         "status": status,
         "reason": reason,

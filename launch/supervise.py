@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from launch import spare
-from launch.record import rank_path, read_json, write_json_atomic
+from launch.record import classify_text, rank_path, read_json, write_json_atomic
 from launch.spec import REPO_ROOT, TrialSpec
 
 # After one rank fails, the others are usually stuck in a collective: give them
@@ -67,11 +67,15 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def run_ranks(spec: TrialSpec, *, ranks: list[int], local_ranks: list[int], master_addr: str,
-              master_port: int, deadline: float, prestart: bool = False) -> None:
+              master_port: int, deadline: float, prestart: bool = False,
+              limit: Optional[str] = None) -> None:
     """Run the given ranks to completion or the deadline; every rank ends with a record.
 
     prestart: take ranks from waiting spares, and start spares for the next trial
-    (`launch.spare`).
+    (`launch.spare`). limit: what the deadline is, for a timeout's reason.
+    Interrupted (Ctrl-C, SIGTERM turned into KeyboardInterrupt, any exception here),
+    it stops its ranks, which live in their own sessions and would outlive it, records
+    them `interrupted` and re-raises.
     """
     spec_path = Path(spec.trial_dir) / "spec.json"
     device = spec.cluster.device if prestart else None
@@ -86,7 +90,21 @@ def run_ranks(spec: TrialSpec, *, ranks: list[int], local_ranks: list[int], mast
         procs[rank] = _start(spec_path, logs[rank], variables, device=device)
     if device:
         spare.SPARES.prepare(device, len(ranks))
-    outcome = {}  # rank -> "timeout" | "aborted"
+    outcome = {}  # rank -> "timeout" | "aborted" | "interrupted"
+    try:
+        first_failure = _watch(procs, outcome, deadline)
+    except BaseException:
+        for rank, proc in procs.items():
+            if proc.poll() is None:
+                outcome[rank] = "interrupted"
+                _stop(proc)
+        _record_ranks(spec, procs, logs, outcome, None, limit)
+        raise
+    _record_ranks(spec, procs, logs, outcome, first_failure, limit)
+
+
+def _watch(procs: dict, outcome: dict, deadline: float) -> Optional[int]:
+    """Until every rank exited; stops those past the deadline or the failure grace. Returns the first failed rank."""
     first_failure = None
     while any(p.poll() is None for p in procs.values()):
         now = time.time()
@@ -103,19 +121,30 @@ def run_ranks(spec: TrialSpec, *, ranks: list[int], local_ranks: list[int], mast
                 outcome[rank] = "aborted"
                 _stop(proc)
         time.sleep(0.2)
+    return first_failure[0] if first_failure else None
+
+
+def _record_ranks(spec: TrialSpec, procs: dict, logs: dict, outcome: dict, first_failure, limit) -> None:
+    """A record for every rank that ended without writing its own."""
     for rank, proc in procs.items():
         path = rank_path(spec.trial_dir, rank)
         if read_json(path) is not None:
             continue
-        record = {"rank": rank, "exit_code": proc.returncode, "log_tail": _log_tail(logs[rank])}
+        tail = _log_tail(logs[rank])
+        record = {"rank": rank, "exit_code": proc.returncode, "log_tail": tail}
         if outcome.get(rank) == "timeout":
-            record.update(status="timeout", error=f"trial exceeded {spec.trial.timeout_s} s")
+            record.update(status="timeout", error=f"trial exceeded {limit or f'trial.timeout_s={spec.trial.timeout_s} s'}")
+        elif outcome.get(rank) == "interrupted":
+            record.update(status="interrupted", error="stopped: the sweep was interrupted")
         elif outcome.get(rank) == "aborted":
             record.update(status="error", secondary=True,
-                          error=f"stopped {FAILURE_GRACE_S:.0f} s after rank {first_failure[0]} failed")
+                          error=f"stopped {FAILURE_GRACE_S:.0f} s after rank {first_failure} failed")
         else:
-            record.update(status="error", error=f"rank exited with code {proc.returncode} "
-                                                 "without a record (crash or kill)")
+            # Killed by the host's OOM killer, or an allocator failure before the rank could
+            # write its record: the log says which.
+            status = classify_text(tail[-600:])
+            cause = "out of memory" if status == "oom" else "crash or kill"
+            record.update(status=status, error=f"rank exited with code {proc.returncode} without a record ({cause})")
         write_json_atomic(path, record)
 
 

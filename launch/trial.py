@@ -50,7 +50,8 @@ def run_local(spec: TrialSpec) -> dict:
         prestart = spec.cluster.device == "cuda"
     run_ranks(spec, ranks=list(range(world)), local_ranks=list(range(world)),
               master_addr="127.0.0.1", master_port=_free_port(),
-              deadline=started + spec.trial.timeout_s, prestart=prestart)
+              deadline=started + spec.trial.timeout_s, prestart=prestart,
+              limit=f"trial.timeout_s={spec.trial.timeout_s} s")
     return _finish(spec, collect_ranks(spec, wait_until=time.time()), started)
 
 
@@ -64,13 +65,32 @@ def run_task(spec: TrialSpec) -> dict:
         spec.save()
     else:
         _wait_for(Path(spec.trial_dir) / "spec.json", timeout_s=120)
+    budget_s, limit = task_budget(spec)
     run_ranks(spec, ranks=[job.global_rank], local_ranks=[job.local_rank],
               master_addr=job.hostnames[0], master_port=_job_port(job.job_id),
-              deadline=started + spec.trial.timeout_s)
+              deadline=started + budget_s, limit=limit)
     if job.global_rank != 0:
         return {"trial": spec.name, "status": "rank-done", "rank": job.global_rank}
-    ranks = collect_ranks(spec, wait_until=time.time() + COLLECT_GRACE_S)
+    ranks = collect_ranks(spec, wait_until=min(time.time() + COLLECT_GRACE_S, started + budget_s + 10))
     return _finish(spec, ranks, started)
+
+
+def task_budget(spec: TrialSpec) -> tuple[float, str]:
+    """Seconds this task's trial may run, and what that limit is called in a timeout's reason.
+
+    Under SLURM the job's time limit may be the shorter one: the trial then stops ahead
+    of SLURM's warning signal, so it ends as `timeout` with its record instead of being
+    killed mid-step.
+    """
+    from launch.slurm_jobs import signal_delay_s, trial_budget_s
+
+    budget, limit = float(spec.trial.timeout_s), f"trial.timeout_s={spec.trial.timeout_s} s"
+    minutes = spec.cluster.time_limit_min
+    if os.environ.get("SLURM_JOB_ID") and trial_budget_s(minutes) < budget:
+        budget = trial_budget_s(minutes)
+        limit = (f"the SLURM time limit of {minutes} min (cluster.time_limit_min; stopped at {budget:.0f} s, "
+                 f"ahead of SLURM's warning {signal_delay_s(minutes)} s before the limit)")
+    return budget, limit
 
 
 def _job_port(job_id: str) -> int:

@@ -15,8 +15,10 @@ for d in slurmd slurmctld; do p="$(pid_of "$d")" && pids="$pids $p"; done
 [ -z "$pids" ] && { echo "slurm_down: nothing running from $STATE_DIR"; exit 0; }
 
 if pid_of slurmctld >/dev/null; then
-  # Cancel jobs so their steps do not outlive slurmd; the cluster is ours alone.
-  scancel --quiet --full --partition=debug 2>/dev/null || true
+  # Cancel this project's jobs (named layout-sweep*, launch/slurm_jobs.py) so their steps
+  # do not outlive slurmd. Anyone else's jobs stay: they survive in StateSaveLocation.
+  ours="$(squeue -h -o '%i %j' 2>/dev/null | awk '$2 ~ /^layout-sweep/ {print $1}' || true)"
+  [ -n "$ours" ] && scancel --quiet $ours 2>/dev/null || true
 fi
 kill -TERM $pids 2>/dev/null || true
 for _ in $(seq 30); do

@@ -14,7 +14,6 @@ import logging
 import shutil
 import subprocess
 import sys
-import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, List, Optional
@@ -24,8 +23,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from launch.record import base_record, read_json, result_path, write_json_atomic
-from launch.spec import TrialSpec, git_commit
+from launch.record import base_record, result_path, write_json_atomic
+from launch.spec import git_commit
 from sweeper.config import (
     ConfigError,
     cluster_from_dict,
@@ -34,6 +33,9 @@ from sweeper.config import (
     sweep_from_dict,
     trial_from_dict,
 )
+from sweeper.capacity import check_capacity, check_names
+from sweeper.launching import launch_blocking, launch_slurm, set_aside_previous, spec_of
+from sweeper.lock import LockHeld, SweepLock
 from sweeper.plan import Point, classify, launch_lines, order, summary_lines
 from sweeper.progress import Progress
 
@@ -131,6 +133,11 @@ class LayoutSweeperImpl(Sweeper):
             if launcher.get("cpus_per_task") is None:
                 launcher.cpus_per_task = 1
             launcher.timeout_min = cluster.time_limit_min
+            if _launcher_kind(config) == "slurm":
+                from launch.slurm_jobs import JOB_NAME, signal_delay_s
+
+                launcher.name = JOB_NAME  # scripts/slurm_down.sh cancels jobs of this name only
+                launcher.signal_delay_s = signal_delay_s(cluster.time_limit_min)
             for key in ("partition", "account"):
                 if key in launcher and launcher.get(key) is None and getattr(cluster, key):
                     launcher[key] = getattr(cluster, key)
@@ -176,13 +183,15 @@ class LayoutSweeperImpl(Sweeper):
     def sweep(self, arguments: List[str]) -> Any:
         try:
             return self._sweep(arguments)
-        except ConfigError as exc:
+        except (ConfigError, LockHeld) as exc:
             fail(str(exc))
+        except OSError as exc:  # a read-only or full sweep directory, a vanished mount
+            where = f": {exc.filename}" if exc.filename else ""
+            fail(f"cannot write the sweep ({exc.strerror or exc}){where}")
 
     def _sweep(self, arguments: List[str]) -> Any:
-        from analysis.summary import finish_sweep
-
         sweep_cfg = sweep_from_dict(_plain(self.config.sweep))
+        check_names({k: _plain(self.config[k]) for k in ("sweep", "model", "cluster")})
         sweep_dir = Path(self.config.hydra.sweep.dir)
         points = self._points(self._combinations(arguments))
         seen = OrderedDict((p.name, p) for p in points)  # an axis repeated twice adds nothing
@@ -200,32 +209,40 @@ class LayoutSweeperImpl(Sweeper):
         if _launcher_kind(self.config) != "local" and len({p.cluster.world_size for p in launch}) > 1:
             fail("a submitit launcher gives every trial the same number of tasks: sweep one cluster size at a time")
 
+        damaged = [p for p in points if p.damaged]
         if sweep_cfg.dry_run:
+            for point in damaged:
+                print(f"damaged record {result_path(sweep_dir / point.name)}: {point.damaged} "
+                      "(would be set aside and the trial run again)")
             for line in summary_lines(points) + [f"would launch {len(launch)} trials:"] + launch_lines(launch):
                 print(line)
             return []
+        kind = _launcher_kind(self.config)
+        if launch:
+            check_capacity(kind, launch[0].cluster)
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        with SweepLock(sweep_dir):
+            return self._run(points, launch, sweep_cfg, sweep_dir, kind)
+
+    def _run(self, points: list[Point], launch: list[Point], sweep_cfg, sweep_dir: Path, kind: str) -> Any:
+        """Everything that writes into the sweep directory, under its lock."""
+        from analysis.summary import finish_sweep
+
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         commit = git_commit()
+        set_aside_previous(points, sweep_dir)
         for line in summary_lines(points):
             print(line)
         self._record_unlaunched(points, sweep_dir, commit)
-        print(f"launching {len(launch)} trials into {sweep_dir} (launcher: {_launcher_kind(self.config)})")
+        print(f"launching {len(launch)} trials into {sweep_dir} (launcher: {kind})")
 
         returns = []
+        batch_size = self.max_batch_size or max(1, len(launch))
         with Progress(sweep_dir, [p.name for p in launch], interval_s=sweep_cfg.progress_interval_s):
-            batch_size = self.max_batch_size or max(1, len(launch))
-            for start in range(0, len(launch), batch_size):
-                batch = launch[start:start + batch_size]
-                for point in batch:
-                    if point.prediction:
-                        write_json_atomic(sweep_dir / point.name / "prediction.json", point.prediction)
-                jobs = [p.overrides + [f"hydra.sweep.subdir={p.name}"] for p in batch]
-                try:
-                    returns.append(self.launcher.launch(jobs, initial_job_idx=start))
-                except Exception as exc:  # noqa: BLE001 - one dead job must not lose the others
-                    print(f"warning: launcher raised {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
-                self._record_lost(batch, sweep_dir, commit)
+            if kind == "slurm" and launch:
+                launch_slurm(self.launcher, launch, sweep_cfg, sweep_dir, commit, batch_size)
+            else:
+                returns = launch_blocking(self.launcher, launch, sweep_dir, commit, batch_size)
         finish_sweep(sweep_dir, points)
         return returns
 
@@ -238,29 +255,8 @@ class LayoutSweeperImpl(Sweeper):
                 return load_calibration(path)
         return None
 
-    @staticmethod
-    def _spec(point: Point, sweep_dir: Path, commit) -> TrialSpec:
-        return TrialSpec(model=point.model, cluster=point.cluster, layout=point.layout, trial=point.trial,
-                         trial_dir=str(sweep_dir / point.name), git_commit=commit, prediction=point.prediction)
-
     def _record_unlaunched(self, points: list[Point], sweep_dir: Path, commit) -> None:
         for point in points:
             if point.status in ("invalid", "skipped"):
-                record = base_record(self._spec(point, sweep_dir, commit), point.status, point.reason)
+                record = base_record(spec_of(point, sweep_dir, commit), point.status, point.reason)
                 write_json_atomic(result_path(sweep_dir / point.name), record)
-
-    def _record_lost(self, batch: list[Point], sweep_dir: Path, commit) -> None:
-        """A trial whose job died before task 0 wrote its record still gets one."""
-        from launch.record import trial_record
-        from launch.supervise import collect_ranks
-
-        for point in batch:
-            trial_dir = sweep_dir / point.name
-            if read_json(result_path(trial_dir)) is not None:
-                continue
-            spec = self._spec(point, sweep_dir, commit)
-            if (trial_dir / "spec.json").exists():
-                record = trial_record(spec, collect_ranks(spec, wait_until=time.time()), wall_s=0.0)
-            else:
-                record = base_record(spec, "error", "job never started (see the launcher's logs)")
-            write_json_atomic(result_path(trial_dir), record)

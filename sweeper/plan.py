@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from launch.record import FAILED, read_json, result_path
+from launch.record import FAILED, NOT_RESULTS, result_path
+from launch.record_check import load_record
 from sweeper.config import ClusterConfig, Layout, ModelConfig, SweepConfig, TrialConfig
 from sweeper.validity import invalid_reason, unsupported_reason
 
@@ -28,6 +29,8 @@ class Point:
     overrides: list[str] = field(default_factory=list)
     status: str = "launch"  # launch | invalid | skipped | done
     reason: Optional[str] = None
+    damaged: Optional[str] = None  # what is wrong with an earlier record that must be set aside
+    previous: Optional[str] = None  # the status of an earlier record this launch replaces
     prediction: Optional[dict] = None
 
     @property
@@ -69,10 +72,15 @@ def classify(point: Point, *, sweep: SweepConfig, sweep_dir: Path, calibration=N
             f"{point.cluster.gpu_memory_gb:.1f} GiB"
         )
         return
-    previous = read_json(result_path(sweep_dir / point.name))
-    if previous and previous.get("status") not in (None, "invalid", "skipped"):
-        if not (sweep.rerun_failed and previous["status"] in FAILED):
-            point.status, point.reason = "done", f"recorded earlier as {previous['status']}"
+    previous, point.damaged = load_record(result_path(sweep_dir / point.name))
+    if previous is None:
+        return
+    status = previous["status"]
+    point.previous = status
+    if status in ("invalid", "skipped") or status in NOT_RESULTS:
+        return  # re-checked above, or not a result of the layout (interrupted, lost): run it
+    if not (sweep.rerun_failed and status in FAILED):
+        point.status, point.reason = "done", f"recorded earlier as {status}"
 
 
 def order(points: list[Point], max_trials: Optional[int] = None) -> list[Point]:

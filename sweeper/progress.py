@@ -9,7 +9,8 @@ import threading
 import time
 from pathlib import Path
 
-from launch.record import read_json, result_path
+from launch.record import result_path
+from launch.record_check import load_record
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -45,13 +46,13 @@ class Progress:
         for name in self.names:
             if name in self.seen:
                 continue
-            record = read_json(result_path(self.sweep_dir / name))
-            if record is None:
+            record, _ = load_record(result_path(self.sweep_dir / name))
+            if record is None:  # not yet written, or damaged (the sweeper reports those)
                 continue
             self.seen[name] = record
             changed = True
             detail = record.get("reason") or ""
-            if record.get("status") == "ok":
+            if record["status"] == "ok" and "palm" in record["mfu"]:
                 detail = (f"{record['step_time_s']:.3f} s/step, {record['tokens_per_s']:.0f} tok/s, "
                           f"MFU {100 * record['mfu']['palm']:.1f}% (PaLM)")
             self.echo(f"[{len(self.seen)}/{len(self.names)}] {record.get('status', '?'):7s} {name}  {detail}")

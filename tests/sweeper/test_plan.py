@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from launch.record import result_path, write_json_atomic
+from launch.record import base_record, result_path, write_json_atomic
+from launch.spec import TrialSpec
 from sweeper.config import ClusterConfig, Layout, ModelConfig, SweepConfig, TrialConfig
 from sweeper.plan import Point, classify, order, predict
 
@@ -42,16 +43,41 @@ def test_launch_order_follows_predicted_mfu(tmp_path):
     assert mfus == sorted(mfus, reverse=True) and len(launched) == len(points)
 
 
+def _record(p: Point, status: str, tmp_path) -> dict:
+    spec = TrialSpec(model=p.model, cluster=p.cluster, layout=p.layout, trial=p.trial,
+                     trial_dir=str(tmp_path / p.name), git_commit=None, prediction=None)
+    record = base_record(spec, status)
+    if status == "ok":
+        record.update(step_time_s=1.0, tokens_per_s=1.0, mfu={"palm": 0.1, "megatron": 0.1})
+    return record
+
+
 def test_resume_skips_recorded_trials_and_reruns_failures_only_when_asked(tmp_path):
     done, failed = point(tp=1), point(tp=2)
-    write_json_atomic(result_path(Path(tmp_path) / done.name), {"status": "ok"})
-    write_json_atomic(result_path(Path(tmp_path) / failed.name), {"status": "error"})
+    write_json_atomic(result_path(Path(tmp_path) / done.name), _record(done, "ok", tmp_path))
+    write_json_atomic(result_path(Path(tmp_path) / failed.name), _record(failed, "error", tmp_path))
     classify(done, sweep=SweepConfig(), sweep_dir=tmp_path)
     classify(failed, sweep=SweepConfig(), sweep_dir=tmp_path)
     assert done.status == "done" and failed.status == "done"
     again = point(tp=2)
     classify(again, sweep=SweepConfig(rerun_failed=True), sweep_dir=tmp_path)
-    assert again.status == "launch"
+    assert again.status == "launch" and again.previous == "error"
+
+
+def test_interrupted_lost_and_damaged_records_are_run_again(tmp_path):
+    interrupted, lost, damaged, shaped = point(tp=1), point(tp=2), point(tp=4), point(tp=8)
+    write_json_atomic(result_path(tmp_path / interrupted.name), _record(interrupted, "interrupted", tmp_path))
+    write_json_atomic(result_path(tmp_path / lost.name), _record(lost, "lost", tmp_path))
+    write_json_atomic(result_path(tmp_path / damaged.name), [1, 2])
+    bad = _record(shaped, "ok", tmp_path)
+    bad["layout"]["tp"] = 0
+    write_json_atomic(result_path(tmp_path / shaped.name), bad)
+    for p in (interrupted, lost, damaged, shaped):
+        classify(p, sweep=SweepConfig(), sweep_dir=tmp_path)
+        assert p.status == "launch", p.name
+    assert interrupted.damaged is None and lost.damaged is None
+    assert damaged.damaged == "not a JSON object but list"
+    assert shaped.damaged == "layout.tp is 0, not a positive integer"
 
 
 def test_cpu_cluster_skips_what_needs_cuda(tmp_path):
