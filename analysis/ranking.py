@@ -20,7 +20,10 @@ first 3 that finished, as a sweep that learns would have seen them.
 
 from __future__ import annotations
 
+import json
 import statistics
+import tarfile
+from pathlib import Path
 from typing import Optional
 
 from sweeper.calibration import Calibration, fit_calibration
@@ -37,6 +40,21 @@ def measured_memory(record: dict) -> tuple[Optional[float], Optional[float]]:
     reserved = record.get("peak_memory_gb_max")
     return (max(allocated) if allocated else None,
             reserved if isinstance(reserved, (int, float)) else None)
+
+
+def load_archived_records(path, sweep: Optional[str] = None) -> list[dict]:
+    """Every trial's result.json inside a .tgz of sweep directories (benchmarks/results/*_trials.tgz);
+    `sweep` keeps the members whose path contains it (e.g. "h100_single")."""
+    records = []
+    with tarfile.open(Path(path)) as archive:
+        for member in archive.getmembers():
+            if not member.name.endswith("/result.json") or (sweep and sweep not in member.name):
+                continue
+            try:
+                records.append(json.loads(archive.extractfile(member).read()))
+            except (AttributeError, ValueError):
+                continue  # an unreadable member is reported by its absence
+    return records
 
 
 def launch_order(records: list[dict]) -> list[dict]:

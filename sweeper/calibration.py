@@ -58,36 +58,46 @@ class Calibration:
     # path's (torch fused), apex's and TE's.
     optimizer_temp_bytes: float = 0.0
 
-    # --- speed ---
+    # --- speed ---  (defaults: one H100 SXM; see PRESETS for the other GPUs)
     # Large bf16 GEMM efficiency (fraction of peak); it falls off for small GEMMs:
     # eff = gemm_efficiency * T/(T + gemm_half_tokens) * W/(W + gemm_half_width)
-    # for T tokens per micro-batch and a hidden size per TP rank of W.
-    gemm_efficiency: float = 0.60
-    gemm_half_tokens: float = 512.0
+    # for T tokens per micro-batch and a hidden size per TP rank of W. The H200 profile
+    # (anchors, 2026-12-01) runs llama_1b3's GEMMs at 707 TFLOP/s (0.715 of 989.4) at
+    # 16384 tokens and 655 at 2048: gemm_half_tokens 190.
+    gemm_efficiency: float = 0.77
+    gemm_half_tokens: float = 190.0
     gemm_half_width: float = 128.0
     # Fused attention, model FLOPs (causal halved, fwd+bwd = 3x fwd) per second as a
-    # fraction of peak. Anchors: flash 0.20, cuDNN 0.34. For "megatron" (unfused): the
-    # efficiency of its batched matmuls over the whole s x s; its softmax costs bytes.
+    # fraction of peak, when (batch x heads per rank) is large; it falls as
+    # B/(B + attention_half_heads): the H200 profile has cuDNN at 358 TFLOP/s at mbs 8
+    # (16 heads) and 253 at mbs 1. Kernel ratios from the H100 sweep and the anchors'
+    # attention table (ours 0.73x cuDNN, flash-attn-4 1.11x). For "megatron" (unfused):
+    # the efficiency of its batched matmuls over the whole s x s; its softmax costs bytes.
     attention_efficiency: dict = field(
-        default_factory=lambda: {"triton": 0.20, "sdpa": 0.20, "sdpa_flash": 0.20,
-                                 "sdpa_cudnn": 0.34, "megatron": 0.50,
-                                 # flash-attn-4: cuDNN's x 1.08, its smallest fwd+bwd ratio
-                                 # over 4 shapes on one H200 (anchors h200_baseline_2026-12-01)
-                                 "flash_attn": 0.37}
+        default_factory=lambda: {"triton": 0.28, "flash_attn": 0.43, "sdpa": 0.22,
+                                 "sdpa_flash": 0.22, "sdpa_cudnn": 0.385, "megatron": 0.50}
     )
-    # RMSNorm effective bandwidth, TB/s (fwd+bwd counted as 10 bytes per element).
-    norm_bandwidth_tbps: dict = field(
-        default_factory=lambda: {"triton": 2.4, "torch": 1.5, "megatron": 1.5}
+    attention_half_heads: float = 8.0
+    # RMSNorm's achieved fraction of memory_bandwidth_tbps (fwd+bwd counted as 10 bytes
+    # per element): the H200 profile's Triton norm 16.5 ms for 32 GB.
+    norm_efficiency: dict = field(
+        default_factory=lambda: {"triton": 0.46, "torch": 0.42, "megatron": 0.30}
     )
-    # Device memory bandwidth for elementwise ops and the optimizer, TB/s.
+    # Device memory bandwidth for elementwise ops and the optimizer, TB/s: the anchors'
+    # measured device copy (read + written).
     memory_bandwidth_tbps: float = 3.0
-    # Bytes moved per parameter of the optimizer shard per step (torch foreach Adam
-    # with grad clipping and the bf16 copy back).
-    optimizer_bytes_per_param: float = 100.0
-    # Host-side time per layer per micro-batch (fwd+bwd) and per micro-batch: a
-    # micro-batch takes max(GPU time, host time); the anchors' mbs 1 is host bound.
-    launch_per_layer_s: float = 3.0e-3
-    launch_per_microbatch_s: float = 7.0e-3
+    # Bytes moved per parameter of the optimizer shard per step: torch's fused Adam, grad
+    # clipping and the bf16 copy back (the H200 profile: 21 ms for 1.36B parameters).
+    optimizer_bytes_per_param: float = 65.0
+    # Eager host-side time per layer per micro-batch (fwd+bwd) and per micro-batch: a
+    # micro-batch takes max(GPU time, host time). The H100 sweep's eager mbs 1 and 2 run
+    # at 115 and 109 ms per micro-batch of 24 layers; CUDA graphs remove it.
+    launch_per_layer_s: float = 4.3e-3
+    launch_per_microbatch_s: float = 8.0e-3
+    # GPU idle per micro-batch and per step (optimizer launch, grad-norm sync): the H200
+    # profile's idle 10 ms at 2 micro-batches, 26 ms at 16.
+    microbatch_idle_s: float = 1.1e-3
+    step_overhead_s: float = 8.0e-3
     # Achieved fraction of the preset's bus bandwidth, and a fixed cost per collective.
     comm_efficiency: float = 0.75
     comm_latency_s: float = 2.0e-5
@@ -115,18 +125,53 @@ def cpu_calibration() -> Calibration:
         gemm_half_tokens=64.0,
         gemm_half_width=32.0,
         attention_efficiency=_per_kernel(0.2),
-        norm_bandwidth_tbps={"triton": 0.002, "torch": 0.005, "megatron": 0.005},
+        norm_efficiency={"triton": 0.2, "torch": 0.5, "megatron": 0.5},
         memory_bandwidth_tbps=0.01,
         optimizer_bytes_per_param=60.0,
         launch_per_layer_s=1.0e-3,
         launch_per_microbatch_s=2.0e-3,
+        microbatch_idle_s=0.0,
+        step_overhead_s=0.0,
         comm_efficiency=0.5,
         comm_latency_s=1.0e-4,
     )
 
 
+# Per GPU: what differs from the H100 defaults. H200: same compute, the anchors'
+# measured copy 4.25 TB/s. A100 80GB SXM: dense bf16 312 TFLOP/s, large GEMMs at about
+# 0.8 of it, flash attention fwd+bwd about 0.55, copy about 1.7 TB/s of its 2.0.
+PRESETS = {
+    "h100": {},
+    "h200": {"memory_bandwidth_tbps": 4.25},
+    "a100": {"gemm_efficiency": 0.86, "memory_bandwidth_tbps": 1.7,
+             "attention_efficiency": {"triton": 0.40, "flash_attn": 0.55, "sdpa": 0.50,
+                                      "sdpa_flash": 0.50, "sdpa_cudnn": 0.50, "megatron": 0.60}},
+}
+
+
+def gpu_kind(cluster: ClusterConfig) -> str:
+    """Which preset's constants: read from the explicit peak and memory, never a GPU name.
+
+    A dense bf16 peak under 500 TFLOP/s is an A100-class part; over 100 GiB of memory at
+    H100-class compute is an H200; else an H100.
+    """
+    if cluster.device == "cpu":
+        return "cpu"
+    if cluster.peak_tflops < 500.0:
+        return "a100"
+    return "h200" if cluster.gpu_memory_gb > 100.0 else "h100"
+
+
+RETIRED = {"norm_bandwidth_tbps"}  # constants of earlier models, ignored in old files
+
+
 def default_calibration(cluster: ClusterConfig) -> Calibration:
-    return cpu_calibration() if cluster.device == "cpu" else Calibration()
+    kind = gpu_kind(cluster)
+    if kind == "cpu":
+        return cpu_calibration()
+    cal = Calibration(**PRESETS[kind])
+    cal.source = {"preset": kind}
+    return cal
 
 
 def save_calibration(cal: Calibration, path) -> None:
@@ -144,6 +189,8 @@ def load_calibration(path) -> Calibration:
     cal = Calibration()
     known = {f.name for f in dataclasses.fields(Calibration)}
     for key, value in data.items():
+        if key in RETIRED:
+            continue
         if key not in known:
             raise ConfigError(f"{path}: unknown calibration constant {key!r}")
         default = getattr(cal, key)
@@ -281,7 +328,7 @@ def fit_calibration(records: list[dict], model: ModelConfig, cluster: ClusterCon
     """
     cal = dataclasses.replace(base or default_calibration(cluster))
     cal.attention_efficiency = dict(cal.attention_efficiency)
-    cal.norm_bandwidth_tbps = dict(cal.norm_bandwidth_tbps)
+    cal.norm_efficiency = dict(cal.norm_efficiency)
     cal.compute_scale = dict(cal.compute_scale)
     records = list(records)
     ok_memory = _usable(records, "ok", "peak_memory_gb")

@@ -6,14 +6,16 @@
 One micro-batch on one pipeline stage costs max(GPU time, host time) plus its
 tensor- and context-parallel communication:
 - GPU time: GEMM FLOPs at an efficiency that falls for small GEMMs; fused attention
-  FLOPs at the kernel's efficiency; the stock unfused attention as its batched
+  FLOPs at the kernel's efficiency, which falls with few (batch x heads) tiles; the stock unfused attention as its batched
   matmuls (the whole s x s, masked half included) plus the bytes its fp32 softmax
   moves; RMSNorm and the other elementwise ops (RoPE, SwiGLU, residuals, copies) as
   bytes at memory bandwidth; the output layer and cross entropy on the last stage.
   Recompute adds the recomputed forward. All of it is scaled by the fitted
   `compute_scale` of the attention kernel.
-- host time: the launch cost per layer and per micro-batch (the step is launch-bound
-  when micro-batches are small).
+- host time: the eager launch cost per layer and per micro-batch (the step is
+  launch-bound when micro-batches are small); a CUDA graph (layout.cuda_graph) replays
+  the micro-batch in one launch, so the host no longer bounds it. Either way the GPU
+  idles a little per micro-batch and per step (Calibration.microbatch_idle_s, step_overhead_s).
 - TP: per layer, four all-reduces of the layer's activations (fwd and bwd; with SP
   the same bytes as all-gathers and reduce-scatters), six with full recompute.
   CP: the ring's K/V exchange, counted where it exceeds the attention it hides behind.
@@ -40,8 +42,10 @@ from sweeper.memory import Shape, model_shape, padded_vocab, stage_params
 # reshapes (q), SwiGLU's silu and product (f).
 ELEMENTWISE_BYTES = {"h": 24.0, "q": 64.0, "f": 26.0}
 NORM_BYTES = 10.0  # per element, fwd (read x, write y) + bwd (read x, dy; write dx)
-UNFUSED_SCORE_BYTES = 86.0  # per score, fwd+bwd: baddbmm, fp32 copy, scale, mask, softmax, cast
-CE_BYTES_PER_LOGIT = 72.0  # megatron's cross entropy in fp32, fwd+bwd
+UNFUSED_SCORE_BYTES = 100.0  # per score, fwd+bwd: baddbmm, fp32 copy, scale, mask, softmax, cast (H100 sweep)
+# megatron's fused cross entropy, fwd+bwd: bf16 read, fp32 written, exp and divide in
+# place, the gradient in place and its bf16 copy.
+CE_BYTES_PER_LOGIT = 40.0
 # Share of a layer's fwd+bwd time that its forward takes (what recompute repeats).
 FORWARD_SHARE = 1.0 / 3.0
 FUSED_ATTENTION_FORWARD_SHARE = 0.25  # flash backward recomputes the scores
@@ -62,25 +66,36 @@ def _gemm_efficiency(cal: Calibration, tokens: float, width: float) -> float:
             * width / (width + cal.gemm_half_width))
 
 
+def _attention_efficiency(cal: Calibration, layout: Layout, heads: float) -> float:
+    """A fused kernel fills the GPU with (batch x heads) tiles: few of them, low efficiency."""
+    kernel = cal.attention_efficiency.get(layout.attention, cal.attention_efficiency["sdpa"])
+    if layout.attention == "megatron":
+        return kernel  # batched matmuls over the whole square: large enough
+    batch_heads = layout.mbs * heads
+    return kernel * batch_heads / (batch_heads + cal.attention_half_heads)
+
+
 def _layer_gpu_time(sh: Shape, layout: Layout, cal: Calibration, peak: float) -> tuple[float, float]:
     """(fwd+bwd seconds of one layer for one micro-batch, of which attention core)."""
     tp, cp = layout.tp, layout.cp
     T = layout.mbs * sh.s / cp
     gemm = 6.0 * T * sh.layer_matrix_params / tp
     gemm_time = gemm / (peak * _gemm_efficiency(cal, T, sh.h / tp))
+    efficiency = _attention_efficiency(cal, layout, sh.a / tp)
     if layout.attention == "megatron":
         scores = T * sh.a / tp * sh.s / cp
         bmm = 12.0 * scores * sh.q / sh.a  # QK^T and PV over the full square, fwd+bwd
-        attention = (bmm / (peak * cal.attention_efficiency["megatron"])
+        attention = (bmm / (peak * efficiency)
                      + UNFUSED_SCORE_BYTES * scores / cal.memory_bytes_per_s)
     else:
         flops = 6.0 * T * sh.s * sh.q / tp  # causal: half the square, fwd+bwd
-        attention = flops / (peak * cal.attention_efficiency[layout.attention])
+        attention = flops / (peak * efficiency)
     whole = 1.0 / tp if layout.sequence_parallel else 1.0
     ew = T * (ELEMENTWISE_BYTES["h"] * sh.h * whole
               + (ELEMENTWISE_BYTES["q"] * sh.q + ELEMENTWISE_BYTES["f"] * sh.f) / tp)
     norms = 2 * NORM_BYTES * T * sh.h * whole
-    other = ew / cal.memory_bytes_per_s + norms / (cal.norm_bandwidth_tbps[layout.norm] * 1e12)
+    norm_bw = cal.memory_bytes_per_s * cal.norm_efficiency.get(layout.norm, 0.3)
+    other = ew / cal.memory_bytes_per_s + norms / norm_bw
     return gemm_time + attention + other, attention
 
 
@@ -138,8 +153,12 @@ def _stage_microbatch(sh, layout, cal, cluster, net, peak, stage) -> dict:
         gpu += CE_BYTES_PER_LOGIT * T * vocab / cal.memory_bytes_per_s
     gpu *= cal.compute_scale.get(layout.attention, 1.0)
     recompute_layers = layers if layout.recompute == "full" else 0
-    host = (cal.launch_per_layer_s * (layers + FORWARD_SHARE * recompute_layers)
-            + cal.launch_per_microbatch_s)
+    if layout.cuda_graph:  # one replay per micro-batch: the host no longer paces the GPU
+        host = 0.0
+    else:
+        host = (cal.launch_per_layer_s * (layers + FORWARD_SHARE * recompute_layers)
+                + cal.launch_per_microbatch_s)
+    gpu += cal.microbatch_idle_s
     activation = e * T * sh.h
     collectives = 4 + (2 if layout.recompute == "full" else 0)
     tp_comm = layers * collectives * net.all_reduce(activation, tp, tp)
@@ -193,7 +212,7 @@ def predict_speed(model: ModelConfig, cluster: ClusterConfig, layout: Layout,
         pp_comm = m * layout.vpp * 2 * (message / bw + net.latency)
     per_stage = [_dp_and_optimizer(sh, layout, cal, cluster, net, dp, k) for k in stages]
     dp_comm = max(d for d, _ in per_stage)
-    optimizer = max(o for _, o in per_stage)
+    optimizer = max(o for _, o in per_stage) + cal.step_overhead_s
     terms = dict(
         compute=m * per_mb["gpu"],
         launch=m * (busy - per_mb["gpu"]),
