@@ -8,6 +8,13 @@ x is [..., H] (any leading shape, H any size up to 65536), w is [H]; y has x's d
     dx = r * (g - xhat * mean(g * xhat))                  (per row)
     dw = sum over rows of dy * xhat
 
+Host cost: eager training steps call this for every norm of every layer, so the launchers
+keep Python thin: one launch forward, two backward (row tiles, then the dw reduction), the
+launch configuration cached per hidden size, compiled kernels launched directly after their
+first call (`kernels.fast_launch`), and the dw partial buffer kept between calls (not while
+a CUDA graph is being captured), so a call allocates only its outputs (y and the fp32 rstd
+forward; dx and dw backward).
+
 Three layers, as in Liger-Kernel and the Triton layer-norm tutorial:
   * private @triton.jit kernels: `_forward_kernel` (a [BLOCK_M, BLOCK_N] tile of rows per
     program), `_backward_kernel` (a persistent grid; each program walks row tiles and keeps
@@ -35,13 +42,17 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fast_launch import CachedLaunch, aligned, device_index
+
 MAX_HIDDEN = 65536  # one row lives in registers; wider rows would spill
 
 
 # --------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+# Row counts change from call to call; not specializing on them (divisible by 16, == 1)
+# keeps one compiled kernel per hidden size, which fast_launch's cache key relies on.
+@triton.jit(do_not_specialize=["n_rows"])
 def _forward_kernel(
     x_ptr, w_ptr, y_ptr, rstd_ptr,
     n_rows, n_cols, stride_x, stride_y, eps,
@@ -81,7 +92,7 @@ def _load_tile(dy_ptr, x_ptr, rstd_ptr, row0, n_rows, n_cols, stride_dy, stride_
     return dy, x, rstd
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _backward_kernel(
     dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
     n_rows, n_cols, stride_dy, stride_x, stride_dx,
@@ -122,7 +133,7 @@ def _backward_kernel(
     tl.store(dw_partial_ptr + tl.cast(pid, tl.int64) * n_cols + cols, dw, mask=col_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_partials"])
 def _dw_reduce_kernel(
     partial_ptr, dw_ptr, n_partials, n_cols,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -199,6 +210,19 @@ def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 or t2.shape[0] == 0 else t2.contiguous()
 
 
+_FORWARD = CachedLaunch(_forward_kernel)
+_BACKWARD = CachedLaunch(_backward_kernel)
+_DW_REDUCE = CachedLaunch(_dw_reduce_kernel)
+_PARTIALS: dict = {}  # (device, programs, n_cols) -> fp32 [programs, n_cols] scratch
+DW_BLOCK_C = 64  # dw reduction: columns per program
+
+
+def _key(cfg, tensors, ints):
+    """fast_launch's cache key, device index first: the launch config, every int Triton may
+    specialize on (row counts are not specialized), each pointer's dtype and alignment."""
+    return (device_index(tensors[0]), cfg, ints, *((t.dtype, aligned(t)) for t in tensors))
+
+
 def forward(x2: torch.Tensor, weight: torch.Tensor, eps: float,
             config: Optional[ForwardConfig] = None, out_shape=None):
     """x2 [M, H], weight [H] -> y (x2's dtype, contiguous, shape out_shape or [M, H]),
@@ -209,12 +233,31 @@ def forward(x2: torch.Tensor, weight: torch.Tensor, eps: float,
     if n_rows == 0:
         return y, rstd
     cfg = config or forward_config(n_cols)
-    _forward_kernel[(triton.cdiv(n_rows, cfg.block_m),)](
-        x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), n_cols, eps,
-        BLOCK_M=cfg.block_m, BLOCK_N=triton.next_power_of_2(n_cols),
-        num_warps=cfg.num_warps,
-    )
+    stride = x2.stride(0)
+    _FORWARD.launch(
+        _key(cfg, (x2, weight), (n_cols, stride)), (triton.cdiv(n_rows, cfg.block_m),),
+        (x2, weight, y, rstd, n_rows, n_cols, stride, n_cols, float(eps)),
+        dict(BLOCK_M=cfg.block_m, BLOCK_N=_block_n(n_cols)), num_warps=cfg.num_warps)
     return y, rstd
+
+
+@functools.lru_cache(maxsize=None)
+def _block_n(n_cols: int) -> int:
+    return triton.next_power_of_2(n_cols)
+
+
+def _partials(device: torch.device, programs: int, n_cols: int) -> torch.Tensor:
+    """The dw partial buffer, reused by every call on this device and stream order. While a
+    CUDA graph is captured a fresh one comes from the graph's pool instead (a cached buffer
+    first allocated there would belong to the graph)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.empty((programs, n_cols), dtype=torch.float32, device=device)
+    key = (device, programs, n_cols)
+    buf = _PARTIALS.get(key)
+    if buf is None:
+        buf = _PARTIALS[key] = torch.empty((programs, n_cols), dtype=torch.float32,
+                                           device=device)
+    return buf
 
 
 def backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
@@ -228,17 +271,16 @@ def backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: to
     dw = torch.empty_like(weight)
     cfg = config or backward_config(n_cols)
     programs = min(triton.cdiv(n_rows, cfg.block_m), _sm_count(x2.device) * cfg.programs_per_sm)
-    partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device)
-    _backward_kernel[(programs,)](
-        dy2, x2, weight, rstd, dx, partial,
-        n_rows, n_cols, dy2.stride(0), x2.stride(0), n_cols,
-        BLOCK_M=cfg.block_m, BLOCK_N=triton.next_power_of_2(n_cols), PREFETCH=cfg.prefetch,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    block_c = 64
-    _dw_reduce_kernel[(triton.cdiv(n_cols, block_c),)](
-        partial, dw, programs, n_cols, BLOCK_P=32, BLOCK_C=block_c, num_warps=4,
-    )
+    partial = _partials(x2.device, programs, n_cols)
+    stride_dy, stride_x = dy2.stride(0), x2.stride(0)
+    _BACKWARD.launch(
+        _key(cfg, (dy2, x2, weight, rstd), (n_cols, stride_dy, stride_x)), (programs,),
+        (dy2, x2, weight, rstd, dx, partial, n_rows, n_cols, stride_dy, stride_x, n_cols),
+        dict(BLOCK_M=cfg.block_m, BLOCK_N=_block_n(n_cols), PREFETCH=cfg.prefetch),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _DW_REDUCE.launch(
+        _key(None, (partial, dw), n_cols), (triton.cdiv(n_cols, DW_BLOCK_C),),
+        (partial, dw, programs, n_cols), dict(BLOCK_P=32, BLOCK_C=DW_BLOCK_C), num_warps=4)
     return dx, dw
 
 
