@@ -70,10 +70,18 @@ def core_attention_spec(attention: str, *, rope_base: float):
                       params={"backend": SDPA_BACKENDS[attention], **rope})
 
 
-def layer_spec(*, attention: str, norm: str, rope_base: float) -> ModuleSpec:
-    """A TransformerLayer spec: megatron's local linears and MLP, our norm and attention."""
+def layer_spec(*, attention: str, norm: str, rope_base: float, swiglu: str = "megatron") -> ModuleSpec:
+    """A TransformerLayer spec: megatron's local linears and MLP, our norm and attention;
+    swiglu="triton" makes kernels.swiglu the MLP's activation (the config must set
+    use_te_activation_func, as launch.model does, or megatron never calls it)."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     subs = spec.submodules
+    if swiglu == "triton":
+        from kernels.swiglu import TritonSwiGLU
+
+        subs.mlp.submodules.activation_func = ModuleSpec(module=TritonSwiGLU)
+    elif swiglu != "megatron":
+        raise ValueError(f"unknown swiglu kernel {swiglu!r}")
     subs.self_attention.submodules.core_attention = core_attention_spec(
         attention, rope_base=rope_base)
     subs.input_layernorm = norm_module(norm)
@@ -82,10 +90,10 @@ def layer_spec(*, attention: str, norm: str, rope_base: float) -> ModuleSpec:
 
 
 def block_spec(config, *, attention: str, norm: str, rope_base: float,
-               vp_stage=None) -> TransformerBlockSubmodules:
+               vp_stage=None, swiglu: str = "megatron") -> TransformerBlockSubmodules:
     """The decoder block of one model chunk: its layers plus the final norm. rope_base
     reaches our core attention; with attention="megatron" it is unused here (megatron's
     RotaryEmbedding takes GPTModel's rotary_base)."""
-    layer = layer_spec(attention=attention, norm=norm, rope_base=rope_base)
+    layer = layer_spec(attention=attention, norm=norm, rope_base=rope_base, swiglu=swiglu)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm_module(norm))

@@ -36,6 +36,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.module import Float16Module
 
+from launch import flat_step
 from launch.data import first_sequence, microbatch
 from launch.model import build_model, transformer_config
 from launch.profile import StepProfiler, scope
@@ -229,6 +230,9 @@ def _run_steps(spec: TrialSpec, *, rank: int, world: int) -> dict:
         model,
     )
     _use_fused_adam(optimizer)
+    # optimizer_step=flat: the same update without megatron's per-tensor loops (launch/flat_step.py).
+    optimizer_step = ((lambda: flat_step.step(optimizer)) if layout.optimizer_step == "flat"
+                      else optimizer.step)
     setup.mark("ddp_and_optimizer")
 
     if layout.cuda_graph:
@@ -263,7 +267,7 @@ def _run_steps(spec: TrialSpec, *, rank: int, world: int) -> dict:
             forward_only=False,
         )
         with scope("optimizer"):
-            optimizer.step()
+            optimizer_step()
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         try:

@@ -67,7 +67,10 @@ def transformer_config(model: ModelConfig, layout: Layout, *, device: str) -> Tr
         bf16=on_gpu,
         use_cpu_initialization=not on_gpu,
         # Megatron's fused CUDA paths; on GPU they are megatron-core's own (no apex/TE needed).
-        bias_activation_fusion=on_gpu,
+        # swiglu=triton: megatron's MLP calls our activation module on the whole fc1 output
+        # (kernels/swiglu.py; the flag's name is megatron's, no Transformer Engine involved).
+        bias_activation_fusion=on_gpu and layout.swiglu == "megatron",
+        use_te_activation_func=layout.swiglu == "triton",
         bias_dropout_fusion=on_gpu,
         # megatron-core's native fused cross-entropy (torch.compile'd, no TE): fewer passes
         # over the [s, b, vocab] logits than the unfused vocab-parallel one.
@@ -85,12 +88,17 @@ def transformer_config(model: ModelConfig, layout: Layout, *, device: str) -> Tr
 
 def build_model(model: ModelConfig, layout: Layout, config: TransformerConfig, *, vp_stage=None,
                 pre_process=True, post_process=True) -> GPTModel:
-    """One model chunk (the whole model when pp == vpp == 1)."""
-    return GPTModel(
+    """One model chunk (the whole model when pp == vpp == 1); loss=fused: the output layer
+    and its loss in one chunked pass (kernels/megatron_loss.py)."""
+    if layout.loss == "fused":
+        from kernels.megatron_loss import FusedLossGPTModel as model_class
+    else:
+        model_class = GPTModel
+    return model_class(
         config=config,
         transformer_layer_spec=block_spec(
             config, attention=layout.attention, norm=layout.norm, rope_base=ROPE_BASE,
-            vp_stage=vp_stage,
+            vp_stage=vp_stage, swiglu=layout.swiglu,
         ),
         vocab_size=model.vocab_size,
         max_sequence_length=model.seq_length,

@@ -16,6 +16,11 @@ ATTENTION_KERNELS = ("triton", "flash_attn", "sdpa", "sdpa_flash", "sdpa_cudnn",
 NORM_KERNELS = ("triton", "torch", "megatron")
 RECOMPUTE = ("none", "selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
+# The fusion axes of a layout: their choices (the first is the default) and name tags.
+FUSION_CHOICES = {"swiglu": ("megatron", "triton"), "loss": ("megatron", "fused"),
+                  "optimizer_step": ("megatron", "flat")}
+FUSION_DEFAULTS = {axis: choices[0] for axis, choices in FUSION_CHOICES.items()}
+FUSION_TAGS = {"swiglu": "swiglu", "loss": "loss", "optimizer_step": "opt"}
 
 
 class ConfigError(ValueError):
@@ -118,6 +123,10 @@ class Layout:
     # Capture each step's forward/backward as one CUDA graph and replay it (GPU, pp = 1):
     # removes host launch overhead where small micro-batches make the step launch-bound.
     cuda_graph: bool = False
+    # Fusions between the GEMMs (issue 17); the defaults are megatron-core's own path.
+    swiglu: str = "megatron"  # megatron (torch.compile'd) | triton (kernels/swiglu.py)
+    loss: str = "megatron"  # megatron (whole logits, then CE) | fused (kernels/fused_ce.py)
+    optimizer_step: str = "megatron"  # megatron | flat (launch/flat_step.py: no per-tensor passes)
 
     @property
     def name(self) -> str:
@@ -141,6 +150,9 @@ class Layout:
         ]
         if self.cuda_graph:  # named only when on, so earlier sweeps' names still resume
             parts.append("cg1")
+        for axis, default in FUSION_DEFAULTS.items():  # likewise named only when not the default
+            if getattr(self, axis) != default:
+                parts.append(f"{FUSION_TAGS[axis]}-{getattr(self, axis)}")
         return "_".join(parts)
 
     def dp(self, world_size: int) -> int:

@@ -1,0 +1,98 @@
+"""kernels.swiglu against the float64 formula: forward and dx over odd shapes and dtypes,
+the megatron MLP built with it, and (cuda) megatron's own compiled SwiGLU at training size.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py), so shapes stay small.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kernels.swiglu import TritonSwiGLU, reference, swiglu
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_BF16_U = 2.0**-8
+# Normwise relative error ||out - ref|| / ||ref||: inputs are exact in the dtype and all
+# arithmetic is fp32, so the error is the final rounding to the dtype (u per element;
+# Triton's CPU interpreter truncates to bf16, up to 2u) plus fp32 sigmoid error (< 1e-6).
+TOLERANCE = {
+    torch.bfloat16: (_BF16_U if DEVICE == "cuda" else 2 * _BF16_U) + 1e-5,
+    torch.float32: 1e-5,
+}
+
+
+def _relerr(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 2, 2 * 37), (5, 2 * 1500), (1, 1, 2 * 1024)])
+def test_forward_and_backward_match_float64(shape, dtype):
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=gen) * 3).to(dtype).to(DEVICE)
+    dy = torch.randn(*shape[:-1], shape[-1] // 2, generator=gen).to(dtype).to(DEVICE)
+    x_ref = x.detach().double().requires_grad_()
+    y_ref = reference(x_ref)
+    y_ref.backward(dy.double())
+
+    x_ours = x.detach().requires_grad_()
+    y = swiglu(x_ours)
+    y.backward(dy)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert x_ours.grad.dtype == dtype and x_ours.grad.shape == x.shape
+    assert _relerr(y, y_ref.detach()) <= TOLERANCE[dtype]
+    # Each half of dx on its own: a swapped or zeroed half would pass a whole-tensor norm test.
+    f = shape[-1] // 2
+    for half in (slice(0, f), slice(f, 2 * f)):
+        assert _relerr(x_ours.grad[..., half], x_ref.grad[..., half]) <= 2 * TOLERANCE[dtype]
+
+
+def test_a_wrong_formula_fails_the_same_check():
+    """Negative control: the check above tells silu(b) * a (halves swapped) from the kernel."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 2 * 64, generator=gen).to(DEVICE)
+    a, b = torch.chunk(x.double(), 2, dim=-1)
+    swapped = torch.nn.functional.silu(b) * a
+    assert _relerr(swiglu(x), reference(x)) <= TOLERANCE[torch.float32]
+    assert _relerr(swapped, reference(x)) > 0.1
+
+
+def test_non_contiguous_rows_and_odd_width():
+    gen = torch.Generator().manual_seed(1)
+    wide = torch.randn(6, 2 * 50 + 8, generator=gen).to(DEVICE)
+    x = wide[:, 4:4 + 100]  # rows strided past the last dimension
+    assert _relerr(swiglu(x), reference(x)) <= TOLERANCE[torch.float32]
+    with pytest.raises(ValueError, match="even last dimension"):
+        swiglu(torch.zeros(2, 7, device=DEVICE))
+
+
+def test_module_refuses_a_config_that_is_not_swiglu():
+    config = SimpleNamespace(gated_linear_unit=False, activation_func=torch.nn.functional.silu,
+                             add_bias_linear=False)
+    with pytest.raises(ValueError, match="gated_linear_unit"):
+        TritonSwiGLU(config)
+    config.gated_linear_unit, config.add_bias_linear = True, True
+    with pytest.raises(ValueError, match="bias"):
+        TritonSwiGLU(config)
+    config.add_bias_linear = False
+    TritonSwiGLU(config)  # megatron's llama config: accepted
+
+
+@pytest.mark.cuda
+def test_matches_megatron_compiled_swiglu_at_training_size():
+    """Against megatron-core's own fused SwiGLU (torch.compile'd, the stock path) on
+    llama_1b3's mbs-8 fc1 output [2048, 8, 2 * 5632] in bf16: both compute in fp32 and round
+    once to bf16, so they agree to within one bf16 rounding of each other (2u normwise)."""
+    from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2048, 8, 2 * 5632, device="cuda", generator=gen).to(torch.bfloat16)
+    dy = torch.randn(2048, 8, 5632, device="cuda", generator=gen).to(torch.bfloat16)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1 = swiglu(x1)
+    y1.backward(dy)
+    y2 = bias_swiglu_impl(x2, None)
+    y2.backward(dy)
+    assert _relerr(y1, y2.double()) <= 2 * _BF16_U
+    assert _relerr(x1.grad, x2.grad.double()) <= 2 * _BF16_U

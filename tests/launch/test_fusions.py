@@ -1,0 +1,128 @@
+"""The fusion axes of issue 17 inside a real megatron-core GPTModel, against the stock path.
+
+CPU (fp32, gloo, one rank, megatron DDP): `swiglu=triton` and `loss=fused` must give the
+stock model's loss and every parameter's accumulated gradient (`main_grad`, two
+micro-batches) from the same seed and tokens. Both sides compute in fp32 and differ only
+in summation order, so 1e-4 relative holds with a wide margin.
+
+The optimizer fusion (`optimizer_step=flat`) needs megatron's CUDA optimizer: its CPU test
+uses a stand-in with megatron's interface against the plain formula (clip, then Adam), and
+its cuda test runs megatron's own optimizer side by side.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from launch import flat_step
+from sweeper.config import Layout, ModelConfig
+from tests.gloo import run_on_gloo
+
+TINY = dict(name="tiny", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+            num_query_groups=2, vocab_size=5000, seq_length=32)
+FP32_TOL = dict(rtol=1e-4, atol=1e-6)
+# Adam's update is invariant to the gradient's scale but for eps: a large eps makes a
+# missing or doubled clip visible in the weights.
+EPS = 1.0
+
+
+def _loss_and_grads(rank, layout_kwargs):
+    from launch import cpu_trial
+    from launch.data import microbatch
+
+    model_cfg = ModelConfig(**TINY)
+    layout = Layout(attention="sdpa", norm="torch", mbs=2, gbs=4, **layout_kwargs)
+    torch.manual_seed(7)
+    trainer = cpu_trial.build(model_cfg, layout, seed=7, lr=1e-3)
+    batches = [microbatch(seed=7, step=0, first=2 * i, mbs=2, seq_length=model_cfg.seq_length,
+                          vocab_size=model_cfg.vocab_size, device="cpu") for i in range(2)]
+    losses = cpu_trial.forward_backward(trainer, batches, seq_length=model_cfg.seq_length, mbs=2)
+    # numpy arrays: tensors would cross the process boundary as shared memory of an exited rank
+    grads = {name: p.main_grad.numpy().copy() for name, p in trainer.model[0].named_parameters()}
+    return [float(d["loss"]) for d in losses], grads, type(trainer.model[0].module).__name__
+
+
+def _compare(rank):
+    stock = _loss_and_grads(rank, {})
+    fused = _loss_and_grads(rank, {"swiglu": "triton", "loss": "fused"})
+    return stock, fused
+
+
+def test_fused_swiglu_and_loss_match_the_stock_gpt_model():
+    (stock_losses, stock_grads, stock_cls), (losses, grads, cls) = run_on_gloo(_compare, world_size=1)[0]
+    assert (stock_cls, cls) == ("GPTModel", "FusedLossGPTModel")
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(stock_losses), **FP32_TOL)
+    assert stock_grads.keys() == grads.keys()
+    for name, grad in stock_grads.items():
+        grad = torch.from_numpy(grad)
+        assert grad.abs().sum() > 0, name  # every parameter got a gradient
+        torch.testing.assert_close(torch.from_numpy(grads[name]), grad, **FP32_TOL, msg=name)
+
+
+class _StandIn:
+    """megatron's Float16Optimizer interface as flat_step uses it: bf16 model weights, fp32
+    main weights whose grads are set by prepare_grads, an inner fused torch Adam."""
+
+    def __init__(self, model, grads, clip):
+        self.model = model
+        self.main = [torch.nn.Parameter(p.detach().float().clone()) for p in model]
+        self.grads = grads
+        self.optimizer = torch.optim.Adam(self.main, lr=1e-2, eps=EPS, fused=True)
+        self.config = SimpleNamespace(clip_grad=clip, use_distributed_optimizer=False)
+
+    def prepare_grads(self):
+        for main, grad in zip(self.main, self.grads):
+            main.grad = grad.clone()
+        return False
+
+    def get_main_grads_for_grad_norm(self):
+        return [p.grad for p in self.main]
+
+    def get_grad_stats_parallel_group(self):
+        return None
+
+    def _get_model_and_main_params_data_float16(self):
+        return [p.data for p in self.model], [p.data for p in self.main]
+
+
+def _expected(model, grads, clip):
+    """megatron's rule: norm over all grads, scale by clip / (norm + 1e-6) when below 1, then Adam."""
+    norm = torch.cat([g.flatten() for g in grads]).norm()
+    coeff = min(1.0, clip / (norm.item() + 1e-6))
+    main = [torch.nn.Parameter(p.detach().float().clone()) for p in model]
+    for p, g in zip(main, grads):
+        p.grad = g * coeff
+    torch.optim.Adam(main, lr=1e-2, eps=EPS, foreach=False).step()  # the plain for-loop one
+    return norm, [p.detach().to(torch.bfloat16) for p in main]
+
+
+@pytest.mark.parametrize("clip", [0.5, 1e6])  # clipping on, and a bound the norm never reaches
+def test_flat_step_is_clip_then_adam(clip):
+    gen = torch.Generator().manual_seed(0)
+    model = [torch.randn(shape, generator=gen).to(torch.bfloat16) for shape in ((7, 5), (300,), (3,))]
+    grads = [torch.randn(p.shape, generator=gen) for p in model]
+    norm_ref, weights_ref = _expected(model, grads, clip)
+    ok, norm, _ = flat_step.step(SimpleNamespace(chained_optimizers=[_StandIn(model, grads, clip)]))
+    assert ok
+    torch.testing.assert_close(norm, norm_ref, rtol=1e-6, atol=0)
+    for ours, ref in zip(model, weights_ref):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=0)  # same fp32 update, same rounding
+
+
+def test_flat_step_without_the_clip_would_differ():
+    """Negative control: with clipping active, skipping it changes the weights the test checks."""
+    gen = torch.Generator().manual_seed(0)
+    model = [torch.randn(300, generator=gen).to(torch.bfloat16)]
+    grads = [torch.randn(300, generator=gen) * torch.linspace(0.01, 10, 300)]
+    _, clipped = _expected(model, grads, 0.5)
+    _, unclipped = _expected(model, grads, 1e6)
+    assert not torch.equal(clipped[0], unclipped[0])
+
+
+def test_flat_step_refuses_a_non_fused_adam():
+    model = [torch.zeros(4, dtype=torch.bfloat16)]
+    opt = _StandIn(model, [torch.ones(4)], 1.0)
+    opt.optimizer.param_groups[0]["fused"] = False
+    with pytest.raises(ValueError, match="fused Adam"):
+        flat_step.step(opt)
