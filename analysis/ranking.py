@@ -26,20 +26,10 @@ import tarfile
 from pathlib import Path
 from typing import Optional
 
-from sweeper.calibration import Calibration, fit_calibration
+from sweeper.calibration import Calibration, fit_calibration, measured_memory
 from sweeper.config import ConfigError, cluster_from_dict, layout_from_dict, model_from_dict
 from sweeper.memory import predict_memory
 from sweeper.speed import predict_speed
-
-
-def measured_memory(record: dict) -> tuple[Optional[float], Optional[float]]:
-    """(max_memory_allocated, max_memory_reserved) in GiB, max over ranks; None if unknown."""
-    ranks = record.get("ranks") or []
-    allocated = [r.get("peak_memory_allocated_gb") for r in ranks]
-    allocated = [a for a in allocated if isinstance(a, (int, float))]
-    reserved = record.get("peak_memory_gb_max")
-    return (max(allocated) if allocated else None,
-            reserved if isinstance(reserved, (int, float)) else None)
 
 
 def load_archived_records(path, sweep: Optional[str] = None) -> list[dict]:
@@ -145,7 +135,7 @@ def score(records: list[dict], calibration: Optional[Calibration] = None) -> dic
         outcomes.append(memory.fits == (r["status"] == "ok"))
         if r["status"] != "ok":
             continue
-        allocated, reserved = measured_memory(r)
+        allocated, reserved, _ = measured_memory(r)
         if reserved:
             mem_err.append(abs(memory.reserved_gb - reserved) / reserved)
         if allocated:

@@ -43,10 +43,9 @@ def _calibrate(sweep_dir: Path) -> str | None:
     model = model_from_dict(records[0]["model"])
     cluster = cluster_from_dict(records[0]["cluster"])
     same = [r for r in records if r["model"] == records[0]["model"]]
-    flat = [{"layout": r["layout"], "status": r["status"], "step_time_s": r.get("step_time_s"),
-             "peak_memory_gb": r.get("peak_memory_gb_max")} for r in same]
     path = sweep_dir / "calibration.json"
-    save_calibration(fit_calibration(flat, model, cluster), path)
+    # Whole records: the fit reads allocated, reserved and device-used memory per rank.
+    save_calibration(fit_calibration(same, model, cluster), path)
     return str(path)
 
 

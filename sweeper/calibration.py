@@ -53,6 +53,9 @@ class Calibration:
     framework_gb: float = 2.8
     # NCCL buffers per communicator in use (tp, cp, dp, pp each open one).
     comm_buffer_gb: float = 0.25
+    # Added to the device peak when deciding `fits` only (not to the predicted peak):
+    # grown by the fit until every trial that ran out of memory is predicted not to fit.
+    oom_margin_gb: float = 0.0
     # Optimizer-step temporaries per parameter of the optimizer shard: torch's
     # foreach Adam holds a sqrt(v) copy (4, fp32). 0 for a fused Adam: the GPU trial
     # path's (torch fused), apex's and TE's.
@@ -220,17 +223,42 @@ def _clamp(x: float, low: float, high: float) -> float:
     return min(max(x, low), high)
 
 
+def measured_memory(record: dict) -> tuple[Optional[float], Optional[float], Optional[float]]:
+    """(max_memory_allocated, max_memory_reserved, device memory used) in GiB, max over ranks.
+
+    GPU records carry `peak_memory_allocated_gb` and `mem_get_info_used_gb` per rank and
+    the reserved peak as `peak_memory_gb_max`; a record with only a number in
+    `peak_memory_gb` (CPU: the RSS; or a hand-made one) gives that as the allocated peak.
+    """
+    def largest(key):
+        values = [r.get(key) for r in record.get("ranks") or [] if isinstance(r, dict)]
+        values = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        return max(values) if values else None
+
+    def number(value):
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+    allocated = largest("peak_memory_allocated_gb")
+    reserved = number(record.get("peak_memory_gb_max"))
+    if allocated is None:
+        allocated = number(record.get("peak_memory_gb"))
+    return allocated, reserved, largest("mem_get_info_used_gb")
+
+
 def _usable(records: Iterable[dict], status: str, key: str) -> list[tuple]:
-    """(layout, dp or None, value) of the records with this status and a usable layout."""
+    """(layout, dp or None, value, record) of the records with this status and a usable layout.
+
+    key "memory": the allocated peak (measured_memory); else the record's field.
+    """
     out = []
     for r in records:
         parsed = _layout(r.get("layout"))
         if parsed is None or r.get("status") != status:
             continue
-        value = r.get(key)
+        value = measured_memory(r)[0] if key == "memory" else r.get(key)
         if status == "ok" and not (isinstance(value, (int, float)) and value > 0):
             continue
-        out.append((*parsed, value))
+        out.append((*parsed, value, r))
     return out
 
 
@@ -250,7 +278,7 @@ def _fit_memory(cal: Calibration, ok, oom, model, cluster) -> dict:
     # Each trial: measured allocator peak = static + offset + scale * x, where x is the
     # predicted activations at scale 1. (On CPU the RSS includes the overhead: undo it.)
     points, optimizer_bound = [], []
-    for layout, dp, measured in ok:
+    for layout, dp, measured, _ in ok:
         est = predict_memory(model, cluster, layout, cal, dp=dp)
         if cluster.device == "cpu":
             fixed = est.peak_gb - est.allocated_gb * (1 + cal.fragmentation)
@@ -268,15 +296,27 @@ def _fit_memory(cal: Calibration, ok, oom, model, cluster) -> dict:
         cal.memory_offset_gb = statistics.median(residuals)
     elif optimizer_bound:
         cal.memory_offset_gb = statistics.median(optimizer_bound)
-    # A trial that ran out of memory where a fit was predicted: widen the margin
-    # until it is predicted not to fit. Never narrow it: a false OOM costs a
-    # skipped trial, a false fit costs a crashed one.
-    for layout, dp, _ in oom:
+    # The allocator's overhead and the memory outside it are measured, not guessed:
+    # reserved / allocated, and the device's used memory minus reserved (CUDA only).
+    if cluster.device == "cuda":
+        ratios, outside = [], []
+        for _, _, allocated, record in ok:
+            _, reserved, used = measured_memory(record)
+            if reserved and reserved >= allocated:
+                ratios.append(reserved / allocated - 1)
+                if used and used > reserved:
+                    outside.append(used - reserved)
+        if ratios:
+            cal.fragmentation = _clamp(statistics.median(ratios), 0.0, MAX_FRAGMENTATION)
+        if outside:
+            cal.framework_gb = statistics.median(outside)
+    # A trial that ran out of memory where a fit was predicted: raise the margin until
+    # it is predicted not to fit, so every layout predicted to need as much is skipped.
+    # Never narrow it: a false OOM costs a skipped trial, a false fit a crashed one.
+    for layout, dp, _, _ in oom:
         est = predict_memory(model, cluster, layout, cal, dp=dp)
         if est.fits:
-            fixed = est.peak_gb - est.allocated_gb * (1 + cal.fragmentation)
-            needed = (cluster.gpu_memory_gb - fixed) / max(est.allocated_gb, 1e-9) - 1 + 0.005
-            cal.fragmentation = min(max(cal.fragmentation, needed), MAX_FRAGMENTATION)
+            cal.oom_margin_gb += cluster.gpu_memory_gb - est.peak_gb - cal.oom_margin_gb + 0.005
     return {"memory_activation_bound": len(points), "memory_optimizer_bound": len(optimizer_bound)}
 
 
@@ -285,7 +325,7 @@ def _fit_speed(cal: Calibration, ok, model, cluster) -> dict:
 
     by_kernel: dict[str, list[float]] = {}
     launch = []
-    for layout, dp, measured in ok:
+    for layout, dp, measured, _ in ok:
         est = predict_speed(model, cluster, layout, cal, dp=dp)
         t = est.terms
         fixed = est.step_time_s - t["compute"] - t["launch"] - t["bubble"]
@@ -311,16 +351,18 @@ def fit_calibration(records: list[dict], model: ModelConfig, cluster: ClusterCon
                     base: Optional[Calibration] = None) -> Calibration:
     """Refit the constants to measured trials.
 
-    Each record: {"layout": {Layout fields}, "status": "ok" | "oom" | ...,
-    "step_time_s": s, "peak_memory_gb": GiB, the max over ranks}. On CUDA the
-    peak is the allocator's (`torch.cuda.max_memory_allocated`) and is compared
-    with `MemoryEstimate.allocated_gb`; on CPU it is the RSS, compared with
-    `peak_gb`. Records with another status, or without a number, are skipped.
+    Each record: a trial record (launch.record) or {"layout": {Layout fields}, "status":
+    "ok" | "oom" | ..., "step_time_s": s, "peak_memory_gb": GiB}; memory is read by
+    `measured_memory`: on CUDA the allocator's peak (max_memory_allocated), compared with
+    `MemoryEstimate.allocated_gb`; on CPU the RSS, compared with `peak_gb`. Records with
+    another status, or without a number, are skipped.
 
     Memory: measured = static + memory_offset_gb + activation_scale * activations,
     fitted by Theil-Sen (the median of pairwise slopes, then the median residual;
     one trial gives a plain ratio) over the trials whose peak is in the activations;
-    then `fragmentation` grows until every OOM trial is predicted not to fit.
+    `fragmentation` and `framework_gb` are the medians of reserved/allocated - 1 and of
+    used - reserved where the records carry them; then `oom_margin_gb` grows until
+    every OOM trial is predicted not to fit.
     Speed: per attention kernel, `compute_scale` *= median of (measured - comm -
     optimizer) / (compute + bubble) over GPU-bound trials (kernels without trials
     take the median of all); host-bound trials scale the launch constants alike.
@@ -331,9 +373,9 @@ def fit_calibration(records: list[dict], model: ModelConfig, cluster: ClusterCon
     cal.norm_efficiency = dict(cal.norm_efficiency)
     cal.compute_scale = dict(cal.compute_scale)
     records = list(records)
-    ok_memory = _usable(records, "ok", "peak_memory_gb")
+    ok_memory = _usable(records, "ok", "memory")
     ok_speed = _usable(records, "ok", "step_time_s")
-    oom = _usable(records, "oom", "peak_memory_gb")
+    oom = _usable(records, "oom", "memory")
     counts = {"cluster": cluster.name, "model": model.name, "ok": len(ok_memory), "oom": len(oom)}
     counts.update(_fit_memory(cal, ok_memory, oom, model, cluster))
     counts.update(_fit_speed(cal, ok_speed, model, cluster))

@@ -280,6 +280,6 @@ def predict_memory(model: ModelConfig, cluster: ClusterConfig, layout: Layout,
     out["fragmentation"] = allocated * cal.fragmentation
     out["framework"] = cal.framework_gb
     out["comm_buffers"] = fixed - cal.framework_gb
-    return MemoryEstimate(peak_gb=peak, fits=peak <= cluster.gpu_memory_gb, worst_stage=stage,
+    return MemoryEstimate(peak_gb=peak, fits=peak + cal.oom_margin_gb <= cluster.gpu_memory_gb, worst_stage=stage,
                           terms=out, allocated_gb=allocated,
                           reserved_gb=allocated * (1 + cal.fragmentation), dynamic_gb=dynamic, phase=phase)

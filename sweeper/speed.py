@@ -151,14 +151,13 @@ def _stage_microbatch(sh, layout, cal, cluster, net, peak, stage) -> dict:
     if stage == pp - 1:
         gpu += 6.0 * T * sh.h * vocab / (peak * _gemm_efficiency(cal, T, sh.h / tp))
         gpu += CE_BYTES_PER_LOGIT * T * vocab / cal.memory_bytes_per_s
-    gpu *= cal.compute_scale.get(layout.attention, 1.0)
+    gpu = (gpu + cal.microbatch_idle_s) * cal.compute_scale.get(layout.attention, 1.0)
     recompute_layers = layers if layout.recompute == "full" else 0
     if layout.cuda_graph:  # one replay per micro-batch: the host no longer paces the GPU
         host = 0.0
     else:
         host = (cal.launch_per_layer_s * (layers + FORWARD_SHARE * recompute_layers)
                 + cal.launch_per_microbatch_s)
-    gpu += cal.microbatch_idle_s
     activation = e * T * sh.h
     collectives = 4 + (2 if layout.recompute == "full" else 0)
     tp_comm = layers * collectives * net.all_reduce(activation, tp, tp)
