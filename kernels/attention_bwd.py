@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.attention_fwd import LOG2E, LOG2E_HOST, _dot, _load_rows, _rows_source, dot_f32
+from kernels.attention_fwd import LOG2E_HOST, _dot, _load_rows, _rows_source, dot_f32
 
 
 @triton.jit
@@ -58,10 +58,11 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, offs_n, lo, hi,
         q = _load_rows(q_src, start_m, seqlen, stride_qs, stride_qd, BLOCK_M, HEAD_DIM,
                        USE_TMA, EVEN)
         if EVEN:
-            lse2 = tl.load(lse_ptr + offs_m) * LOG2E
+            lse2 = tl.load(lse_ptr + offs_m) * 1.4426950408889634  # log2 e
         else:
             # +inf for rows past the end makes their probabilities exactly 0.
-            lse2 = tl.load(lse_ptr + offs_m, mask=offs_m < seqlen, other=float("inf")) * LOG2E
+            lse2 = tl.load(lse_ptr + offs_m, mask=offs_m < seqlen, other=float("inf"))
+            lse2 = lse2 * 1.4426950408889634  # log2 e
         qk_t = _dot(k, tl.trans(q), None, DOT_F32)  # [BLOCK_N, BLOCK_M]
         p_t = tl.math.exp2(qk_t * qk_scale2 - lse2[None, :])
         if MASK:
@@ -205,10 +206,11 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                     EVEN)
     row = bh.to(tl.int64) * seqlen
     if EVEN:
-        lse2 = tl.load(LSE + row + offs_m) * LOG2E
+        lse2 = tl.load(LSE + row + offs_m) * 1.4426950408889634  # log2 e
         delta = tl.load(DELTA + row + offs_m)
     else:
-        lse2 = tl.load(LSE + row + offs_m, mask=offs_m < seqlen, other=float("inf")) * LOG2E
+        lse2 = tl.load(LSE + row + offs_m, mask=offs_m < seqlen, other=float("inf"))
+        lse2 = lse2 * 1.4426950408889634  # log2 e
         delta = tl.load(DELTA + row + offs_m, mask=offs_m < seqlen, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 

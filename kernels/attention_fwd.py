@@ -23,9 +23,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E_HOST = 1.4426950408889634  # log2(e), for host-side scale folding
-LN2 = tl.constexpr(0.6931471805599453)
-LOG2E = tl.constexpr(LOG2E_HOST)
+# log2(e), for host-side scale folding. Inside the kernels the constants are literals
+# (0.6931471805599453 = ln 2, 1.4426950408889634 = log2 e): Triton 3.6 refuses globals read
+# from @triton.jit code unless TRITON_ALLOW_NON_CONSTEXPR_GLOBALS=1.
+LOG2E_HOST = 1.4426950408889634
 
 
 @triton.jit
@@ -159,7 +160,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
                                        USE_TMA, WARP_SPEC, DOT_F32)
 
     acc = acc / l_i[:, None]
-    lse = (m_i + tl.math.log2(l_i)) * LN2
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural log: log2 * ln 2
     o_ptrs = (O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os
               + tl.arange(0, HEAD_DIM)[None, :] * stride_od)
     lse_ptrs = LSE + bh.to(tl.int64) * seqlen + offs_m
