@@ -5,7 +5,8 @@ import json
 import pytest
 
 from analysis.leaderboard import markdown, ranked
-from analysis.recommend import from_measured, main as recommend_main, megatron_args, megatron_core_kwargs
+from analysis.megatron_args import megatron_lm_command
+from analysis.recommend import from_measured, main as recommend_main
 from analysis.results import collect, write_csv
 from launch.record import base_record, result_path, trial_record, write_json_atomic
 from launch.spec import TrialSpec
@@ -76,29 +77,17 @@ def test_recommend_from_measurements(tmp_path, capsys):
     fast, *_ = _sweep(tmp_path)
     lines = "\n".join(from_measured(tmp_path, top=3))
     assert "tp1 pp1 dp2 mbs2" in lines.splitlines()[1]
-    assert megatron_args(fast.layout) in lines
+    assert megatron_lm_command(MODEL, fast.layout, world_size=2).line() in lines
     assert recommend_main([str(tmp_path)]) == 0
     assert recommend_main([str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.strip() == f"error: no sweep directory {tmp_path / 'missing'}"
-
-
-def test_pasteable_arguments():
-    layout = Layout(tp=4, pp=2, vpp=3, mbs=1, gbs=64, recompute="full", recompute_method="block",
-                    recompute_num_layers=2, sequence_parallel=True, distributed_optimizer=True)
-    args = megatron_args(layout)
-    for flag in ("--tensor-model-parallel-size 4", "--pipeline-model-parallel-size 2",
-                 "--virtual-pipeline-model-parallel-size 3", "--sequence-parallel", "--use-distributed-optimizer",
-                 "--recompute-granularity full --recompute-method block --recompute-num-layers 2"):
-        assert flag in args
-    assert "--sequence-parallel" not in megatron_args(Layout())
-    kwargs = megatron_core_kwargs(layout)
-    assert "tensor_model_parallel_size=4" in kwargs and "recompute_method='block'" in kwargs
 
 
 def test_recommend_predicts_without_runs(capsys):
     assert recommend_main(["--model", "llama2_7b", "--cluster", "h100_80gb", "--gbs", "256", "--top", "2"]) == 0
     out = capsys.readouterr().out
     assert "Predicted best layouts for llama2_7b on 32 GPUs" in out and "--micro-batch-size" in out
+    assert "Kernels: attention=" in out  # the predicted mode names its kernels too
     assert recommend_main(["--model", "llama2_7b", "--cluster", "tpu_v5"]) == 2
 
 

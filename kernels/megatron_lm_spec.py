@@ -1,0 +1,87 @@
+"""This package's kernels in Megatron-LM's own trainer: `pretrain_gpt.py --spec kernels.megatron_lm_spec NAME`.
+
+Megatron-LM (core_v0.16.1, `gpt_builders.py`) imports the object NAME from this module and
+hands it to GPTModel as its `transformer_layer_spec`, once per model chunk, with no config.
+NAME is `<attention>_attention_<norm>_norm` (`analysis.megatron_args.spec_name`), one per
+kernel pair of `sweeper.config`, e.g. `sdpa_cudnn_attention_triton_norm`;
+`layout-recommend --format megatron-lm` prints the whole command.
+
+Each NAME is a decoder block (TransformerBlockSubmodules), not a bare layer spec: given a layer
+spec, megatron-core 0.16.1 builds the final norm from its own LNImpl, which without Apex is
+torch's and refuses sequence parallelism. A block lists its chunk's layers, and Megatron-LM
+passes no config along, so the count is read from Megatron-LM's parsed arguments
+(`megatron.training.get_args()`) when the block is built: num_layers / (pp * vpp), the
+uniform split, the only one the printed command asks for (uneven splits are refused).
+
+The layers and norms are `kernels.layer_spec`'s, the ones our trials build (launch/model.py).
+RoPE goes with the attention: our attention kernels rotate q and k themselves, so the command
+sets `--position-embedding-type none`; with `attention=megatron` Megatron-LM's RoPE runs.
+"""
+
+from __future__ import annotations
+
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from analysis.megatron_args import ROPE_BASE, spec_name
+from kernels.layer_spec import layer_spec, norm_module
+from sweeper.config import ATTENTION_KERNELS, NORM_KERNELS
+
+# Megatron-LM arguments that split layers unevenly over pipeline stages.
+UNEVEN_SPLIT_ARGS = ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
+                     "pipeline_model_parallel_layout", "account_for_embedding_in_pipeline_split",
+                     "account_for_loss_in_pipeline_split")
+
+
+def layers_per_chunk(args) -> int:
+    """Transformer layers in each model chunk of a Megatron-LM run, from its arguments."""
+    uneven = [name for name in UNEVEN_SPLIT_ARGS if getattr(args, name, None)]
+    if uneven:
+        raise ValueError(f"kernels.megatron_lm_spec builds uniform pipeline splits only; "
+                         f"drop --{uneven[0].replace('_', '-')}")
+    pp = args.pipeline_model_parallel_size
+    vpp = getattr(args, "virtual_pipeline_model_parallel_size", None) or 1
+    if args.num_layers % (pp * vpp):
+        raise ValueError(f"--num-layers {args.num_layers} is not divisible by pp*vpp = {pp}*{vpp}")
+    return args.num_layers // (pp * vpp)
+
+
+def _megatron_lm_args():
+    try:
+        from megatron.training import get_args
+
+        return get_args()
+    except (ImportError, AssertionError) as exc:  # not inside Megatron-LM, or before its arguments
+        raise RuntimeError("kernels.megatron_lm_spec's specs are for Megatron-LM's pretrain_gpt.py "
+                           "--spec (its arguments give the layer count); in megatron-core use "
+                           "kernels.layer_spec.block_spec") from exc
+
+
+class MegatronLMBlock(TransformerBlockSubmodules):
+    """A decoder block spec whose layer count comes from Megatron-LM's arguments when built.
+
+    TransformerBlockSubmodules' dataclass __init__ is not called: both of its fields are
+    properties here, resolved when megatron-core's TransformerBlock reads them.
+    """
+
+    def __init__(self, *, attention: str, norm: str, rope_base: float = ROPE_BASE):
+        self.attention, self.norm, self.rope_base = attention, norm, rope_base
+
+    @property
+    def layer_specs(self):
+        layer = layer_spec(attention=self.attention, norm=self.norm, rope_base=self.rope_base)
+        return [layer] * layers_per_chunk(_megatron_lm_args())
+
+    @property
+    def layer_norm(self):
+        return norm_module(self.norm)
+
+    def __repr__(self) -> str:
+        return f"MegatronLMBlock(attention={self.attention!r}, norm={self.norm!r})"
+
+    __eq__ = object.__eq__  # the dataclass __eq__ would read both properties
+    __hash__ = object.__hash__
+
+
+SPECS = {spec_name(attention, norm): MegatronLMBlock(attention=attention, norm=norm)
+         for attention in ATTENTION_KERNELS for norm in NORM_KERNELS}
+globals().update(SPECS)  # Megatron-LM looks NAME up in this module's namespace (vars(module)[NAME])
