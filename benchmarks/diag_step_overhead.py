@@ -36,6 +36,11 @@ VARIANTS = {
     "torch_norm": {"layout": {"norm": "torch"}},
     "plain_rng": {"plain_rng": True},
     "no_wgrad_fusion": {"config": {"gradient_accumulation_fusion": False}},
+    # The fusions of issue 17, one at a time and together.
+    "swiglu_triton": {"layout": {"swiglu": "triton"}},
+    "loss_fused": {"layout": {"loss": "fused"}},
+    "opt_flat": {"layout": {"optimizer_step": "flat"}},
+    "fusions": {"layout": {"swiglu": "triton", "loss": "fused", "optimizer_step": "flat"}},
     "anchor_like": {"config": {"bias_activation_fusion": False, "cross_entropy_loss_fusion": False},
                     "layout": {"norm": "torch"}, "plain_rng": True, "unfused_adam": True},
 }
@@ -83,12 +88,7 @@ def child(variant: str, mbs: int, profile: bool, out: Path) -> None:
         if profile and step >= warmup:
             prof.enable()
 
-    step_fn = None
-
-    def wrap_optimizer(optimizer):
-        nonlocal step_fn
-        step_fn = optimizer.step
-
+    def timed(step_fn):
         def timed_step(*a, **k):
             result = step_fn(*a, **k)
             if profile and marks["step"] >= warmup:
@@ -96,9 +96,13 @@ def child(variant: str, mbs: int, profile: bool, out: Path) -> None:
             host.append(time.perf_counter() - marks["start"])
             return result
 
-        optimizer.step = timed_step
+        return timed_step
+
+    def wrap_optimizer(optimizer):
+        optimizer.step = timed(optimizer.step)
         return optimizer
 
+    gpu_trial.flat_step.step = timed(gpu_trial.flat_step.step)  # optimizer_step=flat
     gpu_trial.StepProfiler.begin = begin
     base_get = gpu_trial.get_megatron_optimizer
     gpu_trial.get_megatron_optimizer = lambda *a, **k: wrap_optimizer(base_get(*a, **k))

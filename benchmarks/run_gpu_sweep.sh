@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# The single-H100 sweep as the device machine runs it, through the project's own sweep
+# The single-GPU sweeps as the device machine runs them, through the project's own sweep
 # command (Hydra multirun, layout sweeper, basic launcher: each trial's rank is a fresh
 # local process on the one GPU).
 #
-#   benchmarks/run_gpu_sweep.sh sweep   # the 26-layout sweep, one command (~8 min)
-#   benchmarks/run_gpu_sweep.sh extras  # CUDA tests, the anchors' peer, 20-step parity, profiles
+#   benchmarks/run_gpu_sweep.sh sweep        # H100: the 26-layout sweep, one command (~8 min)
+#   benchmarks/run_gpu_sweep.sh extras       # H100: CUDA tests, the anchors' peer, 20-step parity, profiles
+#   benchmarks/run_gpu_sweep.sh h200-check   # H200: CUDA tests of the fusions, 4 profiled trials (~3 min)
+#   benchmarks/run_gpu_sweep.sh h200-extras  # H200: CUDA tests, ceilings + peer, 20-step parity, profile
+#   benchmarks/run_gpu_sweep.sh h200         # H200: the h200_single sweep, one command (~7 min)
+#
+# On the device tool, source benchmarks/gpu_env.sh first (the carried wheels; flash-attn-4
+# takes two calls: `fa4-1` in the h200-extras call, `fa4-2` in the h200 call right after).
+# h200-extras leaves the peer's JSON in /tmp/h200_peer.json for the h200 call's report.
 #
 # Blocks run in priority order and a block starts only while time is left (BUDGET_S,
 # seconds from the start), so the whole command ends inside one device call. Results:
-# sweeps/<sweep>/llama_1b3-local_gpu/, and under $OUT (default benchmarks/results/):
+# sweeps/<sweep>/llama_1b3-<cluster>/, and under $OUT (default benchmarks/results/):
 # <tag>.json / <tag>.md (leaderboard, summary, loss parity), <tag>_trials.tgz (every
 # result.json, and the logs of failed trials), <tag>.log.
 set -uo pipefail
@@ -17,7 +24,8 @@ MODE=${1:-sweep}
 BUDGET_S=${BUDGET_S:-540}
 OUT=${OUT:-benchmarks/results}
 TAG=${TAG:-gpu_sweep_$(date +%Y-%m-%d)}
-[ "$MODE" = extras ] && TAG=${TAG}_extras
+case "$MODE" in extras|h200-check|h200-extras) TAG=${TAG}_${MODE#h200-} ;; esac
+case "$MODE" in h200*) TAG=${TAG/gpu_sweep/h200_sweep} ;; esac
 mkdir -p "$OUT"
 exec > >(tee "$OUT/$TAG.log") 2>&1
 START=$(date +%s)
@@ -41,6 +49,7 @@ print(f"device {p.name} sms={p.multi_processor_count} torch {torch.__version__} 
 PY
 
 MODEL="model=llama_1b3 cluster=local_gpu"
+case "$MODE" in h200*) MODEL="model=llama_1b3 cluster=local_h200" ;; esac
 S=sweep=h100_single
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 # sweep NEED_S PRESET [overrides...]: run one sweep command if NEED_S seconds are left.
@@ -66,6 +75,39 @@ if [ "$MODE" = sweep ]; then
   sweep 60 sweep=h100_single
   python3 benchmarks/gpu_sweep_report.py --sweep $D --parity $D --out "$OUT" --tag "$TAG"
   [ "$(left)" -gt 45 ] && wgrad_off 8
+elif [ "$MODE" = h200-check ]; then
+  # Do the fusions compile and run on this device, and what do they buy: CUDA tests of the
+  # kernels, then 4 profiled trials (fusions on at mbs 1/8/16, off at mbs 8).
+  python3 -m pytest -q -p no:cacheprovider -m cuda tests/kernels/test_swiglu.py \
+    tests/kernels/test_fused_ce.py || echo "== CUDA tests failed"
+  D=sweeps/h200_check/llama_1b3-local_h200
+  sweep 60 sweep=h200_check trial.profile=true
+  python3 benchmarks/gpu_sweep_report.py --sweep $D --out "$OUT" --tag "$TAG"
+elif [ "$MODE" = h200-extras ]; then
+  # The first call of the final pair: the matmul/copy ceilings and the peer (the anchors'
+  # megatron-core local spec + SDPA, .peer/gpu_probe.py), the CUDA tests of the GPU paths,
+  # 20-step loss parity of every fusion against the stock spec (with the parity check's
+  # negative control), and a profile of the best layout of the check sweep.
+  if [ -f .peer/gpu_probe.py ]; then
+    echo "== $(( $(date +%s) - START )) s: ceilings + peer"
+    SECTIONS=ceilings,mcore OUT=/tmp python3 .peer/gpu_probe.py > "$OUT/peer_probe.log" 2>&1
+    cp /tmp/probe.json /tmp/h200_peer.json && cp /tmp/probe.json "$OUT/peer_probe_h200_$(date +%Y-%m-%d).json"
+    grep '^mcore\|matmul TFLOP' "$OUT/peer_probe.log"
+  fi
+  python3 -m pytest -q -p no:cacheprovider -m cuda tests/launch/test_fusions.py \
+    tests/launch/test_step_graph.py || echo "== CUDA tests failed"
+  P=sweeps/h200_parity/llama_1b3-local_h200
+  sweep 60 sweep=h200_parity  # 8 trials, 20 steps each, one with a planted wrong mask
+  R=sweeps/h200_profile/llama_1b3-local_h200
+  sweep 40 sweep=h200_single sweep.name=h200_profile "hydra.sweeper.grids=[]" \
+    layout.mbs=${PROFILE_MBS:-16} trial.profile=true trial.measure_steps=3
+  python3 benchmarks/gpu_sweep_report.py --sweep $R --parity $P --out "$OUT" --tag "$TAG"
+elif [ "$MODE" = h200 ]; then
+  # The sweep: one command (conf/sweep/h200_single.yaml), the peer from h200-extras.
+  D=sweeps/h200_single/llama_1b3-local_h200
+  sweep 60 sweep=h200_single
+  PEER=(); [ -f /tmp/h200_peer.json ] && PEER=(--peer /tmp/h200_peer.json)
+  python3 benchmarks/gpu_sweep_report.py --sweep $D --parity $D "${PEER[@]}" --out "$OUT" --tag "$TAG"
 else
   # extras: the CUDA tests of the GPU paths, megatron-core's local spec as the anchors
   # measured it (the peer, in this run: .peer/gpu_probe.py, a copy of
@@ -94,9 +136,10 @@ else
   python3 benchmarks/gpu_sweep_report.py --sweep $R --parity $P --out "$OUT" --tag "$TAG"
 fi
 # Every trial's record, and the rank logs of trials that did not end ok.
-tar czf "$OUT/${TAG}_trials.tgz" --exclude='*.log' --exclude='trace*.json' \
-  $(ls -d sweeps/h100_*/llama_1b3-local_gpu 2>/dev/null)
-failed=$(grep -l '"status": "\(error\|oom\|timeout\)"' sweeps/h100_*/llama_1b3-local_gpu/*/result.json 2>/dev/null \
+DIRS=$(ls -d sweeps/h100_*/llama_1b3-local_gpu 2>/dev/null)
+case "$MODE" in h200*) DIRS=$(ls -d sweeps/h200_*/llama_1b3-local_h200 2>/dev/null) ;; esac
+tar czf "$OUT/${TAG}_trials.tgz" --exclude='*.log' --exclude='trace*.json' $DIRS
+failed=$(for d in $DIRS; do grep -l '"status": "\(error\|oom\|timeout\|diverged\)"' $d/*/result.json; done 2>/dev/null \
   | xargs -r -n1 dirname)
 [ -n "$failed" ] && tar czf "$OUT/${TAG}_failed_logs.tgz" $(for d in $failed; do ls $d/*.log 2>/dev/null; done)
 echo "== done in $(( $(date +%s) - START )) s"
