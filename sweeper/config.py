@@ -198,6 +198,9 @@ class SweepConfig:
     max_trials: Optional[int] = None  # launch only the best N by predicted MFU; None = all
     progress_interval_s: float = 10.0
     calibration: Optional[str] = None  # path to a calibration JSON from an earlier sweep
+    # Local launchers: refit the models after every finished trial and skip the layouts
+    # the refit predicts out of memory (sweeper.learning); false launches the plan as is.
+    learn: bool = True
     dry_run: bool = False  # print the plan (what would launch, in order, and why not the rest); launch nothing
     # SLURM: a job still pending this long after submission is cancelled and recorded
     # `lost: job never started`; a running job gets its time limit plus a minute.

@@ -15,8 +15,14 @@ Each input line is one object:
                  "intra_node_bw_gbps", "inter_node_bw_gbps", "device" ("cuda")}}
 Each output line, in input order: {"line": n, "peak_memory_gb", "fits", "step_time_s",
 "mfu", "mfu_megatron"}, or {"line": n, "error": "line n: <field>: <what is wrong>"}.
-Blank input lines are skipped. Exit status: 0 if every line got an estimate, 1 if any
-line got an error (the others still get theirs), 2 for a bad command line.
+A layout megatron would refuse (tp not dividing the heads, vpp with pp=1, sp with
+tp=1, ...) gets an error naming the rule, as the sweeper's `invalid` records do; one
+that only exceeds the device's memory gets "fits": false. Numbers must be finite
+(NaN, Infinity, 1e999 are refused) and integers at most MAX_INT; every output line is
+strict JSON. Input is read as bytes and decoded per line, so a line that is not UTF-8
+gets an error and the others their estimates. Blank input lines are skipped. Exit
+status: 0 if every line got an estimate, 1 if any line got an error (the others still
+get theirs), 2 for a bad command line.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ from sweeper.calibration import Calibration, load_calibration
 from sweeper.config import ClusterConfig, Layout, ModelConfig
 from sweeper.memory import predict_memory
 from sweeper.speed import predict_speed
+from sweeper.validity import invalid_reason
+
+MAX_INT = 2**24  # ranks, layers, widths, batch sizes: far past any real one, far from overflow
 
 MODEL_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                 "num_query_groups", "vocab_size", "seq_length")
@@ -55,7 +64,9 @@ def _int(section: dict, prefix: str, key: str, default: Optional[int] = None) ->
     if value is None:
         raise FieldError(f"{prefix}.{key}: missing")
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise FieldError(f"{prefix}.{key}: must be a positive integer, got {value!r}")
+        raise FieldError(f"{prefix}.{key}: must be a positive integer, got {_short(value)}")
+    if value > MAX_INT:
+        raise FieldError(f"{prefix}.{key}: must be at most {MAX_INT}, got {_short(value)}")
     return value
 
 
@@ -63,9 +74,14 @@ def _number(section: dict, prefix: str, key: str, default: Optional[float] = Non
     value = section.get(key, default)
     if value is None:
         raise FieldError(f"{prefix}.{key}: missing")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise FieldError(f"{prefix}.{key}: must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e15:
+        raise FieldError(f"{prefix}.{key}: must be a positive finite number, got {_short(value)}")
     return float(value)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _bool(section: dict, prefix: str, key: str) -> bool:
@@ -128,21 +144,65 @@ def parse_cluster(data: dict, world: int) -> ClusterConfig:
     )
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise FieldError(f"number {text[:40]} is not finite")
+    return value
+
+
+def _no_constant(name: str):
+    raise FieldError(f"{name} is not a number JSON allows")
+
+
 def estimate_line(text: str, calibration: Optional[Calibration]) -> dict:
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+    except FieldError:
+        raise
     except ValueError as err:
         raise FieldError(f"not JSON ({err})") from None
     if not isinstance(data, dict):
         raise FieldError("not a JSON object")
     model = parse_model(data)
     layout, dp = parse_layout(data)
-    cluster = parse_cluster(data, layout.tp * layout.pp * layout.cp * dp)
+    world = layout.tp * layout.pp * layout.cp * dp
+    reason = invalid_reason(model, layout, world)
+    if reason:
+        raise FieldError(f"layout: invalid: {reason}")
+    cluster = parse_cluster(data, world)
     memory = predict_memory(model, cluster, layout, calibration, dp=dp)
     speed = predict_speed(model, cluster, layout, calibration, dp=dp)
     return {"peak_memory_gb": round(memory.peak_gb, 3), "fits": memory.fits,
             "step_time_s": round(speed.step_time_s, 6), "mfu": round(speed.mfu, 5),
             "mfu_megatron": round(speed.mfu_megatron, 5)}
+
+
+def _lines(stdin):
+    """(number, text or None if not UTF-8) per input line, from bytes where there are any."""
+    source = getattr(stdin, "buffer", stdin)
+    for number, raw in enumerate(source, start=1):
+        if isinstance(raw, str):
+            yield number, raw
+            continue
+        try:
+            yield number, raw.decode("utf-8")
+        except UnicodeDecodeError:
+            yield number, None
+
+
+def _answer(number: int, text: Optional[str], calibration) -> tuple[dict, bool]:
+    """(output object, whether it is an error) for one input line."""
+    if text is None:
+        return {"line": number, "error": f"line {number}: not UTF-8 text"}, True
+    try:
+        out = {"line": number, **estimate_line(text, calibration)}
+        json.dumps(out, allow_nan=False)  # an overflow to inf or nan must not print
+        return out, False
+    except FieldError as err:
+        return {"line": number, "error": f"line {number}: {err}"}, True
+    except Exception as err:  # one odd line must not cost the others their answers
+        return {"line": number, "error": f"line {number}: {type(err).__name__}: {str(err)[:200]}"}, True
 
 
 def main(argv=None, stdin=None, stdout=None) -> int:
@@ -156,18 +216,12 @@ def main(argv=None, stdin=None, stdout=None) -> int:
         print(f"estimate: cannot read calibration {args.calibration}: {err}", file=sys.stderr)
         return 2
     failed = False
-    for number, text in enumerate(stdin, start=1):
-        if not text.strip():
+    for number, text in _lines(stdin):
+        if text is not None and not text.strip():
             continue
-        try:
-            out = {"line": number, **estimate_line(text, calibration)}
-        except FieldError as err:
-            out = {"line": number, "error": f"line {number}: {err}"}
-            failed = True
-        except Exception as err:  # one odd line must not cost the others their answers
-            out = {"line": number, "error": f"line {number}: {type(err).__name__}: {err}"}
-            failed = True
-        stdout.write(json.dumps(out) + "\n")
+        out, error = _answer(number, text, calibration)
+        failed = failed or error
+        stdout.write(json.dumps(out, allow_nan=False) + "\n")
     return 1 if failed else 0
 
 

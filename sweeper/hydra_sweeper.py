@@ -196,6 +196,11 @@ class LayoutSweeperImpl(Sweeper):
         points = self._points(self._combinations(arguments))
         seen = OrderedDict((p.name, p) for p in points)  # an axis repeated twice adds nothing
         points = list(seen.values())
+        kind = _launcher_kind(self.config)
+        if not sweep_cfg.dry_run:  # a dry run may plan for a cluster this machine cannot reach
+            shapes = {(p.cluster.nodes, p.cluster.gpus_per_node, p.cluster.partition): p.cluster for p in points}
+            for cluster in shapes.values():
+                check_capacity(kind, cluster)
         calibration = self._calibration(sweep_cfg, sweep_dir)
         for point in points:
             classify(point, sweep=sweep_cfg, sweep_dir=sweep_dir, calibration=calibration)
@@ -217,9 +222,6 @@ class LayoutSweeperImpl(Sweeper):
             for line in summary_lines(points) + [f"would launch {len(launch)} trials:"] + launch_lines(launch):
                 print(line)
             return []
-        kind = _launcher_kind(self.config)
-        if launch:
-            check_capacity(kind, launch[0].cluster)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         with SweepLock(sweep_dir):
             return self._run(points, launch, sweep_cfg, sweep_dir, kind)
@@ -241,6 +243,13 @@ class LayoutSweeperImpl(Sweeper):
         with Progress(sweep_dir, [p.name for p in launch], interval_s=sweep_cfg.progress_interval_s):
             if kind == "slurm" and launch:
                 launch_slurm(self.launcher, launch, sweep_cfg, sweep_dir, commit, batch_size)
+            elif sweep_cfg.learn and launch:  # sweeper.learning: refit after every trial
+                from sweeper.learning import launch_learning
+
+                returns = launch_learning(
+                    lambda batch: launch_blocking(self.launcher, batch, sweep_dir, commit, len(batch)),
+                    launch, sweep_dir, commit, calibration=self._calibration(sweep_cfg, sweep_dir),
+                    size=self.max_batch_size or 1)
             else:
                 returns = launch_blocking(self.launcher, launch, sweep_dir, commit, batch_size)
         finish_sweep(sweep_dir, points)

@@ -97,3 +97,42 @@ def test_calibration_file_is_used(tmp_path):
     assert calibrated[0]["peak_memory_gb"] > plain[0]["peak_memory_gb"]
     code, out, err = _run([json.dumps(_line())], "--calibration", str(tmp_path / "missing.json"))
     assert code == 2 and out == [] and "missing.json" in err
+
+
+def test_an_invalid_layout_names_the_rule_like_the_sweeper():
+    lines = [json.dumps(_line(vpp=2)), json.dumps(_line(tp=3, dp=1, gbs=12, mbs=4)),
+             json.dumps(_line(sequence_parallel=True)), json.dumps(_line(mbs=16))]
+    code, out, _ = _run(lines)
+    assert code == 1
+    assert "vpp > 1) needs pp > 1" in out[0]["error"]
+    assert "not divisible by tp 3" in out[1]["error"]
+    assert "sequence parallel needs tp > 1" in out[2]["error"]
+    # A valid layout that only exceeds the device's memory is an estimate, not an error.
+    assert out[3]["fits"] is False and out[3]["peak_memory_gb"] > CLUSTER["gpu_memory_gb"]
+
+
+def test_huge_and_non_finite_numbers_are_refused_per_line():
+    good = json.dumps(_line())
+    lines = [good.replace('"dp": 1,', '"dp": 1e300,'),
+             good.replace('"dp": 1,', '"dp": ' + "1" + "0" * 300 + ","),
+             good.replace('"peak_tflops": 989.4', '"peak_tflops": Infinity'),
+             good.replace('"peak_tflops": 989.4', '"peak_tflops": 1e999'),
+             good.replace('"peak_tflops": 989.4', '"peak_tflops": NaN'),
+             good]
+    assert all(a != good for a in lines[:-1])  # each replacement applied
+    code, out, _ = _run(lines)
+    assert code == 1 and [o["line"] for o in out] == [1, 2, 3, 4, 5, 6]
+    assert all("error" in o for o in out[:5]) and "peak_memory_gb" in out[5]
+    assert "layout.dp" in out[0]["error"] and "layout.dp" in out[1]["error"]
+    assert "Infinity" in out[2]["error"] and "1e999" in out[3]["error"] and "NaN" in out[4]["error"]
+
+
+def test_a_bad_byte_costs_only_its_own_line():
+    good = json.dumps(_line()).encode()
+    data = good + b"\n" + b'{"model": "\xff"}\n' + good + b"\n"
+    proc = subprocess.run([sys.executable, "-m", "sweeper.estimate"], cwd=ROOT, input=data,
+                          capture_output=True, timeout=60)
+    out = [json.loads(x) for x in proc.stdout.decode().splitlines()]  # strict JSON, every line
+    assert proc.returncode == 1 and [o["line"] for o in out] == [1, 2, 3]
+    assert "not UTF-8" in out[1]["error"]
+    assert out[0]["peak_memory_gb"] == out[2]["peak_memory_gb"]
