@@ -186,7 +186,11 @@ def prediction_quality(records: list[dict], *, refit_first: int = 0,
     if refit_first <= 0:
         return score(ordered, calibration)
     seen, rest = ordered[:refit_first], ordered[refit_first:]
-    fitted = refit(seen, calibration)
+    try:
+        fitted = refit(seen, calibration)
+    except (ConfigError, KeyError, TypeError, ValueError):
+        fitted = calibration  # records this version cannot read: scored unrefitted, and said so
+        seen = []
     out = score(rest, fitted)
     out["refit_on"] = [r.get("trial") for r in seen]
     return out
@@ -196,3 +200,26 @@ def quality_summary(records: list[dict], refit_first: int = 3) -> dict:
     """Default constants on every trial, and the refit on the first `refit_first`."""
     return {"default": prediction_quality(records),
             f"refit_first_{refit_first}": prediction_quality(records, refit_first=refit_first)}
+
+
+QUALITY_ROWS = (("memory_median_abs_err", "peak memory (reserved), median abs. error"),
+                ("memory_allocated_median_abs_err", "peak memory (allocated), median abs. error"),
+                ("step_time_median_abs_err", "step time, median abs. error"),
+                ("step_time_max_abs_err", "step time, largest abs. error"),
+                ("kendall_tau", "Kendall tau, predicted vs measured MFU"),
+                ("spearman", "Spearman, predicted vs measured MFU"),
+                ("top1_regret", "top-1 regret (MFU lost by running the predicted best)"),
+                ("top5_regret", "top-5 regret"),
+                ("oom_accuracy", "OOM-or-fit classified right"))
+
+
+def quality_markdown(summary: dict) -> list[str]:
+    """The quality_summary as a markdown table, one column per calibration."""
+    columns = list(summary)
+    lines = ["| figure | " + " | ".join(c.replace("_", " ") for c in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for key, label in QUALITY_ROWS:
+        cells = [summary[c].get(key) for c in columns]
+        lines.append(f"| {label} | " + " | ".join("" if v is None else f"{v:.3f}" for v in cells) + " |")
+    counts = ", ".join(f"{c.replace('_', ' ')}: {summary[c].get('trials')} trials" for c in columns)
+    return lines + ["", f"Scored on {counts} (the refit column scores only trials it was not fitted on)."]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from analysis.breakdown import CATEGORIES
 from analysis.leaderboard import layout_label, markdown, ranked
+from analysis.ranking import quality_markdown, quality_summary
 from analysis.results import collect, load_records
 
 REPORT_DIR = "report"
@@ -146,6 +147,7 @@ def report_markdown(sweep_dir, rows, records, entries, images: dict) -> str:
     sweep_dir = Path(sweep_dir)
     best = ranked(rows)
     out = [f"# Sweep report: {sweep_dir.name}", "", *summary_lines(rows), "", "## Leaderboard", "", markdown(rows), ""]
+    out += ["## Prediction quality", "", *quality_markdown(quality_summary(records)), ""]
     for name, title in FIGURES.items():
         out += [f"## {title}", ""]
         if name == "time_breakdown":

@@ -93,10 +93,18 @@ class Calibration:
     # clipping and the bf16 copy back (the H200 profile: 21 ms for 1.36B parameters).
     optimizer_bytes_per_param: float = 65.0
     # Eager host-side time per layer per micro-batch (fwd+bwd) and per micro-batch: a
-    # micro-batch takes max(GPU time, host time). The H100 sweep's eager mbs 1 and 2 run
-    # at 115 and 109 ms per micro-batch of 24 layers; CUDA graphs remove it.
-    launch_per_layer_s: float = 4.3e-3
+    # micro-batch takes max(GPU time, host time). The H100 sweep's eager stock-kernel
+    # trials run at about 104 ms per micro-batch of 24 layers; CUDA graphs remove it.
+    launch_per_layer_s: float = 3.5e-3
     launch_per_microbatch_s: float = 8.0e-3
+    # Extra host time per layer of some kernels ("part:kernel"): Triton's Python launch
+    # path (our norm, two per layer, and attention), megatron's stock attention (unfused
+    # RoPE and softmax: more, smaller kernels). From the H100 sweep's eager trials.
+    kernel_launch_per_layer_s: dict = field(default_factory=lambda: {
+        "norm:triton": 0.6e-3, "attention:triton": 0.7e-3, "attention:megatron": 1.1e-3})
+    # Host time per step a host-bound eager step waits for (optimizer and grad-norm
+    # launches): eager gbs 4 and gbs 16 trials of one layout differ by it (H100 sweep).
+    eager_step_host_s: float = 0.045
     # GPU idle per micro-batch and per step (optimizer launch, grad-norm sync): the H200
     # profile's idle 10 ms at 2 micro-batches, 26 ms at 16.
     microbatch_idle_s: float = 1.1e-3
@@ -344,6 +352,8 @@ def _fit_speed(cal: Calibration, ok, model, cluster) -> dict:
         ratio = _clamp(statistics.median(launch), *SCALE_BOUNDS)
         cal.launch_per_layer_s *= ratio
         cal.launch_per_microbatch_s *= ratio
+        cal.kernel_launch_per_layer_s = {k: v * ratio for k, v in cal.kernel_launch_per_layer_s.items()}
+        cal.eager_step_host_s *= ratio
     return {"speed_compute_bound": len(everything), "speed_launch_bound": len(launch)}
 
 
@@ -372,6 +382,7 @@ def fit_calibration(records: list[dict], model: ModelConfig, cluster: ClusterCon
     cal.attention_efficiency = dict(cal.attention_efficiency)
     cal.norm_efficiency = dict(cal.norm_efficiency)
     cal.compute_scale = dict(cal.compute_scale)
+    cal.kernel_launch_per_layer_s = dict(cal.kernel_launch_per_layer_s)
     records = list(records)
     ok_memory = _usable(records, "ok", "memory")
     ok_speed = _usable(records, "ok", "step_time_s")

@@ -50,6 +50,10 @@ CE_BYTES_PER_LOGIT = 40.0
 FORWARD_SHARE = 1.0 / 3.0
 FUSED_ATTENTION_FORWARD_SHARE = 0.25  # flash backward recomputes the scores
 UNFUSED_ATTENTION_FORWARD_SHARE = 0.45
+# Extra host time per layer that recompute costs an eager step, as a share of the layer's
+# launch time: the checkpoint's RNG-state save/restore and the re-run forward. H100 sweep
+# (2026-11-23, eager mbs 2, 2 micro-batches): selective +1.6 ms, full +2.6 ms per layer.
+RECOMPUTE_HOST_SHARE = {"none": 0.0, "selective": 0.4, "full": 0.6}
 
 
 @dataclass
@@ -152,11 +156,12 @@ def _stage_microbatch(sh, layout, cal, cluster, net, peak, stage) -> dict:
         gpu += 6.0 * T * sh.h * vocab / (peak * _gemm_efficiency(cal, T, sh.h / tp))
         gpu += CE_BYTES_PER_LOGIT * T * vocab / cal.memory_bytes_per_s
     gpu = (gpu + cal.microbatch_idle_s) * cal.compute_scale.get(layout.attention, 1.0)
-    recompute_layers = layers if layout.recompute == "full" else 0
     if layout.cuda_graph:  # one replay per micro-batch: the host no longer paces the GPU
         host = 0.0
     else:
-        host = (cal.launch_per_layer_s * (layers + FORWARD_SHARE * recompute_layers)
+        per_layer = (cal.launch_per_layer_s + cal.kernel_launch_per_layer_s.get(f"norm:{layout.norm}", 0.0)
+                     + cal.kernel_launch_per_layer_s.get(f"attention:{layout.attention}", 0.0))
+        host = (per_layer * layers * (1 + RECOMPUTE_HOST_SHARE[layout.recompute])
                 + cal.launch_per_microbatch_s)
     activation = e * T * sh.h
     collectives = 4 + (2 if layout.recompute == "full" else 0)
@@ -212,9 +217,12 @@ def predict_speed(model: ModelConfig, cluster: ClusterConfig, layout: Layout,
     per_stage = [_dp_and_optimizer(sh, layout, cal, cluster, net, dp, k) for k in stages]
     dp_comm = max(d for d, _ in per_stage)
     optimizer = max(o for _, o in per_stage) + cal.step_overhead_s
+    # A host-bound eager step also waits for the host's own per-step work (the optimizer's
+    # and grad-norm launches), which a GPU-bound step hides behind queued kernels.
+    host_step = cal.eager_step_host_s if per_mb["host"] > per_mb["gpu"] else 0.0
     terms = dict(
         compute=m * per_mb["gpu"],
-        launch=m * (busy - per_mb["gpu"]),
+        launch=m * (busy - per_mb["gpu"]) + host_step,
         tp_comm=m * per_mb["tp_comm"],
         cp_comm=m * per_mb["cp_comm"],
         bubble=bubble,

@@ -73,3 +73,13 @@ def test_refit_scores_only_unseen_trials():
     assert q3["trials"] == len(LAYOUTS) - 3 and q3["refit_on"] == [l.name for l in LAYOUTS[:3]]
     assert q0["step_time_median_abs_err"] == pytest.approx(1 - 1 / 1.3)
     assert q3["step_time_median_abs_err"] < 0.5 * q0["step_time_median_abs_err"]
+
+
+def test_quality_markdown_is_a_table_and_survives_no_trials():
+    from analysis.ranking import quality_markdown, quality_summary
+
+    table = quality_markdown(quality_summary([_record(l, i) for i, l in enumerate(LAYOUTS)]))
+    assert table[0].count("|") == table[2].count("|") == 4  # figure, default, refit: no stray pipes
+    empty = quality_summary([])
+    assert empty["default"]["trials"] == 0 and empty["default"]["spearman"] is None
+    assert quality_markdown(empty)[2].endswith("|  |  |")

@@ -95,7 +95,9 @@ def test_fit_scales_launch_cost_from_host_bound_trials():
     # The host 1.5x slower than the defaults say, per layer and per micro-batch alike.
     base = Calibration()
     truth = dataclasses.replace(base, launch_per_layer_s=1.5 * base.launch_per_layer_s,
-                                launch_per_microbatch_s=1.5 * base.launch_per_microbatch_s)
+                                launch_per_microbatch_s=1.5 * base.launch_per_microbatch_s,
+                                eager_step_host_s=1.5 * base.eager_step_host_s,
+                                kernel_launch_per_layer_s={k: 1.5 * v for k, v in base.kernel_launch_per_layer_s.items()})
     layouts = [Layout(mbs=1, gbs=16), Layout(mbs=1, gbs=32)]
     fitted = fit_calibration(_records(truth, layouts), MODEL, H100)
     assert fitted.launch_per_layer_s == pytest.approx(truth.launch_per_layer_s, rel=1e-6)

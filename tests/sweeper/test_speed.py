@@ -13,7 +13,7 @@ from analysis.ranking import load_archived_records, score
 from sweeper.calibration import Calibration
 from sweeper.config import ATTENTION_KERNELS, ClusterConfig, Layout, ModelConfig
 from sweeper.memory import model_shape, stage_params
-from sweeper.speed import FORWARD_SHARE, predict_speed
+from sweeper.speed import FORWARD_SHARE, RECOMPUTE_HOST_SHARE, predict_speed
 
 SMALL = ModelConfig(name="small", num_layers=4, hidden_size=64, ffn_hidden_size=128,
                     num_attention_heads=4, num_query_groups=2, vocab_size=1000, seq_length=32)
@@ -25,7 +25,8 @@ GEMM_ONLY = Calibration(
     gemm_efficiency=0.5, gemm_half_tokens=0.0, gemm_half_width=0.0,
     attention_efficiency={k: INSTANT for k in ATTENTION_KERNELS}, attention_half_heads=0.0,
     memory_bandwidth_tbps=INSTANT, launch_per_layer_s=0.0, launch_per_microbatch_s=0.0,
-    microbatch_idle_s=0.0, step_overhead_s=0.0, comm_efficiency=0.5, comm_latency_s=0.0,
+    microbatch_idle_s=0.0, step_overhead_s=0.0, eager_step_host_s=0.0, kernel_launch_per_layer_s={},
+    comm_efficiency=0.5, comm_latency_s=0.0,
 )
 # Activation message of one micro-batch at mbs=2: 2 bytes * 64 tokens * 64 = 8192 bytes.
 MESSAGE = 2 * 64 * 64
@@ -61,8 +62,17 @@ def test_host_bound_microbatches_cost_the_launch_time():
     est = predict_speed(SMALL, GPU, Layout(mbs=2, gbs=8), cal, dp=1)
     # 4 micro-batches of 4 layers: 4 * (4 * 1 ms + 2 ms); the GPU part is far shorter.
     assert est.terms["compute"] + est.terms["launch"] == pytest.approx(4 * 6e-3)
+    # Full recompute: the checkpoint's host work on top, RECOMPUTE_HOST_SHARE of a layer's.
     full = predict_speed(SMALL, GPU, Layout(mbs=2, gbs=8, recompute="full"), cal, dp=1)
-    assert full.terms["compute"] + full.terms["launch"] == pytest.approx(4 * (4 * 1e-3 * 4 / 3 + 2e-3))
+    share = RECOMPUTE_HOST_SHARE["full"]
+    assert full.terms["compute"] + full.terms["launch"] == pytest.approx(4 * (4 * 1e-3 * (1 + share) + 2e-3))
+    # Triton kernels add their launch cost per layer; a host-bound step waits for the
+    # host's per-step work too.
+    cal = dataclasses.replace(cal, kernel_launch_per_layer_s={"norm:triton": 0.5e-3}, eager_step_host_s=0.01)
+    triton = predict_speed(SMALL, GPU, Layout(mbs=2, gbs=8, norm="triton"), cal, dp=1)
+    assert triton.terms["compute"] + triton.terms["launch"] == pytest.approx(4 * (4 * 1.5e-3 + 2e-3) + 0.01)
+    graphed = predict_speed(SMALL, GPU, Layout(mbs=2, gbs=8, norm="triton", cuda_graph=True), cal, dp=1)
+    assert graphed.terms["launch"] == 0.0
 
 
 def test_tensor_parallel_all_reduces():
