@@ -5,7 +5,9 @@
 q: [b, s, hq, d], k, v: [b, s, hkv, d] with hkv dividing hq (GQA/MQA: query head h
 reads KV head h // (hq // hkv)); any strides. The s x s score matrix is never
 stored: the forward keeps only the per-row log-sum-exp [b, hq, s] for the backward.
-The backward is deterministic (each gradient block owned by one program, no atomics).
+The backward is deterministic by default (each gradient block owned by one program, no
+atomics); `deterministic=False` adds dQ with fp32 atomics instead (5 block matmuls, not 7;
+dQ's last bits then vary from run to run).
 
 Layers: `attention_fwd.py` / `attention_bwd.py` hold the @triton.jit kernels and
 their launchers; here are the block configurations, the autograd.Function and
@@ -52,18 +54,22 @@ DQ_CONFIGS = {
     64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma=False),
     128: dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3, tma=True),
 }
+# The dK/dV kernel that also adds dQ with atomics (deterministic=False).
+DKDV_ATOMIC_CONFIGS = dict(DKDV_CONFIGS)
 # Untuned head dims get small blocks. The CPU interpreter simulates every program
 # in numpy: few, small tiles keep the tests fast there.
 SMALL_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, tma=False)
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, tma=False)
 
 
-def kernel_configs(head_dim: int, device: torch.device):
-    """(forward, dk/dv, dq) block configurations for this head dim and device."""
+def kernel_configs(head_dim: int, device: torch.device, *, deterministic: bool = True):
+    """(forward, dk/dv, dq) block configurations for this head dim and device; with
+    deterministic=False the dk/dv one is for the kernel that also adds dQ atomically."""
     if device.type != "cuda":
         return INTERPRETER_CONFIG, INTERPRETER_CONFIG, INTERPRETER_CONFIG
     if head_dim in FWD_CONFIGS:
-        return FWD_CONFIGS[head_dim], DKDV_CONFIGS[head_dim], DQ_CONFIGS[head_dim]
+        dkdv = DKDV_CONFIGS if deterministic else DKDV_ATOMIC_CONFIGS
+        return FWD_CONFIGS[head_dim], dkdv[head_dim], DQ_CONFIGS[head_dim]
     return SMALL_CONFIG, SMALL_CONFIG, SMALL_CONFIG
 
 
@@ -145,19 +151,27 @@ def attention_forward(q, k, v, *, causal, softmax_scale, seq_first_out=False, co
 
 
 def attention_backward(do, q, k, v, out, lse, *, causal, softmax_scale, dkdv_config=None,
-                       dq_config=None):
-    """Host launcher: (dq, dk, dv), each laid out in its input's dimension order."""
-    _, dkdv_default, dq_default = kernel_configs(q.shape[-1], q.device)
+                       dq_config=None, deterministic=True):
+    """Host launcher: (dq, dk, dv), each laid out in its input's dimension order.
+
+    deterministic=False: one dK/dV kernel that also adds dQ into an fp32 buffer with atomics
+    (no dQ kernel; the buffer is then scaled and cast into dq)."""
+    _, dkdv_default, dq_default = kernel_configs(q.shape[-1], q.device,
+                                                 deterministic=deterministic)
     dkdv_config, dq_config = dkdv_config or dkdv_default, dq_config or dq_default
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
     kw = dict(causal=causal, softmax_scale=softmax_scale)
+    dq_acc = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     with _device(q):
         launch_delta(out, do, delta)
         launch_dkdv(q, k, v, do, lse, delta, dk, dv, config=dkdv_config,
-                    use_tma=_use_tma(dkdv_config, q, k, v, do), **kw)
-        launch_dq(q, k, v, do, lse, delta, dq, config=dq_config,
-                  use_tma=_use_tma(dq_config, q, k, v, do), **kw)
+                    use_tma=_use_tma(dkdv_config, q, k, v, do), dq_acc=dq_acc, **kw)
+        if deterministic:
+            launch_dq(q, k, v, do, lse, delta, dq, config=dq_config,
+                      use_tma=_use_tma(dq_config, q, k, v, do), **kw)
+        else:
+            dq.copy_(dq_acc.mul_(softmax_scale))
     return dq, dk, dv
 
 
@@ -165,12 +179,13 @@ class FlashAttentionFunction(torch.autograd.Function):
     """Autograd wrapper; saves q, k, v, out and the log-sum-exp (no s x s tensor)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, seq_first_out):
+    def forward(ctx, q, k, v, causal, softmax_scale, seq_first_out, deterministic=True):
         out, lse = attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                      seq_first_out=seq_first_out)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal = causal
         ctx.softmax_scale = softmax_scale
+        ctx.deterministic = deterministic
         return out
 
     @staticmethod
@@ -179,21 +194,25 @@ class FlashAttentionFunction(torch.autograd.Function):
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
         dq, dk, dv = attention_backward(dout, q, k, v, out, lse, causal=ctx.causal,
-                                        softmax_scale=ctx.softmax_scale)
-        return dq, dk, dv, None, None, None
+                                        softmax_scale=ctx.softmax_scale,
+                                        deterministic=ctx.deterministic)
+        return dq, dk, dv, None, None, None, None
 
 
-def flash_attention(q, k, v, *, causal=True, softmax_scale=None, seq_first_out=False):
+def flash_attention(q, k, v, *, causal=True, softmax_scale=None, seq_first_out=False,
+                    deterministic=True):
     """Fused attention. q [b, s, hq, d], k, v [b, s, hkv, d] -> out [b, s, hq, d].
 
     softmax_scale defaults to 1/sqrt(d). The output is contiguous, or, with
     `seq_first_out=True`, a [b, s, hq, d] view of a contiguous [s, b, hq, d] buffer.
+    deterministic=False: dQ by fp32 atomics in the backward (faster where measured so,
+    not bitwise repeatable; see attention_bwd.py).
     """
     _check_inputs(q, k, v)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     return FlashAttentionFunction.apply(q, k, v, bool(causal), float(softmax_scale),
-                                        bool(seq_first_out))
+                                        bool(seq_first_out), bool(deterministic))
 
 
 def attention_reference(q, k, v, *, causal=True, softmax_scale=None):

@@ -14,12 +14,17 @@ is recomputed block by block, never stored):
 
 Each output block is owned by exactly one program and summed in a fixed order,
 so results are bitwise reproducible run to run. The price is recomputing
-Q K^T and dO V^T in both kernels: 7 block matmuls instead of the 5 of an
-atomic-add dQ. Reference: Dao, "FlashAttention-2" (2023), Algorithm 2.
+Q K^T and dO V^T in both kernels: 7 block matmuls instead of 5.
+
+`deterministic=False` (DQ_ATOMIC) takes the 5: the dK/dV kernel also forms each block's
+dQ_i += scale * dS_ij K_j and adds it into an fp32 [b, s, hq, d] buffer with atomics (as
+FlashAttention-2 does), so no dQ kernel runs; the order of those fp32 additions varies from
+run to run, hence so do dQ's last bits. Reference: Dao, "FlashAttention-2" (2023), Algorithm 2.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -47,11 +52,11 @@ def _delta_kernel(O, DO, DELTA,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, offs_n, lo, hi, seqlen,
-                stride_qs, stride_qd, stride_gs, stride_gd, qk_scale2,
+def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dq_ptr, offs_n, lo, hi,
+                seqlen, stride_qs, stride_qd, stride_gs, stride_gd, stride_dqs, qk_scale2,
                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
                 EVEN: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-                DOT_F32: tl.constexpr):
+                DOT_F32: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     for start_m in tl.range(lo, hi, BLOCK_M, warp_specialize=WARP_SPEC):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -75,13 +80,20 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, offs_n, lo, hi,
         else:
             delta = tl.load(delta_ptr + offs_m, mask=offs_m < seqlen, other=0.0)
         dp_t = _dot(v, tl.trans(do), None, DOT_F32)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = _dot(ds_t.to(q.dtype), q, dk, DOT_F32)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = _dot(ds_t, q, dk, DOT_F32)
+        if DQ_ATOMIC:  # this block's share of dQ (unscaled), added into the fp32 buffer
+            dq = _dot(tl.trans(ds_t), k, None, DOT_F32)  # [BLOCK_M, HEAD_DIM]
+            dq_ptrs = dq_ptr + offs_m[:, None] * stride_dqs + tl.arange(0, HEAD_DIM)[None, :]
+            if EVEN:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, mask=offs_m[:, None] < seqlen, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
                  stride_qb, stride_qs, stride_qh, stride_qd,
                  stride_kb, stride_ks, stride_kh, stride_kd,
                  stride_vb, stride_vs, stride_vh, stride_vd,
@@ -91,7 +103,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                  seqlen, num_heads, num_kv_heads, group, softmax_scale, qk_scale2,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, EVEN: tl.constexpr, USE_TMA: tl.constexpr,
-                 WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr):
+                 WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+    # DQ_ACC: fp32 [b, s, hq, HEAD_DIM], contiguous (used only with DQ_ATOMIC).
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     bhk = tl.program_id(0)
     start_n = tl.program_id(1) * BLOCK_N
@@ -117,22 +130,24 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         do_src = _rows_source(DO + b * stride_gb + h * stride_gh, seqlen, stride_gs, BLOCK_M,
                               HEAD_DIM, USE_TMA)
         row = (b * num_heads + h) * seqlen
+        stride_dqs = num_heads * HEAD_DIM
+        dq_ptr = DQ_ACC + (b * seqlen * num_heads + h) * HEAD_DIM
         if CAUSAL:
             # Query blocks on the diagonal are masked; those below it are not.
             diag_end = tl.minimum(start_n + BLOCK_N, seqlen)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE + row, DELTA + row, offs_n,
-                                 start_n, diag_end, seqlen, stride_qs, stride_qd, stride_gs,
-                                 stride_gd, qk_scale2, BLOCK_M, HEAD_DIM, True, EVEN, USE_TMA,
-                                 WARP_SPEC, DOT_F32)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE + row, DELTA + row, offs_n,
-                                 start_n + BLOCK_N, seqlen, seqlen, stride_qs, stride_qd,
-                                 stride_gs, stride_gd, qk_scale2, BLOCK_M, HEAD_DIM, False,
-                                 EVEN, USE_TMA, WARP_SPEC, DOT_F32)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE + row, DELTA + row, dq_ptr,
+                                 offs_n, start_n, diag_end, seqlen, stride_qs, stride_qd,
+                                 stride_gs, stride_gd, stride_dqs, qk_scale2, BLOCK_M, HEAD_DIM,
+                                 True, EVEN, USE_TMA, WARP_SPEC, DOT_F32, DQ_ATOMIC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE + row, DELTA + row, dq_ptr,
+                                 offs_n, start_n + BLOCK_N, seqlen, seqlen, stride_qs, stride_qd,
+                                 stride_gs, stride_gd, stride_dqs, qk_scale2, BLOCK_M, HEAD_DIM,
+                                 False, EVEN, USE_TMA, WARP_SPEC, DOT_F32, DQ_ATOMIC)
         else:
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE + row, DELTA + row, offs_n,
-                                 0, seqlen, seqlen, stride_qs, stride_qd, stride_gs, stride_gd,
-                                 qk_scale2, BLOCK_M, HEAD_DIM, False, EVEN, USE_TMA, WARP_SPEC,
-                                 DOT_F32)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE + row, DELTA + row, dq_ptr,
+                                 offs_n, 0, seqlen, seqlen, stride_qs, stride_qd, stride_gs,
+                                 stride_gd, stride_dqs, qk_scale2, BLOCK_M, HEAD_DIM, False, EVEN,
+                                 USE_TMA, WARP_SPEC, DOT_F32, DQ_ATOMIC)
 
     dk = dk * softmax_scale
     cols = tl.arange(0, HEAD_DIM)
@@ -246,18 +261,23 @@ def launch_delta(o, do, delta):
     )
 
 
-def launch_dkdv(q, k, v, do, lse, delta, dk, dv, *, causal, softmax_scale, config, use_tma):
-    """dk, dv [b, s, hkv, d]: one program per (key block, batch, KV head)."""
+def launch_dkdv(q, k, v, do, lse, delta, dk, dv, *, causal, softmax_scale, config, use_tma,
+                dq_acc=None):
+    """dk, dv [b, s, hkv, d]: one program per (key block, batch, KV head). With `dq_acc`
+    (fp32 [b, s, hq, d] contiguous, zeroed) it also adds the unscaled dQ into it (atomics)."""
     batch, seqlen, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
+    if dq_acc is not None:
+        assert dq_acc.dtype == torch.float32 and dq_acc.is_contiguous()
     _dkdv_kernel[(batch * num_kv_heads, triton.cdiv(seqlen, config["BLOCK_N"]))](
-        q, k, v, do, lse, delta, dk, dv,
+        q, k, v, do, lse, delta, dk, dv, dk if dq_acc is None else dq_acc,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         seqlen, num_heads, num_kv_heads, num_heads // num_kv_heads, softmax_scale,
         softmax_scale * LOG2E_HOST,
         HEAD_DIM=head_dim, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         CAUSAL=causal, EVEN=seqlen % config["BLOCK_N"] == 0, USE_TMA=use_tma,
         WARP_SPEC=config.get("WARP_SPEC", False), DOT_F32=dot_f32(q),
+        DQ_ATOMIC=dq_acc is not None,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
 

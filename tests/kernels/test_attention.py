@@ -59,8 +59,9 @@ def _inputs(b, s, hq, hkv, d, dtype, device="cpu", seed=0):
     return q, k, v
 
 
-def _check_against_reference(q, k, v, *, causal, scale, tol):
-    out = flash_attention(q, k, v, causal=causal, softmax_scale=scale)
+def _check_against_reference(q, k, v, *, causal, scale, tol, deterministic=True):
+    out = flash_attention(q, k, v, causal=causal, softmax_scale=scale,
+                          deterministic=deterministic)
     dout = torch.randn_like(out)
     out.backward(dout)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -152,6 +153,33 @@ def test_backward_is_deterministic():
         assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("causal, s, hq, hkv, d", [(True, 37, 4, 2, 64), (False, 33, 2, 1, 32)])
+def test_atomic_dq_backward_matches_float64(causal, s, hq, hkv, d):
+    # deterministic=False: dQ summed by fp32 atomics inside the dK/dV kernel (one program per
+    # key block, several adding into each query row), odd lengths and GQA included.
+    q, k, v = _inputs(2, s, hq, hkv, d, torch.bfloat16, seed=s)
+    _check_against_reference(q, k, v, causal=causal, scale=None, tol=TOLERANCE[torch.bfloat16],
+                             deterministic=False)
+
+
+def test_atomic_dq_equals_the_deterministic_dq_up_to_summation_order():
+    q, k, v = _inputs(1, 40, 2, 2, 64, torch.float32, seed=19)
+    dout = torch.randn(1, 40, 2, 64)
+    grads = {}
+    for deterministic in (True, False):
+        for t in (q, k, v):
+            t.grad = None
+        flash_attention(q, k, v, deterministic=deterministic).backward(dout)
+        grads[deterministic] = [t.grad.clone() for t in (q, k, v)]
+    # fp32 throughout: dK and dV come from the same kernel code (bitwise equal); dQ's blocks
+    # are summed in another order, so it agrees to fp32 rounding (~1e-7), not bitwise.
+    assert torch.equal(grads[True][1], grads[False][1])
+    assert torch.equal(grads[True][2], grads[False][2])
+    torch.testing.assert_close(grads[False][0], grads[True][0], rtol=1e-5, atol=1e-6)
+    # negative control: the tolerance rejects a dQ 10% off
+    assert not torch.allclose(grads[False][0] * 0.9, grads[True][0], rtol=1e-3, atol=1e-4)
+
+
 def test_default_scale_is_inverse_sqrt_head_dim():
     q, k, v = _inputs(1, 18, 2, 2, 64, torch.float32, seed=17)
     explicit = flash_attention(q, k, v, softmax_scale=1 / math.sqrt(64))
@@ -185,6 +213,14 @@ def test_rejects_bad_shapes(shapes, message):
 def test_gpu_tuned_configs_match_float64(d, dtype, s, hq, hkv, causal):
     q, k, v = _inputs(2, s, hq, hkv, d, dtype, device="cuda", seed=s + d)
     _check_against_reference(q, k, v, causal=causal, scale=None, tol=TOLERANCE[dtype])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d, s, hq, hkv", [(128, 1000, 8, 2), (64, 1024, 8, 8)])
+def test_gpu_atomic_dq_matches_float64(d, s, hq, hkv):
+    q, k, v = _inputs(2, s, hq, hkv, d, torch.bfloat16, device="cuda", seed=s + d)
+    _check_against_reference(q, k, v, causal=True, scale=None, tol=TOLERANCE[torch.bfloat16],
+                             deterministic=False)
 
 
 @pytest.mark.cuda
