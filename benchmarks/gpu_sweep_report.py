@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -102,6 +103,21 @@ def peer_comparison(probe: dict, records: list[dict], best_step_s: float) -> dic
             "env": probe.get("env")}
 
 
+def headline(summary: dict, records: list[dict]) -> dict:
+    """The single-GPU MFU issue's figures beside the summary (which already holds the
+    prediction quality, analysis/summary.py): flash-attn-4 trials that ran, the best over
+    the peer (PaLM MFU ratio = step-time ratio, same gbs and device), and the commit the
+    device ran (GIT_COMMIT: the device's copy of the tree has no .git)."""
+    out = {"flash_attn_ok_trials": sum(1 for r in records if r.get("status") == "ok"
+                                       and (r.get("layout") or {}).get("attention") == "flash_attn"),
+           "commit": os.environ.get("GIT_COMMIT")}
+    peer = summary.get("peer") or {}
+    if peer.get("best_mfu_palm") and summary.get("best_mfu_palm"):
+        out["peer_mfu_palm"] = peer["best_mfu_palm"]
+        out["best_over_peer"] = summary["best_mfu_palm"] / peer["best_mfu_palm"]
+    return out
+
+
 def main(argv=None) -> int:
     from analysis.summary import finish_sweep
 
@@ -121,6 +137,7 @@ def main(argv=None) -> int:
     if args.peer:
         best = min((r["step_time_s"] for r in board["rows"] if r.get("status") == "ok"), default=None)
         summary["peer"] = peer_comparison(json.loads(args.peer.read_text()), load_records(args.sweep), best)
+    summary.update(headline(summary, load_records(args.sweep)))
     board["summary"] = summary
     board["loss_parity"] = checks
     board["parity_rows"] = {d: [to_row(r) for r in load_records(d)] for d in checks}
@@ -129,7 +146,8 @@ def main(argv=None) -> int:
     md = (args.sweep / "leaderboard.md").read_text()
     head = [f"# {args.tag}", "", "| summary | value |", "|---|---|"]
     for key in ("device", "trials", "ok", "best_trial", "best_mfu_palm", "best_mfu_megatron",
-                "baseline_trial", "baseline_mfu_palm", "best_mbs1_trial", "mbs1_over_best"):
+                "baseline_trial", "baseline_mfu_palm", "best_mbs1_trial", "mbs1_over_best",
+                "peer_mfu_palm", "best_over_peer", "flash_attn_ok_trials", "commit"):
         head.append(f"| {key} | {summary.get(key)} |")
     parts = [f"## Loss parity: {d}\n\n" + parity_markdown(r) for d, r in checks.items()]
     (args.out / f"{args.tag}.md").write_text("\n".join(head) + "\n\n" + md + "\n" + "\n\n".join(parts) + "\n")

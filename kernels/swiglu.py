@@ -18,7 +18,7 @@ backward kernel was the slow half. Both kernels here are one pass over memory: f
 reads 2F and writes F elements per row, backward reads 3F and writes 2F, all arithmetic
 in fp32.
 
-Layers, as in the project's other kernels: `_forward_kernel` / `_backward_kernel`
+Layers, as in the project's other kernels: `_swiglu_fwd_kernel` / `_swiglu_bwd_kernel`
 (a [rows, BLOCK] tile per program on a 2-D grid), host launchers `forward` / `backward`,
 `SwiGLUFunction` (autograd) and `swiglu`; `TritonSwiGLU` is the module megatron's MLP
 builds as its activation (`MLPSubmodules.activation_func`, `use_te_activation_func`).
@@ -35,7 +35,7 @@ BLOCK = 1024  # columns per program: 8 bf16 elements per thread at 4 warps
 
 
 @triton.jit
-def _forward_kernel(x_ptr, y_ptr, n_cols, stride_x, stride_y, BLOCK: tl.constexpr):
+def _swiglu_fwd_kernel(x_ptr, y_ptr, n_cols, stride_x, stride_y, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -46,7 +46,7 @@ def _forward_kernel(x_ptr, y_ptr, n_cols, stride_x, stride_y, BLOCK: tl.constexp
 
 
 @triton.jit
-def _backward_kernel(dy_ptr, x_ptr, dx_ptr, n_cols, stride_dy, stride_x, stride_dx,
+def _swiglu_bwd_kernel(dy_ptr, x_ptr, dx_ptr, n_cols, stride_dy, stride_x, stride_dx,
                      BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -75,7 +75,7 @@ def forward(x: torch.Tensor) -> torch.Tensor:
     n_rows, n_cols = x2.shape[0], x2.shape[1] // 2
     y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     if n_rows:
-        _forward_kernel[(n_rows, triton.cdiv(n_cols, BLOCK))](
+        _swiglu_fwd_kernel[(n_rows, triton.cdiv(n_cols, BLOCK))](
             x2, y, n_cols, x2.stride(0), y.stride(0), BLOCK=BLOCK, num_warps=4)
     return y.view(*x.shape[:-1], n_cols)
 
@@ -87,7 +87,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     dy2 = dy.reshape(n_rows, n_cols) if dy.stride(-1) == 1 else dy.contiguous().reshape(n_rows, n_cols)
     dx = torch.empty_like(x2)
     if n_rows:
-        _backward_kernel[(n_rows, triton.cdiv(n_cols, BLOCK))](
+        _swiglu_bwd_kernel[(n_rows, triton.cdiv(n_cols, BLOCK))](
             dy2, x2, dx, n_cols, dy2.stride(0), x2.stride(0), dx.stride(0), BLOCK=BLOCK, num_warps=4)
     return dx.view(x.shape)
 
