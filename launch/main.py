@@ -60,10 +60,13 @@ def trial(cfg: DictConfig) -> dict:
     except Exception as exc:  # noqa: BLE001 - ConfigError included
         if spec is None:
             return {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
-        status = classify(exc)
+        status, reason = classify(exc), f"{type(exc).__name__}: {exc}"
         if type(exc).__name__ == "UncompletedJobError" and "timed-out" in str(exc):
-            status = "timeout"  # submitit's handler for SLURM's time-limit signal
-        record = base_record(spec, status, f"{type(exc).__name__}: {exc}")
+            # submitit's handler for SLURM's warning signal: the job's time limit, not a crash
+            status = "timeout"
+            reason = (f"the SLURM time limit of {spec.cluster.time_limit_min} min (cluster.time_limit_min): "
+                      f"its warning signal arrived while the trial ran ({exc})")
+        record = base_record(spec, status, reason)
         write_json_atomic(result_path(trial_dir), record)
         return record
 
@@ -77,7 +80,8 @@ def cli() -> None:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell may start us with it ignored
+        signal.signal(signum, _interrupt)
     try:
         trial()
     except KeyboardInterrupt:

@@ -46,9 +46,10 @@ def signal_delay_s(time_limit_min: int) -> int:
 def trial_budget_s(time_limit_min: int) -> float:
     """Seconds a trial may run inside a job of this limit: it stops before SLURM's warning.
 
-    15 s cover the job's own start-up before the task's clock starts, and the record's write.
+    Counted from the task process's start; 10 s cover srun's start before it, stopping
+    the ranks and the record's write.
     """
-    return max(1.0, time_limit_min * 60 - signal_delay_s(time_limit_min) - 15.0)
+    return max(1.0, time_limit_min * 60 - signal_delay_s(time_limit_min) - 10.0)
 
 
 def load_jobs(sweep_dir) -> dict[str, dict]:

@@ -80,18 +80,18 @@ def run_ranks(spec: TrialSpec, *, ranks: list[int], local_ranks: list[int], mast
     spec_path = Path(spec.trial_dir) / "spec.json"
     device = spec.cluster.device if prestart else None
     procs, logs = {}, {}
-    for rank, local_rank in zip(ranks, local_ranks):
-        path = rank_path(spec.trial_dir, rank)
-        if path.exists():
-            path.unlink()  # a stale record from an interrupted earlier run
-        logs[rank] = Path(spec.trial_dir) / f"rank{rank}.log"
-        variables = rank_vars(rank=rank, local_rank=local_rank, world=spec.world_size,
-                              master_addr=master_addr, master_port=master_port)
-        procs[rank] = _start(spec_path, logs[rank], variables, device=device)
-    if device:
-        spare.SPARES.prepare(device, len(ranks))
     outcome = {}  # rank -> "timeout" | "aborted" | "interrupted"
     try:
+        for rank, local_rank in zip(ranks, local_ranks):
+            path = rank_path(spec.trial_dir, rank)
+            if path.exists():
+                path.unlink()  # a stale record from an interrupted earlier run
+            logs[rank] = Path(spec.trial_dir) / f"rank{rank}.log"
+            variables = rank_vars(rank=rank, local_rank=local_rank, world=spec.world_size,
+                                  master_addr=master_addr, master_port=master_port)
+            procs[rank] = _start(spec_path, logs[rank], variables, device=device)
+        if device:
+            spare.SPARES.prepare(device, len(ranks))
         first_failure = _watch(procs, outcome, deadline)
     except BaseException:
         for rank, proc in procs.items():

@@ -65,32 +65,43 @@ def run_task(spec: TrialSpec) -> dict:
         spec.save()
     else:
         _wait_for(Path(spec.trial_dir) / "spec.json", timeout_s=120)
-    budget_s, limit = task_budget(spec)
+    deadline, limit = task_deadline(spec, started)
     run_ranks(spec, ranks=[job.global_rank], local_ranks=[job.local_rank],
               master_addr=job.hostnames[0], master_port=_job_port(job.job_id),
-              deadline=started + budget_s, limit=limit)
+              deadline=deadline, limit=limit)
     if job.global_rank != 0:
         return {"trial": spec.name, "status": "rank-done", "rank": job.global_rank}
-    ranks = collect_ranks(spec, wait_until=min(time.time() + COLLECT_GRACE_S, started + budget_s + 10))
+    ranks = collect_ranks(spec, wait_until=min(time.time() + COLLECT_GRACE_S, deadline + 5))
     return _finish(spec, ranks, started)
 
 
-def task_budget(spec: TrialSpec) -> tuple[float, str]:
-    """Seconds this task's trial may run, and what that limit is called in a timeout's reason.
+def _process_started() -> float:
+    """When this process started (epoch s): the job's clock ran from about then, not from `started`."""
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def task_deadline(spec: TrialSpec, started: float) -> tuple[float, str]:
+    """When this task's trial must stop, and what that limit is called in a timeout's reason.
 
     Under SLURM the job's time limit may be the shorter one: the trial then stops ahead
     of SLURM's warning signal, so it ends as `timeout` with its record instead of being
-    killed mid-step.
+    killed mid-step. The job's clock is counted from this task process's start, since
+    Hydra's composition in the job can take many seconds before `started`.
     """
     from launch.slurm_jobs import signal_delay_s, trial_budget_s
 
-    budget, limit = float(spec.trial.timeout_s), f"trial.timeout_s={spec.trial.timeout_s} s"
+    deadline, limit = started + spec.trial.timeout_s, f"trial.timeout_s={spec.trial.timeout_s} s"
     minutes = spec.cluster.time_limit_min
-    if os.environ.get("SLURM_JOB_ID") and trial_budget_s(minutes) < budget:
-        budget = trial_budget_s(minutes)
-        limit = (f"the SLURM time limit of {minutes} min (cluster.time_limit_min; stopped at {budget:.0f} s, "
-                 f"ahead of SLURM's warning {signal_delay_s(minutes)} s before the limit)")
-    return budget, limit
+    if os.environ.get("SLURM_JOB_ID"):
+        slurm_deadline = _process_started() + trial_budget_s(minutes)
+        if slurm_deadline < deadline:
+            deadline = slurm_deadline
+            limit = (f"the SLURM time limit of {minutes} min (cluster.time_limit_min; stopped "
+                     f"{minutes * 60 - trial_budget_s(minutes):.0f} s before it, ahead of SLURM's warning "
+                     f"{signal_delay_s(minutes)} s before the limit)")
+    return deadline, limit
 
 
 def _job_port(job_id: str) -> int:
