@@ -92,6 +92,9 @@ class Calibration:
     # Bytes moved per parameter of the optimizer shard per step: torch's fused Adam, grad
     # clipping and the bf16 copy back (the H200 profile: 21 ms for 1.36B parameters).
     optimizer_bytes_per_param: float = 65.0
+    # layout.optimizer_step="flat" (launch/flat_step.py): fused Adam (28 B read and written
+    # per fp32 parameter), one foreach norm (4) and one bf16 copy (6): 38 B, at 0.9 of copy.
+    flat_optimizer_bytes_per_param: float = 42.0
     # Eager host-side time per layer per micro-batch (fwd+bwd) and per micro-batch: a
     # micro-batch takes max(GPU time, host time). The H100 sweep's eager stock-kernel
     # trials run at about 104 ms per micro-batch of 24 layers; CUDA graphs remove it.
@@ -112,8 +115,11 @@ class Calibration:
     # Achieved fraction of the preset's bus bandwidth, and a fixed cost per collective.
     comm_efficiency: float = 0.75
     comm_latency_s: float = 2.0e-5
-    # Fraction of the DP gradient reduction hidden behind backward.
-    dp_overlap: float = 0.0
+    # Fraction of the DP gradient reduction hidden behind backward. The trial path (and
+    # Megatron-LM's --overlap-grad-reduce) overlaps it bucket by bucket when eager; a CUDA
+    # graph step reduces after the graph (none hidden). 0.7: the last buckets and the
+    # slowdown of the overlapped GEMMs stay exposed; not yet measured on multi-GPU trials.
+    dp_overlap: float = 0.7
     # Per attention kernel: measured / predicted micro-batch time, from the fit.
     compute_scale: dict = field(default_factory=lambda: _per_kernel(1.0))
 

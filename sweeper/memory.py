@@ -28,7 +28,8 @@ What megatron-core holds, as assumed here (CUDA, bf16 mixed precision):
   holds min(2(pp-k-1) + (vpp-1)pp + 1, m*vpp) model-chunk forwards (Megatron's
   1 + (pp-1)/(pp*vpp) factor). Stage 0 has the embedding and the most in flight;
   the last stage has the output layer and the loss: megatron's fused cross entropy
-  holds 10 B per logit while it runs (bf16 logits, two fp32 buffers) and keeps 4. Middle stages never exceed stage 0.
+  holds 10 B per logit while it runs (bf16 logits, two fp32 buffers) and keeps 4;
+  layout.loss="fused" (kernels/fused_ce.py) holds one 4096-token chunk of bf16 logits. Middle stages never exceed stage 0.
 - the peak is whichever is larger: the activations at the turn from forward to
   backward, or the optimizer step's temporaries (activations freed by then).
 - overhead: allocator fragmentation (a fraction), device memory outside the allocator
@@ -56,6 +57,7 @@ from sweeper.config import ClusterConfig, Layout, ModelConfig
 
 GIB = float(2**30)
 VOCAB_MULTIPLE = 128  # megatron pads the vocabulary to a multiple of 128 * tp
+FUSED_CE_CHUNK_TOKENS = 4096  # kernels/fused_ce.py's CHUNK_TOKENS (not imported: it needs triton)
 
 
 @dataclass
@@ -207,7 +209,12 @@ def logits_bytes(sh: Shape, layout: Layout, cpu: bool) -> tuple[float, float]:
     T = layout.mbs * sh.s / layout.cp
     whole = 1.0 / layout.tp if layout.sequence_parallel else 1.0
     vocab = padded_vocab(sh.V, layout.tp) / layout.tp
-    saved = (2 * e * sh.h + 4.0) * T * whole + 4.0 * T * vocab
+    norm_and_input = (2 * e * sh.h + 4.0) * T * whole  # final norm's input and 1/rms; its output
+    if getattr(layout, "loss", "megatron") == "fused" and not cpu:
+        # kernels/fused_ce.py: the forward keeps dx (h per token, where the output layer's
+        # input was) and holds one chunk of bf16 logits at a time.
+        return norm_and_input, 2.0 * min(T, FUSED_CE_CHUNK_TOKENS) * vocab
+    saved = norm_and_input + 4.0 * T * vocab
     transient = 0.0 if cpu else 6.0 * T * vocab
     return saved, transient
 

@@ -46,6 +46,12 @@ UNFUSED_SCORE_BYTES = 100.0  # per score, fwd+bwd: baddbmm, fp32 copy, scale, ma
 # megatron's fused cross entropy, fwd+bwd: bf16 read, fp32 written, exp and divide in
 # place, the gradient in place and its bf16 copy.
 CE_BYTES_PER_LOGIT = 40.0
+# kernels/fused_ce.py: bf16 logits written once, read twice and overwritten with the gradient.
+FUSED_CE_BYTES_PER_LOGIT = 8.0
+# SwiGLU's bytes per f-element per token, fwd+bwd: megatron's compiled one (in
+# ELEMENTWISE_BYTES["f"], with the residual's share) and kernels/swiglu.py's one pass
+# each way (reads 2F writes F, reads 3F writes 2F: 16 B, at about 0.95 of copy speed).
+SWIGLU_BYTES = {"megatron": 26.0, "triton": 17.0}
 # Share of a layer's fwd+bwd time that its forward takes (what recompute repeats).
 FORWARD_SHARE = 1.0 / 3.0
 FUSED_ATTENTION_FORWARD_SHARE = 0.25  # flash backward recomputes the scores
@@ -96,7 +102,8 @@ def _layer_gpu_time(sh: Shape, layout: Layout, cal: Calibration, peak: float) ->
         attention = flops / (peak * efficiency)
     whole = 1.0 / tp if layout.sequence_parallel else 1.0
     ew = T * (ELEMENTWISE_BYTES["h"] * sh.h * whole
-              + (ELEMENTWISE_BYTES["q"] * sh.q + ELEMENTWISE_BYTES["f"] * sh.f) / tp)
+              + (ELEMENTWISE_BYTES["q"] * sh.q
+                 + SWIGLU_BYTES.get(getattr(layout, "swiglu", "megatron"), ELEMENTWISE_BYTES["f"]) * sh.f) / tp)
     norms = 2 * NORM_BYTES * T * sh.h * whole
     norm_bw = cal.memory_bytes_per_s * cal.norm_efficiency.get(layout.norm, 0.3)
     other = ew / cal.memory_bytes_per_s + norms / norm_bw
@@ -154,7 +161,8 @@ def _stage_microbatch(sh, layout, cal, cluster, net, peak, stage) -> dict:
     vocab = padded_vocab(sh.V, tp) / tp
     if stage == pp - 1:
         gpu += 6.0 * T * sh.h * vocab / (peak * _gemm_efficiency(cal, T, sh.h / tp))
-        gpu += CE_BYTES_PER_LOGIT * T * vocab / cal.memory_bytes_per_s
+        fused = getattr(layout, "loss", "megatron") == "fused"
+        gpu += (FUSED_CE_BYTES_PER_LOGIT if fused else CE_BYTES_PER_LOGIT) * T * vocab / cal.memory_bytes_per_s
     gpu = (gpu + cal.microbatch_idle_s) * cal.compute_scale.get(layout.attention, 1.0)
     if layout.cuda_graph:  # one replay per micro-batch: the host no longer paces the GPU
         host = 0.0
@@ -186,8 +194,11 @@ def _dp_and_optimizer(sh, layout, cal, cluster, net, dp, stage) -> tuple[float, 
     else:
         dp_comm = net.all_reduce(grad_b * params, ranks, span)
         shard = params
-    optimizer = (cal.optimizer_bytes_per_param * shard + 6.0 * (params - shard)) / cal.memory_bytes_per_s
-    return dp_comm * (1 - cal.dp_overlap), optimizer
+    per_param = (cal.flat_optimizer_bytes_per_param if getattr(layout, "optimizer_step", "megatron") == "flat"
+                 else cal.optimizer_bytes_per_param)
+    optimizer = (per_param * shard + 6.0 * (params - shard)) / cal.memory_bytes_per_s
+    hidden = 0.0 if layout.cuda_graph or cluster.device == "cpu" else cal.dp_overlap
+    return dp_comm * (1 - hidden), optimizer
 
 
 def predict_speed(model: ModelConfig, cluster: ClusterConfig, layout: Layout,

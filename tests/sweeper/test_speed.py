@@ -26,7 +26,7 @@ GEMM_ONLY = Calibration(
     attention_efficiency={k: INSTANT for k in ATTENTION_KERNELS}, attention_half_heads=0.0,
     memory_bandwidth_tbps=INSTANT, launch_per_layer_s=0.0, launch_per_microbatch_s=0.0,
     microbatch_idle_s=0.0, step_overhead_s=0.0, eager_step_host_s=0.0, kernel_launch_per_layer_s={},
-    comm_efficiency=0.5, comm_latency_s=0.0,
+    comm_efficiency=0.5, comm_latency_s=0.0, dp_overlap=0.0,
 )
 # Activation message of one micro-batch at mbs=2: 2 bytes * 64 tokens * 64 = 8192 bytes.
 MESSAGE = 2 * 64 * 64
@@ -101,6 +101,9 @@ def test_data_parallel_gradient_reduction():
     hidden = dataclasses.replace(GEMM_ONLY, dp_overlap=0.75)
     est = predict_speed(SMALL, GPU, Layout(mbs=2, gbs=8), hidden, dp=4)
     assert est.terms["dp_comm"] == pytest.approx(0.25 * 2 * 3 / 4 * 4 * params / INTRA)
+    # A CUDA graph step reduces after the graph: nothing hidden.
+    graphed = predict_speed(SMALL, GPU, Layout(mbs=2, gbs=8, cuda_graph=True), hidden, dp=4)
+    assert graphed.terms["dp_comm"] == pytest.approx(2 * 3 / 4 * 4 * params / INTRA)
 
 
 def test_pipeline_point_to_point_and_bubble():
@@ -184,3 +187,18 @@ def test_attention_efficiency_falls_with_few_heads_in_flight():
     est = predict_speed(SMALL, GPU, Layout(mbs=2, gbs=8, attention="sdpa"), cal, dp=1)
     flops = 4 * 4 * 6 * 64 * 32 * 64  # 4 micro-batches x 4 layers
     assert est.terms["compute"] == pytest.approx(flops / (0.25 * 1e15), rel=1e-6)
+
+
+def test_fusions_move_fewer_bytes():
+    # Only memory-bound terms at 1 TB/s: fused loss 8 B per logit instead of 40, Triton
+    # SwiGLU 17 B per f-element instead of 26, flat optimizer step 42 B/param instead of 65.
+    cal = dataclasses.replace(GEMM_ONLY, gemm_efficiency=INSTANT, memory_bandwidth_tbps=1.0,
+                              norm_efficiency={k: INSTANT for k in ("triton", "torch", "megatron")})
+    base = predict_speed(SMALL, GPU, Layout(mbs=2, gbs=8), cal, dp=1)
+    loss = predict_speed(SMALL, GPU, Layout(mbs=2, gbs=8, loss="fused"), cal, dp=1)
+    assert base.terms["compute"] - loss.terms["compute"] == pytest.approx(4 * (40 - 8) * 64 * 1024 / 1e12)
+    glu = predict_speed(SMALL, GPU, Layout(mbs=2, gbs=8, swiglu="triton"), cal, dp=1)
+    assert base.terms["compute"] - glu.terms["compute"] == pytest.approx(4 * 4 * (26 - 17) * 64 * 128 / 1e12)
+    flat = predict_speed(SMALL, GPU, Layout(mbs=2, gbs=8, optimizer_step="flat"), cal, dp=1)
+    params = stage_params(model_shape(SMALL), Layout(), 0)
+    assert base.terms["optimizer"] - flat.terms["optimizer"] == pytest.approx((65 - 42) * params / 1e12)
