@@ -25,6 +25,7 @@ FP32_TOL = dict(rtol=1e-4, atol=1e-6)
 # Adam's update is invariant to the gradient's scale but for eps: a large eps makes a
 # missing or doubled clip visible in the weights.
 EPS = 1.0
+WD = 0.1  # decoupled (AdamW), as megatron's optimizer
 
 
 def _loss_and_grads(rank, layout_kwargs):
@@ -62,14 +63,16 @@ def test_fused_swiglu_and_loss_match_the_stock_gpt_model():
 
 class _StandIn:
     """megatron's Float16Optimizer interface as flat_step uses it: bf16 model weights, fp32
-    main weights whose grads are set by prepare_grads, an inner fused torch Adam."""
+    main weights whose grads are set by prepare_grads, an inner fused torch AdamW."""
 
-    def __init__(self, model, grads, clip):
+    def __init__(self, model, grads, clip, *, float16_groups=True):
         self.model = model
         self.main = [torch.nn.Parameter(p.detach().float().clone()) for p in model]
         self.grads = grads
-        self.optimizer = torch.optim.Adam(self.main, lr=1e-2, eps=EPS, fused=True)
+        self.optimizer = torch.optim.AdamW(self.main, lr=1e-2, eps=EPS, weight_decay=WD, fused=True)
         self.config = SimpleNamespace(clip_grad=clip, use_distributed_optimizer=False)
+        if float16_groups:  # megatron's lists, which the one-pass kernel steps
+            self.float16_groups, self.fp32_from_float16_groups = [model], [self.main]
 
     def prepare_grads(self):
         for main, grad in zip(self.main, self.grads):
@@ -86,43 +89,55 @@ class _StandIn:
         return [p.data for p in self.model], [p.data for p in self.main]
 
 
-def _expected(model, grads, clip):
-    """megatron's rule: norm over all grads, scale by clip / (norm + 1e-6) when below 1, then Adam."""
+def _expected(model, grads, clip, steps):
+    """megatron's rule: norm over all grads, scale by clip / (norm + 1e-6) when below 1, then
+    torch's plain (for-loop) AdamW; the same gradients at every step."""
     norm = torch.cat([g.flatten() for g in grads]).norm()
     coeff = min(1.0, clip / (norm.item() + 1e-6))
     main = [torch.nn.Parameter(p.detach().float().clone()) for p in model]
-    for p, g in zip(main, grads):
-        p.grad = g * coeff
-    torch.optim.Adam(main, lr=1e-2, eps=EPS, foreach=False).step()  # the plain for-loop one
-    return norm, [p.detach().to(torch.bfloat16) for p in main]
+    opt = torch.optim.AdamW(main, lr=1e-2, eps=EPS, weight_decay=WD, foreach=False)
+    for _ in range(steps):
+        for p, g in zip(main, grads):
+            p.grad = g * coeff
+        opt.step()
+    return norm, [p.detach() for p in main]
 
 
-@pytest.mark.parametrize("clip", [0.5, 1e6])  # clipping on, and a bound the norm never reaches
-def test_flat_step_is_clip_then_adam(clip):
+def _model_and_grads():
     gen = torch.Generator().manual_seed(0)
-    model = [torch.randn(shape, generator=gen).to(torch.bfloat16) for shape in ((7, 5), (300,), (3,))]
-    grads = [torch.randn(p.shape, generator=gen) for p in model]
-    norm_ref, weights_ref = _expected(model, grads, clip)
-    ok, norm, _ = flat_step.step(SimpleNamespace(chained_optimizers=[_StandIn(model, grads, clip)]))
-    assert ok
+    model = [torch.randn(shape, generator=gen).to(torch.bfloat16) for shape in ((7, 5), (3000,), (3,))]
+    return model, [torch.randn(p.shape, generator=gen) for p in model]
+
+
+@pytest.mark.parametrize("float16_groups", [True, False])  # the Triton pass; torch's fused Adam
+@pytest.mark.parametrize("clip", [0.5, 1e6])  # clipping on, and a bound the norm never reaches
+def test_flat_step_is_clip_then_adamw(clip, float16_groups):
+    model, grads = _model_and_grads()
+    norm_ref, mains_ref = _expected(model, grads, clip, steps=2)
+    opt = _StandIn(model, grads, clip, float16_groups=float16_groups)
+    for _ in range(2):
+        ok, norm, _ = flat_step.step(SimpleNamespace(chained_optimizers=[opt]))
+        assert ok
+    assert hasattr(opt, "flat_adam_tables") == float16_groups
     torch.testing.assert_close(norm, norm_ref, rtol=1e-6, atol=0)
-    for ours, ref in zip(model, weights_ref):
-        torch.testing.assert_close(ours, ref, rtol=0, atol=0)  # same fp32 update, same rounding
+    for main, weight, ref in zip(opt.main, model, mains_ref):
+        # fp32 arithmetic in another order: a few ulps of the weights' fp32 values.
+        torch.testing.assert_close(main.detach(), ref, rtol=1e-6, atol=1e-7)
+        # The bf16 model weight is the main weight rounded (the CPU interpreter truncates: 1 ulp).
+        assert ((weight.double() - ref.double()).abs() <= ref.double().abs() * 2.0**-7 + 1e-30).all()
 
 
 def test_flat_step_without_the_clip_would_differ():
     """Negative control: with clipping active, skipping it changes the weights the test checks."""
-    gen = torch.Generator().manual_seed(0)
-    model = [torch.randn(300, generator=gen).to(torch.bfloat16)]
-    grads = [torch.randn(300, generator=gen) * torch.linspace(0.01, 10, 300)]
-    _, clipped = _expected(model, grads, 0.5)
-    _, unclipped = _expected(model, grads, 1e6)
-    assert not torch.equal(clipped[0], unclipped[0])
+    model, grads = _model_and_grads()
+    _, clipped = _expected(model, grads, 0.5, steps=2)
+    _, unclipped = _expected(model, grads, 1e6, steps=2)
+    assert not torch.allclose(clipped[1], unclipped[1], rtol=1e-4)
 
 
 def test_flat_step_refuses_a_non_fused_adam():
     model = [torch.zeros(4, dtype=torch.bfloat16)]
-    opt = _StandIn(model, [torch.ones(4)], 1.0)
+    opt = _StandIn(model, [torch.ones(4)], 1.0, float16_groups=False)
     opt.optimizer.param_groups[0]["fused"] = False
     with pytest.raises(ValueError, match="fused Adam"):
         flat_step.step(opt)
