@@ -1,6 +1,6 @@
 """RMSNorm on one GPU: our Triton kernels vs. torch and liger-kernel, in one run.
 
-    python benchmarks/bench_rmsnorm.py [--out benchmarks/results/rmsnorm_<date>.json]
+    python -m benchmarks.bench_rmsnorm [--out benchmarks/results/rmsnorm_<date>.json] [--quick]
 
 Needs CUDA (through the device tool: carry `.whl` with liger-kernel). GIT_COMMIT in the
 environment names the commit measured (.git may not travel with the tree).
@@ -26,7 +26,10 @@ Effective bandwidth counts the bytes a fused kernel must move, in bf16:
   fwd+bwd  = (forward + backward bytes) / (time of forward and backward together).
 Weight, rstd and dw partials are left uncounted (under 2% at these shapes).
 Every timing flushes L2 (a 256 MB write) before each rep. The summary holds the ratios
-for both the `gpu` and the `do_bench` timings (`summary` and `summary_do_bench`).
+for both the `gpu` and the `do_bench` timings (`summary` and `summary_do_bench`); `summary`
+also holds fwdbwd_over_torch_rms_norm_host: ours against torch's F.rms_norm under do_bench
+(host time included), the issue's eager-step figure. Each summary value is the minimum over
+SHAPES. --quick leaves out the launch sweep at the SWEEP_ONLY hidden sizes.
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ import argparse
 import datetime
 import json
 import os
-import sys
 import time
 
 import torch
@@ -43,16 +45,15 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from kernels import rmsnorm as ours  # noqa: E402
+from kernels import rmsnorm as ours
 
 SHAPES = ((16384, 4096), (32768, 8192), (8192, 5120))
 SWEEP_ONLY = ((8192, 16384), (16384, 6656))
 EPS = 1e-5
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
-TARGETS = {"fwd_over_copy": 0.95, "fwdbwd_over_copy": 0.83, "fwdbwd_over_best_peer": 1.1}
+TARGETS = {"fwd_over_copy": 0.95, "fwdbwd_over_copy": 0.90, "fwdbwd_over_best_peer": 1.2}
+HOST_TARGET = {"fwdbwd_over_torch_rms_norm_host": 1.0}  # do_bench timing
 
 
 def eager_formula(x, w, eps=EPS):
@@ -121,6 +122,8 @@ def forward_candidates(n_cols):
     for warps in (4, 8, 16, 32):
         seen.add(default._replace(num_warps=warps))
     seen.add(ours.ForwardConfig(2 * default.block_m, min(32, 2 * default.num_warps)))
+    seen.add(ours.ForwardConfig(2 * default.block_m, default.num_warps))
+    seen.add(ours.ForwardConfig(4 * default.block_m, min(32, 2 * default.num_warps)))
     return sorted(seen)
 
 
@@ -307,7 +310,8 @@ def _kernel_table(fn, grad_to_none):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     today = datetime.date.today().isoformat()
-    parser.add_argument("--out", default=f"benchmarks/results/rmsnorm_h100_{today}.json")
+    parser.add_argument("--out", default=f"benchmarks/results/rmsnorm_{today}.json")
+    parser.add_argument("--quick", action="store_true", help="skip the SWEEP_ONLY sizes")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     result = dict(
@@ -339,7 +343,7 @@ def main():
         torch.cuda.empty_cache()
     # hidden sizes outside the target shapes: launch sweep only, to check the heuristics
     result["sweep_only"] = {}
-    for m, n in SWEEP_ONLY:
+    for m, n in () if args.quick else SWEEP_ONLY:
         rows, best = sweep_shape(m, n)
         result["sweep_only"][f"{m}x{n}"] = dict(sweep=rows, sweep_best={k: v["config"] for k, v in best.items()})
 
@@ -348,8 +352,14 @@ def main():
         summary = dict(device=props.name, timing=timing)
         for key in TARGETS:
             summary[key] = min(r[key] for r in ratios)
-        summary["targets"] = TARGETS
-        summary["met"] = {k: summary[k] >= v for k, v in TARGETS.items()}
+        targets = dict(TARGETS)
+        if timing == "gpu":  # the host-inclusive figure beside the GPU-time ones
+            summary["fwdbwd_over_torch_rms_norm_host"] = min(
+                s["ratios"]["do_bench"]["fwdbwd_over_torch_rms_norm"]
+                for s in result["shapes"].values())
+            targets.update(HOST_TARGET)
+        summary["targets"] = targets
+        summary["met"] = {k: summary[k] >= v for k, v in targets.items()}
         result[name] = summary
 
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

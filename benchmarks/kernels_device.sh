@@ -1,0 +1,37 @@
+# The kernel benchmarks on the lent H200, in the two back-to-back calls flash-attn-4 needs
+# (benchmarks/gpu_env.sh): run from the repository root on the device, results under $OUT.
+#
+#   call 1 (carry .whl .fa4a):  bash benchmarks/kernels_device.sh 1 <commit>
+#   call 2 (carry .whl .fa4b):  bash benchmarks/kernels_device.sh 2 <commit>
+#
+# 1: CUDA kernel tests beside the attention tuner's compile workers, then the tuner's timing
+#    (winners kept in /tmp for call 2) and the RMSNorm benchmark.
+# 2: flash-attn-4 installed; its CUDA tests, then bench_attention (check + bench, the
+#    tuner's winners installed) against flash-attn-4 and SDPA.
+set -u
+step=$1
+export GIT_COMMIT=$2
+if [ "$step" = 1 ]; then
+  . benchmarks/gpu_env.sh fa4-1 || exit 1
+  env -u TRITON_ALLOW_NON_CONSTEXPR_GLOBALS timeout 240 python -m pytest -q -p no:cacheprovider \
+    -m cuda tests/kernels/test_attention.py tests/kernels/test_rmsnorm.py \
+    tests/kernels/test_fast_launch.py tests/kernels/test_megatron_norm.py > "$OUT/tests1.log" 2>&1 &
+  tests=$!
+  timeout 240 python -m benchmarks.tune_attention --compile-only --workers 12 \
+    --out /tmp/tune_compiled.json > "$OUT/tune.log" 2>&1
+  wait $tests; echo "tests1 rc=$?"; tail -3 "$OUT/tests1.log"
+  timeout 150 python -m benchmarks.tune_attention --compiled /tmp/tune_compiled.json \
+    --out "$OUT/attention_tune_h200.json" --winners-out /tmp/attention_winners.json >> "$OUT/tune.log" 2>&1
+  echo "tune rc=$?"; grep -E "^compiled|^winners" "$OUT/tune.log"
+  timeout 180 python -m benchmarks.bench_rmsnorm --quick --out "$OUT/rmsnorm_h200.json" > "$OUT/rmsnorm.log" 2>&1
+  echo "rmsnorm rc=$?"; grep -E "^summary" "$OUT/rmsnorm.log"
+else
+  . benchmarks/gpu_env.sh fa4-2 || exit 1
+  python -c "import flash_attn.cute" && echo "fa4 ok"
+  timeout 150 python -m pytest -q -p no:cacheprovider -m cuda tests/kernels/test_flash_attn.py \
+    > "$OUT/tests2.log" 2>&1; echo "tests2 rc=$?"; tail -3 "$OUT/tests2.log"
+  winners=(); [ -f /tmp/attention_winners.json ] && winners=(--configs /tmp/attention_winners.json)
+  timeout 300 python -m benchmarks.bench_attention --check --bench "${winners[@]}" \
+    --out "$OUT/attention_h200.json" > "$OUT/bench_attention.log" 2>&1
+  echo "bench rc=$?"; tail -8 "$OUT/bench_attention.log"
+fi
