@@ -63,9 +63,9 @@ class MegatronLMCommand:
         return {**asdict(self), "command": self.line()}
 
 
-def spec_name(attention: str, norm: str) -> str:
+def spec_name(attention: str, norm: str, swiglu: str = "megatron") -> str:
     """The name of a layout's spec object in kernels/megatron_lm_spec.py (`--spec MODULE NAME`)."""
-    return f"{attention}_attention_{norm}_norm"
+    return f"{attention}_attention_{norm}_norm" + ("" if swiglu == "megatron" else f"_{swiglu}_swiglu")
 
 
 def applies_rope(attention: str) -> bool:
@@ -144,20 +144,21 @@ def _layout_args(layout: Layout, world_size: int) -> list[str]:
 
 
 def _kernel_args(layout: Layout) -> list[str]:
-    return ["--bf16", "--accumulate-allreduce-grads-in-fp32",
+    args = ["--bf16", "--accumulate-allreduce-grads-in-fp32",
             "--transformer-impl", "local", "--no-rope-fusion", "--no-gradient-accumulation-fusion",
             "--no-masked-softmax-fusion", "--no-persist-layer-norm",
             "--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "native",
-            "--spec", SPEC_MODULE, spec_name(layout.attention, layout.norm)]
+            "--spec", SPEC_MODULE, spec_name(layout.attention, layout.norm, layout.swiglu)]
+    if layout.swiglu == "triton":
+        # megatron's MLP calls a spec'd activation module only with this flag (launch/model.py).
+        args += ["--use-te-activation-func", "--no-bias-swiglu-fusion"]
+    return args
 
 
 def _env(layout: Layout, repo_root: Path) -> dict[str, str]:
     env = {}
     if layout.tp > 1 or layout.cp > 1:
         env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
-    if layout.attention == "triton":
-        # kernels/attention_fwd.py reads a plain global inside @triton.jit (benchmarks/gpu_env.sh).
-        env["TRITON_ALLOW_NON_CONSTEXPR_GLOBALS"] = "1"
     env["PYTHONPATH"] = shlex.quote(str(repo_root)) + "${PYTHONPATH:+:$PYTHONPATH}"
     return env
 
@@ -167,13 +168,20 @@ def _notes(layout: Layout, world_size: int) -> list[str]:
     if layout.cuda_graph:
         overlap = " and its gradient reduction overlapped (--overlap-grad-reduce)" \
             if layout.dp(world_size) > 1 else ""
-        notes.append("the sweep captured each micro-batch's forward+backward as one CUDA graph "
+        notes.append("our trials capture each micro-batch's forward+backward as one CUDA graph "
                      "(launch/step_graph.py); Megatron-LM has no such setting, so this runs eager"
                      f"{overlap} (its nearest, --cuda-graph-impl local, graphs each layer)")
-    notes.append("the sweep's weight-gradient GEMMs accumulate into fp32 (kernels/wgrad.py); Megatron-LM's "
+    if layout.loss == "fused":
+        notes.append("our trials fuse the output layer with its loss (kernels/megatron_loss.py, its own "
+                     "GPTModel class); Megatron-LM builds its GPTModel, so this runs megatron-core's "
+                     "native fused cross-entropy (--cross-entropy-loss-fusion)")
+    if layout.optimizer_step == "flat":
+        notes.append("our trials' optimizer step skips megatron's per-tensor passes (launch/flat_step.py); "
+                     "Megatron-LM has no such setting, so this runs megatron's own step")
+    notes.append("our trials' weight-gradient GEMMs accumulate into fp32 (kernels/wgrad.py); Megatron-LM's "
                  "--gradient-accumulation-fusion needs Apex or Transformer Engine, so "
                  "--no-gradient-accumulation-fusion")
-    notes.append("--mock-data and NullTokenizer stand in for the sweep's synthetic tokens; for real data give "
+    notes.append("--mock-data and NullTokenizer stand in for the trials' synthetic tokens; for real data give "
                  "--data-path and your tokenizer, and keep the embedding at "
                  "the model's vocab_size rows; --train-iters is a placeholder")
     return notes
@@ -196,6 +204,7 @@ def megatron_core_kwargs(model: ModelConfig, layout: Layout, *, world_size: int)
     launch.gpu_trial's DDP and optimizer; the test evaluates this source against them.
     """
     _check(model, layout, world_size)
+    interleaved = layout.pp > 1 and layout.vpp > 1
     recompute = {}
     if layout.recompute == "selective":
         recompute = {"recompute_granularity": "'selective'", "recompute_modules": "['core_attn']"}
@@ -213,17 +222,20 @@ def megatron_core_kwargs(model: ModelConfig, layout: Layout, *, world_size: int)
         "virtual_pipeline_model_parallel_size": layout.vpp if layout.vpp > 1 else None,
         "context_parallel_size": layout.cp, "sequence_parallel": layout.sequence_parallel,
         "params_dtype": "torch.bfloat16", "pipeline_dtype": "torch.bfloat16", "bf16": True,
-        "bias_activation_fusion": True, "bias_dropout_fusion": True,
+        "bias_activation_fusion": layout.swiglu == "megatron",
+        "use_te_activation_func": layout.swiglu == "triton", "bias_dropout_fusion": True,
         "cross_entropy_loss_fusion": True, "cross_entropy_fusion_impl": "'native'",
         "masked_softmax_fusion": False, "persist_layer_norm": False, "apply_rope_fusion": False,
         # True only after kernels.wgrad.install() (or with Apex): the trials call it first.
         "gradient_accumulation_fusion": True,
+        # launch.steps.p2p_settings on GPU: interleaving overlaps p2p and never batches it.
+        "batch_p2p_comm": not interleaved, "overlap_p2p_comm": interleaved,
         "deallocate_pipeline_outputs": True, **recompute,
     }
     rope = "'none'" if applies_rope(layout.attention) else "'rope'"
     gpt = {"config": "config",
            "transformer_layer_spec": (f"kernels.layer_spec.block_spec(config, attention={layout.attention!r}, "
-                                      f"norm={layout.norm!r}, rope_base={ROPE_BASE})"),
+                                      f"norm={layout.norm!r}, rope_base={ROPE_BASE}, swiglu={layout.swiglu!r})"),
            "vocab_size": model.vocab_size, "max_sequence_length": model.seq_length,
            "parallel_output": True, "share_embeddings_and_output_weights": False,
            "position_embedding_type": rope, "rotary_base": ROPE_BASE}
@@ -234,7 +246,8 @@ def megatron_core_kwargs(model: ModelConfig, layout: Layout, *, world_size: int)
     optimizer = {"optimizer": "'adam'", "lr": TRIAL_LR, "bf16": True, "params_dtype": "torch.bfloat16",
                  "use_distributed_optimizer": layout.distributed_optimizer}
     as_source = lambda d: {k: str(v) for k, v in d.items()}  # noqa: E731 - True, None, 1e-05 read back as Python
-    return {"TransformerConfig": as_source(config), "GPTModel": as_source(gpt),
+    model_class = "kernels.megatron_loss.FusedLossGPTModel" if layout.loss == "fused" else "GPTModel"
+    return {"TransformerConfig": as_source(config), model_class: as_source(gpt),
             "DistributedDataParallelConfig": as_source(ddp), "OptimizerConfig": as_source(optimizer)}
 
 

@@ -2,8 +2,8 @@
 
 Megatron-LM (core_v0.16.1, `gpt_builders.py`) imports the object NAME from this module and
 hands it to GPTModel as its `transformer_layer_spec`, once per model chunk, with no config.
-NAME is `<attention>_attention_<norm>_norm` (`analysis.megatron_args.spec_name`), one per
-kernel pair of `sweeper.config`, e.g. `sdpa_cudnn_attention_triton_norm`;
+NAME is `<attention>_attention_<norm>_norm[_triton_swiglu]` (`analysis.megatron_args.spec_name`),
+one per kernel choice of `sweeper.config`, e.g. `sdpa_cudnn_attention_triton_norm`;
 `layout-recommend --format megatron-lm` prints the whole command.
 
 Each NAME is a decoder block (TransformerBlockSubmodules), not a bare layer spec: given a layer
@@ -24,7 +24,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from analysis.megatron_args import ROPE_BASE, spec_name
 from kernels.layer_spec import layer_spec, norm_module
-from sweeper.config import ATTENTION_KERNELS, NORM_KERNELS
+from sweeper.config import ATTENTION_KERNELS, FUSION_CHOICES, NORM_KERNELS
 
 # Megatron-LM arguments that split layers unevenly over pipeline stages.
 UNEVEN_SPLIT_ARGS = ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
@@ -63,12 +63,13 @@ class MegatronLMBlock(TransformerBlockSubmodules):
     properties here, resolved when megatron-core's TransformerBlock reads them.
     """
 
-    def __init__(self, *, attention: str, norm: str, rope_base: float = ROPE_BASE):
-        self.attention, self.norm, self.rope_base = attention, norm, rope_base
+    def __init__(self, *, attention: str, norm: str, swiglu: str = "megatron", rope_base: float = ROPE_BASE):
+        self.attention, self.norm, self.swiglu, self.rope_base = attention, norm, swiglu, rope_base
 
     @property
     def layer_specs(self):
-        layer = layer_spec(attention=self.attention, norm=self.norm, rope_base=self.rope_base)
+        layer = layer_spec(attention=self.attention, norm=self.norm, rope_base=self.rope_base,
+                           swiglu=self.swiglu)
         return [layer] * layers_per_chunk(_megatron_lm_args())
 
     @property
@@ -76,12 +77,12 @@ class MegatronLMBlock(TransformerBlockSubmodules):
         return norm_module(self.norm)
 
     def __repr__(self) -> str:
-        return f"MegatronLMBlock(attention={self.attention!r}, norm={self.norm!r})"
+        return f"MegatronLMBlock(attention={self.attention!r}, norm={self.norm!r}, swiglu={self.swiglu!r})"
 
     __eq__ = object.__eq__  # the dataclass __eq__ would read both properties
     __hash__ = object.__hash__
 
 
-SPECS = {spec_name(attention, norm): MegatronLMBlock(attention=attention, norm=norm)
-         for attention in ATTENTION_KERNELS for norm in NORM_KERNELS}
+SPECS = {spec_name(attention, norm, swiglu): MegatronLMBlock(attention=attention, norm=norm, swiglu=swiglu)
+         for attention in ATTENTION_KERNELS for norm in NORM_KERNELS for swiglu in FUSION_CHOICES["swiglu"]}
 globals().update(SPECS)  # Megatron-LM looks NAME up in this module's namespace (vars(module)[NAME])

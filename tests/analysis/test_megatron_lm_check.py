@@ -36,7 +36,8 @@ KINDS = {
     "cp1 base": (Layout(mbs=1, gbs=8, attention="sdpa_cudnn", norm="triton"), 1),
     "tp2 dp2": (Layout(tp=2, mbs=1, gbs=8, attention="triton", norm="triton"), 4),
     "pp2 vpp2": (Layout(pp=2, vpp=2, mbs=1, gbs=8, attention="megatron", norm="megatron"), 2),
-    "tp2 sp": (Layout(tp=2, sequence_parallel=True, mbs=2, gbs=8, attention="sdpa", norm="torch"), 2),
+    "tp2 sp": (Layout(tp=2, sequence_parallel=True, mbs=2, gbs=8, attention="sdpa", norm="torch",
+                      swiglu="triton"), 2),
     "selective": (Layout(mbs=2, gbs=8, recompute="selective", attention="sdpa_flash", norm="triton"), 1),
     "full uniform": (Layout(mbs=1, gbs=8, recompute="full", recompute_method="uniform",
                             recompute_num_layers=2, attention="sdpa_cudnn", norm="triton"), 1),
@@ -82,14 +83,36 @@ def _expected(model: ModelConfig, layout: Layout, world: int) -> dict:
             "spec_final_norm": {"triton": "TritonRMSNorm", "torch": "TorchRMSNorm"}.get(layout.norm, "WrappedTorchNorm")}
 
 
-def test_every_preset_and_layout_kind_is_accepted_with_its_values():
-    cases, expected = [], {}
+def _negative_cases() -> list[dict]:
+    """Negative controls: the mistakes the old command made, which the checker must catch."""
+    model = PRESETS["llama_1b3"]
+    tp2, world = KINDS["tp2 dp2"]
+    vpp = KINDS["pp2 vpp2"][0]
+    good = megatron_lm_command(model, vpp, world_size=2).args
+    i = good.index("--num-virtual-stages-per-pipeline-rank")
+    old_vpp = good[:i] + ["--virtual-pipeline-model-parallel-size"] + good[i + 1:]
+    vocab = megatron_lm_command(model, Layout(mbs=1, gbs=8), world_size=1).args
+    j = vocab.index("--vocab-size")
+    full_vocab = vocab[:j + 1] + [str(model.vocab_size)] + vocab[j + 2:]  # V, not V-1
+    return [_case("no env", model, tp2, world, env={}),
+            _case("old vpp flag", model, vpp, 2, args=old_vpp),
+            _case("vocab V", model, Layout(mbs=1, gbs=8), 1, args=full_vocab)]
+
+
+@pytest.fixture(scope="module")
+def checked() -> tuple[dict, dict]:
+    """Megatron-LM's verdicts on every preset x layout kind and the negative controls, in one process."""
+    cases, expected = _negative_cases(), {}
     for name, model in PRESETS.items():
         for kind, (layout, world) in KINDS.items():
             assert invalid_reason(model, layout, world) is None, (name, kind)
             cases.append(_case(f"{name} | {kind}", model, layout, world))
             expected[f"{name} | {kind}"] = _expected(model, layout, world)
-    results = _run(cases)
+    return _run(cases), expected
+
+
+def test_every_preset_and_layout_kind_is_accepted_with_its_values(checked):
+    results, expected = checked
     table = ["| preset | layout | accepted | values match |", "|---|---|---|---|"]
     wrong = {}
     for case_id, want in expected.items():
@@ -104,27 +127,13 @@ def test_every_preset_and_layout_kind_is_accepted_with_its_values():
     assert not wrong, wrong
 
 
-def test_megatron_lm_rejects_what_the_command_avoids():
-    """Negative controls: the checker does reject the mistakes the old command made."""
-    model = PRESETS["llama_1b3"]
-    tp2, world = KINDS["tp2 dp2"]
-    vpp = KINDS["pp2 vpp2"][0]
-    good = megatron_lm_command(model, vpp, world_size=2).args
-    i = good.index("--num-virtual-stages-per-pipeline-rank")
-    old_vpp = good[:i] + ["--virtual-pipeline-model-parallel-size"] + good[i + 1:]
-    vocab = megatron_lm_command(model, Layout(mbs=1, gbs=8), world_size=1).args
-    j = vocab.index("--vocab-size")
-    full_vocab = vocab[:j + 1] + [str(model.vocab_size)] + vocab[j + 2:]  # V, not V-1
-    results = _run([
-        _case("no env", model, tp2, world, env={}),
-        _case("old vpp flag", model, vpp, 2, args=old_vpp),
-        _case("vocab V", model, Layout(mbs=1, gbs=8), 1, args=full_vocab),
-    ])
+def test_megatron_lm_rejects_what_the_command_avoids(checked):
+    results, _ = checked
     assert results["no env"]["status"] == "validate rejected"
     assert "CUDA_DEVICE_MAX_CONNECTIONS" in results["no env"]["why"]
     assert results["old vpp flag"]["status"] == "parse rejected"
     assert results["vocab V"]["status"] == "ok"
-    assert results["vocab V"]["values"]["padded_vocab_size"] != model.vocab_size
+    assert results["vocab V"]["values"]["padded_vocab_size"] != PRESETS["llama_1b3"].vocab_size
 
 
 def test_pretrain_gpt_builds_and_steps_our_spec_on_cpu():
