@@ -52,7 +52,9 @@ def to_row(record: dict) -> dict:
         mfu_palm=mfu.get("palm"),
         mfu_megatron=mfu.get("megatron"),
         peak_memory_gb=record.get("peak_memory_gb_max"),
-        predicted_memory_gb=prediction.get("peak_memory_gb"),
+        # like for like: a GPU's measured peak is the allocator's reserved one; a CPU's the RSS
+        predicted_memory_gb=(prediction.get("reserved_gb") if (record.get("cluster") or {}).get("device") == "cuda"
+                             and "reserved_gb" in prediction else prediction.get("peak_memory_gb")),
         predicted_fits=prediction.get("fits"),
         predicted_mfu=prediction.get("mfu"),
         predicted_step_time_s=prediction.get("step_time_s"),

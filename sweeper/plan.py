@@ -46,7 +46,9 @@ def predict(model: ModelConfig, cluster: ClusterConfig, layout: Layout, calibrat
     memory = predict_memory(model, cluster, layout, calibration)
     speed = predict_speed(model, cluster, layout, calibration)
     return {
-        "peak_memory_gb": round(memory.peak_gb, 3),
+        "peak_memory_gb": round(memory.peak_gb, 3),  # device memory used: decides fits
+        "reserved_gb": round(memory.reserved_gb, 3),  # vs torch.cuda.max_memory_reserved
+        "allocated_gb": round(memory.allocated_gb, 3),  # vs torch.cuda.max_memory_allocated
         "fits": memory.fits,
         "step_time_s": speed.step_time_s,
         "mfu": speed.mfu,
