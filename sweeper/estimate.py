@@ -10,7 +10,7 @@ Each input line is one object:
                 "recompute_num_layers" (1), "sequence_parallel" (false),
                 "distributed_optimizer" (false), "attention" ("fused" | "unfused", or a
                 kernel name of sweeper.config; "fused"), "norm" ("fused" | "torch", or a
-                kernel name; "fused")},
+                kernel name; "fused"), "cuda_graph" (false)},
      "cluster": {"gpu_memory_gb", "peak_tflops", "gpus_per_node", and optionally
                  "intra_node_bw_gbps", "inter_node_bw_gbps", "device" ("cuda")}}
 Each output line, in input order: {"line": n, "peak_memory_gb", "fits", "step_time_s",
@@ -121,6 +121,7 @@ def parse_layout(data: dict) -> tuple[Layout, int]:
         distributed_optimizer=_bool(d, "layout", "distributed_optimizer"),
         attention=_choice(d, "layout", "attention", ATTENTION, "fused"),
         norm=_choice(d, "layout", "norm", NORM, "fused"),
+        cuda_graph=_bool(d, "layout", "cuda_graph"),
     )
     dp = _int(d, "layout", "dp")
     if layout.gbs % (layout.mbs * dp):

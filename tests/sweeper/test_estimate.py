@@ -136,3 +136,10 @@ def test_a_bad_byte_costs_only_its_own_line():
     assert proc.returncode == 1 and [o["line"] for o in out] == [1, 2, 3]
     assert "not UTF-8" in out[1]["error"]
     assert out[0]["peak_memory_gb"] == out[2]["peak_memory_gb"]
+
+
+def test_cuda_graph_is_an_optional_layout_field():
+    code, out, _ = _run([json.dumps(_line(mbs=1, gbs=16)), json.dumps(_line(mbs=1, gbs=16, cuda_graph=True)),
+                         json.dumps(_line(mbs=1, gbs=16, cuda_graph="yes"))])
+    assert out[1]["step_time_s"] < out[0]["step_time_s"] / 2  # eager mbs 1 is host-bound
+    assert "layout.cuda_graph" in out[2]["error"] and code == 1
