@@ -28,6 +28,7 @@ get theirs), 2 for a bad command line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Optional
@@ -145,6 +146,19 @@ def parse_cluster(data: dict, world: int) -> ClusterConfig:
     )
 
 
+def megatron_reason(model: ModelConfig, layout: Layout, world: int) -> Optional[str]:
+    """The sweeper's validity rules, less the two that only this project's trial path adds.
+
+    A layout here may come from Megatron-LM runs (Transformer Engine), which run context
+    parallelism (given seq_length % (2 * cp) == 0, Megatron-LM's arguments.py) and uniform
+    recompute groups that leave a ragged last group; both get estimates.
+    """
+    if layout.cp > 1 and model.seq_length % (2 * layout.cp):
+        return f"seq_length {model.seq_length} is not divisible by 2*cp = {2 * layout.cp} (context parallel)"
+    probe = dataclasses.replace(layout, cp=1, recompute_num_layers=1)
+    return invalid_reason(model, probe, world // layout.cp)
+
+
 def _finite(text: str) -> float:
     value = float(text)
     if value != value or value in (float("inf"), float("-inf")):
@@ -168,7 +182,7 @@ def estimate_line(text: str, calibration: Optional[Calibration]) -> dict:
     model = parse_model(data)
     layout, dp = parse_layout(data)
     world = layout.tp * layout.pp * layout.cp * dp
-    reason = invalid_reason(model, layout, world)
+    reason = megatron_reason(model, layout, world)
     if reason:
         raise FieldError(f"layout: invalid: {reason}")
     cluster = parse_cluster(data, world)

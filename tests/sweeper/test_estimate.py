@@ -143,3 +143,13 @@ def test_cuda_graph_is_an_optional_layout_field():
                          json.dumps(_line(mbs=1, gbs=16, cuda_graph="yes"))])
     assert out[1]["step_time_s"] < out[0]["step_time_s"] / 2  # eager mbs 1 is host-bound
     assert "layout.cuda_graph" in out[2]["error"] and code == 1
+
+
+def test_megatron_lm_layouts_outside_the_trial_path_still_get_estimates():
+    # Context parallelism and a ragged uniform recompute group run in Megatron-LM (with
+    # Transformer Engine); only the sweeper's own trial path refuses them.
+    code, out, _ = _run([json.dumps(_line(cp=2, mbs=1)),
+                         json.dumps(_line(recompute="full", recompute_num_layers=5)),
+                         json.dumps(_line(cp=3, mbs=1))])
+    assert "peak_memory_gb" in out[0] and "peak_memory_gb" in out[1]
+    assert "2*cp = 6" in out[2]["error"] and code == 1  # 2048 % 6: Megatron-LM's own rule
