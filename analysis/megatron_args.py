@@ -181,6 +181,8 @@ def _notes(layout: Layout, world_size: int) -> list[str]:
     notes.append("our trials' weight-gradient GEMMs accumulate into fp32 (kernels/wgrad.py); Megatron-LM's "
                  "--gradient-accumulation-fusion needs Apex or Transformer Engine, so "
                  "--no-gradient-accumulation-fusion")
+    notes.append("our trials step torch's fused Adam (launch/gpu_trial.py); Megatron-LM without Apex or "
+                 "Transformer Engine steps torch's multi-tensor AdamW, and no flag changes that")
     notes.append("--mock-data and NullTokenizer stand in for the trials' synthetic tokens; for real data give "
                  "--data-path and your tokenizer, and keep the embedding at "
                  "the model's vocab_size rows; --train-iters is a placeholder")

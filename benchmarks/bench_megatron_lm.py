@@ -15,7 +15,9 @@ recorded with its error and never loses the others; the JSON is rewritten after 
 3. trial_no_cuda_graph: the same with layout.cuda_graph=false (when the layout has it on);
 4. trial_no_wgrad_fusion: the same trial in one process (launch.gpu_trial.run_steps, as
    benchmarks/diag_step_overhead.py does) with gradient_accumulation_fusion off;
-5. megatron_lm_cuda_graph_local: Megatron-LM again with `--cuda-graph-impl local`, the nearest
+5. trial_unfused_adam: the same with megatron's torch AdamW left on its multi-tensor path, as
+   Megatron-LM without Apex/TE steps it (our trials switch it to torch's fused kernel);
+6. megatron_lm_cuda_graph_local: Megatron-LM again with `--cuda-graph-impl local`, the nearest
    Megatron-LM setting to our per-micro-batch graph (per-layer graphs), to see what it gives.
 
 Convention: ms per training step (one optimizer step over gbs sequences). Megatron-LM: the
@@ -54,6 +56,8 @@ DEFAULT_LAYOUT = dict(tp=1, pp=1, mbs=8, gbs=16, distributed_optimizer=True, att
                       norm="triton", cuda_graph=True)
 RUN_SH = REPO / ".peer" / "megatron_lm" / "run.sh"
 MEDIAN_LINE = re.compile(r"median of iterations >= 3: ([\d.]+) ms/iteration, ([\d.]+) TFLOP/s/GPU \(n=(\d+)\)")
+PARTS = ("megatron_lm", "trial", "trial_no_cuda_graph", "trial_no_wgrad_fusion", "trial_unfused_adam",
+         "megatron_lm_cuda_graph_local")
 PART_NEED_S = 90  # a part starts only with this much budget left
 TARGET = 0.9
 
@@ -105,21 +109,30 @@ def trial_overrides(model: str, cluster: str, layout: Layout, steps: int, sweep_
             *(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in fields.items())]
 
 
-def child_no_wgrad(model_name: str, cluster_name: str, layout: Layout, steps: int, out: Path) -> None:
-    """One process, one rank: our trial with the weight-gradient fusion off (diag_step_overhead's way)."""
+CHILD_VARIANTS = ("no_wgrad_fusion", "unfused_adam")
+
+
+def child(variant: str, model_name: str, cluster_name: str, layout: Layout, steps: int, out: Path) -> None:
+    """One process, one rank: our trial with one of its own speed-ups taken out, patched in
+    this process only (diag_step_overhead's way)."""
     import launch.gpu_trial as gpu_trial
     from launch import distributed
     from launch.spec import TrialSpec
     from sweeper.config import TrialConfig
 
-    base = gpu_trial.transformer_config
+    if variant == "no_wgrad_fusion":
+        base = gpu_trial.transformer_config
 
-    def no_wgrad(*args, **kwargs):
-        config = base(*args, **kwargs)
-        config.gradient_accumulation_fusion = False
-        return config
+        def no_wgrad(*args, **kwargs):
+            config = base(*args, **kwargs)
+            config.gradient_accumulation_fusion = False
+            return config
 
-    gpu_trial.transformer_config = no_wgrad
+        gpu_trial.transformer_config = no_wgrad
+    elif variant == "unfused_adam":
+        gpu_trial._use_fused_adam = lambda optimizer: None
+    else:
+        raise ValueError(f"unknown child variant {variant!r} (known: {', '.join(CHILD_VARIANTS)})")
     spec = TrialSpec(model=model_from_dict(load_preset("model", model_name)),
                      cluster=cluster_from_dict(load_preset("cluster", cluster_name)), layout=layout,
                      trial=TrialConfig(warmup_steps=2, measure_steps=steps - 2), trial_dir=str(out))
@@ -129,7 +142,7 @@ def child_no_wgrad(model_name: str, cluster_name: str, layout: Layout, steps: in
     record = gpu_trial.run_steps(spec, rank=0, world=1)
     distributed.shutdown()
     measured = record["step_times_s"][2:]
-    (out / "no_wgrad.json").write_text(json.dumps({
+    (out / f"{variant}.json").write_text(json.dumps({
         "ms": 1000 * statistics.median(measured), "steps_ms": [round(1000 * s, 2) for s in measured],
         "wgrad_fusion": record.get("wgrad_fusion")}))
 
@@ -139,11 +152,11 @@ def summarize(runs: dict, device: str) -> dict:
     mlm, trial = ms.get("megatron_lm"), ms.get("trial")
     summary = {"device": device, "megatron_lm_ms": mlm, "trial_ms": trial,
                "megatron_lm_over_trial": round(trial / mlm, 3) if mlm and trial else None, "target": TARGET}
-    for variant in ("trial_no_cuda_graph", "trial_no_wgrad_fusion"):
+    for variant in ("trial_no_cuda_graph", "trial_no_wgrad_fusion", "trial_unfused_adam"):
         summary[f"{variant}_ms"] = ms.get(variant)
         summary[f"megatron_lm_over_{variant}"] = round(ms[variant] / mlm, 3) if mlm and ms.get(variant) else None
         # The part of Megatron-LM's gap to our trial that this feature explains (ms per step).
-        summary[f"gap_ms_from_{variant.removeprefix('trial_no_')}"] = (
+        summary[f"gap_ms_from_{variant.removeprefix('trial_').removeprefix('no_')}"] = (
             round(ms[variant] - trial, 1) if trial and ms.get(variant) else None)
     summary["megatron_lm_cuda_graph_local_ms"] = ms.get("megatron_lm_cuda_graph_local")
     summary["gap_ms"] = round(mlm - trial, 1) if mlm and trial else None
@@ -184,7 +197,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--tag", default=f"megatron_lm_{time.strftime('%Y-%m-%d')}")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and write the JSON, run nothing")
-    parser.add_argument("--child-no-wgrad", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"which parts to run, comma-separated (default all: {','.join(PARTS)})")
+    parser.add_argument("--child", nargs=2, metavar=("VARIANT", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         layout = parse_layout(args.set)
@@ -193,11 +208,15 @@ def main(argv=None) -> int:
         model = model_from_dict(load_preset("model", args.model))
         load_preset("cluster", args.cluster)
         cmd = megatron_lm_command(model, layout, world_size=1)
+        parts = [p for p in args.parts.split(",") if p]
+        unknown = sorted(set(parts) - set(PARTS))
+        if unknown:
+            raise ConfigError(f"unknown part {unknown[0]!r} (known: {', '.join(PARTS)})")
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.child_no_wgrad:
-        child_no_wgrad(args.model, args.cluster, layout, args.steps, args.child_no_wgrad)
+    if args.child:
+        child(args.child[0], args.model, args.cluster, layout, args.steps, Path(args.child[1]))
         return 0
     start = time.time()
     work = args.out / f"{args.tag}_work"
@@ -211,6 +230,8 @@ def main(argv=None) -> int:
 
     def part(name: str, argv: list[str], parse, *, env=None) -> None:
         left = args.budget_s - (time.time() - start)
+        if name not in parts:
+            return
         if args.dry_run:
             result["runs"][name] = {"dry_run": shlex.join(argv)}
         elif left < PART_NEED_S:
@@ -241,12 +262,14 @@ def main(argv=None) -> int:
         part("trial_no_cuda_graph", [sys.executable, "-m", "launch.main",
                                      *trial_overrides(args.model, args.cluster, eager, args.steps, eager_dir)],
              lambda _: parse_trial_record(eager_dir / eager.name / "result.json"))
-    child_dir = work / "trial_no_wgrad_fusion"
-    child_dir.mkdir(exist_ok=True)
-    part("trial_no_wgrad_fusion", [sys.executable, str(Path(__file__).resolve()), "--model", args.model,
-                                   "--cluster", args.cluster, "--steps", str(args.steps),
-                                   *(f"--set={s}" for s in args.set), "--child-no-wgrad", str(child_dir)],
-         lambda _: json.loads((child_dir / "no_wgrad.json").read_text()))
+    for variant in CHILD_VARIANTS:
+        name = f"trial_{variant}"
+        child_dir = work / name
+        child_dir.mkdir(exist_ok=True)
+        part(name, [sys.executable, str(Path(__file__).resolve()), "--model", args.model,
+                    "--cluster", args.cluster, "--steps", str(args.steps),
+                    *(f"--set={s}" for s in args.set), "--child", variant, str(child_dir)],
+             lambda _, d=child_dir, v=variant: json.loads((d / f"{v}.json").read_text()))
     env_graph = {**env, "LOG": str(work / "megatron_lm_cuda_graph_local_run.log")}
     part("megatron_lm_cuda_graph_local",
          ["bash", "-c", megatron_lm_shell(cmd, args.steps, ["--cuda-graph-impl", "local"])],

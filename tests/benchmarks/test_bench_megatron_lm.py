@@ -29,10 +29,12 @@ def test_parse_megatron_lm_reads_run_sh_summary():
 
 def test_summary_keeps_every_number_a_part_gave():
     runs = {"megatron_lm": {"ms": 600.0}, "trial": {"ms": 534.0}, "trial_no_cuda_graph": {"ms": 580.0},
-            "trial_no_wgrad_fusion": {"ms": 560.0}, "megatron_lm_cuda_graph_local": {"error": "boom"}}
+            "trial_no_wgrad_fusion": {"ms": 560.0}, "trial_unfused_adam": {"ms": 550.0},
+            "megatron_lm_cuda_graph_local": {"error": "boom"}}
     s = bench.summarize(runs, "NVIDIA H200")
     assert s["megatron_lm_over_trial"] == pytest.approx(534 / 600, abs=1e-3) and s["meets_target"] is False
     assert s["gap_ms"] == 66.0 and s["gap_ms_from_cuda_graph"] == 46.0 and s["gap_ms_from_wgrad_fusion"] == 26.0
+    assert s["gap_ms_from_unfused_adam"] == 16.0
     assert s["megatron_lm_over_trial_no_cuda_graph"] == pytest.approx(580 / 600, abs=1e-3)
     assert s["megatron_lm_cuda_graph_local_ms"] is None
     broken = bench.summarize({"megatron_lm": {"error": "x"}, "trial": {"ms": 534.0}}, "NVIDIA H200")
@@ -54,9 +56,13 @@ def test_dry_run_runs_the_printed_line_unchanged(tmp_path):
     trial = result["runs"]["trial"]["dry_run"]
     assert "layout.mbs=4" in trial and "layout.cuda_graph=true" in trial and "trial.measure_steps=10" in trial
     assert "layout.cuda_graph=false" in result["runs"]["trial_no_cuda_graph"]["dry_run"]
+    assert set(result["runs"]) == set(bench.PARTS)
+    assert bench.main(["--dry-run", "--out", str(tmp_path), "--tag", "u", "--parts", "trial"]) == 0
+    assert set(json.loads((tmp_path / "u.json").read_text())["runs"]) == {"trial"}
 
 
-@pytest.mark.parametrize("argv", [["--set", "mbs"], ["--set", "tp=0"], ["--steps", "2"], ["--model", "nope"]])
+@pytest.mark.parametrize("argv", [["--set", "mbs"], ["--set", "tp=0"], ["--steps", "2"], ["--model", "nope"],
+                                  ["--parts", "trial,warp"]])
 def test_bad_arguments_are_one_line_errors(argv, tmp_path, capsys):
     assert bench.main([*argv, "--dry-run", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
