@@ -202,6 +202,20 @@ def quality_summary(records: list[dict], refit_first: int = 3) -> dict:
             f"refit_first_{refit_first}": prediction_quality(records, refit_first=refit_first)}
 
 
+HEADLINE = ("memory_median_abs_err", "step_time_median_abs_err", "kendall_tau", "spearman",
+            "top1_regret", "top5_regret")
+
+
+def quality_headline(summary: dict) -> dict:
+    """The issue's figures as flat keys: the default constants', then `<key>_refit` for the
+    refit's (memory and step time)."""
+    default = summary.get("default") or {}
+    refit = next((v for k, v in summary.items() if k.startswith("refit_first_")), {})
+    out = {key: default.get(key) for key in HEADLINE}
+    out.update({f"{key}_refit": refit.get(key) for key in HEADLINE[:2]})
+    return out
+
+
 QUALITY_ROWS = (("memory_median_abs_err", "peak memory (reserved), median abs. error"),
                 ("memory_allocated_median_abs_err", "peak memory (allocated), median abs. error"),
                 ("step_time_median_abs_err", "step time, median abs. error"),

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from analysis.leaderboard import markdown, ranked
-from analysis.ranking import quality_summary
+from analysis.ranking import quality_headline, quality_summary
 from analysis.recommend import from_measured
 from analysis.results import collect, load_records, write_csv
 from launch.record import write_json_atomic
@@ -76,6 +76,7 @@ def finish_sweep(sweep_dir: Path, points=None, echo=print) -> dict:
     board = markdown(rows)
     (sweep_dir / "leaderboard.md").write_text(board + "\n")
     best = ranked(rows)
+    quality = quality_summary(load_records(sweep_dir))
     summary = {
         "trials": len(rows),
         "ok": len(best),
@@ -84,7 +85,8 @@ def finish_sweep(sweep_dir: Path, points=None, echo=print) -> dict:
         "best_mfu_megatron": best[0]["mfu_megatron"] if best else None,
         **headline(rows),
         # analysis.ranking: default constants on every trial, and refit on the first 3
-        "prediction_quality": quality_summary(load_records(sweep_dir)),
+        "prediction_quality": quality,
+        **quality_headline(quality),
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_json_atomic(sweep_dir / "leaderboard.json", {"summary": summary, "rows": rows})

@@ -83,3 +83,13 @@ def test_quality_markdown_is_a_table_and_survives_no_trials():
     empty = quality_summary([])
     assert empty["default"]["trials"] == 0 and empty["default"]["spearman"] is None
     assert quality_markdown(empty)[2].endswith("|  |  |")
+
+
+def test_quality_headline_flattens_the_issue_figures():
+    from analysis.ranking import quality_headline, quality_summary
+
+    recs = [_record(l, i, time_factor=1.2) for i, l in enumerate(LAYOUTS)]
+    flat = quality_headline(quality_summary(recs))
+    assert flat["step_time_median_abs_err"] == pytest.approx(1 - 1 / 1.2)
+    assert flat["step_time_median_abs_err_refit"] < flat["step_time_median_abs_err"]
+    assert flat["kendall_tau"] == pytest.approx(1.0) and flat["top1_regret"] == 0.0
