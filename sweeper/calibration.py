@@ -92,9 +92,10 @@ class Calibration:
     # Bytes moved per parameter of the optimizer shard per step: torch's fused Adam, grad
     # clipping and the bf16 copy back (the H200 profile: 21 ms for 1.36B parameters).
     optimizer_bytes_per_param: float = 65.0
-    # layout.optimizer_step="flat" (launch/flat_step.py): fused Adam (28 B read and written
-    # per fp32 parameter), one foreach norm (4) and one bf16 copy (6): 38 B, at 0.9 of copy.
-    flat_optimizer_bytes_per_param: float = 42.0
+    # layout.optimizer_step="flat" (kernels/adamw.py): AdamW and the bf16 copy in one pass
+    # (reads fp32 weight, grad, two moments; writes three and the bf16 weight: 30 B), and
+    # one foreach norm (4): 34 B, at 0.9 of copy.
+    flat_optimizer_bytes_per_param: float = 38.0
     # Eager host-side time per layer per micro-batch (fwd+bwd) and per micro-batch: a
     # micro-batch takes max(GPU time, host time). The H100 sweep's eager stock-kernel
     # trials run at about 104 ms per micro-batch of 24 layers; CUDA graphs remove it.

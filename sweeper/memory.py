@@ -215,8 +215,9 @@ def logits_bytes(sh: Shape, layout: Layout, cpu: bool) -> tuple[float, float]:
     norm_and_input = (2 * e * sh.h + 4.0) * T * whole  # final norm's input and 1/rms; its output
     if getattr(layout, "loss", "megatron") == "fused" and not cpu:
         # kernels/fused_ce.py: the forward keeps dx (h per token, where the output layer's
-        # input was) and holds one chunk of bf16 logits at a time.
-        return norm_and_input, 2.0 * min(T, FUSED_CE_CHUNK_TOKENS) * vocab
+        # input was) and the output layer's fp32 weight gradient [V, h] until the backward,
+        # and holds one chunk of bf16 logits at a time.
+        return norm_and_input + 4.0 * vocab * sh.h, 2.0 * min(T, FUSED_CE_CHUNK_TOKENS) * vocab
     saved = norm_and_input + 4.0 * T * vocab
     transient = 0.0 if cpu else 6.0 * T * vocab
     return saved, transient

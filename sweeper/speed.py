@@ -42,6 +42,7 @@ from sweeper.memory import Shape, model_shape, padded_vocab, stage_params
 # reshapes (q), SwiGLU's silu and product (f).
 ELEMENTWISE_BYTES = {"h": 24.0, "q": 64.0, "f": 26.0}
 NORM_BYTES = 10.0  # per element, fwd (read x, write y) + bwd (read x, dy; write dx)
+ADD_NORM_BYTES = 16.0  # residual add + norm fused: fwd reads 2 writes 2, bwd reads 3 writes 1
 UNFUSED_SCORE_BYTES = 100.0  # per score, fwd+bwd: baddbmm, fp32 copy, scale, mask, softmax, cast (H100 sweep)
 # megatron's fused cross entropy, fwd+bwd: bf16 read, fp32 written, exp and divide in
 # place, the gradient in place and its bf16 copy.
@@ -101,10 +102,14 @@ def _layer_gpu_time(sh: Shape, layout: Layout, cal: Calibration, peak: float) ->
         flops = 6.0 * T * sh.s * sh.q / tp  # causal: half the square, fwd+bwd
         attention = flops / (peak * efficiency)
     whole = 1.0 / tp if layout.sequence_parallel else 1.0
-    ew = T * (ELEMENTWISE_BYTES["h"] * sh.h * whole
+    fused_add = getattr(layout, "add_norm", "megatron") == "fused"
+    # kernels/add_rmsnorm.py takes one residual add (12 B) and the pre-MLP norm (10 B) into
+    # one kernel pair of 16 B per element, at the norm's bandwidth.
+    residual = ELEMENTWISE_BYTES["h"] / 2 if fused_add else ELEMENTWISE_BYTES["h"]
+    ew = T * (residual * sh.h * whole
               + (ELEMENTWISE_BYTES["q"] * sh.q
                  + SWIGLU_BYTES.get(getattr(layout, "swiglu", "megatron"), ELEMENTWISE_BYTES["f"]) * sh.f) / tp)
-    norms = 2 * NORM_BYTES * T * sh.h * whole
+    norms = (NORM_BYTES + (ADD_NORM_BYTES if fused_add else NORM_BYTES)) * T * sh.h * whole
     norm_bw = cal.memory_bytes_per_s * cal.norm_efficiency.get(layout.norm, 0.3)
     other = ew / cal.memory_bytes_per_s + norms / norm_bw
     return gemm_time + attention + other, attention

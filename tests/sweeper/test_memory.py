@@ -292,11 +292,12 @@ def test_unfused_attention_at_mbs4_does_not_fit_an_h100():
 
 
 def test_fused_loss_keeps_dx_and_one_chunk_of_logits():
-    # kernels/fused_ce.py: saved = final norm (2*64 + 4) * 64 + dx (2 * 64 * 64) per the
-    # formula (2*e*h + 4) * T; transient = one chunk of bf16 logits: min(64, 4096) * 1024 * 2.
+    # kernels/fused_ce.py: saved = final norm input + 1/rms and dx, (2*2*64 + 4) * 64, plus
+    # the fp32 weight gradient 4 * 1024 * 64; transient = one chunk of bf16 logits,
+    # min(64 tokens, 4096) * 1024 * 2.
     saved, transient = logits_bytes(SH, Layout(mbs=2, loss="fused"), cpu=False)
-    assert saved == (2 * 2 * 64 + 4) * 64
+    assert saved == (2 * 2 * 64 + 4) * 64 + 4 * 1024 * 64
     assert transient == 2 * 64 * 1024
     # Negative control: megatron's loss keeps the fp32 softmax and 10 B per logit at its peak.
     m_saved, m_transient = logits_bytes(SH, Layout(mbs=2), cpu=False)
-    assert m_saved + m_transient - (saved + transient) == 10 * 64 * 1024 - 2 * 64 * 1024
+    assert m_saved + m_transient - (saved + transient) == 10 * 64 * 1024 - 2 * 64 * 1024 - 4 * 1024 * 64

@@ -191,7 +191,8 @@ def test_attention_efficiency_falls_with_few_heads_in_flight():
 
 def test_fusions_move_fewer_bytes():
     # Only memory-bound terms at 1 TB/s: fused loss 8 B per logit instead of 40, Triton
-    # SwiGLU 17 B per f-element instead of 26, flat optimizer step 42 B/param instead of 65.
+    # SwiGLU 17 B per f-element instead of 26, flat optimizer step 38 B/param instead of 65,
+    # fused add + norm 16 B per element instead of a residual add's 12 and a norm's 10.
     cal = dataclasses.replace(GEMM_ONLY, gemm_efficiency=INSTANT, memory_bandwidth_tbps=1.0,
                               norm_efficiency={k: INSTANT for k in ("triton", "torch", "megatron")})
     base = predict_speed(SMALL, GPU, Layout(mbs=2, gbs=8), cal, dp=1)
@@ -201,4 +202,8 @@ def test_fusions_move_fewer_bytes():
     assert base.terms["compute"] - glu.terms["compute"] == pytest.approx(4 * 4 * (26 - 17) * 64 * 128 / 1e12)
     flat = predict_speed(SMALL, GPU, Layout(mbs=2, gbs=8, optimizer_step="flat"), cal, dp=1)
     params = stage_params(model_shape(SMALL), Layout(), 0)
-    assert base.terms["optimizer"] - flat.terms["optimizer"] == pytest.approx((65 - 42) * params / 1e12)
+    assert base.terms["optimizer"] - flat.terms["optimizer"] == pytest.approx((65 - 38) * params / 1e12)
+    cal = dataclasses.replace(cal, norm_efficiency={k: 1.0 for k in ("triton", "torch", "megatron")})
+    base = predict_speed(SMALL, GPU, Layout(mbs=2, gbs=8), cal, dp=1)
+    fused = predict_speed(SMALL, GPU, Layout(mbs=2, gbs=8, add_norm="fused"), cal, dp=1)
+    assert base.terms["compute"] - fused.terms["compute"] == pytest.approx(4 * 4 * (12 + 10 - 16) * 64 * 64 / 1e12)
