@@ -63,11 +63,15 @@ def check(case: dict) -> dict:
     values["padded_vocab_size"] = args.padded_vocab_size
     values["spec"] = args.spec
     if args.spec:
-        global_vars._GLOBAL_ARGS = args  # what initialize_megatron sets before building the model
-        block = import_module(args.spec)
-        values["spec_layers"] = len(block.layer_specs)
-        values["spec_final_norm"] = getattr(block.layer_norm, "__name__", type(block.layer_norm).__name__)
-        global_vars._GLOBAL_ARGS = None
+        global_vars.set_args(args)  # what initialize_megatron sets before building the model
+        try:
+            block = import_module(args.spec)
+            values["spec_layers"] = len(block.layer_specs)
+            values["spec_final_norm"] = getattr(block.layer_norm, "__name__", type(block.layer_norm).__name__)
+        except Exception as exc:  # noqa: BLE001 - a spec that does not resolve is a result too
+            return {**out, "status": "spec rejected", "why": f"{type(exc).__name__}: {exc}"[:400]}
+        finally:
+            global_vars.set_args(None)
     return {**out, "status": "ok", "values": json.loads(json.dumps(values, default=str))}
 
 
