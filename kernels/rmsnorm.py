@@ -217,10 +217,10 @@ _PARTIALS: dict = {}  # (device, programs, n_cols) -> fp32 [programs, n_cols] sc
 DW_BLOCK_C = 64  # dw reduction: columns per program
 
 
-def _key(cfg, tensors, ints):
-    """fast_launch's cache key, device index first: the launch config, every int Triton may
-    specialize on (row counts are not specialized), each pointer's dtype and alignment."""
-    return (device_index(tensors[0]), cfg, ints, *((t.dtype, aligned(t)) for t in tensors))
+# fast_launch's cache keys, device index first: the launch config, every int Triton may
+# specialize on (row counts are not specialized), the dtype and 16-byte alignment of each
+# pointer the caller passes in (outputs and scratch are fresh allocations: aligned, their
+# dtypes follow x and weight). Spelled out, not built in a loop: they run on every call.
 
 
 def forward(x2: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -235,7 +235,8 @@ def forward(x2: torch.Tensor, weight: torch.Tensor, eps: float,
     cfg = config or forward_config(n_cols)
     stride = x2.stride(0)
     _FORWARD.launch(
-        _key(cfg, (x2, weight), (n_cols, stride)), (triton.cdiv(n_rows, cfg.block_m),),
+        (device_index(x2), cfg, n_cols, stride, x2.dtype, weight.dtype, aligned(x2),
+         aligned(weight)), (_cdiv(n_rows, cfg.block_m),),
         (x2, weight, y, rstd, n_rows, n_cols, stride, n_cols, float(eps)),
         dict(BLOCK_M=cfg.block_m, BLOCK_N=_block_n(n_cols)), num_warps=cfg.num_warps)
     return y, rstd
@@ -244,6 +245,12 @@ def forward(x2: torch.Tensor, weight: torch.Tensor, eps: float,
 @functools.lru_cache(maxsize=None)
 def _block_n(n_cols: int) -> int:
     return triton.next_power_of_2(n_cols)
+
+
+def _cdiv(a: int, b: int) -> int:
+    """Plain-int ceil division: triton.cdiv is a ConstexprFunction (Triton 3.9: ~10x the
+    cost of this on the host, for every launch)."""
+    return -(-a // b)
 
 
 def _partials(device: torch.device, programs: int, n_cols: int) -> torch.Tensor:
@@ -270,16 +277,17 @@ def backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: to
         return dx, torch.zeros_like(weight)
     dw = torch.empty_like(weight)
     cfg = config or backward_config(n_cols)
-    programs = min(triton.cdiv(n_rows, cfg.block_m), _sm_count(x2.device) * cfg.programs_per_sm)
+    programs = min(_cdiv(n_rows, cfg.block_m), _sm_count(x2.device) * cfg.programs_per_sm)
     partial = _partials(x2.device, programs, n_cols)
     stride_dy, stride_x = dy2.stride(0), x2.stride(0)
     _BACKWARD.launch(
-        _key(cfg, (dy2, x2, weight, rstd), (n_cols, stride_dy, stride_x)), (programs,),
+        (device_index(x2), cfg, n_cols, stride_dy, stride_x, dy2.dtype, x2.dtype, weight.dtype,
+         aligned(dy2), aligned(x2), aligned(weight), aligned(rstd)), (programs,),
         (dy2, x2, weight, rstd, dx, partial, n_rows, n_cols, stride_dy, stride_x, n_cols),
         dict(BLOCK_M=cfg.block_m, BLOCK_N=_block_n(n_cols), PREFETCH=cfg.prefetch),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _DW_REDUCE.launch(
-        _key(None, (partial, dw), n_cols), (triton.cdiv(n_cols, DW_BLOCK_C),),
+        (device_index(x2), n_cols, dw.dtype), (_cdiv(n_cols, DW_BLOCK_C),),
         (partial, dw, programs, n_cols), dict(BLOCK_P=32, BLOCK_C=DW_BLOCK_C), num_warps=4)
     return dx, dw
 
