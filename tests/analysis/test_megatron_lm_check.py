@@ -99,10 +99,27 @@ def _negative_cases() -> list[dict]:
             _case("vocab V", model, Layout(mbs=1, gbs=8), 1, args=full_vocab)]
 
 
+# The recommendations the issue found rejected: the predicted best of these, as printed.
+RECOMMENDED = [("llama_1b3", "h100_80gb", 512), ("llama2_13b", "h100_80gb", 512),
+               ("llama2_70b", "h100_80gb", 1024), ("llama_1b3", "local_gpu", 16)]
+
+
+def _recommended_cases() -> list[dict]:
+    from analysis.recommend import predicted
+
+    cases = []
+    for model, cluster, gbs in RECOMMENDED:
+        best = predicted(model, cluster, gbs, top=1)["best"]
+        cases.append({"id": f"recommended {model} {cluster}", "args": best["megatron_lm"]["args"],
+                      "env": best["megatron_lm"]["env"], "world_size": best["world_size"]})
+    return cases
+
+
 @pytest.fixture(scope="module")
 def checked() -> tuple[dict, dict]:
-    """Megatron-LM's verdicts on every preset x layout kind and the negative controls, in one process."""
-    cases, expected = _negative_cases(), {}
+    """Megatron-LM's verdicts on every preset x layout kind, the recommendations and the
+    negative controls, in one process."""
+    cases, expected = _negative_cases() + _recommended_cases(), {}
     for name, model in PRESETS.items():
         for kind, (layout, world) in KINDS.items():
             assert invalid_reason(model, layout, world) is None, (name, kind)
@@ -125,6 +142,12 @@ def test_every_preset_and_layout_kind_is_accepted_with_its_values(checked):
         table.append(f"| {name} | {kind} | {got['status'] == 'ok'} | {got['status'] == 'ok' and not diff} |")
     print("\n".join(table))
     assert not wrong, wrong
+
+
+def test_predicted_recommendations_are_accepted(checked):
+    results, _ = checked
+    verdicts = {k: (v["status"], v.get("why")) for k, v in results.items() if k.startswith("recommended ")}
+    assert len(verdicts) == len(RECOMMENDED) and all(s == "ok" for s, _ in verdicts.values()), verdicts
 
 
 def test_megatron_lm_rejects_what_the_command_avoids(checked):
