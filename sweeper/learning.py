@@ -70,7 +70,9 @@ def launch_learning(run_batch: Callable[[list[Point]], object], launch: list[Poi
         batch = []
         while pending and len(batch) < size:
             point = pending.pop(0)
-            learner = learners.setdefault(_key(point), Learner(point, calibration))
+            if _key(point) not in learners:
+                learners[_key(point)] = Learner(point, calibration)
+            learner = learners[_key(point)]
             reason = learner.skip_reason(point)
             if reason:
                 point.status, point.reason = "skipped", reason
@@ -86,10 +88,10 @@ def launch_learning(run_batch: Callable[[list[Point]], object], launch: list[Poi
             break
         returns.append(run_batch(batch))
         for point in batch:
-            learner = learners[_key(point)]
-            learner.observe(read_json(result_path(sweep_dir / point.name)))
-        if len(learners) == 1 and learner.calibration is not None:
-            save_calibration(learner.calibration, sweep_dir / "calibration.json")
+            learners[_key(point)].observe(read_json(result_path(sweep_dir / point.name)))
+        fitted = [lr.calibration for lr in learners.values() if lr.records]
+        if len(learners) == 1 and fitted:  # one model and cluster: the file the next sweep starts from
+            save_calibration(fitted[0], sweep_dir / "calibration.json")
     echo(f"refit after every trial: {len(skipped)} trial(s) saved "
          f"(skipped as {SKIP_REASON}), {len(launch) - len(skipped)} launched")
     return returns

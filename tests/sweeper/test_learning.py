@@ -1,7 +1,6 @@
 """The sweep that learns: refits on finished trials, OOMs raise the boundary, and the
 refit holds on the recorded H100 sweep with noise, an outlier and a wrong start."""
 
-import dataclasses
 import random
 from pathlib import Path
 
