@@ -1,7 +1,6 @@
 """Ranking-quality figures: each statistic against a hand computation, and the scorer
 against records built from the models' own predictions (exact) and perturbed ones."""
 
-
 import pytest
 
 from analysis.ranking import kendall_tau, prediction_quality, score, spearman, top_k_regret
