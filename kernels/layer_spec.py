@@ -70,12 +70,20 @@ def core_attention_spec(attention: str, *, rope_base: float):
                       params={"backend": SDPA_BACKENDS[attention], **rope})
 
 
-def layer_spec(*, attention: str, norm: str, rope_base: float, swiglu: str = "megatron") -> ModuleSpec:
+def layer_spec(*, attention: str, norm: str, rope_base: float, swiglu: str = "megatron",
+               add_norm: str = "megatron") -> ModuleSpec:
     """A TransformerLayer spec: megatron's local linears and MLP, our norm and attention;
     swiglu="triton" makes kernels.swiglu the MLP's activation (the config must set
-    use_te_activation_func, as launch.model does, or megatron never calls it)."""
+    use_te_activation_func, as launch.model does, or megatron never calls it);
+    add_norm="fused": the layer is kernels.megatron_layer's (residual add + pre-MLP norm fused)."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     subs = spec.submodules
+    if add_norm == "fused":
+        from kernels.megatron_layer import FusedAddNormLayer
+
+        spec.module = FusedAddNormLayer
+    elif add_norm != "megatron":
+        raise ValueError(f"unknown add_norm {add_norm!r}")
     if swiglu == "triton":
         from kernels.swiglu import TritonSwiGLU
 
@@ -90,10 +98,12 @@ def layer_spec(*, attention: str, norm: str, rope_base: float, swiglu: str = "me
 
 
 def block_spec(config, *, attention: str, norm: str, rope_base: float,
-               vp_stage=None, swiglu: str = "megatron") -> TransformerBlockSubmodules:
+               vp_stage=None, swiglu: str = "megatron",
+               add_norm: str = "megatron") -> TransformerBlockSubmodules:
     """The decoder block of one model chunk: its layers plus the final norm. rope_base
     reaches our core attention; with attention="megatron" it is unused here (megatron's
     RotaryEmbedding takes GPTModel's rotary_base)."""
-    layer = layer_spec(attention=attention, norm=norm, rope_base=rope_base, swiglu=swiglu)
+    layer = layer_spec(attention=attention, norm=norm, rope_base=rope_base, swiglu=swiglu,
+                       add_norm=add_norm)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm_module(norm))

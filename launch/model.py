@@ -94,11 +94,11 @@ def build_model(model: ModelConfig, layout: Layout, config: TransformerConfig, *
         from kernels.megatron_loss import FusedLossGPTModel as model_class
     else:
         model_class = GPTModel
-    return model_class(
+    gpt = model_class(
         config=config,
         transformer_layer_spec=block_spec(
             config, attention=layout.attention, norm=layout.norm, rope_base=ROPE_BASE,
-            vp_stage=vp_stage, swiglu=layout.swiglu,
+            vp_stage=vp_stage, swiglu=layout.swiglu, add_norm=layout.add_norm,
         ),
         vocab_size=model.vocab_size,
         max_sequence_length=model.seq_length,
@@ -110,3 +110,8 @@ def build_model(model: ModelConfig, layout: Layout, config: TransformerConfig, *
         rotary_base=ROPE_BASE,
         vp_stage=vp_stage,
     )
+    if layout.add_norm == "fused":  # each layer fuses its MLP residual add with the next one's norm
+        from kernels.megatron_layer import link_layers
+
+        link_layers(gpt.decoder.layers)
+    return gpt

@@ -18,9 +18,9 @@ RECOMPUTE = ("none", "selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
 # The fusion axes of a layout: their choices (the first is the default) and name tags.
 FUSION_CHOICES = {"swiglu": ("megatron", "triton"), "loss": ("megatron", "fused"),
-                  "optimizer_step": ("megatron", "flat")}
+                  "optimizer_step": ("megatron", "flat"), "add_norm": ("megatron", "fused")}
 FUSION_DEFAULTS = {axis: choices[0] for axis, choices in FUSION_CHOICES.items()}
-FUSION_TAGS = {"swiglu": "swiglu", "loss": "loss", "optimizer_step": "opt"}
+FUSION_TAGS = {"swiglu": "swiglu", "loss": "loss", "optimizer_step": "opt", "add_norm": "addnorm"}
 
 
 class ConfigError(ValueError):
@@ -127,6 +127,7 @@ class Layout:
     swiglu: str = "megatron"  # megatron (torch.compile'd) | triton (kernels/swiglu.py)
     loss: str = "megatron"  # megatron (whole logits, then CE) | fused (kernels/fused_ce.py)
     optimizer_step: str = "megatron"  # megatron | flat (launch/flat_step.py: no per-tensor passes)
+    add_norm: str = "megatron"  # megatron | fused (residual adds + the next RMSNorm: kernels/add_rmsnorm.py)
 
     @property
     def name(self) -> str:

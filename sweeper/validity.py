@@ -125,6 +125,8 @@ def _check_kernels(model: ModelConfig, layout: Layout) -> Optional[str]:
         return attention_fa4.head_dim_reason(model.head_dim)
     if layout.loss == "fused" and layout.tp > 1:
         return "loss=fused does not split the vocabulary: it needs tp = 1"
+    if layout.add_norm == "fused" and layout.norm not in ("triton", "torch"):
+        return f"add_norm=fused replaces this project's RMSNorm (norm=triton or torch), got norm={layout.norm}"
     return None
 
 

@@ -1,6 +1,6 @@
 """The fusion axes of issue 17 inside a real megatron-core GPTModel, against the stock path.
 
-CPU (fp32, gloo, one rank, megatron DDP): `swiglu=triton` and `loss=fused` must give the
+CPU (fp32, gloo, one rank, megatron DDP): `swiglu=triton`, `loss=fused` and `add_norm=fused` must give the
 stock model's loss and every parameter's accumulated gradient (`main_grad`, two
 micro-batches) from the same seed and tokens. Both sides compute in fp32 and differ only
 in summation order, so 1e-4 relative holds with a wide margin.
@@ -36,29 +36,45 @@ def _loss_and_grads(rank, layout_kwargs):
     layout = Layout(attention="sdpa", norm="torch", mbs=2, gbs=4, **layout_kwargs)
     torch.manual_seed(7)
     trainer = cpu_trial.build(model_cfg, layout, seed=7, lr=1e-3)
+    norm_calls = []  # input norms that ran as modules (not handed over by the previous layer)
+    for layer in trainer.model[0].module.decoder.layers:
+        layer.input_layernorm.register_forward_hook(lambda *_: norm_calls.append(1))
     batches = [microbatch(seed=7, step=0, first=2 * i, mbs=2, seq_length=model_cfg.seq_length,
                           vocab_size=model_cfg.vocab_size, device="cpu") for i in range(2)]
     losses = cpu_trial.forward_backward(trainer, batches, seq_length=model_cfg.seq_length, mbs=2)
     # numpy arrays: tensors would cross the process boundary as shared memory of an exited rank
     grads = {name: p.main_grad.numpy().copy() for name, p in trainer.model[0].named_parameters()}
-    return [float(d["loss"]) for d in losses], grads, type(trainer.model[0].module).__name__
+    layers = {type(m).__name__ for m in trainer.model[0].modules() if "Layer" in type(m).__name__}
+    return [float(d["loss"]) for d in losses], grads, (type(trainer.model[0].module).__name__,
+                                                       sorted(layers), len(norm_calls))
+
+
+FUSED = {"swiglu": "triton", "loss": "fused", "add_norm": "fused"}
 
 
 def _compare(rank):
     stock = _loss_and_grads(rank, {})
-    fused = _loss_and_grads(rank, {"swiglu": "triton", "loss": "fused"})
-    return stock, fused
+    fused = _loss_and_grads(rank, FUSED)
+    # Under full recompute the layers fuse only inside themselves (kernels/megatron_layer.py).
+    recomputed = _loss_and_grads(rank, dict(FUSED, recompute="full"))
+    return stock, fused, recomputed
 
 
 def test_fused_swiglu_and_loss_match_the_stock_gpt_model():
-    (stock_losses, stock_grads, stock_cls), (losses, grads, cls) = run_on_gloo(_compare, world_size=1)[0]
-    assert (stock_cls, cls) == ("GPTModel", "FusedLossGPTModel")
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(stock_losses), **FP32_TOL)
-    assert stock_grads.keys() == grads.keys()
-    for name, grad in stock_grads.items():
-        grad = torch.from_numpy(grad)
-        assert grad.abs().sum() > 0, name  # every parameter got a gradient
-        torch.testing.assert_close(torch.from_numpy(grads[name]), grad, **FP32_TOL, msg=name)
+    stock, *variants = run_on_gloo(_compare, world_size=1)[0]
+    stock_losses, stock_grads, stock_cls = stock
+    assert stock_cls[0] == "GPTModel" and "TransformerLayer" in stock_cls[1]
+    # Two layers, two micro-batches: 4 input norms as modules; fused across layers only layer
+    # 0's run; under full recompute all run, twice (the backward recomputes each layer).
+    assert [stock_cls[2], variants[0][2][2], variants[1][2][2]] == [4, 2, 8]
+    for losses, grads, cls in variants:
+        assert cls[0] == "FusedLossGPTModel" and "FusedAddNormLayer" in cls[1]
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(stock_losses), **FP32_TOL)
+        assert stock_grads.keys() == grads.keys()
+        for name, grad in stock_grads.items():
+            grad = torch.from_numpy(grad)
+            assert grad.abs().sum() > 0, name  # every parameter got a gradient
+            torch.testing.assert_close(torch.from_numpy(grads[name]), grad, **FP32_TOL, msg=name)
 
 
 class _StandIn:

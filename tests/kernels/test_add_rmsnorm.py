@@ -1,0 +1,87 @@
+"""kernels.add_rmsnorm against the float64 formula: h, y, and the gradients of a, r and the
+weight when both outputs carry gradients, over odd row counts and hidden sizes.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py), so sizes stay small.
+"""
+
+import pytest
+import torch
+
+from kernels.add_rmsnorm import ROWS, add_rms_norm, reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_BF16_U = 2.0**-8
+# Normwise relative error: inputs exact in the dtype, arithmetic fp32, so the final rounding
+# to the dtype (u; the CPU interpreter truncates: 2u) plus fp32 sums of H terms (< 1e-5).
+# dh sums two terms rounded once: the same bound. dw sums over rows in fp32: 1e-5.
+TOL = {torch.float32: 1e-5, torch.bfloat16: (_BF16_U if DEVICE == "cuda" else 2 * _BF16_U) + 1e-5}
+
+
+def _relerr(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def _case(rows, hidden, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    make = lambda: torch.randn(rows, hidden, generator=gen).to(dtype).to(DEVICE)  # noqa: E731
+    a, r, dh_in, dy = make(), make(), make(), make()
+    w = (1 + 0.5 * torch.randn(hidden, generator=gen)).to(dtype).to(DEVICE)
+    return a, r, w, dh_in, dy
+
+
+def _run(fn, a, r, w, dh_in, dy):
+    a, r, w = (t.detach().clone().requires_grad_() for t in (a, r, w))
+    h, y = fn(a, r, w)
+    torch.autograd.backward([h, y], [dh_in.to(h.dtype), dy.to(y.dtype)])
+    return h, y, a.grad, r.grad, w.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,hidden", [(2 * ROWS + 5, 64), (3, 1000), (ROWS, 2048)])
+def test_matches_float64(rows, hidden, dtype):
+    a, r, w, dh_in, dy = _case(rows, hidden, dtype, seed=rows + hidden)
+    ours = _run(lambda a, r, w: add_rms_norm(a, r, w, eps=1e-5), a, r, w, dh_in, dy)
+    ref = _run(lambda a, r, w: reference(a.double(), r.double(), w.double()),
+               a.double(), r.double(), w.double(), dh_in.double(), dy.double())
+    if dtype != torch.float32:  # the reference rounds h to the dtype, as the kernel stores it
+        ref_h, ref_y = reference(a, r, w)
+        ref = (ref_h, ref_y) + ref[2:]
+    for name, out, expected in zip(("h", "y", "da", "dr", "dw"), ours, ref):
+        assert out.dtype == dtype, name
+        assert _relerr(out, expected.detach().double()) <= TOL[dtype] * (4 if name == "dw" else 1), name
+
+
+def test_a_dropped_residual_gradient_fails_the_same_check():
+    """Negative control: dh without the gradient arriving at h (dh_in) is told apart."""
+    a, r, w, dh_in, dy = _case(20, 64, torch.float32, seed=1)
+    ours = _run(lambda a, r, w: add_rms_norm(a, r, w), a, r, w, torch.zeros_like(dh_in), dy)
+    ref = _run(lambda a, r, w: reference(a.double(), r.double(), w.double()),
+               a.double(), r.double(), w.double(), dh_in.double(), dy.double())
+    assert _relerr(ours[2], ref[2].double()) > 0.1
+
+
+def test_mismatched_inputs_are_rejected():
+    a, r, w, _, _ = _case(4, 64, torch.float32, seed=2)
+    with pytest.raises(ValueError, match="must match"):
+        add_rms_norm(a, r[:2], w)
+    with pytest.raises(ValueError, match="weight"):
+        add_rms_norm(a, r, w[:32])
+
+
+@pytest.mark.cuda
+def test_matches_separate_add_and_triton_norm_at_training_size():
+    """llama_1b3 at mbs 8 ([2048, 8, 2048] bf16) against the unfused path it replaces (a bf16
+    add, then kernels.rmsnorm): both round h once, y once; dh rounds once here and twice there
+    (norm gradient, then the sum), so they agree within 2 bf16 units normwise."""
+    from kernels.rmsnorm import rms_norm
+
+    a, r, w, dh_in, dy = _case(2048 * 8, 2048, torch.bfloat16, seed=3)
+    ours = _run(lambda a, r, w: add_rms_norm(a, r, w), a, r, w, dh_in, dy)
+
+    def unfused(a, r, w):
+        h = a + r
+        return h, rms_norm(h, w, eps=1e-5)
+
+    theirs = _run(unfused, a, r, w, dh_in, dy)
+    for name, out, expected in zip(("h", "y", "da", "dr", "dw"), ours, theirs):
+        assert _relerr(out, expected.double()) <= 2 * _BF16_U, name
