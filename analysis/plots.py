@@ -22,14 +22,14 @@ from matplotlib.patches import Patch  # noqa: E402
 from analysis.breakdown import CATEGORIES  # noqa: E402
 
 STATUS_COLORS = {"ok": "#2a9d8f", "invalid": "#8d99ae", "skipped": "#e9c46a", "oom": "#e76f51",
-                 "error": "#d62828", "timeout": "#6a4c93"}
+                 "error": "#d62828", "timeout": "#6a4c93", "diverged": "#000000"}
 CATEGORY_COLORS = {
     "attention": "#1f77b4", "matmul": "#2ca02c", "norm": "#9467bd", "elementwise": "#bcbd22",
     "optimizer": "#8c564b", "tp_comm": "#d62728", "dp_comm": "#ff7f0e", "pp_comm": "#e377c2",
     "other": "#7f7f7f", "idle": "#d9d9d9",
 }
 SHORT_STATUS = {"invalid": "invalid", "skipped": "skipped", "oom": "OOM", "error": "error",
-                "timeout": "timeout"}
+                "timeout": "timeout", "diverged": "diverged"}
 
 
 def _best(rows: list[dict], key) -> dict:

@@ -16,6 +16,7 @@ import sys
 import time
 import traceback
 
+from launch.divergence import Diverged
 from launch.record import classify, rank_path, write_json_atomic
 from launch.spec import TrialSpec
 
@@ -68,6 +69,8 @@ def main(argv: list[str]) -> int:
         record["status"] = classify(exc)
         record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         record["traceback"] = traceback.format_exc()[-8000:]
+        if isinstance(exc, Diverged):
+            record.update(exc.record)  # the step it diverged at, and the losses until then
     record["finished_at"] = time.time()
     write_json_atomic(rank_path(spec.trial_dir, rank), record)
     sys.stdout.flush()

@@ -5,9 +5,11 @@ leaves a half-written record and never touches another trial's files.
 
 Statuses: ok, invalid (megatron would reject it), skipped (unsupported here or
 predicted OOM; the reason says which), oom (GPU or host allocator), error, timeout
-(the trial's or SLURM's limit), interrupted (the driver was stopped while it ran) and
-lost (its SLURM job never started or was cancelled before it wrote a record). The last
-two are not results: a resumed sweep runs those trials again.
+(the trial's or SLURM's limit), diverged (a loss or gradient norm was not finite;
+`diverged_step` says when; never ranked, never calibrated on), interrupted (the driver
+was stopped while it ran) and lost (its SLURM job never started or was cancelled
+before it wrote a record). The last two are not results: a resumed sweep runs those
+trials again.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-STATUSES = ("ok", "invalid", "skipped", "oom", "error", "timeout", "interrupted", "lost")
+from launch.divergence import Diverged
+
+STATUSES = ("ok", "invalid", "skipped", "oom", "error", "timeout", "diverged", "interrupted", "lost")
 # A resumed sweep runs these again: they say nothing about the layout.
 NOT_RESULTS = ("interrupted", "lost")
 # Bumped when a record's fields change meaning; launch/record_check.py reads it.
@@ -57,7 +61,9 @@ def rank_path(trial_dir, rank: int) -> Path:
 
 
 def classify(exc: BaseException) -> str:
-    """oom for allocator failures (CUDA or host), error otherwise."""
+    """diverged for a non-finite loss, oom for allocator failures (CUDA or host), error otherwise."""
+    if isinstance(exc, Diverged):
+        return "diverged"
     return classify_text(f"{type(exc).__name__}: {exc}")
 
 
@@ -75,8 +81,12 @@ def classify_text(text: str) -> str:
 
 
 def _worst_status(ranks: list[dict]) -> str:
-    statuses = {r.get("status", "error") for r in ranks}
-    for status in ("interrupted", "timeout", "oom", "error"):
+    # Ranks stopped after another rank failed (secondary) do not decide: a pipeline
+    # stage that diverged leaves the others waiting in a collective until stopped.
+    statuses = {r.get("status", "error") for r in ranks if not r.get("secondary")}
+    if statuses <= {"ok"}:
+        statuses = {r.get("status", "error") for r in ranks}
+    for status in ("interrupted", "timeout", "oom", "diverged", "error"):
         if status in statuses:
             return status
     return "ok"
@@ -136,7 +146,7 @@ def trial_record(spec, ranks: list[dict], *, wall_s: float) -> dict:
     record = base_record(spec, status, _first_error(ranks) if status != "ok" else None)
     record["wall_s"] = round(wall_s, 3)
     record["ranks"] = [
-        {k: v for k, v in r.items() if k not in ("step_times_s", "losses")} for r in ranks
+        {k: v for k, v in r.items() if k not in ("step_times_s", "losses", "grad_norms")} for r in ranks
     ]
     first = ranks[0] if ranks else {}
     record["env"] = first.get("env", {})
@@ -144,11 +154,18 @@ def trial_record(spec, ranks: list[dict], *, wall_s: float) -> dict:
     record["peak_memory_gb"] = [r.get("peak_memory_gb") for r in ranks]
     known = [m for m in record["peak_memory_gb"] if m is not None]
     record["peak_memory_gb_max"] = max(known) if known else None
+    losses = next((r["losses"] for r in ranks if r.get("losses")), None)
+    if status == "diverged":
+        record["diverged_step"] = min((r["diverged_step"] for r in ranks if "diverged_step" in r),
+                                      default=None)
+        record["losses"] = losses
     if status != "ok":
         return record
     record.update(summarize_steps(ranks, spec.trial.warmup_steps))
-    losses = next((r["losses"] for r in ranks if r.get("losses")), None)
     record["losses"] = losses
+    grad_norms = next((r["grad_norms"] for r in ranks if r.get("grad_norms")), None)
+    if grad_norms:
+        record["grad_norms"] = grad_norms
     tokens = spec.layout.gbs * spec.model.seq_length
     record["tokens_per_s"] = tokens / record["step_time_s"]
     record["mfu"] = mfu(spec.model, record["tokens_per_s"], spec.cluster.peak_tflops, spec.world_size)
