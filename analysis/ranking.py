@@ -7,7 +7,7 @@
 Conventions (every figure is a fraction, not a percent):
 - memory error: |predicted - measured| / measured of the peak the allocator reserved
   (`torch.cuda.max_memory_reserved`, max over ranks), predicted as
-  `MemoryEstimate.reserved_gb`; `memory_allocated_median_abs_err` does the same for
+  `MemoryEstimate.reserved_gb` (a CPU trial: its peak RSS against `peak_gb`); `memory_allocated_median_abs_err` does the same for
   `max_memory_allocated` against `MemoryEstimate.allocated_gb`.
 - step time error: |predicted - measured| / measured, measured = the record's median step.
 - ranking: Kendall tau-b and Spearman (average ranks for ties) of predicted vs measured
@@ -136,8 +136,10 @@ def score(records: list[dict], calibration: Optional[Calibration] = None) -> dic
         if r["status"] != "ok":
             continue
         allocated, reserved, _ = measured_memory(r)
+        # A CPU trial's peak is its RSS: everything, so the whole predicted peak.
+        predicted = memory.peak_gb if (r.get("cluster") or {}).get("device") == "cpu" else memory.reserved_gb
         if reserved:
-            mem_err.append(abs(memory.reserved_gb - reserved) / reserved)
+            mem_err.append(abs(predicted - reserved) / reserved)
         if allocated:
             alloc_err.append(abs(memory.allocated_gb - allocated) / allocated)
         step = r.get("step_time_s")
