@@ -147,6 +147,16 @@ def child(variant: str, model_name: str, cluster_name: str, layout: Layout, step
         "wgrad_fusion": record.get("wgrad_fusion")}))
 
 
+def _earlier_runs(path: Path, model: str, layout: Layout) -> dict:
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--merge {path}: {exc}") from exc
+    if not isinstance(earlier, dict) or (earlier.get("model"), earlier.get("layout_name")) != (model, layout.name):
+        raise ConfigError(f"--merge {path} is not a run of {model} {layout.name}")
+    return earlier.get("runs") or {}
+
+
 def summarize(runs: dict, device: str) -> dict:
     ms = {name: run.get("ms") for name, run in runs.items()}
     mlm, trial = ms.get("megatron_lm"), ms.get("trial")
@@ -199,6 +209,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the commands and write the JSON, run nothing")
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"which parts to run, comma-separated (default all: {','.join(PARTS)})")
+    parser.add_argument("--merge", type=Path, help="an earlier JSON of this layout: keep its runs, "
+                        "run only the --parts it lacks (a benchmark split over two device calls)")
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
@@ -212,6 +224,7 @@ def main(argv=None) -> int:
         unknown = sorted(set(parts) - set(PARTS))
         if unknown:
             raise ConfigError(f"unknown part {unknown[0]!r} (known: {', '.join(PARTS)})")
+        earlier = _earlier_runs(args.merge, args.model, layout) if args.merge else {}
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -224,14 +237,14 @@ def main(argv=None) -> int:
     result = {"benchmark": "benchmarks/bench_megatron_lm.py", "device": "dry run" if args.dry_run else _device(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": git_commit(), "model": args.model,
               "cluster": args.cluster, "layout": dataclasses.asdict(layout), "layout_name": layout.name,
-              "steps": args.steps, "megatron_lm_command": cmd.as_dict(), "runs": {},
+              "steps": args.steps, "megatron_lm_command": cmd.as_dict(), "runs": dict(earlier),
               "convention": __doc__.split("Convention: ", 1)[1].split("\n\n")[0].replace("\n", " ")}
     path = args.out / f"{args.tag}.json"
 
     def part(name: str, argv: list[str], parse, *, env=None) -> None:
         left = args.budget_s - (time.time() - start)
-        if name not in parts:
-            return
+        if name not in parts or "ms" in result["runs"].get(name, {}):
+            return  # not asked for, or measured already (--merge)
         if args.dry_run:
             result["runs"][name] = {"dry_run": shlex.join(argv)}
         elif left < PART_NEED_S:

@@ -61,6 +61,19 @@ def test_dry_run_runs_the_printed_line_unchanged(tmp_path):
     assert set(json.loads((tmp_path / "u.json").read_text())["runs"]) == {"trial"}
 
 
+def test_merge_keeps_measured_runs_and_runs_only_the_rest(tmp_path):
+    assert bench.main(["--dry-run", "--out", str(tmp_path), "--tag", "a", "--parts", "trial"]) == 0
+    first = json.loads((tmp_path / "a.json").read_text())
+    first["runs"] = {"megatron_lm": {"ms": 600.0}, "trial": {"error": "timed out"}}
+    (tmp_path / "a.json").write_text(json.dumps(first))
+    assert bench.main(["--dry-run", "--out", str(tmp_path), "--tag", "b", "--merge", str(tmp_path / "a.json")]) == 0
+    merged = json.loads((tmp_path / "b.json").read_text())
+    assert merged["runs"]["megatron_lm"] == {"ms": 600.0} and merged["summary"]["megatron_lm_ms"] == 600.0
+    assert "dry_run" in merged["runs"]["trial"]  # a failed part runs again
+    assert bench.main(["--dry-run", "--out", str(tmp_path), "--merge", str(tmp_path / "a.json"),
+                       "--set", "mbs=2"]) == 2  # another layout's runs are never merged
+
+
 @pytest.mark.parametrize("argv", [["--set", "mbs"], ["--set", "tp=0"], ["--steps", "2"], ["--model", "nope"],
                                   ["--parts", "trial,warp"]])
 def test_bad_arguments_are_one_line_errors(argv, tmp_path, capsys):
