@@ -3,6 +3,9 @@
     . benchmarks/gpu_env.sh && python3 benchmarks/bench_megatron_lm.py            # the default layout
     python3 benchmarks/bench_megatron_lm.py --set mbs=4 --set cuda_graph=false    # another layout
     python3 benchmarks/bench_megatron_lm.py --dry-run --out /tmp/b                # CPU: commands and JSON only
+    # split over two device calls, into one JSON (the second keeps the first's measured runs):
+    python3 benchmarks/bench_megatron_lm.py --out $OUT --parts megatron_lm,trial,trial_no_cuda_graph
+    python3 benchmarks/bench_megatron_lm.py --out $OUT --merge benchmarks/results/megatron_lm_<date>.json
 
 In one call, in this order (a part starts only while --budget-s allows it; a failed part is
 recorded with its error and never loses the others; the JSON is rewritten after every part):
