@@ -24,6 +24,8 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "cluster", "sweep")
 SCHEMAS = {"model": ModelConfig, "cluster": ClusterConfig, "layout": Layout, "trial": TrialConfig,
            "sweep": SweepConfig}
+# What an override may start with: the schema's sections, the preset groups, Hydra's own, the site file.
+TOP_LEVEL = ("model", "cluster", "layout", "trial", "sweep", "hydra", "local")
 # Hydra's own flags that take a value.
 # Numeric fields where zero means something (no warm-up); every other size must be positive.
 ZERO_ALLOWED = {"trial.warmup_steps"}
@@ -104,7 +106,11 @@ def check_arguments(argv: list[str]) -> Optional[str]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "cannot parse"
         return f"malformed override: {first}"
     for override in overrides:
-        key = override.get_key_element().lstrip("+~")
+        raw_key = override.get_key_element()
+        key = raw_key.lstrip("+~")
+        top = key.split(".")[0].split("/")[0]
+        if not raw_key.startswith("+") and top not in TOP_LEVEL:
+            return f"unknown config key {key!r} (known: {', '.join(TOP_LEVEL)})"
         values = _values(override)
         if key in GROUPS:
             known = presets(key)

@@ -10,6 +10,7 @@ running the same command again resumes.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -82,12 +83,36 @@ def cli() -> None:
         sys.exit(2)
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell may start us with it ignored
         signal.signal(signum, _interrupt)
+    wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises instead of printing its multi-line report
     try:
         trial()
     except KeyboardInterrupt:
         print("interrupted: running trials stopped and recorded as interrupted; "
               "run the same command again to resume", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - Hydra's composition errors, anything the checks missed
+        if wants_traceback:
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def one_line(exc: BaseException) -> str:
+    """Hydra's message in one line: its first line, its hint to drop a '+', the options it lists."""
+    raw = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    parts = [raw[0].strip()]
+    for i, line in enumerate(raw[1:], 1):
+        if line.startswith("Either remove + prefix"):
+            parts.append(line.strip())
+        elif line.startswith("Available options"):
+            options = []
+            for option in raw[i + 1:]:
+                if not option.startswith("\t"):
+                    break
+                options.append(option.strip())
+            parts.append(f"available: {', '.join(options)}")
+    return "; ".join(parts)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,12 @@ from tests.faults.helpers import (
     ("sweep.name=../../etc", "error: sweep.name must be a plain name"),
     ("sweep.name=a/b", "error: sweep.name must be a plain name"),
     ("model.name=..", "error: model.name must be a plain name"),
+    ("foo=bar", "error: unknown config key 'foo'"),
+    # Hydra's own errors, after composition: its report shortened to one line
+    ("+layout.tp=2", "error: Could not append to config. An item is already at 'layout.tp'."),
+    ("layout=3", "error: Error merging override layout=3"),
+    ("hydra/launcher=bogus", "error: In 'hydra/config': Could not find 'hydra/launcher/bogus'; "
+                             "available: basic, submitit_local, submitit_slurm"),
 ])
 def test_bad_override_is_one_line_and_writes_nothing(tmp_path, override, message):
     result = run_sweep(tmp_path / "s", *ONE, override, timeout=60)
