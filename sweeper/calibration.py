@@ -30,6 +30,7 @@ from sweeper.config import ATTENTION_KERNELS, ClusterConfig, ConfigError, Layout
 
 # A ratio outside these bounds means the model is wrong, not that a constant is off.
 SCALE_BOUNDS = (0.2, 5.0)
+MIN_LINE_POINTS = 5  # activation-bound trials before the memory fit takes an offset too
 MAX_FRAGMENTATION = 0.5
 
 
@@ -305,11 +306,17 @@ def _fit_memory(cal: Calibration, ok, oom, model, cluster) -> dict:
             points.append((x, measured - static))
         else:
             optimizer_bound.append(measured - static)
-    if points:
+    if len(points) >= MIN_LINE_POINTS:
         slope, intercept = _theil_sen(points)
         cal.activation_scale = _clamp(slope, *SCALE_BOUNDS)
         residuals = [y - cal.activation_scale * x for x, y in points] + optimizer_bound
         cal.memory_offset_gb = statistics.median(residuals)
+    elif points:
+        # Too few trials to tell a slope from an offset (on the H200 check's 3 trials a
+        # fitted offset of 0.6 GiB came from one trial's 0.4 GiB residual): the scale
+        # alone, through the base's offset.
+        offset = cal.memory_offset_gb
+        cal.activation_scale = _clamp(statistics.median((y - offset) / x for x, y in points), *SCALE_BOUNDS)
     elif optimizer_bound:
         cal.memory_offset_gb = statistics.median(optimizer_bound)
     # The allocator's overhead and the memory outside it are measured, not guessed:

@@ -106,9 +106,17 @@ def test_fit_scales_launch_cost_from_host_bound_trials():
 
 def test_fit_learns_a_constant_memory_offset():
     truth = dataclasses.replace(Calibration(), memory_offset_gb=1.7)
-    layouts = [Layout(mbs=mbs, gbs=32) for mbs in (1, 2, 4, 8)]
+    layouts = [Layout(mbs=mbs, gbs=32) for mbs in (1, 2, 4, 8, 16)]  # MIN_LINE_POINTS of them
     fitted = fit_calibration(_records(truth, layouts), MODEL, H100)
     assert fitted.memory_offset_gb == pytest.approx(1.7, abs=0.05)
+    # Fewer trials than that: one residual cannot become an offset, only the scale moves.
+    noisy = _records(Calibration(), layouts[:3])
+    noisy[1]["peak_memory_gb"] += 0.4
+    fitted = fit_calibration(noisy, MODEL, H100)
+    assert fitted.memory_offset_gb == 0.0 and fitted.activation_scale == pytest.approx(1.0)
+    larger = _records(dataclasses.replace(Calibration(), activation_scale=1.1), layouts[:3])
+    fitted = fit_calibration(larger, MODEL, H100)
+    assert fitted.memory_offset_gb == 0.0 and fitted.activation_scale == pytest.approx(1.1)
 
 
 def test_an_oom_where_a_fit_was_predicted_widens_the_margin():
