@@ -79,10 +79,12 @@ def main(argv=None) -> int:
         return 2
     summary = {}
     for name, records in data_sets(args.sweep).items():
-        if len(records) < 6:
-            continue  # too few to refit on 3 and still rank the rest
+        if len(records) < 4:
+            continue  # too few to refit on 3 and score one
         quality = quality_summary(records)
-        summary[name] = {**describe(records), **quality, "targets_met": _met(quality)}
+        source = next((str(p) for p in args.sweep if p.name == name.split(":")[0]), None)
+        summary[name] = {**describe(records), **quality, "targets_met": _met(quality),
+                         **({"source": source} if source else {})}
     out = args.out or RESULTS / f"prediction_quality_{time.strftime('%Y-%m-%d')}.json"
     payload = {"summary": summary, "targets": TARGETS, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "note": "default = the cluster preset's constants (sweeper.calibration.PRESETS), no refit; "
