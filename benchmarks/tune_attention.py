@@ -43,8 +43,12 @@ from benchmarks.common import (
 
 TUNE_SHAPES = {128: [(8, 16, 16, 2048, 128), (4, 32, 8, 4096, 128)],
                64: [(16, 32, 32, 1024, 64)]}
-KINDS = ("fwd", "dkdv", "dq", "dkdv_atomic")
-WORK = {"fwd": 1.0, "dkdv": 1.25, "dq": 1.25, "dkdv_atomic": 2.5}  # x forward FLOPs
+KINDS = ("fwd", "dkdv", "dq", "dkdv_atomic", "fwd_nosoftmax")
+WORK = {"fwd": 1.0, "dkdv": 1.25, "dq": 1.25, "dkdv_atomic": 2.5,  # x forward FLOPs
+        "fwd_nosoftmax": 1.0}
+# A diagnostic, never a winner: the forward's loads and two matmuls without the online
+# softmax between them (NO_SOFTMAX), the ceiling of this kernel's pipeline as it is.
+DIAGNOSTIC = {"fwd_nosoftmax"}
 
 
 def _cfg(bm, bn, w, s, tma, ws=False):
@@ -67,6 +71,9 @@ def candidates(kind, d):
         ("dkdv_atomic", 128): [(64, 128, 8, 3, True), (32, 64, 4, 3, True), (32, 64, 4, 3, False),
                                (32, 128, 8, 3, True), (16, 64, 4, 3, True),
                                (64, 128, 8, 2, True)],
+        ("fwd_nosoftmax", 128): [(128, 64, 8, 3, False), (128, 128, 8, 3, True),
+                                 (128, 64, 8, 3, True, True)],
+        ("fwd_nosoftmax", 64): [(128, 64, 8, 4, False)],
         ("fwd", 64): [(128, 64, 8, 4, False), (128, 64, 8, 3, False), (128, 128, 8, 3, False),
                       (128, 64, 8, 3, True, True), (128, 128, 8, 3, True, True)],
         ("dkdv", 64): [(32, 128, 4, 3, False), (64, 128, 8, 3, False), (32, 128, 4, 3, True),
@@ -103,7 +110,8 @@ class KernelRun:
         from kernels import attention as A
         from kernels.attention_bwd import launch_dkdv, launch_dq
 
-        if kind == "fwd":
+        if kind in ("fwd", "fwd_nosoftmax"):
+            cfg = dict(cfg, NO_SOFTMAX=kind == "fwd_nosoftmax")
             return lambda: A.attention_forward(self.q, self.k, self.v, causal=True,
                                                softmax_scale=self.scale, config=cfg)[0]
         tma = A._use_tma(cfg, self.q, self.k, self.v, self.do)
@@ -121,15 +129,15 @@ class KernelRun:
         return atomic
 
     def outputs(self, kind):
-        return {"fwd": [], "dkdv": ["dk", "dv"], "dq": ["dq"],
+        return {"fwd": [], "fwd_nosoftmax": [], "dkdv": ["dk", "dv"], "dq": ["dq"],
                 "dkdv_atomic": ["dk", "dv", "dq"]}[kind]
 
 
 def _kernel_of(kind):
     from kernels import attention_bwd, attention_fwd
 
-    return {"fwd": attention_fwd._fwd_kernel, "dq": attention_bwd._dq_kernel}.get(
-        kind, attention_bwd._dkdv_kernel)
+    return {"fwd": attention_fwd._fwd_kernel, "fwd_nosoftmax": attention_fwd._fwd_kernel,
+            "dq": attention_bwd._dq_kernel}.get(kind, attention_bwd._dkdv_kernel)
 
 
 def compile_one(kind, cfg, shape) -> dict:
@@ -160,8 +168,8 @@ def _compile_in_subprocess(task):
     return json.loads(lines[-1])
 
 
-def precompile(workers):
-    tasks = [(kind, cfg, TUNE_SHAPES[d][0]) for d in TUNE_SHAPES for kind in KINDS
+def precompile(workers, kinds=KINDS):
+    tasks = [(kind, cfg, TUNE_SHAPES[d][0]) for d in TUNE_SHAPES for kind in kinds
              for cfg in candidates(kind, d)]
     t0 = time.time()
     with futures.ThreadPoolExecutor(max_workers=workers) as pool:
@@ -181,7 +189,7 @@ def _sdpa_reference(run):
                 dk=k.grad.transpose(1, 2), dv=v.grad.transpose(1, 2))
 
 
-def time_configs(compiled):
+def time_configs(compiled, kinds=KINDS):
     """Time every config that compiled; (table, winners {d: {kind: cfg}})."""
     from triton.testing import do_bench
 
@@ -189,7 +197,7 @@ def time_configs(compiled):
     for d, shapes in TUNE_SHAPES.items():
         runs = [KernelRun(shape) for shape in shapes]
         refs = [_sdpa_reference(run) for run in runs]
-        for kind in KINDS:
+        for kind in kinds:
             best = None
             for cfg in candidates(kind, d):
                 row = dict(kind=kind, d=d, cfg=cfg, **compiled.get(json.dumps([kind, cfg, d]), {}))
@@ -200,7 +208,7 @@ def time_configs(compiled):
                             fn = run.fn(kind, cfg)
                             got = fn()
                             torch.cuda.synchronize()
-                            outs = [("fwd", got)] if kind == "fwd" else [
+                            outs = [("fwd", got)] if kind.startswith("fwd") else [
                                 (n, getattr(run, n)) for n in run.outputs(kind)]
                             errs += [relerr(x, ref[n]) for n, x in outs]
                             ms = do_bench(fn, warmup=10, rep=40, return_mode="median")
@@ -210,7 +218,7 @@ def time_configs(compiled):
                                 WORK[kind] * attention_flops_fwd(b, hq, s, d) / ms / 1e9)
                             total += ms
                         row.update(max_relerr_vs_sdpa_flash=max(errs), total_ms=total,
-                                   ok=max(errs) < 2e-2)
+                                   ok=max(errs) < 2e-2 and kind not in DIAGNOSTIC)
                         if row["ok"] and (best is None or total < best[0]):
                             best = (total, cfg)
                     except Exception as e:  # noqa: BLE001
@@ -242,22 +250,26 @@ def main():
     parser.add_argument("--workers", type=int, default=14)
     parser.add_argument("--compile-only", action="store_true")
     parser.add_argument("--compiled", help="an earlier --compile-only run's --out: skip compiling")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset")
     parser.add_argument("--compile-one", help=argparse.SUPPRESS)  # worker
     args = parser.parse_args()
     if args.compile_one:
         kind, cfg, shape = json.loads(args.compile_one)
         print(json.dumps(compile_one(kind, cfg, tuple(shape))))
         return
+    kinds = tuple(args.kinds.split(","))
+    if set(kinds) - set(KINDS):
+        parser.error(f"--kinds: unknown {sorted(set(kinds) - set(KINDS))}; known: {KINDS}")
     if args.compiled:
         with open(args.compiled) as f:
             compiled = json.load(f)["compiled"]
     else:
-        compiled = precompile(args.workers)
+        compiled = precompile(args.workers, kinds)
     results = dict(provenance(), compiled=compiled, shapes=TUNE_SHAPES,
                    flops="per kernel: fwd 2*b*hq*s^2*d (causal); dkdv, dq 1.25x; "
                          "dkdv_atomic 2.5x")
     if not args.compile_only:
-        results["table"], results["winners"] = time_configs(compiled)
+        results["table"], results["winners"] = time_configs(compiled, kinds)
         print("winners", json.dumps(results["winners"]), flush=True)
         if args.winners_out:
             write_json(args.winners_out, results["winners"])

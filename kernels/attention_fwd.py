@@ -73,13 +73,21 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, offs_m, lo, hi, seqlen,
                stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_CAUSAL: tl.constexpr,
                MASK_TAIL: tl.constexpr, EVEN: tl.constexpr, USE_TMA: tl.constexpr,
-               WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr):
+               WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr, NO_SOFTMAX: tl.constexpr):
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k = _load_rows(k_src, start_n, seqlen, stride_ks, stride_kd, BLOCK_N, HEAD_DIM,
                        USE_TMA, EVEN)
         qk = _dot(q, tl.trans(k), None, DOT_F32)
-        if MASK_CAUSAL or MASK_TAIL:
+        if NO_SOFTMAX:
+            # Diagnostic only (benchmarks/tune_attention.py): the loads and both matmuls
+            # without the online softmax between them; the output is not attention.
+            v = _load_rows(v_src, start_n, seqlen, stride_vs, stride_vd, BLOCK_N, HEAD_DIM,
+                           USE_TMA, EVEN)
+            acc = _dot(qk.to(v.dtype), v, acc, DOT_F32)
+            l_i += 1.0
+            m_i = tl.maximum(m_i, 0.0)
+        elif MASK_CAUSAL or MASK_TAIL:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             if MASK_CAUSAL:
                 keep = offs_m[:, None] >= offs_n[None, :]
@@ -92,14 +100,15 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, offs_m, lo, hi, seqlen,
         else:
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale2)
             qk = qk * qk_scale2 - m_new[:, None]
-        p = tl.math.exp2(qk)
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        v = _load_rows(v_src, start_n, seqlen, stride_vs, stride_vd, BLOCK_N, HEAD_DIM,
-                       USE_TMA, EVEN)
-        acc = _dot(p.to(v.dtype), v, acc, DOT_F32)
-        m_i = m_new
+        if not NO_SOFTMAX:
+            p = tl.math.exp2(qk)
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            v = _load_rows(v_src, start_n, seqlen, stride_vs, stride_vd, BLOCK_N, HEAD_DIM,
+                           USE_TMA, EVEN)
+            acc = _dot(p.to(v.dtype), v, acc, DOT_F32)
+            m_i = m_new
     return acc, l_i, m_i
 
 
@@ -112,7 +121,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 seqlen, num_heads, group, qk_scale2,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, EVEN: tl.constexpr, USE_TMA: tl.constexpr,
-                WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr):
+                WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr, NO_SOFTMAX: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     bh = tl.program_id(0)
     # Last query blocks first: under the causal mask they carry the most work.
@@ -141,23 +150,23 @@ def _fwd_kernel(Q, K, V, O, LSE,
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, offs_m, 0, start_m, seqlen,
                                    stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2,
                                    BLOCK_N, HEAD_DIM, False, False, True, USE_TMA, WARP_SPEC,
-                                   DOT_F32)
+                                   DOT_F32, NO_SOFTMAX)
         hi = tl.minimum(start_m + BLOCK_M, seqlen)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, offs_m, start_m, hi, seqlen,
                                    stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2,
                                    BLOCK_N, HEAD_DIM, True, False, EVEN, USE_TMA, WARP_SPEC,
-                                   DOT_F32)
+                                   DOT_F32, NO_SOFTMAX)
     else:
         full = (seqlen // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, offs_m, 0, full, seqlen,
                                    stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2,
                                    BLOCK_N, HEAD_DIM, False, False, True, USE_TMA, WARP_SPEC,
-                                   DOT_F32)
+                                   DOT_F32, NO_SOFTMAX)
         if not EVEN:
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, offs_m, full, seqlen,
                                        seqlen, stride_ks, stride_kd, stride_vs, stride_vd,
                                        qk_scale2, BLOCK_N, HEAD_DIM, False, True, False,
-                                       USE_TMA, WARP_SPEC, DOT_F32)
+                                       USE_TMA, WARP_SPEC, DOT_F32, NO_SOFTMAX)
 
     acc = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural log: log2 * ln 2
@@ -188,5 +197,6 @@ def launch_forward(q, k, v, o, lse, *, causal, softmax_scale, config, use_tma):
         seqlen, num_heads, num_heads // k.shape[2], softmax_scale * LOG2E_HOST,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
         EVEN=seqlen % block_m == 0, USE_TMA=use_tma, WARP_SPEC=config.get("WARP_SPEC", False),
-        DOT_F32=dot_f32(q), num_warps=config["num_warps"], num_stages=config["num_stages"],
+        DOT_F32=dot_f32(q), NO_SOFTMAX=config.get("NO_SOFTMAX", False),
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
     )

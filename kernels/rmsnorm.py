@@ -76,6 +76,46 @@ def _forward_kernel(
 
 
 @triton.jit
+def _persistent_start(w_ptr, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A persistent program's start: (pid, programs, row and column ranges, column mask,
+    w in fp32, number of row tiles)."""
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return (tl.program_id(0), tl.num_programs(0), tl.arange(0, BLOCK_M), cols, col_ok, w,
+            tl.cdiv(n_rows, BLOCK_M))
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _forward_persistent_kernel(
+    x_ptr, w_ptr, y_ptr, rstd_ptr,
+    n_rows, n_cols, stride_x, stride_y, eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # The forward on a persistent grid: program p normalises row tiles p, p + P, ...; w is
+    # loaded once per program, and the next tile's x is loaded before this tile is stored.
+    pid, programs, rows, cols, col_ok, w, n_tiles = _persistent_start(w_ptr, n_rows, n_cols,
+                                                                      BLOCK_M, BLOCK_N)
+    row0 = tl.cast(pid, tl.int64) * BLOCK_M
+    x_next = tl.load(x_ptr + row0 * stride_x + rows[:, None] * stride_x + cols[None, :],
+                     mask=(rows < n_rows - row0)[:, None] & col_ok[None, :], other=0.0,
+                     eviction_policy="evict_first")
+    for tile in range(pid, n_tiles, programs):
+        row0 = tl.cast(tile, tl.int64) * BLOCK_M
+        row_ok = rows < n_rows - row0
+        x = x_next.to(tl.float32)
+        nxt = row0 + programs * BLOCK_M
+        x_next = tl.load(x_ptr + nxt * stride_x + rows[:, None] * stride_x + cols[None, :],
+                         mask=(rows < n_rows - nxt)[:, None] & col_ok[None, :], other=0.0,
+                         eviction_policy="evict_first")
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+        y = x * rstd[:, None] * w[None, :]
+        tl.store(y_ptr + row0 * stride_y + rows[:, None] * stride_y + cols[None, :],
+                 y.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(rstd_ptr + row0 + rows, rstd, mask=row_ok)
+
+
+@triton.jit
 def _load_tile(dy_ptr, x_ptr, rstd_ptr, row0, n_rows, n_cols, stride_dy, stride_x,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dy, x (fp32, [BLOCK_M, BLOCK_N]) and rstd ([BLOCK_M]) of the tile starting at row0
@@ -100,14 +140,9 @@ def _backward_kernel(
 ):
     # Program p walks row tiles p, p + P, p + 2P, ... (P programs); with PREFETCH it loads
     # the next tile before working on the current one, so loads stay in flight meanwhile.
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    rows = tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    col_ok = cols < n_cols
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    pid, programs, rows, cols, col_ok, w, n_tiles = _persistent_start(w_ptr, n_rows, n_cols,
+                                                                      BLOCK_M, BLOCK_N)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
-    n_tiles = tl.cdiv(n_rows, BLOCK_M)
     if PREFETCH:
         dy_next, x_next, rstd_next = _load_tile(
             dy_ptr, x_ptr, rstd_ptr, tl.cast(pid, tl.int64) * BLOCK_M, n_rows, n_cols,
@@ -153,8 +188,9 @@ def _dw_reduce_kernel(
 
 
 class ForwardConfig(NamedTuple):
-    block_m: int  # rows per program
+    block_m: int  # rows per program (per loop iteration when persistent)
     num_warps: int
+    programs_per_sm: int = 0  # > 0: a persistent grid of SMs * this, next tile prefetched
 
 
 class BackwardConfig(NamedTuple):
@@ -211,6 +247,7 @@ def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 
 _FORWARD = CachedLaunch(_forward_kernel)
+_FORWARD_PERSISTENT = CachedLaunch(_forward_persistent_kernel)
 _BACKWARD = CachedLaunch(_backward_kernel)
 _DW_REDUCE = CachedLaunch(_dw_reduce_kernel)
 _PARTIALS: dict = {}  # (device, programs, n_cols) -> fp32 [programs, n_cols] scratch
@@ -234,9 +271,15 @@ def forward(x2: torch.Tensor, weight: torch.Tensor, eps: float,
         return y, rstd
     cfg = config or forward_config(n_cols)
     stride = x2.stride(0)
-    _FORWARD.launch(
+    tiles = _cdiv(n_rows, cfg.block_m)
+    if cfg.programs_per_sm:
+        launcher = _FORWARD_PERSISTENT
+        grid = (min(tiles, _sm_count(x2.device) * cfg.programs_per_sm),)
+    else:
+        launcher, grid = _FORWARD, (tiles,)
+    launcher.launch(
         (device_index(x2), cfg, n_cols, stride, x2.dtype, weight.dtype, aligned(x2),
-         aligned(weight)), (_cdiv(n_rows, cfg.block_m),),
+         aligned(weight)), grid,
         (x2, weight, y, rstd, n_rows, n_cols, stride, n_cols, float(eps)),
         dict(BLOCK_M=cfg.block_m, BLOCK_N=_block_n(n_cols)), num_warps=cfg.num_warps)
     return y, rstd
