@@ -3,11 +3,14 @@
 #
 #   call 1 (carry .whl .fa4a):  bash benchmarks/kernels_device.sh 1 <commit>
 #   call 2 (carry .whl .fa4b):  bash benchmarks/kernels_device.sh 2 <commit>
+#   later (carry .whl):         bash benchmarks/kernels_device.sh 3 <commit>
 #
 # 1: CUDA kernel tests beside the attention tuner's compile workers, then the tuner's timing
 #    (winners kept in /tmp for call 2) and the RMSNorm benchmark.
 # 2: flash-attn-4 installed; its CUDA tests, then bench_attention (check + bench, the
 #    tuner's winners installed) against flash-attn-4 and SDPA.
+# 3: the hard-coded configs' CUDA tests beside the forward diagnostic's compile (the forward
+#    without its softmax), then the RMSNorm benchmark.
 set -u
 step=$1
 export GIT_COMMIT=$2
@@ -23,6 +26,20 @@ if [ "$step" = 1 ]; then
   timeout 150 python -m benchmarks.tune_attention --compiled /tmp/tune_compiled.json \
     --out "$OUT/attention_tune_h200.json" --winners-out /tmp/attention_winners.json >> "$OUT/tune.log" 2>&1
   echo "tune rc=$?"; grep -E "^compiled|^winners" "$OUT/tune.log"
+  timeout 180 python -m benchmarks.bench_rmsnorm --quick --out "$OUT/rmsnorm_h200.json" > "$OUT/rmsnorm.log" 2>&1
+  echo "rmsnorm rc=$?"; grep -E "^summary" "$OUT/rmsnorm.log"
+elif [ "$step" = 3 ]; then
+  . benchmarks/gpu_env.sh || exit 1
+  env -u TRITON_ALLOW_NON_CONSTEXPR_GLOBALS timeout 200 python -m pytest -q -p no:cacheprovider \
+    -m cuda tests/kernels/test_attention.py tests/kernels/test_rmsnorm.py \
+    tests/kernels/test_fast_launch.py > "$OUT/tests3.log" 2>&1 &
+  tests=$!
+  timeout 120 python -m benchmarks.tune_attention --compile-only --kinds fwd,fwd_nosoftmax \
+    --workers 10 --out /tmp/diag_compiled.json > "$OUT/diag.log" 2>&1
+  wait $tests; echo "tests3 rc=$?"; tail -3 "$OUT/tests3.log"
+  timeout 90 python -m benchmarks.tune_attention --compiled /tmp/diag_compiled.json \
+    --kinds fwd,fwd_nosoftmax --out "$OUT/attention_diag_h200.json" >> "$OUT/diag.log" 2>&1
+  echo "diag rc=$?"
   timeout 180 python -m benchmarks.bench_rmsnorm --quick --out "$OUT/rmsnorm_h200.json" > "$OUT/rmsnorm.log" 2>&1
   echo "rmsnorm rc=$?"; grep -E "^summary" "$OUT/rmsnorm.log"
 else

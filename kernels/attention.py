@@ -39,23 +39,27 @@ from kernels.attention_fwd import launch_forward
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
-# Block configurations per head dim, winners of the H100 sweep in
-# benchmarks/bench_attention.py (bf16, causal; see benchmarks/results/attention_*.json).
-# "tma": load tiles through tensor descriptors (sm_90+, when the strides allow).
+# Block configurations per head dim, winners of the H200 sweep of benchmarks/tune_attention.py
+# (bf16, causal; benchmarks/results/attention_tune_h200_2026-12-01.json). "tma": load tiles
+# through tensor descriptors (sm_90+, when the strides allow); "WARP_SPEC": Triton's warp
+# specialization of the inner loop (compiles on sm_90 with Triton 3.6; it won only for dQ).
 FWD_CONFIGS = {
     64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, tma=False),
     128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma=False),
 }
 DKDV_CONFIGS = {
     64: dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3, tma=False),
-    128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, tma=True),
+    128: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3, tma=False),
 }
 DQ_CONFIGS = {
     64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma=False),
-    128: dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3, tma=True),
+    128: dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3, tma=True, WARP_SPEC=True),
 }
 # The dK/dV kernel that also adds dQ with atomics (deterministic=False).
-DKDV_ATOMIC_CONFIGS = dict(DKDV_CONFIGS)
+DKDV_ATOMIC_CONFIGS = {
+    64: dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3, tma=False),
+    128: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3, tma=True),
+}
 # Untuned head dims get small blocks. The CPU interpreter simulates every program
 # in numpy: few, small tiles keep the tests fast there.
 SMALL_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, tma=False)
