@@ -1,13 +1,17 @@
 """Every preset composes into the typed schema and converts to the project's dataclasses."""
 
+import dataclasses
+import itertools
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from sweeper.config import (
     ConfigError,
+    Layout,
     cluster_from_dict,
     layout_from_dict,
     model_from_dict,
@@ -46,12 +50,65 @@ def test_every_cluster_preset_sets_an_explicit_peak(name):
     assert cluster.name == name and cluster.peak_tflops > 0
 
 
+def _values(key: str, value) -> list:
+    """The values of one sweep axis as Hydra parses them ("1,2" -> [1, 2])."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    (override,) = OverridesParser.create().parse_overrides([f"{key}={value}"])
+    return list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+
+
+def grid_problems(base_layout: dict, params: dict, grids: list) -> list[str]:
+    """Every layout of the main grid and each extra grid (as sweeper.hydra_sweeper expands
+    them), with what is wrong with it: an unknown axis, a wrong type or a value outside
+    the axis's allowed values (sweeper.validity's axis check)."""
+    from sweeper.validity import _check_axes
+
+    problems = []
+    for grid in [{}, *grids]:
+        axes = {**params, **grid}
+        unknown = [k for k in axes if not k.startswith("layout.")]
+        problems += [f"{k}: only layout axes are swept" for k in unknown]
+        names = [k for k in axes if k.startswith("layout.")]
+        for combo in itertools.product(*(_values(k, axes[k]) for k in names)):
+            values = {k[len("layout."):]: v for k, v in zip(names, combo)}
+            try:
+                layout = layout_from_dict({**base_layout, **values})
+            except ConfigError as exc:
+                problems.append(str(exc))
+                continue
+            problem = _check_axes(layout)
+            if problem:
+                problems.append(f"{layout.name}: {problem}")
+    return problems
+
+
+def _preset(name: str) -> tuple[dict, dict, list]:
+    raw = yaml.safe_load((CONF / "sweep" / f"{name}.yaml").read_text())
+    sweeper = (raw.get("hydra") or {}).get("sweeper") or {}
+    return _compose([f"sweep={name}"]), sweeper.get("params") or {}, sweeper.get("grids") or []
+
+
 @pytest.mark.parametrize("name", presets("sweep"))
-def test_every_sweep_preset(name):
-    cfg = _compose([f"sweep={name}"])
+def test_every_sweep_preset_expands_to_allowed_values(name):
+    cfg, params, grids = _preset(name)
     sweep_from_dict(cfg["sweep"])
     trial_from_dict(cfg["trial"])
     layout_from_dict(cfg["layout"])
+    assert params, f"{name} sweeps no axis"
+    assert grid_problems(cfg["layout"], params, grids) == []
+
+
+def test_a_typo_in_a_preset_axis_is_caught():
+    cfg, params, grids = _preset("h100_single")
+    typo = grid_problems(cfg["layout"], {**params, "layout.attention": "sdpa_cudnn,tritonn"}, grids)
+    assert typo and all(p.endswith("got 'tritonn'") and "attention must be one of" in p for p in typo)
+    typo_in_grid = [*grids, {"layout.norm": "trition"}]
+    assert any("norm must be one of" in p for p in grid_problems(cfg["layout"], params, typo_in_grid))
+    assert grid_problems(cfg["layout"], {"layout.mbs": "1,two"}, []) == [
+        "layout.mbs must be int, got 'two'"]
+    assert grid_problems(cfg["layout"], {"layout.mbz": "1"}, []) == [
+        "unknown field layout.mbz (known: " + ", ".join(f.name for f in dataclasses.fields(Layout)) + ")"]
 
 
 def test_known_sizes():
@@ -62,8 +119,11 @@ def test_known_sizes():
 
 
 def test_schema_rejects_a_wrong_type():
-    with pytest.raises(Exception):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="Error merging override layout.tp=two") as caught:
         _compose(["layout.tp=two"])
+    assert "could not be converted to Integer" in str(caught.value.__cause__)
 
 
 def test_dataclass_conversion_rejects_bad_values():

@@ -10,7 +10,7 @@ import cloudpickle
 import pytest
 import submitit
 
-
+pytestmark = pytest.mark.slurm  # `-m "not slurm"` deselects it with the other cluster tests
 
 TIMEOUT_S = 120
 

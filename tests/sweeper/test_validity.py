@@ -87,3 +87,79 @@ def test_cpu_cluster_reports_what_needs_cuda():
     for axes in (dict(pp=2, vpp=2), dict(tp=2, sequence_parallel=True), dict(recompute="selective"),
                  dict(recompute="full", recompute_method="block")):
         assert unsupported_reason(cpu, Layout(**axes)) is None, axes
+
+
+# -- each rule at its boundary, with only that rule firing --------------------------------
+
+def test_interleaving_needs_microbatches_divisible_by_pp_not_vpp():
+    # pp 2, vpp 4 (8 layers: one per chunk), world 2 -> dp 1: 6 micro-batches split over 2 stages
+    assert reason(pp=2, vpp=4, world=2, gbs=6) is None  # 6 % vpp 4 != 0 is fine
+    # pp 4, vpp 2, world 4: 6 micro-batches do not split over 4 stages (6 % vpp 2 == 0)
+    assert reason(pp=4, vpp=2, world=4, gbs=6) == (
+        "interleaved pipeline needs the number of micro-batches (6) to be divisible by pp 4")
+    assert reason(pp=4, vpp=2, world=4, gbs=8) is None
+    # without interleaving, 1F1B takes any number of micro-batches
+    assert reason(pp=4, world=4, gbs=6) is None
+
+
+def test_sequence_parallel_needs_seq_length_divisible_by_tp():
+    odd = dataclasses.replace(MODEL, seq_length=250)  # 250 % 4 = 2, 250 % 2 = 0
+    assert reason(model=odd, tp=4, sequence_parallel=True, gbs=8) == (
+        "seq_length 250 is not divisible by tp 4 (sequence parallel)")
+    assert reason(model=odd, tp=2, sequence_parallel=True, gbs=8) is None
+    assert reason(model=odd, tp=4, gbs=8) is None  # without sp the sequence is not split
+
+
+def test_ffn_must_split_over_tp():
+    model = dataclasses.replace(MODEL, ffn_hidden_size=690)  # 690 % 2 = 0, 690 % 4 = 2
+    assert reason(model=model, tp=4, gbs=8) == "ffn_hidden_size 690 is not divisible by tp 4"
+    assert reason(model=model, tp=2, gbs=8) is None
+
+
+def test_recompute_num_layers_may_equal_the_layers_per_stage():
+    # pp 2 -> 4 layers per stage: recomputing all 4 is allowed, 5 is not
+    assert reason(pp=2, recompute="full", recompute_num_layers=4, gbs=8) is None
+    assert reason(pp=2, recompute="full", recompute_method="block", recompute_num_layers=4, gbs=8) is None
+    assert reason(pp=2, recompute="full", recompute_method="block", recompute_num_layers=5, gbs=8) == (
+        "recompute_num_layers 5 exceeds the 4 layers per pipeline stage")
+    assert reason(pp=2, recompute="full", recompute_num_layers=2, gbs=8) is None  # 2 divides 4
+
+
+def test_uniform_recompute_groups_must_divide_the_layers_of_a_chunk_not_a_stage():
+    # pp 2, vpp 2 -> 4 layers per stage, 2 per chunk: groups of 4 fit a stage, not a chunk
+    assert reason(pp=2, vpp=2, world=2, recompute="full", recompute_num_layers=4, gbs=8) == (
+        "uniform recompute groups of 4 do not divide the 2 layers per model chunk")
+    assert reason(pp=2, vpp=2, world=2, recompute="full", recompute_num_layers=2, gbs=8) is None
+
+
+def test_recompute_layer_rules_apply_to_full_recompute_only():
+    for recompute in ("none", "selective"):
+        assert reason(pp=2, recompute=recompute, recompute_num_layers=5, gbs=8) is None, recompute
+
+
+def test_the_batch_must_split_exactly():
+    # world 8, tp 2 -> dp 4: mbs 3 * dp 4 = 12 divides 24 but not 18
+    assert reason(tp=2, mbs=3, gbs=24) is None
+    assert reason(tp=2, mbs=3, gbs=18) == "gbs 18 is not divisible by mbs*dp = 3*4 = 12"
+
+
+def test_the_world_check_counts_context_parallel():
+    assert reason(tp=2, pp=2, cp=4).startswith("world size 8 is not divisible by tp*pp*cp = 2*2*4 = 16")
+    assert "Transformer Engine" in reason(tp=2, pp=2, cp=2, gbs=8)  # 8 ranks divide: the cp rule fires
+
+
+def test_fused_loss_needs_an_unsplit_vocabulary():
+    assert reason(tp=2, loss="fused", gbs=8) == "loss=fused does not split the vocabulary: it needs tp = 1"
+    assert reason(tp=1, loss="fused", gbs=8) is None
+
+
+def test_every_allowed_kernel_value_is_valid_and_a_typo_is_not():
+    from sweeper.config import ATTENTION_KERNELS, NORM_KERNELS
+
+    for attention in ATTENTION_KERNELS:
+        if attention != "flash_attn":  # its head-dim rule is kernels/attention_fa4's
+            assert reason(attention=attention, gbs=8) is None, attention
+    for norm in NORM_KERNELS:
+        assert reason(norm=norm, gbs=8) is None, norm
+    assert reason(attention="tritonn", gbs=8).startswith("attention must be one of")
+    assert reason(norm="rms", gbs=8).startswith("norm must be one of")
