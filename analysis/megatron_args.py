@@ -166,11 +166,11 @@ def _env(layout: Layout, repo_root: Path) -> dict[str, str]:
 def _notes(layout: Layout, world_size: int) -> list[str]:
     notes = []
     if layout.cuda_graph:
-        overlap = " and its gradient reduction overlapped (--overlap-grad-reduce)" \
-            if layout.dp(world_size) > 1 else ""
+        overlap = ", with the gradient reduction overlapped (--overlap-grad-reduce), which a captured " \
+            "graph cannot do" if layout.dp(world_size) > 1 else ""
         notes.append("our trials capture each micro-batch's forward+backward as one CUDA graph "
                      "(launch/step_graph.py); Megatron-LM has no such setting, so this runs eager"
-                     f"{overlap} (its nearest, --cuda-graph-impl local, graphs each layer)")
+                     f"{overlap}; Megatron-LM's nearest, --cuda-graph-impl local, graphs each layer")
     if layout.loss == "fused":
         notes.append("our trials fuse the output layer with its loss (kernels/megatron_loss.py, its own "
                      "GPTModel class); Megatron-LM builds its GPTModel, so this runs megatron-core's "
