@@ -124,9 +124,6 @@ def forward_candidates(n_cols):
     seen.add(ours.ForwardConfig(2 * default.block_m, min(32, 2 * default.num_warps)))
     seen.add(ours.ForwardConfig(2 * default.block_m, default.num_warps))
     seen.add(ours.ForwardConfig(4 * default.block_m, min(32, 2 * default.num_warps)))
-    for programs_per_sm in (1, 2, 4):  # the persistent forward, next tile prefetched
-        seen.add(default._replace(programs_per_sm=programs_per_sm))
-    seen.add(ours.ForwardConfig(2 * default.block_m, default.num_warps, 1))
     return sorted(seen)
 
 

@@ -13,12 +13,17 @@ Layers: `attention_fwd.py` / `attention_bwd.py` hold the @triton.jit kernels and
 their launchers; here are the block configurations, the autograd.Function and
 the keyword-only entry point `flash_attention`, plus a float64 reference.
 
-H100, bf16, causal (benchmarks/results/attention_h100_2026-11-23.json): forward+backward
-1.33-1.49x torch SDPA-flash, 0.73-0.89x SDPA-cuDNN. What holds it back: the
-deterministic backward recomputes Q K^T and dO V^T in the dQ kernel (7 block matmuls,
-not 5); the d=128 dK/dV kernel runs at the 255-register cap and spills; and without
-warp specialization (Triton's pass aborted on these kernels for sm_90) softmax and
-tensor-core work do not overlap as in FA3/cuDNN.
+H200, bf16, causal, the issue's four shapes (benchmarks/results/attention_h200_2026-12-01.json;
+bf16 matmul ceiling 701 TFLOP/s in that run): forward+backward 343/391/241/378 TFLOP/s,
+0.68-0.79x flash-attn-4 (479/577/304/520) and 0.77-0.91x SDPA-cuDNN, 1.34-1.47x SDPA-flash.
+What holds it back, measured (attention_tune_h200 / attention_diag_h200 JSON): the forward
+at s=4096 runs 464 TFLOP/s, 636 with the softmax taken out (NO_SOFTMAX), so the softmax,
+not overlapped with the tensor cores as FA3/FA4 ping-pong it, costs 27%; at s=2048 even the
+softmax-free pipeline reaches only 404 (58% of the ceiling). Triton's warp specialization
+compiles on sm_90 (Triton 3.6) but is slower for the forward (320 vs 361) and dK/dV; it wins
+only for dQ. The dK/dV kernel (the backward's bottleneck, TFLOP/s counted at its share of
+the FLOPs: 285-329) sits at 206-255 registers; its 64x128 tiles spill. deterministic=False
+(atomic dQ, 5 block matmuls instead of 7) is slower, 0.76-0.88x fwd+bwd: more registers, spills.
 
 Dtypes: fp16 and bf16 (fp32 too: on a GPU its dots run as tf32). Head dims: powers
 of two from 16 to 256 (64 and 128 tuned). Any sequence length; rows past the last

@@ -15,6 +15,14 @@ first call (`kernels.fast_launch`), and the dw partial buffer kept between calls
 a CUDA graph is being captured), so a call allocates only its outputs (y and the fp32 rstd
 forward; dx and dw backward).
 
+H200, bf16 (benchmarks/results/rmsnorm_h200_2026-12-01.json, SHAPES 16384x4096, 32768x8192,
+8192x5120): GPU time fwd 0.93/0.95/0.92x a copy of x, fwd+bwd 0.92/0.92/0.86x, 1.18/1.14/1.35x
+the best peer (torch.compile, liger); host time included (do_bench), fwd+bwd 0.91/2.05/1.03x
+torch's F.rms_norm (0.90/2.05/0.87x before the host-path changes, ..._run1.json). At
+16384x4096 the call is host-bound: ~340 us per fwd+bwd against 184 us of GPU work. A
+persistent forward (w loaded once per program, the next row tile prefetched, as the backward
+does) measured 0.70-0.96x this forward in the same run's sweep, so it was dropped.
+
 Three layers, as in Liger-Kernel and the Triton layer-norm tutorial:
   * private @triton.jit kernels: `_forward_kernel` (a [BLOCK_M, BLOCK_N] tile of rows per
     program), `_backward_kernel` (a persistent grid; each program walks row tiles and keeps
@@ -76,46 +84,6 @@ def _forward_kernel(
 
 
 @triton.jit
-def _persistent_start(w_ptr, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A persistent program's start: (pid, programs, row and column ranges, column mask,
-    w in fp32, number of row tiles)."""
-    cols = tl.arange(0, BLOCK_N)
-    col_ok = cols < n_cols
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    return (tl.program_id(0), tl.num_programs(0), tl.arange(0, BLOCK_M), cols, col_ok, w,
-            tl.cdiv(n_rows, BLOCK_M))
-
-
-@triton.jit(do_not_specialize=["n_rows"])
-def _forward_persistent_kernel(
-    x_ptr, w_ptr, y_ptr, rstd_ptr,
-    n_rows, n_cols, stride_x, stride_y, eps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    # The forward on a persistent grid: program p normalises row tiles p, p + P, ...; w is
-    # loaded once per program, and the next tile's x is loaded before this tile is stored.
-    pid, programs, rows, cols, col_ok, w, n_tiles = _persistent_start(w_ptr, n_rows, n_cols,
-                                                                      BLOCK_M, BLOCK_N)
-    row0 = tl.cast(pid, tl.int64) * BLOCK_M
-    x_next = tl.load(x_ptr + row0 * stride_x + rows[:, None] * stride_x + cols[None, :],
-                     mask=(rows < n_rows - row0)[:, None] & col_ok[None, :], other=0.0,
-                     eviction_policy="evict_first")
-    for tile in range(pid, n_tiles, programs):
-        row0 = tl.cast(tile, tl.int64) * BLOCK_M
-        row_ok = rows < n_rows - row0
-        x = x_next.to(tl.float32)
-        nxt = row0 + programs * BLOCK_M
-        x_next = tl.load(x_ptr + nxt * stride_x + rows[:, None] * stride_x + cols[None, :],
-                         mask=(rows < n_rows - nxt)[:, None] & col_ok[None, :], other=0.0,
-                         eviction_policy="evict_first")
-        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
-        y = x * rstd[:, None] * w[None, :]
-        tl.store(y_ptr + row0 * stride_y + rows[:, None] * stride_y + cols[None, :],
-                 y.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-        tl.store(rstd_ptr + row0 + rows, rstd, mask=row_ok)
-
-
-@triton.jit
 def _load_tile(dy_ptr, x_ptr, rstd_ptr, row0, n_rows, n_cols, stride_dy, stride_x,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dy, x (fp32, [BLOCK_M, BLOCK_N]) and rstd ([BLOCK_M]) of the tile starting at row0
@@ -140,9 +108,14 @@ def _backward_kernel(
 ):
     # Program p walks row tiles p, p + P, p + 2P, ... (P programs); with PREFETCH it loads
     # the next tile before working on the current one, so loads stay in flight meanwhile.
-    pid, programs, rows, cols, col_ok, w, n_tiles = _persistent_start(w_ptr, n_rows, n_cols,
-                                                                      BLOCK_M, BLOCK_N)
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    n_tiles = tl.cdiv(n_rows, BLOCK_M)
     if PREFETCH:
         dy_next, x_next, rstd_next = _load_tile(
             dy_ptr, x_ptr, rstd_ptr, tl.cast(pid, tl.int64) * BLOCK_M, n_rows, n_cols,
@@ -188,9 +161,8 @@ def _dw_reduce_kernel(
 
 
 class ForwardConfig(NamedTuple):
-    block_m: int  # rows per program (per loop iteration when persistent)
+    block_m: int  # rows per program
     num_warps: int
-    programs_per_sm: int = 0  # > 0: a persistent grid of SMs * this, next tile prefetched
 
 
 class BackwardConfig(NamedTuple):
@@ -247,7 +219,6 @@ def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 
 _FORWARD = CachedLaunch(_forward_kernel)
-_FORWARD_PERSISTENT = CachedLaunch(_forward_persistent_kernel)
 _BACKWARD = CachedLaunch(_backward_kernel)
 _DW_REDUCE = CachedLaunch(_dw_reduce_kernel)
 _PARTIALS: dict = {}  # (device, programs, n_cols) -> fp32 [programs, n_cols] scratch
@@ -271,15 +242,9 @@ def forward(x2: torch.Tensor, weight: torch.Tensor, eps: float,
         return y, rstd
     cfg = config or forward_config(n_cols)
     stride = x2.stride(0)
-    tiles = _cdiv(n_rows, cfg.block_m)
-    if cfg.programs_per_sm:
-        launcher = _FORWARD_PERSISTENT
-        grid = (min(tiles, _sm_count(x2.device) * cfg.programs_per_sm),)
-    else:
-        launcher, grid = _FORWARD, (tiles,)
-    launcher.launch(
+    _FORWARD.launch(
         (device_index(x2), cfg, n_cols, stride, x2.dtype, weight.dtype, aligned(x2),
-         aligned(weight)), grid,
+         aligned(weight)), (_cdiv(n_rows, cfg.block_m),),
         (x2, weight, y, rstd, n_rows, n_cols, stride, n_cols, float(eps)),
         dict(BLOCK_M=cfg.block_m, BLOCK_N=_block_n(n_cols)), num_warps=cfg.num_warps)
     return y, rstd
