@@ -63,9 +63,10 @@ class MegatronLMCommand:
         return {**asdict(self), "command": self.line()}
 
 
-def spec_name(attention: str, norm: str, swiglu: str = "megatron") -> str:
+def spec_name(attention: str, norm: str, swiglu: str = "megatron", add_norm: str = "megatron") -> str:
     """The name of a layout's spec object in kernels/megatron_lm_spec.py (`--spec MODULE NAME`)."""
-    return f"{attention}_attention_{norm}_norm" + ("" if swiglu == "megatron" else f"_{swiglu}_swiglu")
+    return (f"{attention}_attention_{norm}_norm" + ("" if swiglu == "megatron" else f"_{swiglu}_swiglu")
+            + ("" if add_norm == "megatron" else f"_{add_norm}_add_norm"))
 
 
 def applies_rope(attention: str) -> bool:
@@ -148,7 +149,7 @@ def _kernel_args(layout: Layout) -> list[str]:
             "--transformer-impl", "local", "--no-rope-fusion", "--no-gradient-accumulation-fusion",
             "--no-masked-softmax-fusion", "--no-persist-layer-norm",
             "--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "native",
-            "--spec", SPEC_MODULE, spec_name(layout.attention, layout.norm, layout.swiglu)]
+            "--spec", SPEC_MODULE, spec_name(layout.attention, layout.norm, layout.swiglu, layout.add_norm)]
     if layout.swiglu == "triton":
         # megatron's MLP calls a spec'd activation module only with this flag (launch/model.py).
         args += ["--use-te-activation-func", "--no-bias-swiglu-fusion"]
@@ -175,6 +176,10 @@ def _notes(layout: Layout, world_size: int) -> list[str]:
         notes.append("our trials fuse the output layer with its loss (kernels/megatron_loss.py, its own "
                      "GPTModel class); Megatron-LM builds its GPTModel, so this runs megatron-core's "
                      "native fused cross-entropy (--cross-entropy-loss-fusion)")
+    if layout.add_norm == "fused":
+        notes.append("our trials also fuse each layer's MLP residual add with the next layer's input norm "
+                     "(kernels.megatron_layer.link_layers, after the model is built); Megatron-LM builds the "
+                     "model itself, so only the spec's in-layer add + pre-MLP norm is fused")
     if layout.optimizer_step == "flat":
         notes.append("our trials' optimizer step skips megatron's per-tensor passes (launch/flat_step.py); "
                      "Megatron-LM has no such setting, so this runs megatron's own step")
@@ -237,7 +242,8 @@ def megatron_core_kwargs(model: ModelConfig, layout: Layout, *, world_size: int)
     rope = "'none'" if applies_rope(layout.attention) else "'rope'"
     gpt = {"config": "config",
            "transformer_layer_spec": (f"kernels.layer_spec.block_spec(config, attention={layout.attention!r}, "
-                                      f"norm={layout.norm!r}, rope_base={ROPE_BASE}, swiglu={layout.swiglu!r})"),
+                                      f"norm={layout.norm!r}, rope_base={ROPE_BASE}, swiglu={layout.swiglu!r}, "
+                                      f"add_norm={layout.add_norm!r})"),
            "vocab_size": model.vocab_size, "max_sequence_length": model.seq_length,
            "parallel_output": True, "share_embeddings_and_output_weights": False,
            "position_embedding_type": rope, "rotary_base": ROPE_BASE}
@@ -257,6 +263,8 @@ def megatron_core_text(model: ModelConfig, layout: Layout, *, world_size: int) -
     """One `Class(field=value, ...)` line per object, in the order a trial builds them."""
     lines = [f"{name}({', '.join(f'{k}={v}' for k, v in fields_.items())})"
              for name, fields_ in megatron_core_kwargs(model, layout, world_size=world_size).items()]
+    if layout.add_norm == "fused":
+        lines.insert(2, "kernels.megatron_layer.link_layers(model.decoder.layers)  # add_norm=fused, after the build")
     lines.append("(lr is the trials' trial.lr default; the trials call kernels.wgrad.install() before "
                  "building, and step torch's fused Adam: launch/gpu_trial.py)")
     return lines

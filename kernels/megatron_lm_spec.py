@@ -2,7 +2,8 @@
 
 Megatron-LM (core_v0.16.1, `gpt_builders.py`) imports the object NAME from this module and
 hands it to GPTModel as its `transformer_layer_spec`, once per model chunk, with no config.
-NAME is `<attention>_attention_<norm>_norm[_triton_swiglu]` (`analysis.megatron_args.spec_name`),
+NAME is `<attention>_attention_<norm>_norm[_triton_swiglu][_fused_add_norm]`
+(`analysis.megatron_args.spec_name`),
 one per kernel choice of `sweeper.config`, e.g. `sdpa_cudnn_attention_triton_norm`;
 `layout-recommend --format megatron-lm` prints the whole command.
 
@@ -13,7 +14,9 @@ passes no config along, so the count is read from Megatron-LM's parsed arguments
 (`megatron.training.get_args()`) when the block is built: num_layers / (pp * vpp), the
 uniform split, the only one the printed command asks for (uneven splits are refused).
 
-The layers and norms are `kernels.layer_spec`'s, the ones our trials build (launch/model.py).
+The layers and norms are `kernels.layer_spec`'s, the ones our trials build (launch/model.py);
+with add_norm=fused the trials also link the layers after the build (cross-layer add + norm),
+which Megatron-LM, building the model itself, does not: only the in-layer fusion applies.
 RoPE goes with the attention: our attention kernels rotate q and k themselves, so the command
 sets `--position-embedding-type none`; with `attention=megatron` Megatron-LM's RoPE runs.
 """
@@ -63,13 +66,15 @@ class MegatronLMBlock(TransformerBlockSubmodules):
     properties here, resolved when megatron-core's TransformerBlock reads them.
     """
 
-    def __init__(self, *, attention: str, norm: str, swiglu: str = "megatron", rope_base: float = ROPE_BASE):
-        self.attention, self.norm, self.swiglu, self.rope_base = attention, norm, swiglu, rope_base
+    def __init__(self, *, attention: str, norm: str, swiglu: str = "megatron", add_norm: str = "megatron",
+                 rope_base: float = ROPE_BASE):
+        self.attention, self.norm, self.rope_base = attention, norm, rope_base
+        self.swiglu, self.add_norm = swiglu, add_norm
 
     @property
     def layer_specs(self):
         layer = layer_spec(attention=self.attention, norm=self.norm, rope_base=self.rope_base,
-                           swiglu=self.swiglu)
+                           swiglu=self.swiglu, add_norm=self.add_norm)
         return [layer] * layers_per_chunk(_megatron_lm_args())
 
     @property
@@ -77,12 +82,15 @@ class MegatronLMBlock(TransformerBlockSubmodules):
         return norm_module(self.norm)
 
     def __repr__(self) -> str:
-        return f"MegatronLMBlock(attention={self.attention!r}, norm={self.norm!r}, swiglu={self.swiglu!r})"
+        return (f"MegatronLMBlock(attention={self.attention!r}, norm={self.norm!r}, swiglu={self.swiglu!r}, "
+                f"add_norm={self.add_norm!r})")
 
     __eq__ = object.__eq__  # the dataclass __eq__ would read both properties
     __hash__ = object.__hash__
 
 
-SPECS = {spec_name(attention, norm, swiglu): MegatronLMBlock(attention=attention, norm=norm, swiglu=swiglu)
-         for attention in ATTENTION_KERNELS for norm in NORM_KERNELS for swiglu in FUSION_CHOICES["swiglu"]}
+SPECS = {spec_name(attention, norm, swiglu, add_norm):
+         MegatronLMBlock(attention=attention, norm=norm, swiglu=swiglu, add_norm=add_norm)
+         for attention in ATTENTION_KERNELS for norm in NORM_KERNELS
+         for swiglu in FUSION_CHOICES["swiglu"] for add_norm in FUSION_CHOICES["add_norm"]}
 globals().update(SPECS)  # Megatron-LM looks NAME up in this module's namespace (vars(module)[NAME])

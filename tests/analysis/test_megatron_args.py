@@ -153,7 +153,7 @@ LAYOUTS = [Layout(gbs=8, attention="sdpa_cudnn", norm="triton"),
            Layout(tp=2, pp=2, vpp=2, gbs=8, sequence_parallel=True, recompute="full",
                   recompute_method="block", recompute_num_layers=1, attention="megatron", norm="megatron"),
            Layout(gbs=8, recompute="selective", distributed_optimizer=True, cuda_graph=True,
-                  swiglu="triton", loss="fused", optimizer_step="flat")]
+                  swiglu="triton", loss="fused", optimizer_step="flat", add_norm="fused")]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: l.name)
@@ -180,9 +180,12 @@ def test_megatron_core_text_is_the_trials_gpt_model_and_ddp(layout, monkeypatch)
     # Both sides build the block spec; its layer count would ask the (absent) pipeline groups.
     monkeypatch.setattr(layer_spec, "get_num_layers_to_build",
                         lambda config, vp_stage=None: config.num_layers // (layout.pp * layout.vpp))
-    monkeypatch.setattr(trial_model, "GPTModel", lambda **kw: built.update(kw))
-    monkeypatch.setattr(__import__("kernels.megatron_loss").megatron_loss, "FusedLossGPTModel",
-                        lambda **kw: built.update(kw))
+    def fake_gpt(**kw):  # records its arguments; add_norm=fused then links its (no) layers
+        built.update(kw)
+        return types.SimpleNamespace(decoder=types.SimpleNamespace(layers=[]))
+
+    monkeypatch.setattr(trial_model, "GPTModel", fake_gpt)
+    monkeypatch.setattr(__import__("kernels.megatron_loss").megatron_loss, "FusedLossGPTModel", fake_gpt)
     config = trial_model.transformer_config(MODEL, layout, device="cpu")
     trial_model.build_model(MODEL, layout, config)
     source = ma.megatron_core_kwargs(MODEL, layout, world_size=8)
@@ -202,11 +205,12 @@ def test_every_kernel_choice_has_a_spec_for_megatron_lm():
     from kernels import megatron_lm_spec
     from sweeper.config import FUSION_CHOICES, NORM_KERNELS
 
-    names = {ma.spec_name(a, n, s) for a in ATTENTION_KERNELS for n in NORM_KERNELS
-             for s in FUSION_CHOICES["swiglu"]}
+    names = {ma.spec_name(a, n, s, f) for a in ATTENTION_KERNELS for n in NORM_KERNELS
+             for s in FUSION_CHOICES["swiglu"] for f in FUSION_CHOICES["add_norm"]}
     assert names <= set(vars(megatron_lm_spec))  # Megatron-LM reads vars(module)[NAME]
     assert ma.spec_name("sdpa_cudnn", "triton") == "sdpa_cudnn_attention_triton_norm"
     assert ma.spec_name("sdpa", "torch", "triton") == "sdpa_attention_torch_norm_triton_swiglu"
+    assert ma.spec_name("sdpa", "torch", add_norm="fused") == "sdpa_attention_torch_norm_fused_add_norm"
 
 
 def _args(**change):
@@ -226,15 +230,16 @@ def test_layers_per_chunk_is_the_uniform_split():
         layers_per_chunk(_args(pipeline_model_parallel_size=3))
 
 
-@pytest.mark.parametrize("attention,norm,swiglu", [("sdpa_cudnn", "triton", "megatron"),
-                                                   ("megatron", "megatron", "megatron"),
-                                                   ("triton", "torch", "triton")])
-def test_spec_resolves_to_the_trials_layers_and_final_norm(attention, norm, swiglu, monkeypatch):
+@pytest.mark.parametrize("attention,norm,swiglu,add_norm", [("sdpa_cudnn", "triton", "megatron", "megatron"),
+                                                            ("megatron", "megatron", "megatron", "megatron"),
+                                                            ("triton", "torch", "triton", "fused")])
+def test_spec_resolves_to_the_trials_layers_and_final_norm(attention, norm, swiglu, add_norm, monkeypatch):
     from kernels import megatron_lm_spec
 
-    block = vars(megatron_lm_spec)[ma.spec_name(attention, norm, swiglu)]
+    block = vars(megatron_lm_spec)[ma.spec_name(attention, norm, swiglu, add_norm)]
     monkeypatch.setattr(megatron_lm_spec, "_megatron_lm_args", lambda: _args(virtual_pipeline_model_parallel_size=2))
-    want = layer_spec.layer_spec(attention=attention, norm=norm, rope_base=ma.ROPE_BASE, swiglu=swiglu)
+    want = layer_spec.layer_spec(attention=attention, norm=norm, rope_base=ma.ROPE_BASE, swiglu=swiglu,
+                                 add_norm=add_norm)
     assert block.layer_specs == [want] * 2
     assert block.layer_norm == layer_spec.norm_module(norm)
 

@@ -44,7 +44,7 @@ KINDS = {
     "full block pp2": (Layout(pp=2, mbs=1, gbs=8, recompute="full", recompute_method="block",
                               recompute_num_layers=1, attention="sdpa_cudnn", norm="triton"), 2),
     "distopt dp2": (Layout(mbs=2, gbs=8, distributed_optimizer=True, attention="sdpa_cudnn",
-                           norm="triton", cuda_graph=True), 2),
+                           norm="triton", cuda_graph=True, add_norm="fused"), 2),
 }
 
 
