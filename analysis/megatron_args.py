@@ -39,6 +39,11 @@ NORM_EPS = 1e-5  # launch/model.py's layernorm_epsilon
 MAX_VOCAB_DIVISOR = 128  # Megatron-LM's default --make-vocab-size-divisible-by
 TRIAL_LR = 1e-4  # sweeper.config.TrialConfig.lr's default; a test holds them equal
 TRAIN_ITERS = 100  # a placeholder length: set your own
+# Every Layout field this module maps (a test fails when Layout gains one it does not).
+MAPPED_LAYOUT_FIELDS = frozenset({
+    "tp", "pp", "vpp", "cp", "mbs", "gbs", "recompute", "recompute_method", "recompute_num_layers",
+    "sequence_parallel", "distributed_optimizer", "attention", "norm", "cuda_graph",
+    "swiglu", "loss", "optimizer_step", "add_norm"})
 OUR_ROPE_ATTENTION = ("triton", "sdpa", "sdpa_flash", "sdpa_cudnn", "flash_attn")
 
 

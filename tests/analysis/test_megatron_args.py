@@ -130,6 +130,13 @@ def test_a_layout_that_cannot_run_gets_no_command(layout, world, match):
         ma.megatron_lm_command(MODEL, layout, world_size=world)
 
 
+def test_every_layout_field_is_mapped():
+    fields = {f.name for f in dataclasses.fields(Layout)}
+    assert fields == ma.MAPPED_LAYOUT_FIELDS, (
+        f"map {sorted(fields - ma.MAPPED_LAYOUT_FIELDS)} in analysis/megatron_args.py (a flag, the spec, "
+        f"or a note saying Megatron-LM cannot take it), then list it in MAPPED_LAYOUT_FIELDS")
+
+
 def test_constants_match_the_trials():
     from launch import model as trial_model
 
