@@ -49,7 +49,7 @@ KINDS = {
 
 
 def _run(cases: list[dict]) -> dict[str, dict]:
-    env = {**os.environ, "PYTHONPATH": f"{MEGATRON_LM}{os.pathsep}{REPO}"}
+    env = {**os.environ, "PYTHONPATH": f"{MEGATRON_LM}{os.pathsep}{REPO}", "PYTHONDONTWRITEBYTECODE": "1"}
     done = subprocess.run([sys.executable, str(PARSER)], input="\n".join(json.dumps(c) for c in cases),
                           capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -166,7 +166,8 @@ def test_pretrain_gpt_builds_and_steps_our_spec_on_cpu():
     model = replace(PRESETS["tiny"], num_layers=2, vocab_size=32000, seq_length=256)
     layout = Layout(mbs=2, gbs=8, attention="sdpa", norm="torch")
     cmd = megatron_lm_command(model, layout, world_size=1)
-    env = {**os.environ, "PYTHONPATH": f"{MEGATRON_LM}{os.pathsep}{REPO}", "MLMRUN_CPU_FORWARD": "1"}
+    env = {**os.environ, "PYTHONPATH": f"{MEGATRON_LM}{os.pathsep}{REPO}", "MLMRUN_CPU_FORWARD": "1",
+           "PYTHONDONTWRITEBYTECODE": "1"}  # the shared folder stays as it is
     done = subprocess.run([sys.executable, str(MEGATRON_LM / "check_cpu.py"), *cmd.args],
                           capture_output=True, text=True, env=env, timeout=300, cwd=MEGATRON_LM)
     out = done.stdout
