@@ -76,7 +76,10 @@ def queue_states() -> Optional[dict[str, tuple[str, str]]]:
 
 def scancel(job_ids: list[str]) -> None:
     if job_ids:
-        subprocess.run(["scancel", *job_ids], capture_output=True, text=True, timeout=30)
+        try:
+            subprocess.run(["scancel", *job_ids], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            pass  # the controller is down: the job's record says what is known
 
 
 def make_executor(launcher):
@@ -145,18 +148,30 @@ class JobWatch:
     def wait(self, names: list[str]) -> None:
         """Until each of these trials has a record; never longer than their jobs' deadlines."""
         waiting = [n for n in names if n in self.open]
+        warned = False
         while waiting:
             states = queue_states()
             now = time.time()
+            if states is None and not warned:
+                warned = True
+                self.echo("warning: squeue does not answer; waiting for it until the jobs' deadlines")
             for name in list(waiting):
-                if self._has_record(name):
-                    waiting.remove(name)
-                    del self.open[name]
-                elif states is not None and self._resolve(name, states, now):
+                if self._has_record(name) or (self._resolve(name, states, now) if states is not None
+                                              else self._unreachable(name, now)):
                     waiting.remove(name)
                     del self.open[name]
             if waiting:
                 time.sleep(POLL_S)
+
+    def _unreachable(self, name: str, now: float) -> bool:
+        """squeue fails: past everything the job could take (queue and run), give up on it."""
+        entry = self.open[name]
+        if now - entry["submitted_at"] <= self.queue_allowance_s + self.time_limit_min * 60 + RUNNING_GRACE_S:
+            return False
+        scancel([entry["job_id"]])
+        self.record_lost(name, "lost", f"job {entry['job_id']}'s state unknown: squeue did not answer past "
+                         "its queueing allowance and time limit; scancel attempted")
+        return True
 
     def _resolve(self, name: str, states: dict, now: float) -> bool:
         """Decide a trial without a record from its job's state; True once it has one."""

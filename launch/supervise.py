@@ -144,6 +144,8 @@ def _record_ranks(spec: TrialSpec, procs: dict, logs: dict, outcome: dict, first
             # write its record: the log says which.
             status = classify_text(tail[-600:])
             cause = "out of memory" if status == "oom" else "crash or kill"
+            if proc.returncode is not None and proc.returncode < 0:  # why SLURM's scancel reads as SIGTERM
+                cause += f": {signal.Signals(-proc.returncode).name}"
             record.update(status=status, error=f"rank exited with code {proc.returncode} without a record ({cause})")
         write_json_atomic(path, record)
 

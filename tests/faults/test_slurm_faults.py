@@ -86,12 +86,54 @@ def test_driver_killed_then_resumed_adopts_its_job_and_runs_the_trial_once(slurm
     again = run_sweep(sweep_dir, *SLURM, *ONE, timeout=180)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "taking over the stale lock" in again.stdout
+    assert all((d / "result.json").exists() for d in sweep_dir.iterdir() if d.is_dir() and d.name != ".submitit")
     record = records(sweep_dir)[NAME]
     assert record["status"] == "ok", record.get("reason")
     if "adopting 1 SLURM job" not in again.stdout:  # it finished before the re-run looked
         assert "1 done" in again.stdout
     assert job_ids(sweep_dir) == {NAME: job}  # never submitted twice
     assert [p.name for p in (sweep_dir / ".submitit").iterdir() if p.is_dir()] == [job]  # one sbatch
+
+
+LONG = [a for a in ONE if not a.startswith("trial.measure_steps")] + ["trial.measure_steps=100000"]
+
+
+def _running_trial(sweep_dir, args=LONG):
+    """Start a sweep of one long trial; return (driver, job id) once the trial's ranks run."""
+    driver = start_sweep(sweep_dir, *SLURM, *args)
+    job = wait_for(lambda: job_ids(sweep_dir).get(NAME), 60, "the job id on disk", driver)
+    log = sweep_dir / NAME / "rank0.log"
+    wait_for(lambda: queued(job) == "RUNNING" and log.exists() and log.stat().st_size > 0, 90,
+             "the trial's ranks to run", driver)
+    return driver, job
+
+
+def test_running_job_cancelled_gets_a_record_with_the_cause(slurm_cluster, tmp_path):
+    driver, job = _running_trial(tmp_path / "s")
+    subprocess.run(["scancel", job], check=True, timeout=30)
+    rc, out, err = finish(driver, 90)
+    assert rc == 0, err[-2000:]
+    record = records(tmp_path / "s")[NAME]
+    assert record["status"] == "error" and "SIGTERM" in record["reason"], record["reason"]
+
+
+def test_slurmd_killed_and_the_cluster_restarted_mid_trial_never_hangs_the_driver(slurm_cluster, tmp_path):
+    # A trial that would run for minutes, bounded by a 40 s trial limit.
+    args = [a for a in LONG if not a.startswith("trial.timeout_s")] + ["trial.timeout_s=40"]
+    driver, job = _running_trial(tmp_path / "s", args)
+    state_dir = os.path.dirname(slurm_cluster["SLURM_CONF"])
+    slurmd = int(open(os.path.join(state_dir, "slurmd.pid")).read())
+    os.kill(slurmd, signal.SIGKILL)
+    up = subprocess.run(["bash", str(REPO / "scripts/slurm_up.sh"), state_dir], capture_output=True, text=True,
+                        timeout=120)
+    assert up.returncode == 0, up.stderr[-2000:]
+    rc, out, err = finish(driver, 120)
+    assert rc == 0, err[-2000:]
+    # The restart cancels the project's jobs; the job's step may outlive slurmd (slurmstepd runs
+    # on) until the trial's own limit. Either way the trial has a record with its cause.
+    record = records(tmp_path / "s")[NAME]
+    assert record["status"] in ("error", "timeout") and record["reason"], record
+    assert queued(job) in ("", "CANCELLED", "COMPLETED", "COMPLETING")  # not left pending or running
 
 
 def test_orphans_are_cancelled_and_resubmitted_when_asked(slurm_cluster, tmp_path):
