@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-PLANTS = ("nan_weights", "non_causal", "perturb_weight")
+from sweeper.config import PLANTS, ConfigError
+
 # Relative scale of the planted weight error: 4x bf16's unit roundoff (2^-8 relative
 # spacing, so a bf16 weight really changes), small enough that a loss curve hides it.
 PERTURBATION = 2.0**-6
@@ -50,8 +51,6 @@ def planted(trial, name: str) -> Optional[str]:
     if trial.plant is None:
         return None
     if trial.plant not in PLANTS:
-        from sweeper.config import ConfigError
-
         raise ConfigError(f"trial.plant must be one of {', '.join(PLANTS)}, got {trial.plant!r}")
     wanted = trial.plant_if_name_contains
     return trial.plant if wanted is None or wanted in name else None

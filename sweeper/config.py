@@ -16,6 +16,8 @@ ATTENTION_KERNELS = ("triton", "flash_attn", "sdpa", "sdpa_flash", "sdpa_cudnn",
 NORM_KERNELS = ("triton", "torch", "megatron")
 RECOMPUTE = ("none", "selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
+# Errors a trial can plant on purpose, so a check can be seen to fail (launch/divergence.py).
+PLANTS = ("nan_weights", "non_causal", "perturb_weight")
 # The fusion axes of a layout: their choices (the first is the default) and name tags.
 FUSION_CHOICES = {"swiglu": ("megatron", "triton"), "loss": ("megatron", "fused"),
                   "optimizer_step": ("megatron", "flat"), "add_norm": ("megatron", "fused")}
@@ -250,7 +252,10 @@ def layout_from_dict(data: dict) -> Layout:
 
 
 def trial_from_dict(data: dict) -> TrialConfig:
-    return _build(TrialConfig, data, "trial")
+    trial = _build(TrialConfig, data, "trial")
+    if trial.plant is not None and trial.plant not in PLANTS:
+        raise ConfigError(f"trial.plant must be one of {', '.join(PLANTS)}, got {trial.plant!r}")
+    return trial
 
 
 def sweep_from_dict(data: dict) -> SweepConfig:

@@ -133,3 +133,6 @@ def test_dataclass_conversion_rejects_bad_values():
         layout_from_dict({"foo": 1})
     with pytest.raises(ConfigError, match="not divisible by num_query_groups"):
         model_from_dict({"num_attention_heads": 4, "num_query_groups": 3})
+    with pytest.raises(ConfigError, match="trial.plant must be one of nan_weights, non_causal, perturb_weight, got 'nan'"):
+        trial_from_dict({"plant": "nan"})
+    assert trial_from_dict({"plant": "non_causal"}).plant == "non_causal"
