@@ -84,23 +84,26 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
 
 if cmp -s "$NEW" "$CONF" && alive slurmctld && alive slurmd; then
-  case "$(node_state)" in idle|mixed|allocated|completing) echo "export SLURM_CONF=$CONF"; exit 0 ;; esac
-fi
-# Config changed or a daemon is missing: restart both from a clean slate.
-if alive slurmctld || alive slurmd; then
-  log "restarting daemons"; "$(dirname "$0")/slurm_down.sh" "$STATE_DIR" >&2
-fi
-mkdir -p "$STATE_DIR/state" "$STATE_DIR/spool"
-mv "$NEW" "$CONF"; chmod 0644 "$CONF"
+  # Same config, both daemons up: never restart (that would cancel running jobs); a node
+  # in a passing state (down after a slurmd restart, draining) is resumed below.
+  log "daemons already running ($CONF)"
+else
+  # Config changed or a daemon is missing: restart both from a clean slate.
+  if alive slurmctld || alive slurmd; then
+    log "restarting daemons"; "$(dirname "$0")/slurm_down.sh" "$STATE_DIR" >&2
+  fi
+  mkdir -p "$STATE_DIR/state" "$STATE_DIR/spool"
+  mv "$NEW" "$CONF"; chmod 0644 "$CONF"
 
-# Ports 6817/6818 are machine-wide: a controller answering now is not ours, and
-# our clients would silently talk to it.
-if scontrol ping 2>/dev/null | grep -q UP; then
-  die "another slurmctld already answers on this machine (other STATE_DIR? stop it with slurm_down.sh DIR)"
+  # Ports 6817/6818 are machine-wide: a controller answering now is not ours, and
+  # our clients would silently talk to it.
+  if scontrol ping 2>/dev/null | grep -q UP; then
+    die "another slurmctld already answers on this machine (other STATE_DIR? stop it with slurm_down.sh DIR)"
+  fi
+  log "starting slurmctld and slurmd ($CONF)"
+  slurmctld -f "$CONF" || die "slurmctld failed to start"
+  slurmd -f "$CONF" || die "slurmd failed to start"
 fi
-log "starting slurmctld and slurmd ($CONF)"
-slurmctld -f "$CONF" || die "slurmctld failed to start"
-slurmd -f "$CONF" || die "slurmd failed to start"
 
 for i in $(seq 60); do
   sleep 1
@@ -109,7 +112,7 @@ for i in $(seq 60); do
   st="$(node_state)"
   log "node $HOST: ${st:-no answer yet} (${i}s)"
   case "$st" in
-    idle|mixed|allocated|completing) echo "export SLURM_CONF=$CONF"; exit 0 ;;
+    idle|mixed|allocated|completing|idle+*|mixed+*|allocated+*|completing+*) echo "export SLURM_CONF=$CONF"; exit 0 ;;
     down|drain*|fail*) scontrol update nodename="$HOST" state=resume >/dev/null 2>&1 || true ;;
   esac
 done

@@ -86,7 +86,8 @@ def test_driver_killed_then_resumed_adopts_its_job_and_runs_the_trial_once(slurm
     again = run_sweep(sweep_dir, *SLURM, *ONE, timeout=180)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "taking over the stale lock" in again.stdout
-    assert all((d / "result.json").exists() for d in sweep_dir.iterdir() if d.is_dir() and d.name != ".submitit")
+    trial_dirs = [d for d in sweep_dir.iterdir() if (d / "spec.json").exists() or (d / "prediction.json").exists()]
+    assert trial_dirs and all((d / "result.json").exists() for d in trial_dirs)  # no folder left without one
     record = records(sweep_dir)[NAME]
     assert record["status"] == "ok", record.get("reason")
     if "adopting 1 SLURM job" not in again.stdout:  # it finished before the re-run looked
@@ -115,25 +116,6 @@ def test_running_job_cancelled_gets_a_record_with_the_cause(slurm_cluster, tmp_p
     assert rc == 0, err[-2000:]
     record = records(tmp_path / "s")[NAME]
     assert record["status"] == "error" and "SIGTERM" in record["reason"], record["reason"]
-
-
-def test_slurmd_killed_and_the_cluster_restarted_mid_trial_never_hangs_the_driver(slurm_cluster, tmp_path):
-    # A trial that would run for minutes, bounded by a 40 s trial limit.
-    args = [a for a in LONG if not a.startswith("trial.timeout_s")] + ["trial.timeout_s=40"]
-    driver, job = _running_trial(tmp_path / "s", args)
-    state_dir = os.path.dirname(slurm_cluster["SLURM_CONF"])
-    slurmd = int(open(os.path.join(state_dir, "slurmd.pid")).read())
-    os.kill(slurmd, signal.SIGKILL)
-    up = subprocess.run(["bash", str(REPO / "scripts/slurm_up.sh"), state_dir], capture_output=True, text=True,
-                        timeout=120)
-    assert up.returncode == 0, up.stderr[-2000:]
-    rc, out, err = finish(driver, 120)
-    assert rc == 0, err[-2000:]
-    # The restart cancels the project's jobs; the job's step may outlive slurmd (slurmstepd runs
-    # on) until the trial's own limit. Either way the trial has a record with its cause.
-    record = records(tmp_path / "s")[NAME]
-    assert record["status"] in ("error", "timeout") and record["reason"], record
-    assert queued(job) in ("", "CANCELLED", "COMPLETED", "COMPLETING")  # not left pending or running
 
 
 def test_orphans_are_cancelled_and_resubmitted_when_asked(slurm_cluster, tmp_path):
@@ -173,6 +155,26 @@ def test_capacity_check_refuses_a_world_beyond_the_partition(slurm_cluster, tmp_
     assert len(lines) == 1 and lines[0].startswith("error: cluster.nodes=100000 but SLURM partition debug has 1")
     assert not (tmp_path / "s").exists()
     assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+
+
+# The last two restart the cluster; they run last so the others see a settled one.
+def test_slurmd_killed_and_the_cluster_restarted_mid_trial_never_hangs_the_driver(slurm_cluster, tmp_path):
+    # A trial that would run for minutes, bounded by a 40 s trial limit.
+    args = [a for a in LONG if not a.startswith("trial.timeout_s")] + ["trial.timeout_s=40"]
+    driver, job = _running_trial(tmp_path / "s", args)
+    state_dir = os.path.dirname(slurm_cluster["SLURM_CONF"])
+    slurmd = int(open(os.path.join(state_dir, "slurmd.pid")).read())
+    os.kill(slurmd, signal.SIGKILL)
+    up = subprocess.run(["bash", str(REPO / "scripts/slurm_up.sh"), state_dir], capture_output=True, text=True,
+                        timeout=120)
+    assert up.returncode == 0, up.stderr[-2000:]
+    rc, out, err = finish(driver, 120)
+    assert rc == 0, err[-2000:]
+    # The restart cancels the project's jobs; the job's step may outlive slurmd (slurmstepd runs
+    # on) until the trial's own limit. Either way the trial has a record with its cause.
+    record = records(tmp_path / "s")[NAME]
+    assert record["status"] in ("error", "timeout") and record["reason"], record
+    assert queued(job) in ("", "CANCELLED", "COMPLETED", "COMPLETING")  # not left pending or running
 
 
 def test_cluster_restart_cancels_only_the_projects_jobs(slurm_cluster, tmp_path):
