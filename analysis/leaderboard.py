@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from sweeper.config import FUSION_DEFAULTS, FUSION_TAGS
+
 
 def ranked(rows: list[dict]) -> list[dict]:
     ok = [r for r in rows if r["status"] == "ok" and r["mfu_palm"] is not None]
@@ -36,6 +38,11 @@ def layout_label(row: dict) -> str:
     if row.get("cuda_graph"):
         parts.append("cudagraph")
     parts.append(f"{row['attention']}/{row['norm']}")
+    # The fusion axes that are on (records from before them have none).
+    fused = [FUSION_TAGS[axis] for axis, default in FUSION_DEFAULTS.items()
+             if row.get(axis) not in (None, default)]
+    if fused:
+        parts.append("fused:" + ",".join(fused))
     return " ".join(parts)
 
 

@@ -14,13 +14,15 @@ from launch.record_check import load_record
 
 COLUMNS = [
     "trial", "status", "reason", "tp", "pp", "vpp", "cp", "dp", "mbs", "gbs", "recompute",
-    "sequence_parallel", "distributed_optimizer", "attention", "norm", "cuda_graph", "step_time_s",
+    "sequence_parallel", "distributed_optimizer", "attention", "norm", "cuda_graph",
+    "swiglu", "loss", "optimizer_step", "add_norm", "step_time_s",
     "tokens_per_s", "tflops_per_gpu", "mfu_palm", "mfu_megatron", "peak_memory_gb",
     "predicted_memory_gb", "predicted_fits", "predicted_mfu", "predicted_step_time_s",
     "model", "cluster", "world_size", "device", "git_commit",
 ]
 LAYOUT_COLUMNS = ["tp", "pp", "vpp", "cp", "mbs", "gbs", "recompute", "sequence_parallel",
-                  "distributed_optimizer", "attention", "norm", "cuda_graph"]
+                  "distributed_optimizer", "attention", "norm", "cuda_graph",
+                  "swiglu", "loss", "optimizer_step", "add_norm"]
 
 
 def load_records(sweep_dir, warn=lambda line: print(line, file=sys.stderr)) -> list[dict]:
