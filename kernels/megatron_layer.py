@@ -28,6 +28,14 @@ from kernels.add_rmsnorm import add_rms_norm
 
 
 class FusedAddNormLayer(TransformerLayer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Norm weights the fused kernel differentiates get dw straight into DDP's fp32
+        # main_grad, as megatron's linears do with gradient_accumulation_fusion.
+        for norm in (self.input_layernorm, self.pre_mlp_layernorm):
+            if hasattr(norm, "weight"):
+                norm.weight.fused_main_grad = bool(self.config.gradient_accumulation_fusion)
+
     def _fusable(self, context, inference_context) -> bool:
         config = self.config
         return (self.training and context is None and inference_context is None

@@ -85,3 +85,18 @@ def test_matches_separate_add_and_triton_norm_at_training_size():
     theirs = _run(unfused, a, r, w, dh_in, dy)
     for name, out, expected in zip(("h", "y", "da", "dr", "dw"), ours, theirs):
         assert _relerr(out, expected.double()) <= 2 * _BF16_U, name
+
+
+def test_main_grad_path_adds_dw_into_the_fp32_buffer():
+    """A weight tagged fused_main_grad (megatron's gradient_accumulation_fusion) gets dw in
+    its fp32 main_grad, on top of what is there, and autograd a placeholder flagged as added."""
+    a, r, w, dh_in, dy = _case(20, 64, torch.float32, seed=4)
+    tagged = w.clone().requires_grad_()
+    tagged.fused_main_grad = True
+    tagged.main_grad = torch.ones(64, dtype=torch.float32, device=DEVICE)
+    tagged.grad_added_to_main_grad = False
+    h, y = add_rms_norm(a, r, tagged)
+    torch.autograd.backward([h, y], [dh_in, dy])
+    expected = _run(lambda a, r, w: add_rms_norm(a, r, w), a, r, w, dh_in, dy)[4]
+    assert tagged.grad_added_to_main_grad
+    torch.testing.assert_close(tagged.main_grad - 1.0, expected, rtol=1e-6, atol=1e-6)
