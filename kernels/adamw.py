@@ -35,7 +35,8 @@ _FIELDS = 6  # per tensor: numel, then the addresses of p, g, m, v, w
 
 @triton.jit
 def _adamw_kernel(tensors_ptr, blocks_ptr, scale_ptr, lr, beta1, beta2, eps, decay,
-                  step_size, bc2_sqrt, BLOCK: tl.constexpr, HAS_MODEL: tl.constexpr):
+                  step_size, bc2_sqrt, BLOCK: tl.constexpr, HAS_MODEL: tl.constexpr,
+                  ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
     index = tl.load(blocks_ptr + 2 * pid)
     start = tl.load(blocks_ptr + 2 * pid + 1)
@@ -45,6 +46,12 @@ def _adamw_kernel(tensors_ptr, blocks_ptr, scale_ptr, lr, beta1, beta2, eps, dec
     g_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
     m_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
     v_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+    if ALIGNED:  # addresses from a table carry no alignment Triton can see: 16-byte loads
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+        start = tl.multiple_of(start, BLOCK)
     offs = start + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0) * tl.load(scale_ptr)
@@ -60,6 +67,8 @@ def _adamw_kernel(tensors_ptr, blocks_ptr, scale_ptr, lr, beta1, beta2, eps, dec
     tl.store(v_ptr + offs, v, mask=mask)
     if HAS_MODEL:
         w_ptr = tl.load(row + 5).to(tl.pointer_type(tl.bfloat16))
+        if ALIGNED:
+            w_ptr = tl.multiple_of(w_ptr, 16)
         tl.store(w_ptr + offs, p.to(tl.bfloat16), mask=mask)
 
 
@@ -90,6 +99,7 @@ class TensorTable:
         self.blocks = torch.tensor(blocks, dtype=torch.int64, device=device).reshape(-1)
         self.num_blocks = len(blocks)
         self.has_model = model is not None
+        self.aligned = all(address % 16 == 0 for row in rows for address in row[1:])
         self.key = self._key(lists + ([model] if model is not None else []))
         self._keep = (params, grads, exp_avgs, exp_avg_sqs, model)  # the addresses stay valid
 
@@ -112,7 +122,7 @@ def step(table: TensorTable, *, step_count: int, lr: float, beta1: float, beta2:
     _adamw_kernel[(table.num_blocks,)](
         table.tensors, table.blocks, scale.reshape(1).float(), lr, beta1, beta2, eps,
         1.0 - lr * weight_decay, lr / bc1, bc2_sqrt, BLOCK=BLOCK, HAS_MODEL=table.has_model,
-        num_warps=8)
+        ALIGNED=table.aligned, num_warps=8)
 
 
 def reference(p, g, m, v, *, step_count, lr, beta1, beta2, eps, weight_decay, scale=1.0):
