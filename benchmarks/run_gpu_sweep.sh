@@ -6,12 +6,13 @@
 #   benchmarks/run_gpu_sweep.sh sweep        # H100: the 26-layout sweep, one command (~8 min)
 #   benchmarks/run_gpu_sweep.sh extras       # H100: CUDA tests, the anchors' peer, 20-step parity, profiles
 #   benchmarks/run_gpu_sweep.sh h200-check   # H200: CUDA tests of the fusions, 4 profiled trials (~3 min)
-#   benchmarks/run_gpu_sweep.sh h200-extras  # H200: CUDA tests of the new kernels, 20-step parity (~3 min)
-#   benchmarks/run_gpu_sweep.sh h200         # H200: the h200_single sweep (~7 min), ceilings + peer, profile
+#   benchmarks/run_gpu_sweep.sh h200-extras  # H200: CUDA tests of the new kernels, the peer, 20-step parity (~3 min)
+#   benchmarks/run_gpu_sweep.sh h200         # H200: the h200_single sweep (~7 min), ceilings, profile
 #
 # On the device tool, source benchmarks/gpu_env.sh first (the carried wheels; flash-attn-4
 # takes two calls: `fa4-1` in the h200-extras call, `fa4-2` in the h200 call right after).
-# h200-extras leaves /tmp/h200_overrides (fusions whose GPU check failed) for the h200 call.
+# h200-extras leaves /tmp/h200_overrides (fusions whose GPU check failed) and the peer's
+# JSON (/tmp/h200_peer.json) for the h200 call.
 #
 # Blocks run in priority order and a block starts only while time is left (BUDGET_S,
 # seconds from the start), so the whole command ends inside one device call. Results:
@@ -57,7 +58,7 @@ sweep() {
   local need=$1; shift
   if [ "$(left)" -lt "$need" ]; then echo "== skipped (only $(left) s left): $*"; return; fi
   echo "== $(( $(date +%s) - START )) s: layout-sweep $MODEL $*"
-  python3 -m launch.main $MODEL "$@"
+  timeout -s INT -k 20 "${SWEEP_TIMEOUT_S:-100000}" python3 -m launch.main $MODEL "$@"
 }
 
 if [ "$MODE" = sweep ]; then
@@ -84,20 +85,33 @@ elif [ "$MODE" = h200-check ]; then
   sweep 60 sweep=h200_check trial.profile=true
   python3 benchmarks/gpu_sweep_report.py --sweep $D --out "$OUT" --tag "$TAG"
 elif [ "$MODE" = h200-extras ]; then
-  # The first call of the final pair: the CUDA tests of the new kernels, then 20-step loss
-  # parity of every fusion together against the stock spec, with the parity check's
-  # negative control. A fusion whose check fails is turned off for the h200 call
-  # (/tmp/h200_overrides, read there), so one broken kernel cannot sink the sweep.
+  # The first call of the final pair: the CUDA tests of the kernels not yet run on this
+  # device kind (H200_CUDA_TESTS), the peer (the anchors' megatron-core local spec + SDPA,
+  # .peer/gpu_probe.py, its JSON kept in /tmp/h200_peer.json for the h200 call's report),
+  # then 20-step loss parity of every fusion together against the stock spec, with the
+  # parity check's negative control. A fusion whose check fails is turned off for the
+  # h200 call (/tmp/h200_overrides, read there), so one broken kernel cannot sink the sweep.
   rm -f /tmp/h200_overrides
   cuda_test() {
     local file=$1; shift
     python3 -m pytest -q -p no:cacheprovider -m cuda "$file" \
       || { echo "== CUDA test failed: $file; the h200 call runs with $*"; echo "$*" >> /tmp/h200_overrides; }
   }
-  cuda_test tests/kernels/test_adamw.py layout.optimizer_step=megatron
-  cuda_test tests/kernels/test_add_rmsnorm.py layout.add_norm=megatron
-  cuda_test tests/kernels/test_swiglu.py layout.swiglu=megatron
-  cuda_test tests/kernels/test_fused_ce.py layout.loss=megatron
+  for t in ${H200_CUDA_TESTS:-adamw add_rmsnorm swiglu fused_ce}; do
+    case $t in
+      adamw) cuda_test tests/kernels/test_adamw.py layout.optimizer_step=megatron ;;
+      add_rmsnorm) cuda_test tests/kernels/test_add_rmsnorm.py layout.add_norm=megatron ;;
+      swiglu) cuda_test tests/kernels/test_swiglu.py layout.swiglu=megatron ;;
+      fused_ce) cuda_test tests/kernels/test_fused_ce.py layout.loss=megatron ;;
+    esac
+  done
+  if [ -f .peer/gpu_probe.py ]; then
+    echo "== $(( $(date +%s) - START )) s: peer (anchors' megatron-core local spec + SDPA)"
+    SECTIONS=mcore OUT=/tmp python3 .peer/gpu_probe.py > /tmp/peer_probe.log 2>&1
+    grep '^mcore\|FAILED' /tmp/peer_probe.log
+    [ -f /tmp/probe.json ] && cp /tmp/probe.json /tmp/h200_peer.json \
+      && cp /tmp/probe.json "$OUT/peer_probe_h200_$(date +%Y-%m-%d).json"
+  fi
   P=sweeps/h200_parity/llama_1b3-local_h200
   sweep 60 sweep=h200_parity  # 5 trials, 20 steps each, one with a planted wrong mask
   python3 - <<'PY' || echo "layout.add_norm=megatron layout.optimizer_step=megatron" >> /tmp/h200_overrides
@@ -108,23 +122,19 @@ PY
   [ -f /tmp/h200_overrides ] && echo "== overrides for the h200 call: $(cat /tmp/h200_overrides)"
   python3 benchmarks/gpu_sweep_report.py --sweep $P --parity $P --out "$OUT" --tag "$TAG"
 elif [ "$MODE" = h200 ]; then
-  # The sweep: one command (conf/sweep/h200_single.yaml); then the matmul/copy ceilings and
-  # the peer (the anchors' megatron-core local spec + SDPA, .peer/gpu_probe.py) and a
-  # profile of the best layout, in the same call.
+  # The sweep: one command (conf/sweep/h200_single.yaml, at most SWEEP_TIMEOUT_S), its
+  # report with the peer from h200-extras; then the matmul/copy ceilings and a profile of
+  # the best layout, in the same call.
   D=sweeps/h200_single/llama_1b3-local_h200
   OVR=$(cat /tmp/h200_overrides 2>/dev/null | tr '\n' ' ')
   [ -n "$OVR" ] && echo "== fusions off after a failed check in h200-extras: $OVR"
   sweep 60 sweep=h200_single $OVR
-  PEER=()
-  if [ -f .peer/gpu_probe.py ] && [ "$(left)" -gt 80 ]; then
-    echo "== $(( $(date +%s) - START )) s: ceilings + peer"
-    SECTIONS=ceilings,mcore OUT=/tmp python3 .peer/gpu_probe.py > /tmp/peer_probe.log 2>&1
-    grep '^mcore\|matmul TFLOP\|FAILED' /tmp/peer_probe.log
-    if [ -f /tmp/probe.json ]; then
-      cp /tmp/probe.json "$OUT/peer_probe_h200_$(date +%Y-%m-%d).json"; PEER=(--peer /tmp/probe.json)
-    fi
-  fi
+  PEER=(); [ -f /tmp/h200_peer.json ] && PEER=(--peer /tmp/h200_peer.json)
   python3 benchmarks/gpu_sweep_report.py --sweep $D --parity $D "${PEER[@]}" --out "$OUT" --tag "$TAG"
+  if [ -f .peer/gpu_probe.py ] && [ "$(left)" -gt 50 ]; then
+    SECTIONS=ceilings OUT=/tmp python3 .peer/gpu_probe.py 2>&1 | grep 'matmul TFLOP\|FAILED'
+    [ -f /tmp/probe.json ] && cp /tmp/probe.json "$OUT/ceilings_h200_$(date +%Y-%m-%d).json"
+  fi
   # The best ok trial's layout, profiled (one extra, untimed step).
   BEST=$(python3 - "$D" <<'PY'
 import json, sys
