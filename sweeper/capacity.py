@@ -38,6 +38,16 @@ def check_names(config: dict) -> None:
             raise ConfigError(problem)
 
 
+_TRIAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
+
+
+def check_trial_name(name: str) -> None:
+    """A trial's folder is named after its layout, and string axes (attention=...) go into it."""
+    if not _TRIAL_NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(f"a layout value would make the trial folder {name!r}, which is not a plain name: "
+                          "string axes (attention, norm, recompute, ...) take plain values")
+
+
 def _sinfo(partition: Optional[str]) -> Optional[tuple[str, int, int]]:
     """(partition, nodes, CPUs per node) of the named or default partition; None if sinfo cannot say."""
     try:

@@ -33,7 +33,7 @@ from sweeper.config import (
     sweep_from_dict,
     trial_from_dict,
 )
-from sweeper.capacity import check_capacity, check_names
+from sweeper.capacity import check_capacity, check_names, check_trial_name
 from sweeper.launching import launch_blocking, launch_slurm, set_aside_previous, spec_of
 from sweeper.lock import LockHeld, SweepLock
 from sweeper.plan import Point, classify, launch_lines, order, summary_lines
@@ -196,6 +196,8 @@ class LayoutSweeperImpl(Sweeper):
         points = self._points(self._combinations(arguments))
         seen = OrderedDict((p.name, p) for p in points)  # an axis repeated twice adds nothing
         points = list(seen.values())
+        for point in points:
+            check_trial_name(point.name)
         kind = _launcher_kind(self.config)
         if not sweep_cfg.dry_run:  # a dry run may plan for a cluster this machine cannot reach
             shapes = {(p.cluster.nodes, p.cluster.gpus_per_node, p.cluster.partition): p.cluster for p in points}

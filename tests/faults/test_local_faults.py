@@ -32,6 +32,7 @@ from tests.faults.helpers import (
     ("sweep.name=a/b", "error: sweep.name must be a plain name"),
     ("model.name=..", "error: model.name must be a plain name"),
     ("foo=bar", "error: unknown config key 'foo'"),
+    ("layout.attention=../../../tmp/x", "error: a layout value would make the trial folder "),  # in its name
     # Hydra's own errors, after composition: its report shortened to one line
     ("+layout.tp=2", "error: Could not append to config. An item is already at 'layout.tp'."),
     ("layout=3", "error: Error merging override layout=3"),
