@@ -14,8 +14,9 @@ from tests.launch.sweeps import run_sweep
     (["layout.mbs=0"], "error: layout.mbs must be positive, got 0"),
     (["layout.tp=4", "layout.pp=1", "layout.recompute=none", "layout.mbs=1"],
      "error: empty search space: none of 1 layouts can run (first reason: world size 2 is not divisible by tp*pp*cp"),
-    (["layout.recompute=selective", "layout.pp=1", "layout.tp=1", "layout.mbs=1"],
-     "error: empty search space: none of 1 layouts can run (first reason: needs CUDA: selective recompute)"),
+    (["layout.distributed_optimizer=true", "layout.recompute=none", "layout.pp=1", "layout.tp=1",
+      "layout.mbs=1"],
+     "error: empty search space: none of 1 layouts can run (first reason: needs CUDA: distributed optimizer)"),
     (["model.num_query_groups=3"], "error: model.num_attention_heads 4 is not divisible by num_query_groups 3"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):

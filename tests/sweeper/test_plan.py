@@ -82,9 +82,9 @@ def test_interrupted_lost_and_damaged_records_are_run_again(tmp_path):
 
 def test_cpu_cluster_skips_what_needs_cuda(tmp_path):
     p = point(cluster=ClusterConfig(), tp=1, pp=2, mbs=1)
-    p.layout.gbs = 8
+    p.layout.gbs, p.layout.distributed_optimizer = 8, True
     classify(p, sweep=SweepConfig(), sweep_dir=tmp_path)
-    assert p.status == "skipped" and p.reason.startswith("needs CUDA: pipeline")
+    assert p.status == "skipped" and p.reason == "needs CUDA: distributed optimizer"  # pp=2 runs on CPU
 
 
 def test_max_trials_keeps_the_best_predicted_and_records_the_rest(tmp_path):
