@@ -123,18 +123,14 @@ PY
   python3 benchmarks/gpu_sweep_report.py --sweep $P --parity $P --out "$OUT" --tag "$TAG"
 elif [ "$MODE" = h200 ]; then
   # The sweep: one command (conf/sweep/h200_single.yaml, at most SWEEP_TIMEOUT_S), its
-  # report with the peer from h200-extras; then the matmul/copy ceilings and a profile of
-  # the best layout, in the same call.
+  # report with the peer from h200-extras; then the matmul/copy ceilings at the best
+  # layout's shapes and a profile of that layout, in the same call.
   D=sweeps/h200_single/llama_1b3-local_h200
   OVR=$(cat /tmp/h200_overrides 2>/dev/null | tr '\n' ' ')
   [ -n "$OVR" ] && echo "== fusions off after a failed check in h200-extras: $OVR"
   sweep 60 sweep=h200_single $OVR
   PEER=(); [ -f /tmp/h200_peer.json ] && PEER=(--peer /tmp/h200_peer.json)
   python3 benchmarks/gpu_sweep_report.py --sweep $D --parity $D "${PEER[@]}" --out "$OUT" --tag "$TAG"
-  if [ -f .peer/gpu_probe.py ] && [ "$(left)" -gt 50 ]; then
-    SECTIONS=ceilings OUT=/tmp python3 .peer/gpu_probe.py 2>&1 | grep 'matmul TFLOP\|FAILED'
-    [ -f /tmp/probe.json ] && cp /tmp/probe.json "$OUT/ceilings_h200_$(date +%Y-%m-%d).json"
-  fi
   # The best ok trial's layout, profiled (one extra, untimed step).
   BEST=$(python3 - "$D" <<'PY'
 import json, sys
@@ -146,6 +142,11 @@ print(" ".join(f"layout.{k}={str(best[k]).lower() if isinstance(best[k], bool) e
                for k in axes if best.get(k) is not None))
 PY
 )
+  # The matmul and copy ceilings at the best layout's GEMM shapes (benchmarks/matmul_ceiling.py).
+  MBS=$(echo "$BEST" | sed -n 's/.*layout.mbs=\([0-9]*\).*/\1/p')
+  [ "$(left)" -gt 50 ] && python3 benchmarks/matmul_ceiling.py --out /tmp/ceiling --tokens $(( ${MBS:-16} * 2048 )) \
+    > /tmp/ceiling.log 2>&1 && cp /tmp/ceiling/matmul_ceiling.json "$OUT/matmul_ceiling_h200_$(date +%Y-%m-%d).json" \
+    && grep -m3 'square_8192\|copy_tb_s' /tmp/ceiling.log
   R=sweeps/h200_profile/llama_1b3-local_h200
   [ -n "$BEST" ] && sweep 40 sweep=h200_profile $BEST
   [ -d $R ] && python3 benchmarks/gpu_sweep_report.py --sweep $R --out "$OUT" --tag "${TAG}_profile"
