@@ -163,3 +163,47 @@ def test_every_allowed_kernel_value_is_valid_and_a_typo_is_not():
         assert reason(norm=norm, gbs=8) is None, norm
     assert reason(attention="tritonn", gbs=8).startswith("attention must be one of")
     assert reason(norm="rms", gbs=8).startswith("norm must be one of")
+
+
+# -- what a CPU cluster cannot run: the exact reason --------------------------------------
+
+CPU, GPU = ClusterConfig(device="cpu"), ClusterConfig(device="cuda")
+
+
+def test_the_needs_cuda_reason_lists_every_missing_part_in_order():
+    layout = Layout(distributed_optimizer=True, cuda_graph=True, attention="sdpa_flash", swiglu="triton")
+    assert unsupported_reason(CPU, layout) == (
+        "needs CUDA: distributed optimizer, CUDA graphs, attention=sdpa_flash, swiglu=triton")
+    assert unsupported_reason(GPU, layout) is None
+
+
+def test_each_cuda_only_attention_needs_cuda_and_the_others_do_not():
+    for attention in ("sdpa_flash", "sdpa_cudnn", "megatron"):
+        assert unsupported_reason(CPU, Layout(attention=attention)) == f"needs CUDA: attention={attention}"
+    for attention in ("sdpa", "triton"):
+        assert unsupported_reason(CPU, Layout(attention=attention)) is None
+
+
+def test_each_fusion_off_its_default_needs_cuda():
+    from sweeper.config import FUSION_CHOICES
+
+    for axis, choices in FUSION_CHOICES.items():
+        for value in choices[1:]:
+            assert unsupported_reason(CPU, Layout(**{axis: value})) == f"needs CUDA: {axis}={value}"
+
+
+def test_cuda_graphs_need_pp_1_on_any_device():
+    for cluster in (CPU, GPU):
+        assert unsupported_reason(cluster, Layout(cuda_graph=True, pp=2)) == (
+            "cuda_graph captures the non-pipelined schedule only (pp = 1)")
+    assert unsupported_reason(GPU, Layout(cuda_graph=True, pp=1)) is None
+
+
+def test_flash_attn_without_the_package_is_unsupported_even_on_gpu(monkeypatch):
+    from kernels import attention_fa4
+
+    monkeypatch.setattr(attention_fa4, "installed", lambda: False)
+    assert unsupported_reason(GPU, Layout(attention="flash_attn")) == attention_fa4.NOT_INSTALLED
+    monkeypatch.setattr(attention_fa4, "installed", lambda: True)
+    assert unsupported_reason(GPU, Layout(attention="flash_attn")) is None
+    assert unsupported_reason(CPU, Layout(attention="flash_attn")) == "needs CUDA: attention=flash_attn"
