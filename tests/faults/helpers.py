@@ -12,10 +12,12 @@ from pathlib import Path
 
 from tests.launch.sweeps import REPO, records, run_sweep, trial_name  # noqa: F401 - re-exported
 
-# One layout, one trial, as short as a real megatron-core trial gets (2 ranks, 1 + 1 steps).
+# One layout, one trial, as short as a real megatron-core trial gets: one rank (the faults are
+# the driver's and SLURM's, not the ranks'; 2 cores are shared), 1 + 1 steps.
+RANKS = 1
 ONE = ["layout.tp=1", "layout.pp=1", "layout.mbs=2", "layout.recompute=none", "layout.gbs=4",
        "layout.attention=sdpa", "layout.norm=torch", "trial.warmup_steps=1", "trial.measure_steps=1",
-       "trial.timeout_s=120"]
+       "trial.timeout_s=120", f"cluster.gpus_per_node={RANKS}"]
 NAME = trial_name(tp=1, mbs=2, gbs=4)
 SLURM = ["hydra/launcher=submitit_slurm"]
 # A SLURM job that stays pending for an hour (sbatch --begin): "a job that can never start",

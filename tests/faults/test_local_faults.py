@@ -18,7 +18,7 @@ from analysis.results import load_records
 from sweeper.capacity import check_names
 from sweeper.config import ConfigError
 from tests.faults.helpers import (
-    NAME, ONE, REPO, error_lines, interrupt, processes_mentioning, records, run_sweep, start_sweep,
+    NAME, ONE, RANKS, REPO, error_lines, interrupt, processes_mentioning, records, run_sweep, start_sweep,
     trial_name, wait_for,
 )
 
@@ -63,28 +63,28 @@ def test_local_launcher_refuses_more_than_one_node(tmp_path):
 
 def test_damaged_records_are_reported_set_aside_and_the_trials_run_again(tmp_path):
     sweep_dir = tmp_path / "s"
-    tp2 = trial_name(tp=2, mbs=2, gbs=4)
-    for name, text in ((NAME, "[1, 2]"), (tp2, '{"status": "ok"}')):
+    mbs1 = trial_name(tp=1, mbs=1, gbs=4)
+    for name, text in ((NAME, "[1, 2]"), (mbs1, '{"status": "ok"}')):
         (sweep_dir / name).mkdir(parents=True)
         (sweep_dir / name / "result.json").write_text(text)
-    both = [a for a in ONE if not a.startswith("layout.tp")] + ["layout.tp=1,2"]
+    both = [a for a in ONE if not a.startswith("layout.mbs")] + ["layout.mbs=1,2"]
     plan = run_sweep(sweep_dir, *both, "sweep.dry_run=true", timeout=60)
     assert plan.returncode == 0, plan.stderr[-2000:]
     assert f"damaged record {sweep_dir / NAME / 'result.json'}: not a JSON object but list" in plan.stdout
-    assert f"damaged record {sweep_dir / tp2 / 'result.json'}: field 'trial' missing" in plan.stdout
+    assert f"damaged record {sweep_dir / mbs1 / 'result.json'}: field 'trial' missing" in plan.stdout
     assert "would launch 2 trials" in plan.stdout
     assert (sweep_dir / NAME / "result.json").read_text() == "[1, 2]"  # a dry run moves nothing
 
-    # Only tp1 runs now; tp2's damaged record stays in the directory the summary reads.
+    # Only mbs 2 runs now; mbs 1's damaged record stays in the directory the summary reads.
     result = run_sweep(sweep_dir, *ONE, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Traceback" not in result.stdout + result.stderr
     kept = list((sweep_dir / NAME).glob("result.json.damaged-*"))
     assert [p.read_text() for p in kept] == ["[1, 2]"]  # renamed, never deleted
     assert json.loads((sweep_dir / NAME / "result.json").read_text())["status"] == "ok"
-    assert f"warning: skipping damaged record {sweep_dir / tp2 / 'result.json'}" in result.stderr
+    assert f"warning: skipping damaged record {sweep_dir / mbs1 / 'result.json'}" in result.stderr
     board = (sweep_dir / "leaderboard.md").read_text()
-    assert "1 ok" in board and tp2 not in board
+    assert "1 ok" in board and mbs1 not in board
 
 
 def test_analysis_skips_a_damaged_record_with_one_line(tmp_path):
@@ -104,7 +104,7 @@ def test_interrupt_stops_the_ranks_records_interrupted_and_exits_130(tmp_path, s
     long = [a for a in ONE if not a.startswith("trial.measure_steps")] + ["trial.measure_steps=100000"]
     driver = start_sweep(sweep_dir, *long)
     trial_dir = str(sweep_dir / NAME)
-    wait_for(lambda: len(processes_mentioning(trial_dir)) == 2, 90, "both rank processes", driver)
+    wait_for(lambda: len(processes_mentioning(trial_dir)) == RANKS, 90, "the rank processes", driver)
     log = sweep_dir / NAME / "rank0.log"
     wait_for(lambda: log.exists() and log.stat().st_size > 0, 60, "rank 0 to start importing", driver)
     rc, out, err = interrupt(driver, sig)

@@ -159,8 +159,8 @@ def test_capacity_check_refuses_a_world_beyond_the_partition(slurm_cluster, tmp_
 
 # The last two restart the cluster; they run last so the others see a settled one.
 def test_slurmd_killed_and_the_cluster_restarted_mid_trial_never_hangs_the_driver(slurm_cluster, tmp_path):
-    # A trial that would run for minutes, bounded by a 40 s trial limit.
-    args = [a for a in LONG if not a.startswith("trial.timeout_s")] + ["trial.timeout_s=40"]
+    # A trial that would run for minutes, bounded by a 25 s trial limit.
+    args = [a for a in LONG if not a.startswith("trial.timeout_s")] + ["trial.timeout_s=25"]
     driver, job = _running_trial(tmp_path / "s", args)
     state_dir = os.path.dirname(slurm_cluster["SLURM_CONF"])
     slurmd = int(open(os.path.join(state_dir, "slurmd.pid")).read())
