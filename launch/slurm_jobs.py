@@ -12,11 +12,14 @@ as soon as sbatch answers, and polls `squeue` (which needs no accounting):
 - a running job gets its time limit plus a grace minute, then it is cancelled.
 A driver that was killed leaves its jobs in `slurm_jobs.json`: the next run adopts
 the ones still queued or running (or cancels them, `sweep.cancel_orphans=true`),
-so no trial is ever submitted twice.
+so no trial is ever submitted twice. Each job also carries a comment naming its sweep
+directory and trial (`job_tag`), which finds it even if the driver died between
+sbatch's answer and writing the id.
 """
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import time
 from pathlib import Path
@@ -57,10 +60,16 @@ def load_jobs(sweep_dir) -> dict[str, dict]:
     return jobs if isinstance(jobs, dict) else {}
 
 
-def queue_states() -> Optional[dict[str, tuple[str, str]]]:
-    """job id -> (state, reason) for every job squeue still knows; None when squeue fails."""
+def job_tag(sweep_dir, name: str) -> str:
+    """The SLURM comment of a trial's job: finds it even when the driver died before writing its id."""
+    digest = hashlib.sha1(f"{Path(sweep_dir).resolve()}/{name}".encode()).hexdigest()[:20]
+    return f"{JOB_NAME}:{digest}"
+
+
+def queue_states() -> Optional[dict[str, tuple[str, str, str]]]:
+    """job id -> (state, reason, comment) for every job squeue still knows; None when squeue fails."""
     try:
-        out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%r"], capture_output=True,
+        out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%r|%k"], capture_output=True,
                              text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -68,9 +77,9 @@ def queue_states() -> Optional[dict[str, tuple[str, str]]]:
         return None
     states = {}
     for line in out.stdout.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) == 3:
-            states[parts[0]] = (parts[1], parts[2])
+        parts = line.strip().split("|", 3)
+        if len(parts) == 4:
+            states[parts[0]] = (parts[1], parts[2], parts[3])
     return states
 
 
@@ -118,6 +127,7 @@ class JobWatch:
         write_json_atomic(self.sweep_dir / JOBS_FILE, self.jobs)
 
     def submit(self, executor, name: str, fn, *args) -> str:
+        executor.update_parameters(slurm_comment=job_tag(self.sweep_dir, name))
         job = executor.submit(fn, *args)
         entry = {"job_id": str(job.job_id), "submitted_at": time.time()}
         self.jobs[name] = entry
@@ -128,8 +138,17 @@ class JobWatch:
     def orphans(self, names: list[str]) -> dict[str, str]:
         """Of these trials, the ones whose job from an earlier run is still queued or running: name -> id."""
         states = queue_states() or {}
-        return {n: self.jobs[n]["job_id"] for n in names
-                if n in self.jobs and states.get(self.jobs[n]["job_id"], ("",))[0] in ACTIVE}
+        by_tag = {comment: job_id for job_id, (state, _, comment) in states.items() if state in ACTIVE}
+        found = {}
+        for name in names:
+            known = self.jobs.get(name, {}).get("job_id")
+            if known and states.get(known, ("",))[0] in ACTIVE:
+                found[name] = known
+            elif job_tag(self.sweep_dir, name) in by_tag:  # submitted, then killed before the id was saved
+                found[name] = by_tag[job_tag(self.sweep_dir, name)]
+                self.jobs[name] = {"job_id": found[name], "submitted_at": time.time()}
+                self._save()
+        return found
 
     def adopt(self, name: str) -> None:
         self.open[name] = self.jobs[name]
@@ -177,7 +196,7 @@ class JobWatch:
         """Decide a trial without a record from its job's state; True once it has one."""
         entry = self.open[name]
         job_id = entry["job_id"]
-        state, why = states.get(job_id, (None, ""))
+        state, why, _ = states.get(job_id, (None, "", ""))
         if state == "PENDING":
             if now - entry["submitted_at"] > self.queue_allowance_s:
                 scancel([job_id])

@@ -125,6 +125,8 @@ def test_orphans_are_cancelled_and_resubmitted_when_asked(slurm_cluster, tmp_pat
     driver.send_signal(signal.SIGKILL)
     driver.communicate(timeout=30)
     assert queued(old) == "PENDING"  # the orphan
+    # As if the driver had died between sbatch's answer and writing the id: found by its comment.
+    (sweep_dir / "slurm_jobs.json").unlink()
     again = run_sweep(sweep_dir, *SLURM, *ONE, *HELD, "sweep.cancel_orphans=true", "sweep.queue_allowance_s=3",
                       timeout=90)
     assert again.returncode == 0, again.stderr[-2000:]
