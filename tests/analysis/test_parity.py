@@ -173,3 +173,46 @@ def test_on_cpu_a_non_causal_and_a_perturbed_variant_fail_in_the_same_run():
     # The fixed limits this replaced (2^-9 at step 0, 2^-7 at every step) passed the wrong mask.
     gaps = [abs(a - b) / abs(a) for a, b in zip(records[0]["losses"], records[4]["losses"])]
     assert gaps[0] <= 2.0**-9 and max(gaps) <= 2.0**-7
+
+
+def test_the_reference_is_the_plain_stock_spec_at_its_lowest_mbs():
+    half_stock = [_record("stock_attention", list(REF), attention="megatron", mbs=1),
+                  _record("stock_norm", list(REF), norm="megatron", mbs=1)]
+    others = [_record("stock_cg", list(REF), cuda_graph=True, mbs=1, **STOCK),
+              _record("stock_rc", list(REF), recompute="full", mbs=1, **STOCK),
+              _record("stock_failed", None, status="error", mbs=1, **STOCK),
+              _record("stock_control", list(REF), plant="non_causal", mbs=1, **STOCK),
+              _record("stock_mbs4", list(REF), mbs=4, **STOCK), _record("stock_mbs2", list(REF), **STOCK)]
+    result = parity([*half_stock, *others, _record("a", _off(1e-5))])
+    assert result["reference"] == "stock_mbs2"
+
+
+def test_a_plant_marks_a_control_only_for_the_trials_it_names():
+    from analysis.parity import planted_error
+
+    record = _record("tp1_mbs4", list(REF), plant="non_causal")
+    assert planted_error(record) == "non_causal"
+    record["trial_config"]["plant_if_name_contains"] = "mbs4"
+    assert planted_error(record) == "non_causal"
+    record["trial_config"]["plant_if_name_contains"] = "mbs8"
+    assert planted_error(record) is None
+    assert planted_error(_record("x", list(REF), plant="nan_weights")) is None  # no parity control
+    assert planted_error({"trial": "x"}) is None
+
+
+def test_a_failed_variant_reports_its_own_reason():
+    crashed = _record("crashed", None, status="oom")
+    crashed["reason"] = "rank 0: CUDA out of memory"
+    assert parity(_sweep(crashed))["reason"] == "crashed: status oom: rank 0: CUDA out of memory"
+    assert parity(_sweep(_record("quiet", None, status="error")))["reason"] == "quiet: status error: no reason recorded"
+
+
+def test_the_markdown_states_the_verdict_bounds_and_each_row():
+    result = parity(_sweep(_record("control", _off(1e-3), plant="non_causal")))
+    text = markdown(result)
+    assert text.startswith("Loss parity against `stock` over 4 steps, 3 variants: PASS")
+    assert "step 0 2.01e-04 (10x the median gap 2.00e-05)" in text
+    assert "| control | PASS | 1.00e-03 | 1.00e-03 | 4.98e+00 | negative control (non_causal) caught" in text
+    assert "| a | PASS | 1.00e-05 | 1.00e-05 | 4.98e-02 |  |" in text
+    failed = markdown(parity(_sweep()[:2]))
+    assert failed == "Loss parity: FAIL (1 comparable variants: the spread needs 3)."

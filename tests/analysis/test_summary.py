@@ -68,3 +68,18 @@ def test_calibration_is_fit_on_ok_and_oom_trials_only(tmp_path, monkeypatch):
     assert summary._calibrate(tmp_path) == str(tmp_path / "calibration.json")
     assert sorted(r["status"] for r in seen) == ["ok", "oom"]
     assert sorted(r["layout"]["mbs"] for r in seen) == [1, 2]
+
+
+def test_only_ok_trials_with_an_mfu_are_ranked_and_the_device_comes_from_one_that_ran():
+    from analysis.leaderboard import ranked
+
+    rows = [_row("no_device", 0.5, device=None), _row("fast", 0.4), _row("no_mfu", None),
+            _row("diverged_but_fast", 0.9, status="diverged")]
+    assert [r["trial"] for r in ranked(rows)] == ["no_device", "fast"]
+    assert headline(rows)["device"] == "H100"
+
+
+def test_a_pruned_layout_listed_first_does_not_hide_later_mismatches():
+    rows = [_predicted("pruned", "skipped", False, reason="predicted OOM: 9.0 GiB > 8.0 GiB"),
+            _predicted("oom_predicted_fit", "oom", True)]
+    assert mismatches(rows) == ["oom_predicted_fit: ran out of memory, predicted to fit (9.0 GiB)"]

@@ -98,3 +98,75 @@ def test_a_diverged_trial_is_recorded_and_never_ranked_or_calibrated_on(tmp_path
     assert "tp2 pp1" not in table  # not in the ranked table
     assert f"| {bad} | diverged |" in (sweep_dir / "leaderboard.md").read_text()
     # calibration: tests/analysis/test_summary.py checks that only ok and oom records are fit
+
+
+class _Block(__import__("torch").nn.Module):
+    """A stand-in for a model chunk: a norm-like vector, an MLP output weight, and two
+    attention modules (one causal, one not) carrying megatron's `attn_mask_type`."""
+
+    def __init__(self):
+        import torch
+        from megatron.core.transformer.enums import AttnMaskType
+
+        super().__init__()
+        self.norm = torch.nn.Parameter(torch.ones(4))
+        self.embedding = torch.nn.Parameter(torch.ones(3, 4))
+        self.mlp = torch.nn.Module()
+        self.mlp.linear_fc2 = torch.nn.Linear(4, 4, bias=False)
+        torch.nn.init.constant_(self.mlp.linear_fc2.weight, 2.0)
+        self.attention, self.cross = torch.nn.Module(), torch.nn.Module()
+        self.attention.attn_mask_type, self.cross.attn_mask_type = AttnMaskType.causal, AttnMaskType.padding
+
+
+def _planted(tmp_path, plant, **trial):
+    spec = _spec(tmp_path, plant=plant, **trial)
+    block = _Block()
+    return StepGuard(spec, [block]), block
+
+
+def test_non_causal_unmasks_only_the_causal_attention(tmp_path):
+    from megatron.core.transformer.enums import AttnMaskType
+
+    _, block = _planted(tmp_path, "non_causal")
+    assert block.attention.attn_mask_type == AttnMaskType.no_mask
+    assert block.cross.attn_mask_type == AttnMaskType.padding
+    _, untouched = _planted(tmp_path, None)
+    assert untouched.attention.attn_mask_type == AttnMaskType.causal
+    with pytest.raises(RuntimeError, match="found no causal attention module"):
+        StepGuard(_spec(tmp_path, plant="non_causal"), [__import__("torch").nn.Linear(2, 2)])
+
+
+def test_perturb_weight_scales_the_mlp_output_weight_only(tmp_path):
+    from launch.divergence import PERTURBATION
+
+    _, block = _planted(tmp_path, "perturb_weight")
+    assert (block.mlp.linear_fc2.weight == 2.0 * (1 + PERTURBATION)).all()
+    assert (block.embedding == 1.0).all() and (block.norm == 1.0).all()
+    _, other = _planted(tmp_path, "perturb_weight", plant_if_name_contains="mbs8_")  # not this trial
+    assert (other.mlp.linear_fc2.weight == 2.0).all()
+
+
+def test_nan_weights_poison_the_weights_after_the_step_before_plant_step(tmp_path):
+    guard, block = _planted(tmp_path, "nan_weights", plant_step=2)
+    guard.after_step(0, loss=7.0)
+    assert not block.mlp.linear_fc2.weight.isnan().any()
+    guard.after_step(1, loss=6.9)  # poisoned now: step 2's forward sees NaN weights
+    assert block.mlp.linear_fc2.weight.isnan().all() and not block.embedding.isnan().any()
+    other, clean = _planted(tmp_path, "perturb_weight", plant_step=2)
+    other.after_step(1, loss=6.9)
+    assert not clean.mlp.linear_fc2.weight.isnan().any()
+
+
+def test_local_gradients_are_summed_over_every_parameter(tmp_path):
+    import torch
+
+    block = _Block()
+    guard = StepGuard(_spec(tmp_path), [block])
+    block.norm.grad = torch.full((4,), -1.0)  # abs: signs cannot cancel
+    block.embedding.grad = torch.full((3, 4), 0.5)
+    block.mlp.linear_fc2.weight.main_grad = torch.full((4, 4), 0.25)
+    assert guard._local_grads_sum() == 4 * 1.0 + 12 * 0.5 + 16 * 0.25
+    block.embedding.grad[0, 0] = math.inf
+    guard.after_step(0, loss=7.0)  # not asked to look at the gradients
+    with pytest.raises(Diverged, match="local_gradients is inf"):
+        guard.after_step(1, loss=7.0, local_grads=True)

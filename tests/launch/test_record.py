@@ -41,3 +41,13 @@ def test_step_time_is_the_slowest_ranks_median_after_warmup():
     assert result["step_time_s"] == 2.5  # median of 2.0, 3.0, 2.5: warm-up excluded
     assert summarize_steps(ranks, warmup=4)["step_time_s"] == 2.75  # all warm-up: every step counts
     assert summarize_steps([{"rank": 0}], warmup=1) == {}
+
+
+def test_a_secondary_rank_never_outranks_the_primary_failure():
+    assert _worst_status(_ranks("timeout", "diverged", secondary=(0,))) == "diverged"
+    assert _worst_status(_ranks("oom", "error", secondary=(0,))) == "error"
+
+
+def test_host_oom_is_found_without_spaces_too():
+    assert classify(RuntimeError("DefaultCPUAllocator: Out Of Memory")) == "oom"
+    assert classify(RuntimeError("torch.OutOfMemoryError")) == "oom"
