@@ -20,7 +20,7 @@ from sweeper.config import Layout, ModelConfig
 from tests.gloo import run_on_gloo
 
 TINY = dict(name="tiny", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
-            num_query_groups=2, vocab_size=5000, seq_length=32)
+            num_query_groups=2, vocab_size=1000, seq_length=16)
 FP32_TOL = dict(rtol=1e-4, atol=1e-6)
 # Adam's update is invariant to the gradient's scale but for eps: a large eps makes a
 # missing or doubled clip visible in the weights.
