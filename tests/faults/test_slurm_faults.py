@@ -104,7 +104,8 @@ def _running_trial(sweep_dir, args=LONG):
     driver = start_sweep(sweep_dir, *SLURM, *args)
     job = wait_for(lambda: job_ids(sweep_dir).get(NAME), 60, "the job id on disk", driver)
     log = sweep_dir / NAME / "rank0.log"
-    wait_for(lambda: queued(job) == "RUNNING" and log.exists() and log.stat().st_size > 0, 90,
+    # generous: other sessions' jobs may hold the node's CPUs first
+    wait_for(lambda: queued(job) == "RUNNING" and log.exists() and log.stat().st_size > 0, 240,
              "the trial's ranks to run", driver)
     return driver, job
 
