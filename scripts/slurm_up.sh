@@ -50,6 +50,10 @@ fi
 # resolve (containers, CI) does not matter. CR_CPU: each CPU is a unit, so 1-CPU
 # tasks pack; memory is not consumable, so jobs need no --mem.
 MEM_MB=$(( $(free -m | awk '/^Mem:/{print $2}') * 9 / 10 ))   # under slurmd's own count, else the node drains
+# The node declares at least 8 CPUs (config_overrides makes slurmd take the configured count over
+# the hardware's), so an 8-rank CPU trial (tp2*pp2*dp2) can be placed on a 2-core test machine:
+# its ranks then share the cores, which is fine for a correctness run and useless for timing.
+CPUS=$(( $(nproc) > 8 ? $(nproc) : 8 ))
 NEW="$(mktemp)"; trap 'rm -f "$NEW"' EXIT
 cat >"$NEW" <<CONF
 ClusterName=layoutsweep
@@ -68,6 +72,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 MpiDefault=none
+SlurmdParameters=config_overrides
 MailProg=/bin/true
 ReturnToService=2
 AccountingStorageType=accounting_storage/none
@@ -79,7 +84,7 @@ MessageTimeout=10
 InactiveLimit=0
 KillWait=5
 MinJobAge=60
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$MEM_MB State=UNKNOWN
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
 
