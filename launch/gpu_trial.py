@@ -29,8 +29,6 @@ import time
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -38,9 +36,15 @@ from megatron.core.transformer.module import Float16Module
 
 from launch import flat_step
 from launch.data import first_sequence, microbatch
+from launch.divergence import StepGuard
 from launch.model import build_model, transformer_config
 from launch.profile import StepProfiler, scope
+from launch.record import PeakMemory
 from launch.spec import TrialSpec
+from launch.steps import forward_step as _forward_step  # shared with the CPU path
+from launch.steps import loss_func as _loss_func
+from launch.steps import sync_config as _sync_config
+from launch.steps import wrap_ddp as _wrap_ddp
 from launch.step_graph import MicrobatchGraph
 from sweeper.config import Layout, ModelConfig
 
@@ -64,19 +68,6 @@ def _chunks(spec: TrialSpec, config) -> list[torch.nn.Module]:
     return chunks
 
 
-def _wrap_ddp(chunks, config, *, distributed_optimizer: bool, overlap: bool) -> list:
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=overlap,
-        use_distributed_optimizer=distributed_optimizer,
-    )
-    # Chunks after the first get one bucket each: their reduction overlaps the later
-    # chunks' backward anyway (megatron's own choice for vpp > 1).
-    return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
-                                    disable_bucketing=index > 0)
-            for index, chunk in enumerate(chunks)]
-
-
 def _use_fused_adam(optimizer) -> None:
     """Switch megatron's torch-Adam fallback (no Apex/TE here) to torch's fused kernel.
 
@@ -94,29 +85,6 @@ def _use_fused_adam(optimizer) -> None:
             group["fused"] = True
 
 
-def _sync_config(config, model: list, *, overlap: bool) -> None:
-    """The hooks megatron's training loop installs (megatron/training/training.py)."""
-    if overlap:
-        no_sync = [chunk.no_sync for chunk in model]
-        grad_sync = [chunk.start_grad_sync for chunk in model]
-        config.no_sync_func = no_sync[0] if len(model) == 1 else no_sync
-        config.grad_sync_func = grad_sync[0] if len(model) == 1 else grad_sync
-    config.finalize_model_grads_func = finalize_model_grads
-
-
-def _loss_func(output: torch.Tensor):
-    """Mean per-token loss of one micro-batch; megatron divides by the micro-batch count."""
-    loss = output.float().mean()
-    # A copy: megatron scales the returned loss in place (/= num_microbatches) for the backward.
-    return loss, {"loss": loss.detach().clone()}
-
-
-def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, _loss_func
-
-
 def _step_batches(spec: TrialSpec, step: int, num_micro: int, dp_rank: int) -> list[dict]:
     """This DP rank's micro-batches of one step, already on the GPU (a prefetching loader's view)."""
     model_cfg, layout = spec.model, spec.layout
@@ -129,12 +97,9 @@ def _step_batches(spec: TrialSpec, step: int, num_micro: int, dp_rank: int) -> l
 
 def _memory() -> dict:
     free, total = torch.cuda.mem_get_info()
-    return {
-        "peak_memory_gb": torch.cuda.max_memory_reserved() / GIB,
-        "peak_memory_allocated_gb": torch.cuda.max_memory_allocated() / GIB,
-        "mem_get_info_used_gb": (total - free) / GIB,
-        "peak_memory_source": "torch.cuda.max_memory_reserved (allocated and mem_get_info beside it)",
-    }
+    return PeakMemory(allocated_gb=torch.cuda.max_memory_allocated() / GIB,
+                      reserved_gb=torch.cuda.max_memory_reserved() / GIB,
+                      device_used_gb=(total - free) / GIB).fields()
 
 
 class Timeline:
@@ -214,6 +179,7 @@ def _run_steps(spec: TrialSpec, *, rank: int, world: int) -> dict:
     model_parallel_cuda_manual_seed(trial.seed, use_cudagraphable_rng=True)
     config = transformer_config(model_cfg, layout, device="cuda")
     chunks = _chunks(spec, config)
+    guard = StepGuard(spec, chunks)  # a non-finite loss or grad norm ends the trial `diverged`
     setup.mark("build_model")
     if trial.fail_if_name_contains and trial.fail_if_name_contains in spec.name:
         raise RuntimeError(f"injected failure: trial name contains {trial.fail_if_name_contains!r}")
@@ -267,7 +233,7 @@ def _run_steps(spec: TrialSpec, *, rank: int, world: int) -> dict:
             forward_only=False,
         )
         with scope("optimizer"):
-            optimizer_step()
+            _, grad_norm, _ = optimizer_step()  # the norm is reduced over every rank of the model
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         try:
@@ -283,6 +249,7 @@ def _run_steps(spec: TrialSpec, *, rank: int, world: int) -> dict:
             total = torch.stack([d["loss"] for d in step_losses]).sum() / num_micro
             dist.all_reduce(total, group=dp_group)
             losses.append(float(total) / dp)
+        guard.after_step(step, loss=losses[-1] if last_stage else None, grad_norm=grad_norm)
     record = {"step_times_s": step_times, **_memory(), "trial_path": PATH, "setup_s": setup.marks,
               "wgrad_fusion": config.gradient_accumulation_fusion}
     if profiler_error:
@@ -290,6 +257,7 @@ def _run_steps(spec: TrialSpec, *, rank: int, world: int) -> dict:
     if losses:
         record["losses"] = losses
     record.update(profiler.record())
+    record.update(guard.record())
     if "breakdown" in record:
         record["breakdown"]["rates"] = achieved_rates(record["breakdown"], model_cfg, layout, world)
     return record

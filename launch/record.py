@@ -19,6 +19,7 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +32,28 @@ NOT_RESULTS = ("interrupted", "lost")
 SCHEMA_VERSION = 1
 FAILED = ("oom", "error", "timeout")
 RESULT_FILE = "result.json"
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    """One rank's peak memory, GiB (2**30 bytes); sweeper.memory predicts the first two.
+
+    allocated_gb: torch.cuda.max_memory_allocated (MemoryEstimate.allocated_gb);
+    reserved_gb: torch.cuda.max_memory_reserved, what the caching allocator held
+    (MemoryEstimate.reserved_gb; it is the trial's `peak_memory_gb`);
+    device_used_gb: used device memory from torch.cuda.mem_get_info at the end, the
+    allocator plus everything outside it (CUDA context, NCCL): MemoryEstimate.peak_gb.
+    """
+
+    allocated_gb: float
+    reserved_gb: float
+    device_used_gb: Optional[float] = None
+
+    def fields(self) -> dict:
+        """The rank record's keys (sweeper.calibration.measured_memory reads them back)."""
+        return {"peak_memory_gb": self.reserved_gb, "peak_memory_allocated_gb": self.allocated_gb,
+                "mem_get_info_used_gb": self.device_used_gb,
+                "peak_memory_source": "torch.cuda.max_memory_reserved (allocated and mem_get_info beside it)"}
 
 
 def write_json_atomic(path, obj) -> None:

@@ -62,6 +62,7 @@ ALLREDUCE = "ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<40
     ("void at::native::(anonymous namespace)::GammaBetaBackwardCUDAKernel<c10::BFloat16, float>()", "norm"),
     ("void cuApplyRMSNorm<c10::BFloat16, float, c10::BFloat16>()", "norm"),
     ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", "norm"),
+    ("_add_norm_bwd_kernel", "norm"),  # kernels/add_rmsnorm.py: the residual add rides on the norm
     # the optimizer: torch's fused Adam, the gradient norm
     (FUSED_ADAM, "optimizer"),
     ("aten::_fused_adam_", "optimizer"),
@@ -81,22 +82,26 @@ def test_kernel_names(name, expected):
 
 
 def _triton_launches(path: Path) -> set[str]:
-    """Names of the @triton.jit functions a file launches (`kernel[grid](...)`)."""
+    """Names of the @triton.jit functions a file launches (`kernel[grid](...)`, or wrapped in
+    kernels.fast_launch's `CachedLaunch(kernel)`)."""
     tree = ast.parse(path.read_text())
     jitted = {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
               and any("jit" in ast.unparse(d) for d in f.decorator_list)}
-    launched = {n.func.value.id for n in ast.walk(tree) if isinstance(n, ast.Call)
-                and isinstance(n.func, ast.Subscript) and isinstance(n.func.value, ast.Name)}
-    return jitted & launched
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    launched = {n.func.value.id for n in calls
+                if isinstance(n.func, ast.Subscript) and isinstance(n.func.value, ast.Name)}
+    cached = {a.id for n in calls if isinstance(n.func, ast.Name) and n.func.id == "CachedLaunch"
+              for a in n.args if isinstance(a, ast.Name)}
+    return jitted & (launched | cached)
 
 
 def test_our_triton_kernel_names_are_known():
     attention = _triton_launches(KERNELS / "attention_fwd.py") | _triton_launches(KERNELS / "attention_bwd.py")
-    norm = _triton_launches(KERNELS / "rmsnorm.py")
+    norm = _triton_launches(KERNELS / "rmsnorm.py") | _triton_launches(KERNELS / "add_rmsnorm.py")
     assert attention == set(TRITON_ATTENTION_KERNELS)
     assert norm == set(TRITON_NORM_KERNELS)
     for path in KERNELS.glob("*.py"):  # no other kernel of ours may take one of these names
-        if path.name not in ("attention_fwd.py", "attention_bwd.py", "rmsnorm.py"):
+        if path.name not in ("attention_fwd.py", "attention_bwd.py", "rmsnorm.py", "add_rmsnorm.py"):
             assert not _triton_launches(path) & (attention | norm), path.name
 
 

@@ -71,7 +71,7 @@ def test_a_trial_over_its_time_limit_is_recorded_as_timeout(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (record,) = records(sweep_dir).values()
     assert record["status"] == "timeout"
-    assert "exceeded 2 s" in record["reason"]
+    assert "exceeded trial.timeout_s=2 s" in record["reason"]
     assert "timeout" in (sweep_dir / "leaderboard.md").read_text()
 
 
