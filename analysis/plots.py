@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from analysis.breakdown import CATEGORIES  # noqa: E402
+from launch.breakdown import CATEGORIES  # noqa: E402
 
 STATUS_COLORS = {"ok": "#2a9d8f", "invalid": "#8d99ae", "skipped": "#e9c46a", "oom": "#e76f51",
                  "error": "#d62828", "timeout": "#6a4c93", "diverged": "#000000"}

@@ -21,7 +21,7 @@ import re
 import sys
 from pathlib import Path
 
-from analysis.breakdown import CATEGORIES
+from launch.breakdown import CATEGORIES
 from analysis.leaderboard import layout_label, markdown, ranked
 from analysis.ranking import quality_markdown, quality_summary
 from analysis.results import collect, load_records
@@ -152,7 +152,7 @@ def report_markdown(sweep_dir, rows, records, entries, images: dict) -> str:
         out += [f"## {title}", ""]
         if name == "time_breakdown":
             out += ["Per layout profiled with `trial.profile=true`: one extra step after the measured "
-                    "ones, mean over ranks. Categories add up to the step; see analysis/breakdown.py "
+                    "ones, mean over ranks. Categories add up to the step; see launch/breakdown.py "
                     "for the method.", ""]
         out.append(f"![{title}]({images[name]})" if images.get(name) else "_Nothing to show in this sweep._")
         if name == "time_breakdown" and entries:

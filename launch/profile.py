@@ -23,7 +23,7 @@ The profiled step is an extra step after the measured ones, so profiler overhead
 never enters the measured step times. The profiler records CPU activity, and
 CUDA activity when the trial runs on a GPU; module hooks (attached for that step
 only) mark each model chunk ("model"), each core attention ("attention") and
-each norm ("norm") with record_function scopes that `analysis.breakdown` reads.
+each norm ("norm") with record_function scopes that `launch.breakdown` reads.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
-from analysis.breakdown import MODEL_SCOPE, STEP_SCOPE, Event, breakdown
+from launch.breakdown import MODEL_SCOPE, STEP_SCOPE, Event, breakdown
 
 
 def scope(name: str) -> record_function:
@@ -147,7 +147,7 @@ class StepProfiler:
 
     def record(self) -> dict:
         """What the rank record gains when profiled: {"breakdown": ..., "trace": file name}; on a GPU
-        the breakdown holds `top_kernels` too (see analysis.breakdown), all plain JSON."""
+        the breakdown holds `top_kernels` too (see launch.breakdown), all plain JSON."""
         return dict(self._result)
 
     def _attach_hooks(self) -> None:

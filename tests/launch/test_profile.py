@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import launch.profile as profile_module
-from analysis.breakdown import breakdown
+from launch.breakdown import breakdown
 from launch.profile import StepProfiler, events_from_profile
 
 CPU, CUDA = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA

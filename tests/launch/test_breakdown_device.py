@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.breakdown import (
+from launch.breakdown import (
     CATEGORIES,
     TRITON_ATTENTION_KERNELS,
     TRITON_NORM_KERNELS,
