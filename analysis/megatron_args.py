@@ -29,10 +29,10 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sweeper.config import ConfigError, Layout, ModelConfig
+from core.config import ConfigError, Layout, ModelConfig
+from core.paths import REPO_ROOT
 from sweeper.validity import invalid_reason
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SPEC_MODULE = "kernels.megatron_lm_spec"
 ROPE_BASE = 10000  # launch/model.py's ROPE_BASE (kernels.rope.DEFAULT_BASE); a test holds them equal
 NORM_EPS = 1e-5  # launch/model.py's layernorm_epsilon

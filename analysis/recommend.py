@@ -22,10 +22,10 @@ from pathlib import Path
 import yaml
 
 from analysis.megatron_args import megatron_core_kwargs, megatron_core_text, megatron_lm_command
-from sweeper.config import ConfigError, Layout, ModelConfig, cluster_from_dict, layout_from_dict, model_from_dict
+from core.config import ConfigError, Layout, ModelConfig, cluster_from_dict, layout_from_dict, model_from_dict
+from core.paths import CONF_DIR
 from sweeper.validity import invalid_reason
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 FORMATS = ("text", "megatron-lm", "json")
 OPTIONAL_OBJECTS = ("mfu", "prediction", "cluster", "env", "tflops_per_gpu")  # to_row reads them with .get
 

@@ -7,10 +7,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import sys
 from pathlib import Path
 
-from launch.record_check import load_record
+from core.record_check import load_record
+from core.records import write_text_atomic
 
 COLUMNS = [
     "trial", "status", "reason", "tp", "pp", "vpp", "cp", "dp", "mbs", "gbs", "recompute",
@@ -74,10 +76,8 @@ def collect(sweep_dir) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())

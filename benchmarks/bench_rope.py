@@ -35,7 +35,6 @@ import datetime
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -44,6 +43,7 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from core.paths import git_commit  # noqa: E402
 from benchmarks.bench_rmsnorm import _kernel_table, _time_all, gpu_ms, relerr, tbs  # noqa: E402
 from kernels import rope as ours  # noqa: E402
 
@@ -196,13 +196,8 @@ def _ratios(out, timing):
 
 
 def _git_commit() -> str:
-    if os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:  # noqa: BLE001 - no .git on the device machine
-        return "unknown"
+    # GIT_COMMIT first: the device machine's copy has no .git.
+    return os.environ.get("GIT_COMMIT") or git_commit() or "unknown"
 
 
 def main():

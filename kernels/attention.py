@@ -39,10 +39,9 @@ import os
 import torch
 import triton
 
+from core.choices import TRITON_HEAD_DIMS as HEAD_DIMS  # the sweeper's validity reads the same tuple
 from kernels.attention_bwd import launch_delta, launch_dkdv, launch_dq
 from kernels.attention_fwd import launch_forward
-
-HEAD_DIMS = (16, 32, 64, 128, 256)
 
 # Block configurations per head dim, winners of the H200 sweep of benchmarks/tune_attention.py
 # (bf16, causal; benchmarks/results/attention_tune_h200_2026-12-01.json). "tma": load tiles

@@ -14,34 +14,13 @@ None). SM90 supports 8 <= d <= 256 with d a multiple of 8; no dropout.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
-NOT_INSTALLED = "flash-attn-4 not installed"
-# SM90 (Hopper) limits of flash-attn-4 4.0.0b36 (`_validate_head_dims`): 16-byte multiples
-# of bf16/fp16 elements, at most 256.
-HEAD_DIM_MIN, HEAD_DIM_MAX, HEAD_DIM_MULTIPLE = 8, 256, 8
-
-
-def installed() -> bool:
-    """Whether `flash_attn.cute` is on the path, found without importing it (its import
-    loads torch and the CuTe DSL). flash-attn-4 ships `flash_attn` as a namespace package."""
-    try:
-        spec = importlib.util.find_spec("flash_attn")
-    except (ImportError, ValueError):
-        return False
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    return any(os.path.isfile(os.path.join(loc, "cute", "interface.py"))
-               for loc in spec.submodule_search_locations)
-
-
-def head_dim_reason(head_dim: int):
-    """Why flash-attn-4 cannot take this head dim on Hopper, or None."""
-    if HEAD_DIM_MIN <= head_dim <= HEAD_DIM_MAX and head_dim % HEAD_DIM_MULTIPLE == 0:
-        return None
-    return (f"flash_attn attention supports head_dim {HEAD_DIM_MIN}..{HEAD_DIM_MAX} in steps "
-            f"of {HEAD_DIM_MULTIPLE} (flash-attn-4 on SM90), got {head_dim}")
+# The probe and the head-dim rule live in core.choices: the sweeper needs them without torch.
+from core.choices import FA4_HEAD_DIM_MAX as HEAD_DIM_MAX  # noqa: F401
+from core.choices import FA4_HEAD_DIM_MIN as HEAD_DIM_MIN  # noqa: F401
+from core.choices import FA4_HEAD_DIM_MULTIPLE as HEAD_DIM_MULTIPLE  # noqa: F401
+from core.choices import FA4_NOT_INSTALLED as NOT_INSTALLED
+from core.choices import fa4_head_dim_reason as head_dim_reason  # noqa: F401
+from core.choices import fa4_installed as installed  # noqa: F401
 
 
 def flash_attn_func():

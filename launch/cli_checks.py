@@ -11,16 +11,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from pathlib import Path
 from typing import Optional
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
-from sweeper.capacity import PATH_NAMES, name_problem
-from sweeper.config import ClusterConfig, Layout, ModelConfig, SweepConfig, TrialConfig
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from core.config import ClusterConfig, Layout, ModelConfig, SweepConfig, TrialConfig
+from core.paths import CONF_DIR  # noqa: F401  launch/main.py reads it from here until 13:15
+from launch.capacity import PATH_NAMES, name_problem
 GROUPS = ("model", "cluster", "sweep")
 SCHEMAS = {"model": ModelConfig, "cluster": ClusterConfig, "layout": Layout, "trial": TrialConfig,
            "sweep": SweepConfig}

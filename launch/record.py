@@ -1,92 +1,36 @@
-"""Result records: one JSON file per rank, assembled into one `result.json` per trial.
+"""Assembling a trial's record: classify a failure, pick the deciding rank, sum up the steps.
 
-Every write is atomic (temp file, fsync, rename), so a crash or kill never
-leaves a half-written record and never touches another trial's files.
-
-Statuses: ok, invalid (megatron would reject it), skipped (unsupported here or
-predicted OOM; the reason says which), oom (GPU or host allocator), error, timeout
-(the trial's or SLURM's limit), diverged (a loss or gradient norm was not finite;
-`diverged_step` says when; never ranked, never calibrated on), interrupted (the driver
-was stopped while it ran) and lost (its SLURM job never started or was cancelled
-before it wrote a record). The last two are not results: a resumed sweep runs those
-trials again.
+The record types, statuses, paths and the atomic writer are core.records'; the names
+below re-exported from there are a shim until 13:15 (issue 15).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import tempfile
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
+from core.flops import FORMULAS, flops_per_token, mfu
+from core.records import (  # noqa: F401  shim until 13:15
+    DIVERGED,
+    FAILED,
+    NOT_RESULTS,
+    RESULT_FILE,
+    SCHEMA_VERSION,
+    STATUSES,
+    PeakMemory,
+    rank_path,
+    read_json,
+    result_path,
+    write_json_atomic,
+)
 from launch.divergence import Diverged
-
-STATUSES = ("ok", "invalid", "skipped", "oom", "error", "timeout", "diverged", "interrupted", "lost")
-# A resumed sweep runs these again: they say nothing about the layout.
-NOT_RESULTS = ("interrupted", "lost")
-# Bumped when a record's fields change meaning; launch/record_check.py reads it.
-SCHEMA_VERSION = 1
-FAILED = ("oom", "error", "timeout")
-RESULT_FILE = "result.json"
-
-
-@dataclass(frozen=True)
-class PeakMemory:
-    """One rank's peak memory, GiB (2**30 bytes); sweeper.memory predicts the first two.
-
-    allocated_gb: torch.cuda.max_memory_allocated (MemoryEstimate.allocated_gb);
-    reserved_gb: torch.cuda.max_memory_reserved, what the caching allocator held
-    (MemoryEstimate.reserved_gb; it is the trial's `peak_memory_gb`);
-    device_used_gb: used device memory from torch.cuda.mem_get_info at the end, the
-    allocator plus everything outside it (CUDA context, NCCL): MemoryEstimate.peak_gb.
-    """
-
-    allocated_gb: float
-    reserved_gb: float
-    device_used_gb: Optional[float] = None
-
-    def fields(self) -> dict:
-        """The rank record's keys (sweeper.calibration.measured_memory reads them back)."""
-        return {"peak_memory_gb": self.reserved_gb, "peak_memory_allocated_gb": self.allocated_gb,
-                "mem_get_info_used_gb": self.device_used_gb,
-                "peak_memory_source": "torch.cuda.max_memory_reserved (allocated and mem_get_info beside it)"}
-
-
-def write_json_atomic(path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def read_json(path) -> Optional[dict]:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def rank_path(trial_dir, rank: int) -> Path:
-    return Path(trial_dir) / f"rank{rank}.json"
 
 
 def classify(exc: BaseException) -> str:
     """diverged for a non-finite loss, oom for allocator failures (CUDA or host), error otherwise."""
     if isinstance(exc, Diverged):
-        return "diverged"
+        return DIVERGED
     return classify_text(f"{type(exc).__name__}: {exc}")
 
 
@@ -156,14 +100,8 @@ def base_record(spec, status: str, reason: Optional[str] = None) -> dict:
     }
 
 
-def result_path(trial_dir) -> Path:
-    return Path(trial_dir) / RESULT_FILE
-
-
 def trial_record(spec, ranks: list[dict], *, wall_s: float) -> dict:
     """Assemble the trial's record from its rank records (missing ranks already filled in)."""
-    from analysis.flops import FORMULAS, flops_per_token, mfu
-
     ranks = sorted(ranks, key=lambda r: r.get("rank", 0))
     status = _worst_status(ranks)
     record = base_record(spec, status, _first_error(ranks) if status != "ok" else None)

@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from sweeper.config import ATTENTION_KERNELS, ClusterConfig, ConfigError, Layout, ModelConfig
+from core.choices import ATTENTION_KERNELS
+from core.config import ClusterConfig, ConfigError, Layout, ModelConfig
+from core.records import write_text_atomic
 
 # A ratio outside these bounds means the model is wrong, not that a constant is off.
 SCALE_BOUNDS = (0.2, 5.0)
@@ -195,10 +197,7 @@ def default_calibration(cluster: ClusterConfig) -> Calibration:
 
 
 def save_calibration(cal: Calibration, path) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(cal), indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)  # a reader never sees half a file
+    write_text_atomic(path, json.dumps(dataclasses.asdict(cal), indent=2, sort_keys=True) + "\n")
 
 
 def load_calibration(path) -> Calibration:

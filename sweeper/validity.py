@@ -10,21 +10,17 @@ from __future__ import annotations
 
 from typing import Optional
 
-from kernels import attention_fa4  # no torch: it only looks for flash-attn-4 on the path
-from sweeper.config import (
+from core import choices  # the module, so a test can stand in for fa4_installed
+from core.choices import (
     ATTENTION_KERNELS,
     FUSION_CHOICES,
     FUSION_DEFAULTS,
     NORM_KERNELS,
     RECOMPUTE,
     RECOMPUTE_METHODS,
-    ClusterConfig,
-    Layout,
-    ModelConfig,
+    TRITON_HEAD_DIMS,
 )
-
-# Head dims the Triton attention kernel is compiled for.
-TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
+from core.config import ClusterConfig, Layout, ModelConfig
 
 
 def _check_axes(layout: Layout) -> Optional[str]:
@@ -122,7 +118,7 @@ def _check_kernels(model: ModelConfig, layout: Layout) -> Optional[str]:
     if layout.attention == "triton" and model.head_dim not in TRITON_HEAD_DIMS:
         return f"triton attention supports head_dim in {TRITON_HEAD_DIMS}, got {model.head_dim}"
     if layout.attention == "flash_attn":
-        return attention_fa4.head_dim_reason(model.head_dim)
+        return choices.fa4_head_dim_reason(model.head_dim)
     if layout.loss == "fused" and layout.tp > 1:
         return "loss=fused does not split the vocabulary: it needs tp = 1"
     if layout.add_norm == "fused" and layout.norm not in ("triton", "torch"):
@@ -155,8 +151,8 @@ def unsupported_reason(cluster: ClusterConfig, layout: Layout) -> Optional[str]:
     """
     if layout.cuda_graph and layout.pp > 1:
         return "cuda_graph captures the non-pipelined schedule only (pp = 1)"
-    if layout.attention == "flash_attn" and not attention_fa4.installed():
-        return attention_fa4.NOT_INSTALLED  # an optional dependency (extra `gpu`), never faked
+    if layout.attention == "flash_attn" and not choices.fa4_installed():
+        return choices.FA4_NOT_INSTALLED  # an optional dependency (extra `gpu`), never faked
     if cluster.device == "cuda":
         return None
     needs = []

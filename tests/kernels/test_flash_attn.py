@@ -13,9 +13,10 @@ import sys
 import pytest
 import torch
 
+from core import choices
+from core.config import ClusterConfig, Layout, ModelConfig
 from kernels import attention_fa4
 from sweeper import validity
-from sweeper.config import ClusterConfig, Layout, ModelConfig
 
 MODEL = ModelConfig(name="m", num_layers=2, hidden_size=256, ffn_hidden_size=688,
                     num_attention_heads=4, num_query_groups=2, vocab_size=1000, seq_length=256)
@@ -25,14 +26,14 @@ CPU = ClusterConfig()
 
 def test_missing_flash_attn_4_is_skipped_with_its_reason(monkeypatch):
     layout = Layout(attention="flash_attn", mbs=1, gbs=1)
-    monkeypatch.setattr(attention_fa4, "installed", lambda: False)
+    monkeypatch.setattr(choices, "fa4_installed", lambda: False)
     assert validity.unsupported_reason(GPU, layout) == "flash-attn-4 not installed"
     assert validity.unsupported_reason(CPU, layout) == "flash-attn-4 not installed"
-    monkeypatch.setattr(attention_fa4, "installed", lambda: True)
+    monkeypatch.setattr(choices, "fa4_installed", lambda: True)
     assert validity.unsupported_reason(GPU, layout) is None
     assert "attention=flash_attn" in validity.unsupported_reason(CPU, layout)  # needs CUDA
     # other attention kernels do not depend on it
-    monkeypatch.setattr(attention_fa4, "installed", lambda: False)
+    monkeypatch.setattr(choices, "fa4_installed", lambda: False)
     assert validity.unsupported_reason(GPU, dataclasses.replace(layout, attention="triton")) is None
 
 

@@ -200,10 +200,10 @@ def test_cuda_graphs_need_pp_1_on_any_device():
 
 
 def test_flash_attn_without_the_package_is_unsupported_even_on_gpu(monkeypatch):
-    from kernels import attention_fa4
+    from core import choices
 
-    monkeypatch.setattr(attention_fa4, "installed", lambda: False)
-    assert unsupported_reason(GPU, Layout(attention="flash_attn")) == attention_fa4.NOT_INSTALLED
-    monkeypatch.setattr(attention_fa4, "installed", lambda: True)
+    monkeypatch.setattr(choices, "fa4_installed", lambda: False)
+    assert unsupported_reason(GPU, Layout(attention="flash_attn")) == "flash-attn-4 not installed"
+    monkeypatch.setattr(choices, "fa4_installed", lambda: True)
     assert unsupported_reason(GPU, Layout(attention="flash_attn")) is None
     assert unsupported_reason(CPU, Layout(attention="flash_attn")) == "needs CUDA: attention=flash_attn"

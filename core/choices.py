@@ -1,0 +1,67 @@
+"""The kernel and recompute choices of a layout, as `Literal` types and their tuples.
+
+The `Literal` is the one definition; each tuple is `typing.get_args` of it, in the order
+the sweeper and the docs list them. Also here, because the sweeper must know them without
+importing torch or the kernels: the head dims the Triton attention kernel is compiled for
+(kernels/attention.py checks its inputs against this tuple) and whether flash-attn-4 is
+installed (found on the path, never imported).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Literal, Optional, get_args
+
+AttentionKernel = Literal["triton", "flash_attn", "sdpa", "sdpa_flash", "sdpa_cudnn", "megatron"]
+NormKernel = Literal["triton", "torch", "megatron"]
+Recompute = Literal["none", "selective", "full"]
+RecomputeMethod = Literal["uniform", "block"]
+# Errors a trial can plant on purpose, so a check can be seen to fail (launch/divergence.py).
+Plant = Literal["nan_weights", "non_causal", "perturb_weight"]
+# The fusion axes of a layout (issue 17): the first choice is megatron-core's own path.
+SwigluKernel = Literal["megatron", "triton"]
+LossKernel = Literal["megatron", "fused"]
+OptimizerStep = Literal["megatron", "flat"]
+AddNorm = Literal["megatron", "fused"]
+
+ATTENTION_KERNELS = get_args(AttentionKernel)
+NORM_KERNELS = get_args(NormKernel)
+RECOMPUTE = get_args(Recompute)
+RECOMPUTE_METHODS = get_args(RecomputeMethod)
+PLANTS = get_args(Plant)
+FUSION_TYPES = {"swiglu": SwigluKernel, "loss": LossKernel, "optimizer_step": OptimizerStep,
+                "add_norm": AddNorm}
+FUSION_CHOICES = {axis: get_args(kind) for axis, kind in FUSION_TYPES.items()}
+FUSION_DEFAULTS = {axis: choices[0] for axis, choices in FUSION_CHOICES.items()}
+# How a fusion that is not the default appears in a trial's name (core.config.Layout.name).
+FUSION_TAGS = {"swiglu": "swiglu", "loss": "loss", "optimizer_step": "opt", "add_norm": "addnorm"}
+
+# Head dims kernels/attention.py's Triton kernel is compiled for (its _check_inputs).
+TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+# flash-attn-4 (optional extra `gpu`): SM90 limits of 4.0.0b36 (`_validate_head_dims`):
+# 16-byte multiples of bf16/fp16 elements, at most 256.
+FA4_NOT_INSTALLED = "flash-attn-4 not installed"
+FA4_HEAD_DIM_MIN, FA4_HEAD_DIM_MAX, FA4_HEAD_DIM_MULTIPLE = 8, 256, 8
+
+
+def fa4_installed() -> bool:
+    """Whether `flash_attn.cute` is on the path, found without importing it (its import
+    loads torch and the CuTe DSL). flash-attn-4 ships `flash_attn` as a namespace package."""
+    try:
+        spec = importlib.util.find_spec("flash_attn")
+    except (ImportError, ValueError):
+        return False
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any(os.path.isfile(os.path.join(loc, "cute", "interface.py"))
+               for loc in spec.submodule_search_locations)
+
+
+def fa4_head_dim_reason(head_dim: int) -> Optional[str]:
+    """Why flash-attn-4 cannot take this head dim on Hopper, or None."""
+    if FA4_HEAD_DIM_MIN <= head_dim <= FA4_HEAD_DIM_MAX and head_dim % FA4_HEAD_DIM_MULTIPLE == 0:
+        return None
+    return (f"flash_attn attention supports head_dim {FA4_HEAD_DIM_MIN}..{FA4_HEAD_DIM_MAX} in steps "
+            f"of {FA4_HEAD_DIM_MULTIPLE} (flash-attn-4 on SM90), got {head_dim}")

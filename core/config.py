@@ -1,0 +1,282 @@
+"""Typed configuration: the model, the cluster, one parallel layout, one trial.
+
+Defaults live here, values in `conf/*.yaml`, overrides on the command line;
+Hydra merges them once and `from_dict` turns the result into these objects.
+No torch import: the sweeper and the memory model run without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+from core.choices import (  # noqa: F401  re-exported: the layout's vocabulary
+    ATTENTION_KERNELS,
+    FUSION_CHOICES,
+    FUSION_DEFAULTS,
+    FUSION_TAGS,
+    NORM_KERNELS,
+    PLANTS,
+    RECOMPUTE,
+    RECOMPUTE_METHODS,
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value a user must fix; printed as one line."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A dense Llama-style decoder: RMSNorm, RoPE, SwiGLU MLP, GQA, untied embeddings."""
+
+    name: str = "tiny"
+    num_layers: int = 4
+    hidden_size: int = 128
+    ffn_hidden_size: int = 352  # SwiGLU inner size (each of the gate and up projections)
+    num_attention_heads: int = 4
+    num_query_groups: int = 2  # KV heads; equal to num_attention_heads for MHA
+    vocab_size: int = 1024
+    seq_length: int = 128
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def num_params(self) -> int:
+        """Parameter count N (embedding and output layer included, untied)."""
+        h, f, L = self.hidden_size, self.ffn_hidden_size, self.num_layers
+        kv = self.num_query_groups * self.head_dim
+        attn = h * h + 2 * h * kv + h * h  # q, k, v, output projection
+        mlp = 3 * h * f  # gate, up, down
+        norms = 2 * h
+        return L * (attn + mlp + norms) + 2 * self.vocab_size * h + h
+
+    def validate(self) -> None:
+        for f_ in fields(self):
+            value = getattr(self, f_.name)
+            if isinstance(value, int) and value <= 0:
+                raise ConfigError(f"model.{f_.name} must be positive, got {value}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"model.num_attention_heads {self.num_attention_heads} is not divisible by "
+                f"num_query_groups {self.num_query_groups}"
+            )
+
+
+@dataclass(kw_only=True)
+class ClusterConfig:
+    """Where trials run. Peaks are explicit per device and never guessed from a GPU name."""
+
+    name: str = "local_cpu"
+    device: str = "cpu"  # "cpu" (gloo) or "cuda" (nccl)
+    gpus_per_node: int = 2  # ranks per node; on CPU, processes per node
+    nodes: int = 1
+    gpu_memory_gb: float = 8.0  # usable memory per rank, GiB
+    peak_tflops: float = 0.1  # dense bf16 TFLOP/s per device (CPU: nominal fp32 figure)
+    intra_node_bw_gbps: float = 10.0  # per-direction bus bandwidth inside a node, GB/s
+    inter_node_bw_gbps: float = 10.0  # per-GPU network bandwidth between nodes, GB/s
+    # SLURM fields; override them in conf/local/ (gitignored) for your site.
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time_limit_min: int = 30
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    def validate(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"cluster.device must be 'cpu' or 'cuda', got {self.device!r}")
+        for name in ("gpus_per_node", "nodes", "time_limit_min"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"cluster.{name} must be positive, got {getattr(self, name)}")
+        for name in ("gpu_memory_gb", "peak_tflops", "intra_node_bw_gbps", "inter_node_bw_gbps"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):  # inf would make every MFU 0.0%
+                raise ConfigError(f"cluster.{name} must be a finite positive number, got {value}")
+
+
+@dataclass(kw_only=True)
+class Layout:
+    """One point of the search space. DP is derived: world / (tp * pp * cp)."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B); 1 means off
+    cp: int = 1
+    mbs: int = 1
+    gbs: int = 8
+    recompute: str = "none"  # none | selective | full
+    recompute_method: str = "uniform"  # full recompute only: uniform | block
+    recompute_num_layers: int = 1  # full recompute only
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    attention: str = "sdpa"  # triton | flash_attn | sdpa | sdpa_flash | sdpa_cudnn | megatron
+    norm: str = "torch"  # triton | torch | megatron (stock)
+    # Capture each step's forward/backward as one CUDA graph and replay it (GPU, pp = 1):
+    # removes host launch overhead where small micro-batches make the step launch-bound.
+    cuda_graph: bool = False
+    # Fusions between the GEMMs (issue 17); the defaults are megatron-core's own path.
+    swiglu: str = "megatron"  # megatron (torch.compile'd) | triton (kernels/swiglu.py)
+    loss: str = "megatron"  # megatron (whole logits, then CE) | fused (kernels/fused_ce.py)
+    optimizer_step: str = "megatron"  # megatron | flat (launch/flat_step.py: no per-tensor passes)
+    add_norm: str = "megatron"  # megatron | fused (residual adds + the next RMSNorm: kernels/add_rmsnorm.py)
+
+    @property
+    def name(self) -> str:
+        """A reproducible trial name: every axis appears, so the name is the layout."""
+        parts = [
+            f"tp{self.tp}",
+            f"pp{self.pp}",
+            f"vpp{self.vpp}",
+            f"cp{self.cp}",
+            f"mbs{self.mbs}",
+            f"gbs{self.gbs}",
+            f"rc-{self.recompute}",
+        ]
+        if self.recompute == "full":
+            parts.append(f"{self.recompute_method}{self.recompute_num_layers}")
+        parts += [
+            f"sp{int(self.sequence_parallel)}",
+            f"do{int(self.distributed_optimizer)}",
+            f"attn-{self.attention}",
+            f"norm-{self.norm}",
+        ]
+        if self.cuda_graph:  # named only when on, so earlier sweeps' names still resume
+            parts.append("cg1")
+        for axis, default in FUSION_DEFAULTS.items():  # likewise named only when not the default
+            if getattr(self, axis) != default:
+                parts.append(f"{FUSION_TAGS[axis]}-{getattr(self, axis)}")
+        return "_".join(parts)
+
+    def dp(self, world_size: int) -> int:
+        return world_size // (self.tp * self.pp * self.cp)
+
+    def num_microbatches(self, world_size: int) -> int:
+        return self.gbs // (self.mbs * self.dp(world_size))
+
+
+@dataclass(kw_only=True)
+class TrialConfig:
+    """How one trial runs: steps, seed, limits, logging."""
+
+    warmup_steps: int = 2
+    measure_steps: int = 3
+    seed: int = 1234
+    timeout_s: int = 600  # whole trial, start-up included
+    lr: float = 1e-4
+    wandb: bool = False  # log config and metrics to wandb (offline unless wandb_mode says so)
+    wandb_mode: str = "offline"
+    wandb_project: str = "layout-sweep"
+    profile: bool = False  # record a per-category time breakdown of one measured step
+    trace: bool = False  # also export that step's Chrome trace
+    # Local runs: hand ranks to processes started (and imported) while the previous trial
+    # ran (launch/spare.py). None: on for GPU trials, off on CPU.
+    prestart_ranks: Optional[bool] = None
+    # Testing aid: a trial whose name contains this string raises on purpose.
+    fail_if_name_contains: Optional[str] = None
+    # Testing aid: an error planted on purpose so a check can be seen to fail
+    # (launch/divergence.py): nan_weights | non_causal | perturb_weight; None is off.
+    plant: Optional[str] = None
+    plant_if_name_contains: Optional[str] = None  # only these trials; None: every trial
+    plant_step: int = 1  # nan_weights: the first step whose loss is NaN (counted from 0)
+
+
+@dataclass(kw_only=True)
+class SweepConfig:
+    """Sweep-wide policy; the axes themselves are Hydra sweeper params."""
+
+    name: str = "default"
+    prune_predicted_oom: bool = True  # skip layouts the memory model says won't fit
+    rerun_failed: bool = False  # on resume, re-run trials recorded as error/timeout
+    max_trials: Optional[int] = None  # launch only the best N by predicted MFU; None = all
+    progress_interval_s: float = 10.0
+    calibration: Optional[str] = None  # path to a calibration JSON from an earlier sweep
+    # Local launchers: refit the models after every finished trial and skip the layouts
+    # the refit predicts out of memory (sweeper.learning); false launches the plan as is.
+    learn: bool = True
+    dry_run: bool = False  # print the plan (what would launch, in order, and why not the rest); launch nothing
+    # SLURM: a job still pending this long after submission is cancelled and recorded
+    # `lost: job never started`; a running job gets its time limit plus a minute.
+    queue_allowance_s: float = 3600.0
+    # SLURM: on resume, cancel jobs an earlier (killed) driver left queued or running and
+    # submit those trials again, instead of adopting them (the default).
+    cancel_orphans: bool = False
+
+
+def _build(cls, data: Optional[dict], prefix: str):
+    data = dict(data or {})
+    known = {f_.name: f_ for f_ in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown field {prefix}.{unknown[0]} (known: {', '.join(known)})")
+    obj = cls()
+    for key, value in data.items():
+        default = getattr(obj, key)
+        if value is not None and default is not None and not isinstance(value, type(default)):
+            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            elif isinstance(default, bool) and value in (0, 1):
+                value = bool(value)
+            else:
+                raise ConfigError(
+                    f"{prefix}.{key} must be {type(default).__name__}, got {value!r}"
+                )
+        setattr(obj, key, value)
+    return obj
+
+
+def model_from_dict(data: dict) -> ModelConfig:
+    model = _build(ModelConfig, data, "model")
+    model.validate()
+    return model
+
+
+def cluster_from_dict(data: dict) -> ClusterConfig:
+    cluster = _build(ClusterConfig, data, "cluster")
+    cluster.validate()
+    return cluster
+
+
+def layout_from_dict(data: dict) -> Layout:
+    return _build(Layout, data, "layout")
+
+
+def trial_from_dict(data: dict) -> TrialConfig:
+    trial = _build(TrialConfig, data, "trial")
+    if trial.plant is not None and trial.plant not in PLANTS:
+        raise ConfigError(f"trial.plant must be one of {', '.join(PLANTS)}, got {trial.plant!r}")
+    return trial
+
+
+def sweep_from_dict(data: dict) -> SweepConfig:
+    return _build(SweepConfig, data, "sweep")
+
+
+def as_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+@dataclass
+class RootConfig:
+    """The schema of conf/config.yaml: Hydra type-checks presets and overrides against it."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    layout: Layout = field(default_factory=Layout)
+    trial: TrialConfig = field(default_factory=TrialConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=RootConfig)

@@ -1,0 +1,78 @@
+"""Read a trial's `result.json` and say what is wrong with it, if anything.
+
+A record is trusted only if it parses as a record: a JSON object of the current
+schema with a known status, the trial's name, and a layout of positive integer
+degrees. Anything else (a crash mid-edit, a hand edit, a file from another tool)
+is damaged: the sweep reports it in one line, sets it aside and runs the trial again;
+the analysis tools skip it with the same one line.
+
+    record, problem = load_record(path)   # exactly one of them is None (both if no file)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+from core.records import SCHEMA_VERSION, STATUSES
+
+# Fields every record has, launched or not (launch/record.py's base_record).
+REQUIRED = {"trial": str, "status": str, "model": dict, "cluster": dict, "layout": dict}
+DEGREES = ("tp", "pp", "vpp", "cp", "mbs", "gbs")
+# A status "ok" record is only usable with its measurements.
+OK_REQUIRED = {"step_time_s": (int, float), "tokens_per_s": (int, float), "mfu": dict}
+
+
+def record_problem(record) -> Optional[str]:
+    """What makes `record` not a record of this schema, or None if it is one."""
+    if not isinstance(record, dict):
+        return f"not a JSON object but {type(record).__name__}"
+    # Records from before versioning carry no "schema" and are read as version 1.
+    if record.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
+        return f"schema {record.get('schema')!r}, expected {SCHEMA_VERSION}"
+    for key, kind in REQUIRED.items():
+        if not isinstance(record.get(key), kind):
+            return f"field {key!r} missing or not a {kind.__name__}"
+    if record["status"] not in STATUSES:
+        return f"unknown status {record['status']!r}"
+    for key in DEGREES:
+        value = record["layout"].get(key)
+        if type(value) is not int or value <= 0:
+            return f"layout.{key} is {value!r}, not a positive integer"
+    if record["status"] == "ok":
+        for key, kind in OK_REQUIRED.items():
+            if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+                return f"status ok without a valid {key!r}"
+    return None
+
+
+def load_record(path) -> tuple[Optional[dict], Optional[str]]:
+    """(record, None) for a good record, (None, problem) for a damaged one, (None, None) if absent."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"unreadable: {exc}"
+    try:
+        record = json.loads(text)
+    except ValueError as exc:
+        return None, f"not valid JSON: {exc}"
+    problem = record_problem(record)
+    return (None, problem) if problem else (record, None)
+
+
+def set_aside(path, tag: str) -> Path:
+    """Rename `path` to `<name>.<tag>-<time>[.N]` beside it, never overwriting; returns the new path."""
+    path = Path(path)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = path.with_name(f"{path.name}.{tag}-{stamp}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.{tag}-{stamp}.{n}")
+        n += 1
+    path.rename(target)
+    return target
