@@ -16,9 +16,11 @@ import sys
 import time
 import traceback
 
+from core.records import rank_path, write_json_atomic
+from core.spec import TrialSpec
+from launch import spare
 from launch.divergence import Diverged
-from launch.record import classify, rank_path, write_json_atomic
-from launch.spec import TrialSpec
+from launch.record import classify
 
 
 def _version(module: str):
@@ -56,6 +58,21 @@ def run(spec: TrialSpec) -> dict:
         distributed.shutdown()
 
 
+def serve(device: str, import_log: str) -> int:
+    """A spare rank (launch.spare): import the trial path for DEVICE, wait for one rank, run it."""
+    from launch import distributed  # noqa: F401 - imported ahead of need
+
+    if device == "cuda":
+        import launch.gpu_trial  # noqa: F401
+    else:
+        import launch.cpu_trial  # noqa: F401
+    import kernels.megatron_attention  # noqa: F401
+    import kernels.megatron_norm  # noqa: F401
+
+    spec_path = spare.receive(import_log)
+    return 0 if spec_path is None else main([spec_path])
+
+
 def main(argv: list[str]) -> int:
     spec = TrialSpec.load(argv[0])
     rank = int(os.environ["RANK"])
@@ -79,7 +96,5 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--spare"]:
-        from launch.spare import serve
-
         os._exit(serve(*sys.argv[2:4]))
     os._exit(main(sys.argv[1:]))

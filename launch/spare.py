@@ -5,8 +5,8 @@ benchmarks/diag_step_overhead.py): the interpreter, torch, megatron-core (which 
 in torch.compile's machinery) and the trial path's own modules, then CUDA and NCCL.
 A sweep of short trials on one GPU is mostly that.
 
-A spare is `python -m launch.rank --spare DEVICE IMPORT_LOG`: a fresh interpreter that
-imports the trial path for DEVICE, touches no GPU, and waits on its stdin. While one
+A spare is `python -m launch.rank --spare DEVICE IMPORT_LOG` (`launch.rank.serve`): a fresh
+interpreter that imports the trial path for DEVICE, touches no GPU, and waits on its stdin. While one
 trial runs, the supervisor starts spares for the next; the next trial hands each rank
 to a spare with one JSON line (spec path, rank environment, log path) instead of
 starting a process. Each rank is still its own process, used for one trial only, so
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from launch.spec import REPO_ROOT
+from core.paths import REPO_ROOT
 
 
 def base_env() -> dict:
@@ -87,21 +87,15 @@ def assign(proc: subprocess.Popen, *, spec_path: Path, env: dict, log: Path) -> 
     proc.stdin.close()
 
 
-def serve(device: str, import_log: str) -> int:
-    """The spare's side: import the trial path, wait for one rank, run it."""
-    from launch import distributed  # noqa: F401 - imported ahead of need
+def receive(import_log: str) -> Optional[str]:
+    """The spare's side of `assign`: wait for one rank, take on its environment and log.
 
-    if device == "cuda":
-        import launch.gpu_trial  # noqa: F401
-    else:
-        import launch.cpu_trial  # noqa: F401
-    import kernels.megatron_attention  # noqa: F401
-    import kernels.megatron_norm  # noqa: F401
-
+    Returns the trial's spec path, or None when the supervisor went away (no rank for this
+    spare). The spare's own entry (`launch.rank.serve`) imports the trial path first."""
     line = sys.stdin.readline()
-    if not line:  # the supervisor went away: no rank for this spare
+    if not line:
         Path(import_log).unlink(missing_ok=True)
-        return 0
+        return None
     job = json.loads(line)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -115,9 +109,7 @@ def serve(device: str, import_log: str) -> int:
     os.dup2(fd, 2)
     os.close(fd)
     os.environ.update(job["env"], LAYOUT_SWEEP_ASSIGNED_AT=repr(time.time()))
-    from launch.rank import main
-
-    return main([job["spec"]])
+    return job["spec"]
 
 
 SPARES = Spares()
