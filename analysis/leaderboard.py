@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from sweeper.config import FUSION_DEFAULTS, FUSION_TAGS
+from core.choices import FUSION_DEFAULTS, FUSION_TAGS
 
 
 def ranked(rows: list[dict]) -> list[dict]:

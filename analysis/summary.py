@@ -15,7 +15,7 @@ from analysis.leaderboard import markdown, ranked
 from analysis.ranking import quality_headline, quality_summary
 from analysis.recommend import from_measured
 from analysis.results import collect, load_records, write_csv
-from launch.record import write_json_atomic
+from core.records import write_json_atomic
 
 
 def mismatches(rows: list[dict]) -> list[str]:
@@ -35,8 +35,8 @@ def mismatches(rows: list[dict]) -> list[str]:
 
 
 def _calibrate(sweep_dir: Path) -> str | None:
+    from core.config import cluster_from_dict, model_from_dict
     from sweeper.calibration import fit_calibration, save_calibration
-    from sweeper.config import cluster_from_dict, model_from_dict
 
     records = [r for r in load_records(sweep_dir) if r.get("status") in ("ok", "oom")]
     if not any(r["status"] == "ok" for r in records):

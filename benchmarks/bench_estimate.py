@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweeper.config import ClusterConfig, Layout, ModelConfig  # noqa: E402
+from core.config import ClusterConfig, Layout, ModelConfig  # noqa: E402
 from sweeper.memory import predict_memory  # noqa: E402
 from sweeper.speed import predict_speed  # noqa: E402
 from sweeper.validity import invalid_reason  # noqa: E402

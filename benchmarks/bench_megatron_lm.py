@@ -49,9 +49,15 @@ sys.path.insert(0, str(REPO))
 
 from analysis.megatron_args import megatron_lm_command  # noqa: E402
 from analysis.recommend import load_preset  # noqa: E402
-from launch.record import write_json_atomic  # noqa: E402
-from launch.spec import git_commit  # noqa: E402
-from sweeper.config import ConfigError, Layout, cluster_from_dict, layout_from_dict, model_from_dict  # noqa: E402
+from core.config import (  # noqa: E402
+    ConfigError,
+    Layout,
+    cluster_from_dict,
+    layout_from_dict,
+    model_from_dict,
+)
+from core.paths import git_commit  # noqa: E402
+from core.records import write_json_atomic  # noqa: E402
 
 # The best layout of the single-GPU sweep (README, H100 2026-11-23): mbs 8, a CUDA graph per
 # micro-batch, cuDNN attention, Triton RMSNorm, distributed optimizer.
@@ -119,9 +125,9 @@ def child(variant: str, model_name: str, cluster_name: str, layout: Layout, step
     """One process, one rank: our trial with one of its own speed-ups taken out, patched in
     this process only (diag_step_overhead's way)."""
     import launch.gpu_trial as gpu_trial
+    from core.config import TrialConfig
+    from core.spec import TrialSpec
     from launch import distributed
-    from launch.spec import TrialSpec
-    from sweeper.config import TrialConfig
 
     if variant == "no_wgrad_fusion":
         base = gpu_trial.transformer_config

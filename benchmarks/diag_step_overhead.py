@@ -50,9 +50,9 @@ def child(variant: str, mbs: int, profile: bool, out: Path) -> None:
     import torch
 
     import launch.gpu_trial as gpu_trial
+    from core.config import ClusterConfig, Layout, ModelConfig, TrialConfig
+    from core.spec import TrialSpec
     from launch import distributed
-    from launch.spec import TrialSpec
-    from sweeper.config import ClusterConfig, Layout, ModelConfig, TrialConfig
 
     change = VARIANTS[variant]
     model = ModelConfig(name="llama_1b3", num_layers=24, hidden_size=2048, ffn_hidden_size=5632,

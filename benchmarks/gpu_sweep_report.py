@@ -31,8 +31,8 @@ def peer_comparison(probe: dict, records: list[dict], best_step_s: float) -> dic
     Step times compare directly (same model, global batch and device kind); the peer's MFU
     is recomputed here under this project's PaLM convention, from its step time.
     """
-    from analysis.flops import mfu
-    from sweeper.config import cluster_from_dict, model_from_dict
+    from core.config import cluster_from_dict, model_from_dict
+    from core.flops import mfu
 
     ok = [r for r in records if r.get("status") == "ok"]
     if not ok:

@@ -26,8 +26,8 @@ from __future__ import annotations
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from analysis.megatron_args import ROPE_BASE, spec_name
+from core.choices import ATTENTION_KERNELS, FUSION_CHOICES, NORM_KERNELS
 from kernels.layer_spec import layer_spec, norm_module
-from sweeper.config import ATTENTION_KERNELS, FUSION_CHOICES, NORM_KERNELS
 
 # Megatron-LM arguments that split layers unevenly over pipeline stages.
 UNEVEN_SPLIT_ARGS = ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",

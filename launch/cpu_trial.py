@@ -28,13 +28,13 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+from core.config import Layout, ModelConfig
+from core.spec import TrialSpec
 from launch import steps
 from launch.cpu_shims import device_redirect, install_rng_tracker
 from launch.divergence import StepGuard
 from launch.model import build_model, transformer_config
 from launch.profile import StepProfiler, scope
-from launch.spec import TrialSpec
-from sweeper.config import Layout, ModelConfig
 
 PATH = ("cpu-gloo: megatron-core GPTModel fp32, get_forward_backward_func schedules, "
         "megatron DDP + finalize_model_grads, torch AdamW")

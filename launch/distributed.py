@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from sweeper.config import Layout
+from core.config import Layout
 
 
 def init(layout: Layout, *, device: str, timeout_s: int) -> tuple[int, int]:

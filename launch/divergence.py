@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from sweeper.config import PLANTS, ConfigError
+from core.choices import PLANTS
+from core.config import ConfigError
 
 # Relative scale of the planted weight error: 4x bf16's unit roundoff (2^-8 relative
 # spacing, so a bf16 weight really changes), small enough that a loss curve hides it.

@@ -34,19 +34,17 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.module import Float16Module
 
+from core.config import Layout, ModelConfig
+from core.records import PeakMemory
+from core.spec import TrialSpec
 from launch import flat_step
 from launch.data import first_sequence, microbatch
 from launch.divergence import StepGuard
 from launch.model import build_model, transformer_config
 from launch.profile import StepProfiler, scope
-from launch.record import PeakMemory
-from launch.spec import TrialSpec
-from launch.steps import forward_step as _forward_step  # shared with the CPU path
-from launch.steps import loss_func as _loss_func
-from launch.steps import sync_config as _sync_config
-from launch.steps import wrap_ddp as _wrap_ddp
 from launch.step_graph import MicrobatchGraph
-from sweeper.config import Layout, ModelConfig
+from launch.steps import forward_step as _forward_step  # shared with the CPU path
+from launch.steps import loss_func as _loss_func, sync_config as _sync_config, wrap_ddp as _wrap_ddp
 
 PATH = ("cuda-nccl: megatron-core GPTModel, Float16Module, megatron DDP (fp32 grad buffers), "
         "mixed-precision Adam (fused torch kernel), get_forward_backward_func schedules")

@@ -18,17 +18,19 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from launch.cli_checks import CONF_DIR, check_arguments
-from launch.record import base_record, classify, read_json, result_path, write_json_atomic
-from launch.spec import TrialSpec, git_commit
-from launch.trial import in_submitit_task, run_local, run_task
-from sweeper.config import (
+from core.config import (
     cluster_from_dict,
     layout_from_dict,
     model_from_dict,
     register_configs,
     trial_from_dict,
 )
+from core.paths import CONF_DIR, git_commit
+from core.records import read_json, result_path, write_json_atomic
+from core.spec import TrialSpec
+from launch.cli_checks import check_arguments
+from launch.record import base_record, classify
+from launch.trial import in_submitit_task, run_local, run_task
 
 register_configs()
 

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from core.config import Layout, ModelConfig
 from kernels import wgrad
 from kernels.layer_spec import applies_rope, block_spec
 from kernels.rope import DEFAULT_BASE
 from launch.steps import p2p_settings
-from sweeper.config import Layout, ModelConfig
 
 ROPE_BASE = DEFAULT_BASE  # rotary base for megatron's RoPE and ours alike
 

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from launch.record import read_json, write_json_atomic
-from launch.record_check import load_record
+from core.record_check import load_record
+from core.records import read_json, write_json_atomic
 
 JOBS_FILE = "slurm_jobs.json"
 JOB_NAME = "layout-sweep"  # scripts/slurm_down.sh cancels only jobs of this name

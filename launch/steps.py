@@ -16,8 +16,8 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
 
+from core.config import Layout
 from launch.data import first_sequence, microbatch
-from sweeper.config import Layout
 
 
 def p2p_settings(layout: Layout, *, device: str) -> dict:

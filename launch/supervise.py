@@ -17,9 +17,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from core.paths import REPO_ROOT
+from core.records import rank_path, read_json, write_json_atomic
+from core.spec import TrialSpec
 from launch import spare
-from launch.record import classify_text, rank_path, read_json, write_json_atomic
-from launch.spec import REPO_ROOT, TrialSpec
+from launch.record import classify_text
 
 # After one rank fails, the others are usually stuck in a collective: give them
 # this long to fail on their own before they are stopped.

@@ -13,8 +13,9 @@ import socket
 import time
 from pathlib import Path
 
-from launch.record import result_path, trial_record, write_json_atomic
-from launch.spec import TrialSpec
+from core.records import result_path, write_json_atomic
+from core.spec import TrialSpec
+from launch.record import trial_record
 from launch.supervise import collect_ranks, run_ranks
 
 # How long task 0 waits for other tasks' rank records after its own rank ended.

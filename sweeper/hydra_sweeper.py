@@ -23,9 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from launch.record import base_record, result_path, write_json_atomic
-from launch.spec import git_commit
-from sweeper.config import (
+from core.config import (
     ConfigError,
     cluster_from_dict,
     layout_from_dict,
@@ -33,6 +31,9 @@ from sweeper.config import (
     sweep_from_dict,
     trial_from_dict,
 )
+from core.paths import git_commit
+from core.records import result_path, write_json_atomic
+from launch.record import base_record
 from sweeper.capacity import check_capacity, check_names, check_trial_name
 from sweeper.launching import launch_blocking, launch_slurm, set_aside_previous, spec_of
 from sweeper.lock import LockHeld, SweepLock

@@ -14,9 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from launch.record import base_record, result_path, write_json_atomic
-from launch.record_check import load_record, set_aside
-from launch.spec import TrialSpec
+from core.record_check import load_record, set_aside
+from core.records import result_path, write_json_atomic
+from core.spec import TrialSpec
+from launch.record import base_record
 from sweeper.plan import Point
 
 

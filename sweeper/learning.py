@@ -19,7 +19,8 @@ import json
 from pathlib import Path
 from typing import Callable, Optional
 
-from launch.record import base_record, read_json, result_path, write_json_atomic
+from core.records import read_json, result_path, write_json_atomic
+from launch.record import base_record
 from sweeper.calibration import Calibration, fit_calibration, save_calibration
 from sweeper.memory import predict_memory
 from sweeper.plan import Point, predict

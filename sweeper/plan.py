@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from launch.record import FAILED, NOT_RESULTS, result_path
-from launch.record_check import load_record
-from sweeper.config import ClusterConfig, Layout, ModelConfig, SweepConfig, TrialConfig
+from core.config import ClusterConfig, Layout, ModelConfig, SweepConfig, TrialConfig
+from core.record_check import load_record
+from core.records import FAILED, NOT_RESULTS, result_path
 from sweeper.validity import invalid_reason, unsupported_reason
 
 

@@ -9,8 +9,8 @@ import threading
 import time
 from pathlib import Path
 
-from launch.record import result_path
-from launch.record_check import load_record
+from core.record_check import load_record
+from core.records import result_path
 
 
 def _fmt_duration(seconds: float) -> str:

@@ -11,7 +11,7 @@ import dataclasses
 import itertools
 from typing import Iterable, Iterator
 
-from sweeper.config import ClusterConfig, ConfigError, Layout, ModelConfig
+from core.config import ClusterConfig, ConfigError, Layout, ModelConfig
 
 LAYOUT_FIELDS = {f.name: f for f in dataclasses.fields(Layout)}
 

@@ -32,9 +32,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from analysis.flops import megatron_flops_per_token, palm_flops_per_token
+from core.config import ClusterConfig, Layout, ModelConfig
+from core.flops import megatron_flops_per_token, palm_flops_per_token
 from sweeper.calibration import Calibration, default_calibration
-from sweeper.config import ClusterConfig, Layout, ModelConfig
 from sweeper.memory import Shape, model_shape, padded_vocab, stage_params
 
 # Bytes per token per layer moved by elementwise ops (fwd+bwd, bf16), per unit of

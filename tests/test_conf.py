@@ -9,7 +9,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from sweeper.config import (
+from core.config import (
     ConfigError,
     Layout,
     cluster_from_dict,

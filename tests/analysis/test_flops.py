@@ -2,8 +2,8 @@
 
 import pytest
 
-from analysis.flops import flops_per_token, megatron_flops_per_token, mfu, palm_flops_per_token
-from sweeper.config import ModelConfig
+from core.config import ModelConfig
+from core.flops import flops_per_token, megatron_flops_per_token, mfu, palm_flops_per_token
 
 # L=2, h=8, f=16, a=2 heads, g=1 KV group (head_dim 4), V=10, s=4.
 SMALL = ModelConfig(name="s", num_layers=2, hidden_size=8, ffn_hidden_size=16, num_attention_heads=2,

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import analysis.megatron_args as ma
+from core.choices import ATTENTION_KERNELS
+from core.config import ConfigError, Layout, ModelConfig, TrialConfig
 from kernels import layer_spec
-from sweeper.config import ATTENTION_KERNELS, ConfigError, Layout, ModelConfig, TrialConfig
 
 MODEL = ModelConfig(num_layers=8, hidden_size=256, ffn_hidden_size=704, num_attention_heads=8,
                     num_query_groups=4, vocab_size=4096, seq_length=256)
@@ -209,8 +210,8 @@ def test_megatron_core_text_is_the_trials_gpt_model_and_ddp(layout, monkeypatch)
 
 
 def test_every_kernel_choice_has_a_spec_for_megatron_lm():
+    from core.choices import FUSION_CHOICES, NORM_KERNELS
     from kernels import megatron_lm_spec
-    from sweeper.config import FUSION_CHOICES, NORM_KERNELS
 
     names = {ma.spec_name(a, n, s, f) for a in ATTENTION_KERNELS for n in NORM_KERNELS
              for s in FUSION_CHOICES["swiglu"] for f in FUSION_CHOICES["add_norm"]}

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from analysis.megatron_args import megatron_lm_command
-from sweeper.config import Layout, ModelConfig, model_from_dict
+from core.config import Layout, ModelConfig, model_from_dict
 from sweeper.validity import invalid_reason
 
 REPO = Path(__file__).resolve().parents[2]

@@ -113,7 +113,7 @@ def test_recorded_h100_parity_runs_pass(tmp_path):
 
 
 def _report(tmp_path, *parity_dirs):
-    from launch.record import write_json_atomic
+    from core.records import write_json_atomic
 
     sweep = tmp_path / "sweep"
     (sweep / "t").mkdir(parents=True)
@@ -135,9 +135,9 @@ def _train(rank, runs):
     """Several CPU trials in one process (world 1): megatron-core's GPTModel, 4 steps each."""
     from dataclasses import asdict
 
+    from core.config import ClusterConfig, Layout, ModelConfig, TrialConfig
+    from core.spec import TrialSpec
     from launch.cpu_trial import run_steps
-    from launch.spec import TrialSpec
-    from sweeper.config import ClusterConfig, Layout, ModelConfig, TrialConfig
 
     out = []
     for layout_axes, trial_axes in runs:

@@ -4,7 +4,7 @@ against records built from the models' own predictions (exact) and perturbed one
 import pytest
 
 from analysis.ranking import kendall_tau, prediction_quality, score, spearman, top_k_regret
-from sweeper.config import ClusterConfig, Layout, ModelConfig, as_dict
+from core.config import ClusterConfig, Layout, ModelConfig, as_dict
 from sweeper.memory import predict_memory
 from sweeper.speed import predict_speed
 

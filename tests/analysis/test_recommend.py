@@ -6,9 +6,10 @@ import pytest
 
 from analysis.megatron_args import megatron_lm_command
 from analysis.recommend import main, record_problem
-from launch.record import result_path, trial_record, write_json_atomic
-from launch.spec import TrialSpec
-from sweeper.config import ClusterConfig, Layout, ModelConfig, TrialConfig
+from core.config import ClusterConfig, Layout, ModelConfig, TrialConfig
+from core.records import result_path, write_json_atomic
+from core.spec import TrialSpec
+from launch.record import trial_record
 
 MODEL = ModelConfig()
 CLUSTER = ClusterConfig()  # 2 ranks

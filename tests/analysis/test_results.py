@@ -8,9 +8,10 @@ from analysis.leaderboard import markdown, ranked
 from analysis.megatron_args import megatron_lm_command
 from analysis.recommend import from_measured, main as recommend_main
 from analysis.results import collect, write_csv
-from launch.record import base_record, result_path, trial_record, write_json_atomic
-from launch.spec import TrialSpec
-from sweeper.config import ClusterConfig, Layout, ModelConfig, TrialConfig
+from core.config import ClusterConfig, Layout, ModelConfig, TrialConfig
+from core.records import result_path, write_json_atomic
+from core.spec import TrialSpec
+from launch.record import base_record, trial_record
 
 MODEL = ModelConfig()
 CLUSTER = ClusterConfig()

@@ -51,10 +51,11 @@ def test_mismatches_are_the_trials_whose_outcome_contradicts_the_memory_predicti
 
 
 def test_calibration_is_fit_on_ok_and_oom_trials_only(tmp_path, monkeypatch):
-    from launch.record import base_record, write_json_atomic
-    from launch.spec import TrialSpec
+    from core.config import ClusterConfig, Layout, ModelConfig, TrialConfig
+    from core.records import write_json_atomic
+    from core.spec import TrialSpec
+    from launch.record import base_record
     from sweeper import calibration
-    from sweeper.config import ClusterConfig, Layout, ModelConfig, TrialConfig
 
     for mbs, status in enumerate(("ok", "oom", "diverged", "error", "timeout", "skipped"), 1):
         spec = TrialSpec(model=ModelConfig(), cluster=ClusterConfig(), layout=Layout(mbs=mbs),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from analysis.megatron_args import megatron_lm_command
-from sweeper.config import Layout, ModelConfig
+from core.config import Layout, ModelConfig
 
 PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_megatron_lm.py"
 _spec = importlib.util.spec_from_file_location("bench_megatron_lm", PATH)

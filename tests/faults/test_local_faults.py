@@ -15,8 +15,8 @@ import sys
 import pytest
 
 from analysis.results import load_records
+from core.config import ConfigError
 from sweeper.capacity import check_names
-from sweeper.config import ConfigError
 from tests.faults.helpers import (
     NAME, ONE, RANKS, REPO, error_lines, interrupt, processes_mentioning, records, run_sweep, start_sweep,
     trial_name, wait_for,

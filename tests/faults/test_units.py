@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
+from core.record_check import load_record, record_problem, set_aside
 from launch.record import classify_text
-from launch.record_check import load_record, record_problem, set_aside
 from launch.slurm_jobs import signal_delay_s, trial_budget_s
 from sweeper.lock import LockHeld, SweepLock
 

@@ -200,10 +200,10 @@ def _gpt_rope_compare(rank, seq_len):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.spec_utils import ModuleSpec
 
+    from core.config import Layout, ModelConfig
     from kernels.layer_spec import block_spec
     from kernels.megatron_attention import SDPACoreAttention
     from launch.model import ROPE_BASE, build_model, position_embedding_type, transformer_config
-    from sweeper.config import Layout, ModelConfig
 
     model_cfg = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96,
                             num_attention_heads=4, num_query_groups=2, vocab_size=128,
@@ -277,9 +277,10 @@ def test_gpt_model_tp2_our_rope_matches_megatrons():
 
 
 def test_only_our_attention_applies_rope():
+    from core.choices import ATTENTION_KERNELS
+    from core.config import Layout
     from kernels.layer_spec import applies_rope
     from launch.model import position_embedding_type
-    from sweeper.config import ATTENTION_KERNELS, Layout
 
     for attention in ATTENTION_KERNELS:
         expected = attention != "megatron"

@@ -18,7 +18,7 @@ import zlib
 
 import torch
 
-from sweeper.config import Layout, ModelConfig
+from core.config import Layout, ModelConfig
 
 # 4 layers so pp=4 and pp=2*vpp=2 each hold one layer per chunk; 4 heads / 2 KV groups so
 # tp=2 splits both; hidden 64 keeps a 3-step run of 8 ranks within seconds on 2 cores.

@@ -27,6 +27,6 @@ def records(sweep_dir) -> dict[str, dict]:
 
 
 def trial_name(**axes) -> str:
-    from sweeper.config import Layout
+    from core.config import Layout
 
     return Layout(**axes).name

@@ -5,10 +5,10 @@ import math
 
 import pytest
 
+from core.config import ClusterConfig, ConfigError, Layout, ModelConfig, TrialConfig
+from core.spec import TrialSpec
 from launch.divergence import Diverged, StepGuard, first_non_finite, planted
 from launch.record import classify, trial_record
-from launch.spec import TrialSpec
-from sweeper.config import ClusterConfig, ConfigError, Layout, ModelConfig, TrialConfig
 from tests.launch.sweeps import records, run_sweep, trial_name
 
 

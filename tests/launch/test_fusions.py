@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from core.config import Layout, ModelConfig
 from launch import flat_step
-from sweeper.config import Layout, ModelConfig
 from tests.gloo import run_on_gloo
 
 TINY = dict(name="tiny", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
@@ -162,9 +162,9 @@ def test_flat_step_refuses_a_non_fused_adam():
 # -- on a GPU -------------------------------------------------------------------------
 
 def _gpu_trial(tmp_path, **axes):
-    from launch.spec import TrialSpec
+    from core.config import ClusterConfig, TrialConfig
+    from core.spec import TrialSpec
     from launch.trial import run_local
-    from sweeper.config import ClusterConfig, TrialConfig
 
     layout = Layout(gbs=8, mbs=2, attention="sdpa_cudnn", norm="triton", **axes)
     spec = TrialSpec(model=ModelConfig(**TINY),

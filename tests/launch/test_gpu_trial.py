@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis.flops import palm_flops_per_token
 from analysis.summary import headline
+from core.config import ClusterConfig, Layout, ModelConfig, TrialConfig
+from core.flops import palm_flops_per_token
 from launch.gpu_trial import (
     Timeline,
     _loss_func,
@@ -24,7 +25,6 @@ from launch.gpu_trial import (
     attention_flops_per_token,
     dense_matmul_flops_per_token,
 )
-from sweeper.config import ClusterConfig, Layout, ModelConfig, TrialConfig
 from sweeper.validity import unsupported_reason
 
 REPO = Path(__file__).resolve().parents[2]
@@ -129,7 +129,7 @@ def test_headline_names_device_baseline_and_small_micro_batch_ratio():
 # -- on a GPU -------------------------------------------------------------------------
 
 def _gpu_trial(tmp_path, *, steps=4, trial=None, **axes):
-    from launch.spec import TrialSpec
+    from core.spec import TrialSpec
     from launch.trial import run_local
 
     layout = Layout(gbs=8, **axes)

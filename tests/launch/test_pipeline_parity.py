@@ -12,8 +12,8 @@ process start-ups, not one per layout.
 
 import pytest
 
+from core.config import Layout
 from launch.steps import p2p_settings
-from sweeper.config import Layout
 from tests.gloo import run_on_gloo
 from tests.launch.parity import STEPS, case, compare, merge, train_layouts
 

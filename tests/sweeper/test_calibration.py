@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from core.config import ClusterConfig, ConfigError, Layout, ModelConfig, as_dict
 from sweeper.calibration import (
     Calibration,
     cpu_calibration,
@@ -13,7 +14,6 @@ from sweeper.calibration import (
     load_calibration,
     save_calibration,
 )
-from sweeper.config import ClusterConfig, ConfigError, Layout, ModelConfig, as_dict
 from sweeper.memory import predict_memory
 from sweeper.speed import predict_speed
 

@@ -5,8 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from core.config import ClusterConfig, Layout, ModelConfig
 from sweeper.calibration import Calibration, save_calibration
-from sweeper.config import ClusterConfig, Layout, ModelConfig
 from sweeper.memory import predict_memory
 from sweeper.speed import predict_speed
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from analysis.ranking import launch_order, load_archived_records, score
-from launch.record import read_json, result_path, write_json_atomic
+from core.config import ClusterConfig, Layout, ModelConfig, TrialConfig, as_dict
+from core.records import read_json, result_path, write_json_atomic
 from sweeper.calibration import Calibration
-from sweeper.config import ClusterConfig, Layout, ModelConfig, TrialConfig, as_dict
 from sweeper.learning import SKIP_REASON, launch_learning
 from sweeper.memory import predict_memory
 from sweeper.plan import Point

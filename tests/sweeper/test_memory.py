@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from analysis.ranking import load_archived_records
+from core.config import ClusterConfig, Layout, ModelConfig, layout_from_dict
 from sweeper.calibration import Calibration, measured_memory
-from sweeper.config import ClusterConfig, Layout, ModelConfig, layout_from_dict
 from sweeper.memory import (
     GIB,
     chunk_activations,

@@ -2,9 +2,10 @@
 
 from pathlib import Path
 
-from launch.record import base_record, result_path, write_json_atomic
-from launch.spec import TrialSpec
-from sweeper.config import ClusterConfig, Layout, ModelConfig, SweepConfig, TrialConfig
+from core.config import ClusterConfig, Layout, ModelConfig, SweepConfig, TrialConfig
+from core.records import result_path, write_json_atomic
+from core.spec import TrialSpec
+from launch.record import base_record
 from sweeper.plan import Point, classify, order, predict
 
 MODEL = ModelConfig(name="m", num_layers=8, hidden_size=1024, ffn_hidden_size=2816,

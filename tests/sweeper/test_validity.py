@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from sweeper.config import ClusterConfig, Layout, ModelConfig
+from core.config import ClusterConfig, Layout, ModelConfig
 from sweeper.validity import invalid_reason, unsupported_reason
 
 MODEL = ModelConfig(name="m", num_layers=8, hidden_size=256, ffn_hidden_size=688,
@@ -154,7 +154,7 @@ def test_fused_loss_needs_an_unsplit_vocabulary():
 
 
 def test_every_allowed_kernel_value_is_valid_and_a_typo_is_not():
-    from sweeper.config import ATTENTION_KERNELS, NORM_KERNELS
+    from core.choices import ATTENTION_KERNELS, NORM_KERNELS
 
     for attention in ATTENTION_KERNELS:
         if attention != "flash_attn":  # its head-dim rule is kernels/attention_fa4's
@@ -185,7 +185,7 @@ def test_each_cuda_only_attention_needs_cuda_and_the_others_do_not():
 
 
 def test_each_fusion_off_its_default_needs_cuda():
-    from sweeper.config import FUSION_CHOICES
+    from core.choices import FUSION_CHOICES
 
     for axis, choices in FUSION_CHOICES.items():
         for value in choices[1:]:
