@@ -37,7 +37,7 @@ SPEC_MODULE = "kernels.megatron_lm_spec"
 ROPE_BASE = 10000  # launch/model.py's ROPE_BASE (kernels.rope.DEFAULT_BASE); a test holds them equal
 NORM_EPS = 1e-5  # launch/model.py's layernorm_epsilon
 MAX_VOCAB_DIVISOR = 128  # Megatron-LM's default --make-vocab-size-divisible-by
-TRIAL_LR = 1e-4  # sweeper.config.TrialConfig.lr's default; a test holds them equal
+TRIAL_LR = 1e-4  # core.config.TrialConfig.lr's default; a test holds them equal
 TRAIN_ITERS = 100  # a placeholder length: set your own
 # Every Layout field this module maps (a test fails when Layout gains one it does not).
 MAPPED_LAYOUT_FIELDS = frozenset({

@@ -4,7 +4,7 @@ Megatron-LM (core_v0.16.1, `gpt_builders.py`) imports the object NAME from this 
 hands it to GPTModel as its `transformer_layer_spec`, once per model chunk, with no config.
 NAME is `<attention>_attention_<norm>_norm[_triton_swiglu][_fused_add_norm]`
 (`analysis.megatron_args.spec_name`),
-one per kernel choice of `sweeper.config`, e.g. `sdpa_cudnn_attention_triton_norm`;
+one per kernel choice of `core.choices`, e.g. `sdpa_cudnn_attention_triton_norm`;
 `layout-recommend --format megatron-lm` prints the whole command.
 
 Each NAME is a decoder block (TransformerBlockSubmodules), not a bare layer spec: given a layer

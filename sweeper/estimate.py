@@ -9,7 +9,7 @@ Each input line is one object:
                 "recompute" ("none" | "selective" | "full"), "recompute_method" ("uniform"),
                 "recompute_num_layers" (1), "sequence_parallel" (false),
                 "distributed_optimizer" (false), "attention" ("fused" | "unfused", or a
-                kernel name of sweeper.config; "fused"), "norm" ("fused" | "torch", or a
+                kernel name of core.choices; "fused"), "norm" ("fused" | "torch", or a
                 kernel name; "fused"), "cuda_graph" (false)},
      "cluster": {"gpu_memory_gb", "peak_tflops", "gpus_per_node", and optionally
                  "intra_node_bw_gbps", "inter_node_bw_gbps", "device" ("cuda")}}

@@ -24,7 +24,7 @@ PP point-to-point per micro-batch and model chunk, the DP gradient reduction (fp
 all-reduce; reduce-scatter + bf16 all-gather with the distributed optimizer, over
 dp*cp), and the optimizer step as bytes at memory bandwidth. A group whose ranks fit
 in one node uses the intra-node bandwidth, else the inter-node one.
-MFU: PaLM's and Megatron's conventions from analysis.flops (recompute not counted).
+MFU: PaLM's and Megatron's conventions from core.flops (recompute not counted).
 """
 
 from __future__ import annotations
