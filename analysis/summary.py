@@ -1,5 +1,10 @@
 """What a sweep leaves behind when its launcher returns.
 
+`SummaryCallback` runs it: Hydra calls the callback when the multirun ends
+(`hydra.callbacks` in conf/config.yaml), so the sweeper never imports analysis.
+It reads only the sweep directory, every trial's `result.json` included (the
+sweeper records invalid and skipped layouts there before anything launches).
+
 In the sweep directory: `results.csv` (every trial), `leaderboard.md` and
 `leaderboard.json` (ranked, with a summary), `calibration.json` (the memory and
 speed model refit on this cluster's measurements). On stdout: the leaderboard,
@@ -8,8 +13,12 @@ where measurement contradicted prediction, and the recommended layout.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 from analysis.leaderboard import markdown, ranked
 from analysis.ranking import quality_headline, quality_summary
@@ -70,7 +79,7 @@ def headline(rows: list[dict]) -> dict:
     }
 
 
-def finish_sweep(sweep_dir: Path, points=None, echo=print) -> dict:
+def finish_sweep(sweep_dir: Path, echo=print) -> dict:
     rows = collect(sweep_dir)
     write_csv(rows, sweep_dir / "results.csv")
     board = markdown(rows)
@@ -111,3 +120,24 @@ def finish_sweep(sweep_dir: Path, points=None, echo=print) -> dict:
     except Exception as exc:  # noqa: BLE001 - a plotting failure must not hide the results
         echo(f"\nResults: {sweep_dir}/results.csv, {sweep_dir}/leaderboard.md (report failed: {exc})")
     return summary
+
+
+class SummaryCallback(Callback):
+    """The end of a multirun: the leaderboard, the recommendation and the report of its sweep directory.
+
+    A dry run launched nothing and a failed plan exits before Hydra gets here; the
+    sweep lock is taken again so a second driver cannot write the directory meanwhile.
+    """
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from sweeper.lock import LockHeld, SweepLock
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if config.sweep.dry_run or not sweep_dir.is_dir():
+            return
+        try:
+            with SweepLock(sweep_dir):
+                finish_sweep(sweep_dir)
+        except LockHeld as exc:
+            print(f"no summary written: {exc}", file=sys.stderr)
+

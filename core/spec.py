@@ -19,6 +19,8 @@ from core.config import (
 )
 from core.records import write_json_atomic
 
+SPEC_FILE = "spec.json"  # in the trial directory; the sweeper writes it before the job starts
+
 
 @dataclass(kw_only=True)
 class TrialSpec:
@@ -39,7 +41,7 @@ class TrialSpec:
         return self.cluster.world_size
 
     def save(self) -> Path:
-        path = Path(self.trial_dir) / "spec.json"
+        path = Path(self.trial_dir) / SPEC_FILE
         write_json_atomic(path, asdict(self))
         return path
 

@@ -13,21 +13,16 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from core.config import (
-    cluster_from_dict,
-    layout_from_dict,
-    model_from_dict,
-    register_configs,
-    trial_from_dict,
-)
+from core.config import cluster_from_dict, layout_from_dict, model_from_dict, register_configs, trial_from_dict
 from core.paths import CONF_DIR, git_commit
-from core.records import read_json, result_path, write_json_atomic
-from core.spec import TrialSpec
+from core.records import result_path, write_json_atomic
+from core.spec import SPEC_FILE, TrialSpec
 from launch.cli_checks import check_arguments
 from launch.record import base_record, classify
 from launch.trial import in_submitit_task, run_local, run_task
@@ -35,17 +30,28 @@ from launch.trial import in_submitit_task, run_local, run_task
 register_configs()
 
 
-def spec_from_config(cfg: DictConfig, trial_dir: str) -> TrialSpec:
+def job_spec(cfg: DictConfig, trial_dir: str) -> TrialSpec:
+    """The trial this job runs: the `spec.json` the sweeper wrote, else composed from `cfg`.
+
+    The layout sweeper writes every trial's spec before its job starts
+    (`launch.trial.prepare`), so Hydra's composition of the job's overrides is not read
+    again. Without one (`hydra/sweeper=basic`, `hydra.mode=RUN`), this is the one place
+    that turns a composed config into a spec, and the spec is saved for the ranks.
+    """
+    path = Path(trial_dir) / SPEC_FILE
+    if path.exists():
+        return TrialSpec.load(path)
     plain = OmegaConf.to_container(cfg, resolve=True)
-    return TrialSpec(
+    spec = TrialSpec(
         model=model_from_dict(plain["model"]),
         cluster=cluster_from_dict(plain["cluster"]),
         layout=layout_from_dict(plain["layout"]),
         trial=trial_from_dict(plain["trial"]),
         trial_dir=trial_dir,
         git_commit=git_commit(),
-        prediction=read_json(f"{trial_dir}/prediction.json"),
     )
+    spec.save()
+    return spec
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
@@ -54,7 +60,7 @@ def trial(cfg: DictConfig) -> dict:
     trial_dir = HydraConfig.get().runtime.output_dir
     spec = None
     try:
-        spec = spec_from_config(cfg, trial_dir)
+        spec = job_spec(cfg, trial_dir)
         return run_task(spec) if in_submitit_task() else run_local(spec)
     except KeyboardInterrupt:  # the driver was stopped: run_ranks has stopped the ranks
         if spec is not None:

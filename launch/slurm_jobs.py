@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 from core.record_check import load_record
 from core.records import read_json, write_json_atomic
+from launch.supervise import started as rank_started
 
 JOBS_FILE = "slurm_jobs.json"
 JOB_NAME = "layout-sweep"  # scripts/slurm_down.sh cancels only jobs of this name
@@ -218,8 +219,8 @@ class JobWatch:
         time.sleep(1.0)  # task 0 may be renaming its record into place right now
         if self._has_record(name):
             return True
-        spec = self.sweep_dir / name / "spec.json"  # written by task 0 when the trial starts
-        started = "running_since" in entry or (spec.exists() and spec.stat().st_mtime >= entry["submitted_at"] - 1)
+        # a rank's log appears when it starts (1 s: the file system's clock against ours)
+        started = "running_since" in entry or rank_started(self.sweep_dir / name, since=entry["submitted_at"] - 1)
         ended = state or "gone from the queue"
         if started:
             self.record_lost(name, "ran", f"job {job_id} ended ({ended}) before its trial wrote a record")

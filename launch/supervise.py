@@ -88,7 +88,7 @@ def run_ranks(spec: TrialSpec, *, ranks: list[int], local_ranks: list[int], mast
             path = rank_path(spec.trial_dir, rank)
             if path.exists():
                 path.unlink()  # a stale record from an interrupted earlier run
-            logs[rank] = Path(spec.trial_dir) / f"rank{rank}.log"
+            logs[rank] = rank_log(spec.trial_dir, rank)
             variables = rank_vars(rank=rank, local_rank=local_rank, world=spec.world_size,
                                   master_addr=master_addr, master_port=master_port)
             procs[rank] = _start(spec_path, logs[rank], variables, device=device)
@@ -150,6 +150,26 @@ def _record_ranks(spec: TrialSpec, procs: dict, logs: dict, outcome: dict, first
                 cause += f": {signal.Signals(-proc.returncode).name}"
             record.update(status=status, error=f"rank exited with code {proc.returncode} without a record ({cause})")
         write_json_atomic(path, record)
+
+
+def rank_log(trial_dir, rank: int) -> Path:
+    return Path(trial_dir) / f"rank{rank}.log"
+
+
+def started(trial_dir, since: float = 0.0) -> bool:
+    """Whether a rank of this trial started (at or after `since`, epoch s).
+
+    Each rank's log is created as the rank starts (`_start`, or a spare taking the rank
+    on), and `launch.trial.prepare` removes an earlier run's logs before the job is
+    launched, so a log says this launch got as far as starting a rank.
+    """
+    for log in Path(trial_dir).glob("rank*.log"):
+        try:
+            if log.stat().st_mtime >= since:
+                return True
+        except FileNotFoundError:  # removed between glob and stat
+            continue
+    return False
 
 
 def collect_ranks(spec: TrialSpec, *, wait_until: float) -> list[dict]:

@@ -13,13 +13,26 @@ import socket
 import time
 from pathlib import Path
 
-from core.records import result_path, write_json_atomic
+from core.records import rank_path, result_path, write_json_atomic
 from core.spec import TrialSpec
 from launch.record import trial_record
-from launch.supervise import collect_ranks, run_ranks
+from launch.supervise import collect_ranks, rank_log, run_ranks
 
 # How long task 0 waits for other tasks' rank records after its own rank ended.
 COLLECT_GRACE_S = 60.0
+
+
+def prepare(spec: TrialSpec) -> None:
+    """Before the trial's job is launched: its `spec.json`, and no rank files of an earlier run.
+
+    The sweeper calls this, so the job runs the spec the sweeper planned (prediction
+    inside) and does not compose the layout again; an earlier run's rank logs would
+    read as this launch having started (`launch.supervise.started`).
+    """
+    for rank in range(spec.world_size):
+        rank_log(spec.trial_dir, rank).unlink(missing_ok=True)
+        rank_path(spec.trial_dir, rank).unlink(missing_ok=True)
+    spec.save()
 
 
 def _free_port() -> int:
@@ -44,7 +57,6 @@ def _finish(spec: TrialSpec, ranks: list[dict], started: float) -> dict:
 
 def run_local(spec: TrialSpec) -> dict:
     started = time.time()
-    spec.save()
     world = spec.world_size
     prestart = spec.trial.prestart_ranks
     if prestart is None:
@@ -62,10 +74,6 @@ def run_task(spec: TrialSpec) -> dict:
 
     job = submitit.JobEnvironment()
     started = time.time()
-    if job.global_rank == 0:
-        spec.save()
-    else:
-        _wait_for(Path(spec.trial_dir) / "spec.json", timeout_s=120)
     deadline, limit = task_deadline(spec, started)
     run_ranks(spec, ranks=[job.global_rank], local_ranks=[job.local_rank],
               master_addr=job.hostnames[0], master_port=_job_port(job.job_id),
@@ -108,14 +116,6 @@ def task_deadline(spec: TrialSpec, started: float) -> tuple[float, str]:
 def _job_port(job_id: str) -> int:
     digits = "".join(ch for ch in str(job_id) if ch.isdigit()) or "0"
     return 20000 + int(digits) % 20000
-
-
-def _wait_for(path: Path, *, timeout_s: float) -> None:
-    deadline = time.time() + timeout_s
-    while not path.exists():
-        if time.time() > deadline:
-            raise TimeoutError(f"{path} did not appear within {timeout_s:.0f} s")
-        time.sleep(0.2)
 
 
 def in_submitit_task() -> bool:

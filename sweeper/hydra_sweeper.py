@@ -5,7 +5,10 @@ Hydra's basic sweeper, then classifies every point (`sweeper.plan`), records
 the invalid and skipped ones with their reason, skips trials an earlier run of
 the same sweep directory finished, and hands the rest to whatever launcher is
 configured (local, submitit_local, submitit_slurm), best predicted first.
-When the launcher returns, it writes the leaderboard and the recommendation.
+Every trial's `spec.json` is written here before its job starts (sweeper.launching).
+When the launcher returns, Hydra calls the multirun callback of conf/config.yaml
+(`analysis.summary.SummaryCallback`), which writes the leaderboard and the
+recommendation from the sweep directory: nothing here imports analysis.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from core.config import (
 )
 from core.paths import git_commit
 from core.records import result_path, write_json_atomic
+from launch.capacity import check_capacity, check_names, check_trial_name
 from launch.record import base_record
-from sweeper.capacity import check_capacity, check_names, check_trial_name
 from sweeper.launching import launch_blocking, launch_slurm, set_aside_previous, spec_of
 from sweeper.lock import LockHeld, SweepLock
 from sweeper.plan import Point, classify, launch_lines, order, summary_lines
@@ -230,9 +233,7 @@ class LayoutSweeperImpl(Sweeper):
             return self._run(points, launch, sweep_cfg, sweep_dir, kind)
 
     def _run(self, points: list[Point], launch: list[Point], sweep_cfg, sweep_dir: Path, kind: str) -> Any:
-        """Everything that writes into the sweep directory, under its lock."""
-        from analysis.summary import finish_sweep
-
+        """Everything that writes into the sweep directory, under its lock (the summary comes after)."""
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         commit = git_commit()
         set_aside_previous(points, sweep_dir)
@@ -255,7 +256,6 @@ class LayoutSweeperImpl(Sweeper):
                     size=self.max_batch_size or 1)
             else:
                 returns = launch_blocking(self.launcher, launch, sweep_dir, commit, batch_size)
-        finish_sweep(sweep_dir, points)
         return returns
 
     def _calibration(self, sweep_cfg, sweep_dir: Path):

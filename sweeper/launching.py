@@ -1,6 +1,8 @@
 """Hand a sweep's planned trials to a launcher, and make sure each one ends with a record.
 
 The sweeper (`sweeper.hydra_sweeper`) plans; this module launches:
+- every trial's `spec.json` (its prediction inside) is written here before its job
+  starts, so the job runs the layout planned here and composes nothing again;
 - local launchers (Hydra's, submitit's local executor) block until their batch ends;
 - SLURM: one job per trial, its id written at once, waited on with deadlines and
   adopted by a resumed sweep (`launch.slurm_jobs`).
@@ -17,20 +19,21 @@ from pathlib import Path
 from core.record_check import load_record, set_aside
 from core.records import result_path, write_json_atomic
 from core.spec import TrialSpec
-from launch.record import base_record
+from launch.record import base_record, trial_record
+from launch.supervise import collect_ranks, started
+from launch.trial import prepare
 from sweeper.plan import Point
 
 
 def spec_of(point: Point, sweep_dir: Path, commit) -> TrialSpec:
+    # Absolute: ranks run with the repository as their working directory, the driver maybe not.
     return TrialSpec(model=point.model, cluster=point.cluster, layout=point.layout, trial=point.trial,
-                     trial_dir=str(sweep_dir / point.name), git_commit=commit, prediction=point.prediction)
+                     trial_dir=str((sweep_dir / point.name).absolute()), git_commit=commit,
+                     prediction=point.prediction)
 
 
 def write_missing(point: Point, sweep_dir: Path, commit, status: str, reason: str) -> None:
     """The record of a trial that has none. status "ran": it started, so its rank records tell."""
-    from launch.record import trial_record
-    from launch.supervise import collect_ranks
-
     path = result_path(sweep_dir / point.name)
     if load_record(path)[0] is not None:
         return
@@ -46,7 +49,7 @@ def write_missing(point: Point, sweep_dir: Path, commit, status: str, reason: st
 def record_unfinished(batch: list[Point], sweep_dir: Path, commit) -> None:
     """After a blocking launcher returns: a trial whose job died before task 0 wrote its record."""
     for point in batch:
-        if (sweep_dir / point.name / "spec.json").exists():
+        if started(sweep_dir / point.name):
             write_missing(point, sweep_dir, commit, "ran", "")
         else:
             write_missing(point, sweep_dir, commit, "error", "job never started (see the launcher's logs)")
@@ -67,17 +70,12 @@ def set_aside_previous(points: list[Point], sweep_dir: Path) -> None:
             set_aside(path, f"previous-{point.previous}")
 
 
-def write_prediction(point: Point, sweep_dir: Path) -> None:
-    if point.prediction:
-        write_json_atomic(sweep_dir / point.name / "prediction.json", point.prediction)
-
-
 def launch_blocking(launcher, launch: list[Point], sweep_dir: Path, commit, batch_size: int) -> list:
     returns = []
     for start in range(0, len(launch), batch_size):
         batch = launch[start:start + batch_size]
         for point in batch:
-            write_prediction(point, sweep_dir)
+            prepare(spec_of(point, sweep_dir, commit))
         jobs = [p.overrides + [f"hydra.sweep.subdir={p.name}"] for p in batch]
         try:
             returns.append(launcher.launch(jobs, initial_job_idx=start))
@@ -115,7 +113,7 @@ def launch_slurm(launcher, launch: list[Point], sweep_cfg, sweep_dir: Path, comm
                 if point.name in orphans:
                     watch.adopt(point.name)
                     continue
-                write_prediction(point, sweep_dir)
+                prepare(spec_of(point, sweep_dir, commit))
                 overrides = point.overrides + [f"hydra.sweep.subdir={point.name}"]
                 try:
                     watch.submit(executor, point.name, launcher, overrides, "hydra.sweep.dir", idx,

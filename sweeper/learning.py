@@ -9,7 +9,7 @@ otherwise) the trials finished so far, ok and OOM alike, refit the constants
 memory boundary (`oom_margin_gb`), so a layout still to run that the refit predicts
 out of memory is recorded `skipped` with "predicted OOM after refit" instead of
 launched. The refit is written to calibration.json after every trial, and the
-predictions of each launched trial (prediction.json) are the refit's.
+predictions in each launched trial's spec.json are the refit's.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from core.record_check import load_record
 from core.records import result_path
+from launch.supervise import started
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -38,7 +39,7 @@ class Progress:
         self.poll()
 
     def _running(self) -> list[str]:
-        return [n for n in self.names if n not in self.seen and (self.sweep_dir / n / "spec.json").exists()]
+        return [n for n in self.names if n not in self.seen and started(self.sweep_dir / n)]
 
     def poll(self) -> bool:
         """Report newly finished trials; True if any."""

@@ -16,7 +16,7 @@ import pytest
 
 from analysis.results import load_records
 from core.config import ConfigError
-from sweeper.capacity import check_names
+from launch.capacity import check_names
 from tests.faults.helpers import (
     NAME, ONE, RANKS, REPO, error_lines, interrupt, processes_mentioning, records, run_sweep, start_sweep,
     trial_name, wait_for,

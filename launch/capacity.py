@@ -14,7 +14,7 @@ import re
 import subprocess
 from typing import Optional
 
-from sweeper.config import ClusterConfig, ConfigError
+from core.config import ClusterConfig, ConfigError
 
 PATH_NAMES = ("sweep.name", "model.name", "cluster.name")
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
