@@ -29,6 +29,7 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from core.choices import spec_name
 from core.config import ConfigError, Layout, ModelConfig
 from core.paths import REPO_ROOT
 from sweeper.validity import invalid_reason
@@ -43,7 +44,7 @@ TRAIN_ITERS = 100  # a placeholder length: set your own
 MAPPED_LAYOUT_FIELDS = frozenset({
     "tp", "pp", "vpp", "cp", "mbs", "gbs", "recompute", "recompute_method", "recompute_num_layers",
     "sequence_parallel", "distributed_optimizer", "attention", "norm", "cuda_graph",
-    "swiglu", "loss", "optimizer_step", "add_norm"})
+    "swiglu", "loss", "optimizer_step", "add_norm", "qkv_grad"})
 OUR_ROPE_ATTENTION = ("triton", "sdpa", "sdpa_flash", "sdpa_cudnn", "flash_attn")
 
 
@@ -66,12 +67,6 @@ class MegatronLMCommand:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "command": self.line()}
-
-
-def spec_name(attention: str, norm: str, swiglu: str = "megatron", add_norm: str = "megatron") -> str:
-    """The name of a layout's spec object in kernels/megatron_lm_spec.py (`--spec MODULE NAME`)."""
-    return (f"{attention}_attention_{norm}_norm" + ("" if swiglu == "megatron" else f"_{swiglu}_swiglu")
-            + ("" if add_norm == "megatron" else f"_{add_norm}_add_norm"))
 
 
 def applies_rope(attention: str) -> bool:
@@ -185,6 +180,10 @@ def _notes(layout: Layout, world_size: int) -> list[str]:
         notes.append("our trials also fuse each layer's MLP residual add with the next layer's input norm "
                      "(kernels.megatron_layer.link_layers, after the model is built); Megatron-LM builds the "
                      "model itself, so only the spec's in-layer add + pre-MLP norm is fused")
+    if layout.qkv_grad == "fused":
+        notes.append("our trials write the query, key and value gradients into one buffer in the RoPE "
+                     "backward (kernels/rope.py); the spec Megatron-LM builds keeps megatron's split, "
+                     "whose backward concatenates them")
     if layout.optimizer_step == "flat":
         notes.append("our trials' optimizer step skips megatron's per-tensor passes (launch/flat_step.py); "
                      "Megatron-LM has no such setting, so this runs megatron's own step")

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Optional
 
 from core.config import ConfigError, cluster_from_dict, layout_from_dict, model_from_dict
-from sweeper.calibration import Calibration, fit_calibration, measured_memory
+from sweeper.calibration import fit_calibration, measured_memory
+from sweeper.constants import Calibration
 from sweeper.memory import predict_memory
 from sweeper.speed import predict_speed
 

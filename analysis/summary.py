@@ -45,7 +45,8 @@ def mismatches(rows: list[dict]) -> list[str]:
 
 def _calibrate(sweep_dir: Path) -> str | None:
     from core.config import cluster_from_dict, model_from_dict
-    from sweeper.calibration import fit_calibration, save_calibration
+    from sweeper.calibration import fit_calibration
+    from sweeper.constants import save_calibration
 
     records = [r for r in load_records(sweep_dir) if r.get("status") in ("ok", "oom")]
     if not any(r["status"] == "ok" for r in records):
@@ -140,4 +141,3 @@ class SummaryCallback(Callback):
                 finish_sweep(sweep_dir)
         except LockHeld as exc:
             print(f"no summary written: {exc}", file=sys.stderr)
-

@@ -87,7 +87,7 @@ def main(argv=None) -> int:
                          **({"source": source} if source else {})}
     out = args.out or RESULTS / f"prediction_quality_{time.strftime('%Y-%m-%d')}.json"
     payload = {"summary": summary, "targets": TARGETS, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-               "note": "default = the cluster preset's constants (sweeper.calibration.PRESETS), no refit; "
+               "note": "default = the cluster preset's constants (sweeper.constants.PRESETS), no refit; "
                        "refit_first_3 = fitted on the first 3 finished trials, scored on the rest"}
     out.write_text(json.dumps(payload, indent=1) + "\n")
     for name, q in summary.items():

@@ -24,6 +24,9 @@ SwigluKernel = Literal["megatron", "triton"]
 LossKernel = Literal["megatron", "fused"]
 OptimizerStep = Literal["megatron", "flat"]
 AddNorm = Literal["megatron", "fused"]
+# fused: our RoPE's backward writes dq, dk, dv into one gradient of the fused QKV projection
+# (kernels/rope.py RoPEQKVFunction) instead of megatron's split concatenating them.
+QkvGrad = Literal["megatron", "fused"]
 
 ATTENTION_KERNELS = get_args(AttentionKernel)
 NORM_KERNELS = get_args(NormKernel)
@@ -31,11 +34,19 @@ RECOMPUTE = get_args(Recompute)
 RECOMPUTE_METHODS = get_args(RecomputeMethod)
 PLANTS = get_args(Plant)
 FUSION_TYPES = {"swiglu": SwigluKernel, "loss": LossKernel, "optimizer_step": OptimizerStep,
-                "add_norm": AddNorm}
+                "add_norm": AddNorm, "qkv_grad": QkvGrad}
 FUSION_CHOICES = {axis: get_args(kind) for axis, kind in FUSION_TYPES.items()}
 FUSION_DEFAULTS = {axis: choices[0] for axis, choices in FUSION_CHOICES.items()}
 # How a fusion that is not the default appears in a trial's name (core.config.Layout.name).
-FUSION_TAGS = {"swiglu": "swiglu", "loss": "loss", "optimizer_step": "opt", "add_norm": "addnorm"}
+FUSION_TAGS = {"swiglu": "swiglu", "loss": "loss", "optimizer_step": "opt", "add_norm": "addnorm",
+               "qkv_grad": "qkv"}
+
+
+def spec_name(attention: str, norm: str, swiglu: str = "megatron", add_norm: str = "megatron") -> str:
+    """The name of a layout's spec object in kernels/megatron_lm_spec.py (`--spec MODULE NAME`)."""
+    return (f"{attention}_attention_{norm}_norm" + ("" if swiglu == "megatron" else f"_{swiglu}_swiglu")
+            + ("" if add_norm == "megatron" else f"_{add_norm}_add_norm"))
+
 
 # Head dims kernels/attention.py's Triton kernel is compiled for (its _check_inputs).
 TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)

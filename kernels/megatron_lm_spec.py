@@ -3,7 +3,7 @@
 Megatron-LM (core_v0.16.1, `gpt_builders.py`) imports the object NAME from this module and
 hands it to GPTModel as its `transformer_layer_spec`, once per model chunk, with no config.
 NAME is `<attention>_attention_<norm>_norm[_triton_swiglu][_fused_add_norm]`
-(`analysis.megatron_args.spec_name`),
+(`core.choices.spec_name`),
 one per kernel choice of `core.choices`, e.g. `sdpa_cudnn_attention_triton_norm`;
 `layout-recommend --format megatron-lm` prints the whole command.
 
@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from analysis.megatron_args import ROPE_BASE, spec_name
-from core.choices import ATTENTION_KERNELS, FUSION_CHOICES, NORM_KERNELS
+from core.choices import ATTENTION_KERNELS, FUSION_CHOICES, NORM_KERNELS, spec_name
 from kernels.layer_spec import layer_spec, norm_module
+from kernels.rope import DEFAULT_BASE as ROPE_BASE  # launch/model.py's, and the printed --rotary-base
 
 # Megatron-LM arguments that split layers unevenly over pipeline stages.
 UNEVEN_SPLIT_ARGS = ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",

@@ -34,7 +34,7 @@ import sys
 from typing import Optional
 
 from core.config import ClusterConfig, Layout, ModelConfig
-from sweeper.calibration import Calibration, load_calibration
+from sweeper.constants import Calibration, load_calibration
 from sweeper.memory import predict_memory
 from sweeper.speed import predict_speed
 from sweeper.validity import invalid_reason

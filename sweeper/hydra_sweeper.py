@@ -259,7 +259,7 @@ class LayoutSweeperImpl(Sweeper):
         return returns
 
     def _calibration(self, sweep_cfg, sweep_dir: Path):
-        from sweeper.calibration import load_calibration
+        from sweeper.constants import load_calibration
 
         for path in (sweep_cfg.calibration, sweep_dir / "calibration.json"):
             if path and Path(path).exists():

@@ -21,7 +21,8 @@ from typing import Callable, Optional
 
 from core.records import read_json, result_path, write_json_atomic
 from launch.record import base_record
-from sweeper.calibration import Calibration, fit_calibration, save_calibration
+from sweeper.calibration import fit_calibration
+from sweeper.constants import Calibration, save_calibration
 from sweeper.memory import predict_memory
 from sweeper.plan import Point, predict
 

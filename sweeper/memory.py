@@ -56,7 +56,7 @@ from functools import lru_cache
 from typing import Optional
 
 from core.config import ClusterConfig, Layout, ModelConfig
-from sweeper.calibration import Calibration, default_calibration
+from sweeper.constants import Calibration, default_calibration
 
 GIB = float(2**30)
 VOCAB_MULTIPLE = 128  # megatron pads the vocabulary to a multiple of 128 * tp

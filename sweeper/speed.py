@@ -34,7 +34,7 @@ from typing import Optional
 
 from core.config import ClusterConfig, Layout, ModelConfig
 from core.flops import megatron_flops_per_token, palm_flops_per_token
-from sweeper.calibration import Calibration, default_calibration
+from sweeper.constants import Calibration, default_calibration
 from sweeper.memory import Shape, model_shape, padded_vocab, stage_params
 
 # Bytes per token per layer moved by elementwise ops (fwd+bwd, bf16), per unit of

@@ -55,7 +55,7 @@ def test_calibration_is_fit_on_ok_and_oom_trials_only(tmp_path, monkeypatch):
     from core.records import write_json_atomic
     from core.spec import TrialSpec
     from launch.record import base_record
-    from sweeper import calibration
+    from sweeper import calibration, constants
 
     for mbs, status in enumerate(("ok", "oom", "diverged", "error", "timeout", "skipped"), 1):
         spec = TrialSpec(model=ModelConfig(), cluster=ClusterConfig(), layout=Layout(mbs=mbs),
@@ -65,7 +65,7 @@ def test_calibration_is_fit_on_ok_and_oom_trials_only(tmp_path, monkeypatch):
         write_json_atomic(tmp_path / f"t{mbs}" / "result.json", record)
     seen = []
     monkeypatch.setattr(calibration, "fit_calibration", lambda recs, m, c: seen.extend(recs) or "fit")
-    monkeypatch.setattr(calibration, "save_calibration", lambda cal, path: None)
+    monkeypatch.setattr(constants, "save_calibration", lambda cal, path: None)
     assert summary._calibrate(tmp_path) == str(tmp_path / "calibration.json")
     assert sorted(r["status"] for r in seen) == ["ok", "oom"]
     assert sorted(r["layout"]["mbs"] for r in seen) == [1, 2]

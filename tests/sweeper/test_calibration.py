@@ -6,14 +6,8 @@ import json
 import pytest
 
 from core.config import ClusterConfig, ConfigError, Layout, ModelConfig, as_dict
-from sweeper.calibration import (
-    Calibration,
-    cpu_calibration,
-    default_calibration,
-    fit_calibration,
-    load_calibration,
-    save_calibration,
-)
+from sweeper.calibration import fit_calibration
+from sweeper.constants import Calibration, cpu_calibration, default_calibration, load_calibration, save_calibration
 from sweeper.memory import predict_memory
 from sweeper.speed import predict_speed
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from core.config import ClusterConfig, Layout, ModelConfig
-from sweeper.calibration import Calibration, save_calibration
+from sweeper.constants import Calibration, save_calibration
 from sweeper.memory import predict_memory
 from sweeper.speed import predict_speed
 

@@ -9,7 +9,7 @@ import pytest
 from analysis.ranking import launch_order, load_archived_records, score
 from core.config import ClusterConfig, Layout, ModelConfig, TrialConfig, as_dict
 from core.records import read_json, result_path, write_json_atomic
-from sweeper.calibration import Calibration
+from sweeper.constants import Calibration
 from sweeper.learning import SKIP_REASON, launch_learning
 from sweeper.memory import predict_memory
 from sweeper.plan import Point

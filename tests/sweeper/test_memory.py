@@ -11,7 +11,8 @@ import pytest
 
 from analysis.ranking import load_archived_records
 from core.config import ClusterConfig, Layout, ModelConfig, layout_from_dict
-from sweeper.calibration import Calibration, measured_memory
+from sweeper.calibration import measured_memory
+from sweeper.constants import Calibration
 from sweeper.memory import (
     GIB,
     chunk_activations,

@@ -12,7 +12,7 @@ from analysis.ranking import load_archived_records, score
 from core.choices import ATTENTION_KERNELS
 from core.config import ClusterConfig, Layout, ModelConfig
 from core.flops import mfu as reference_mfu
-from sweeper.calibration import Calibration
+from sweeper.constants import Calibration
 from sweeper.memory import model_shape, stage_params
 from sweeper.speed import FORWARD_SHARE, RECOMPUTE_HOST_SHARE, predict_speed
 
