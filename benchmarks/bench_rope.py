@@ -1,6 +1,6 @@
 """RoPE on one GPU: our fused Triton kernel vs megatron-core's unfused RoPE, in one run.
 
-    GIT_COMMIT=<sha> python benchmarks/bench_rope.py [--out benchmarks/results/rope_<gpu>_<date>.json]
+    GIT_COMMIT=<sha> python -m benchmarks.bench_rope [--out benchmarks/results/rope_<gpu>_<date>.json]
 
 Needs CUDA. GIT_COMMIT names the commit measured (.git may not travel with the tree;
 without it `git rev-parse HEAD` is tried).
@@ -18,7 +18,7 @@ What it does, all in one process so the numbers compare:
                           in training
        megatron_compiled  torch.compile of that
        torch_compile      torch.compile of kernels.rope.torch_rope (the fp32 reference)
-     each timed as bench_rmsnorm.py times (`gpu`: CUDA events with the host run ahead and
+     each timed by benchmarks.common's three timings (`gpu`: CUDA events with the host run ahead and
      L2 flushed; `do_bench`: triton's median; `cpu_us`: host time per call), and checked
      against a float64 rotation (outputs and gradients);
   4. torch.profiler kernel tables of ours and megatron's forward+backward at the first shape.
@@ -33,19 +33,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import re
-import sys
 import time
 
 import torch
 import triton
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from core.paths import git_commit  # noqa: E402
-from benchmarks.bench_rmsnorm import _kernel_table, _time_all, gpu_ms, relerr, tbs  # noqa: E402
-from kernels import rope as ours  # noqa: E402
+from benchmarks.common import commit, gpu_ms, kernel_table, relerr, tbs, time_all, write_json
+from kernels import rope as ours
 
 # (s, b, ng, group, d): llama_1b3 (16 heads, MHA, d = 128, seq 2048) at mbs 1 and 4, and a
 # GQA variant (16 query heads over 4 KV heads) at mbs 4.
@@ -145,7 +140,7 @@ def measure_shape(shape, *, profile=False):
                default_config=ours.launch_config(ng * group, ng, d)._asdict())
     src = torch.randn(elements, device=DEVICE, dtype=DTYPE)
     dst = torch.empty_like(src)
-    out["copy"] = _time_all(lambda: dst.copy_(src), fwd_bytes)
+    out["copy"] = time_all(lambda: dst.copy_(src), fwd_bytes)
     del src, dst
     out["sweep"] = sweep(q.detach(), k.detach(), fwd_bytes)
     best = max((r for r in out["sweep"] if "tbs" in r), key=lambda r: r["tbs"])
@@ -162,15 +157,15 @@ def measure_shape(shape, *, profile=False):
                 torch.autograd.backward(fn(q, k), (dq, dk))
 
             res = out["impls"][name] = dict(
-                fwd=_time_all(lambda fn=fn: fn(q, k), fwd_bytes),
-                fwdbwd=_time_all(fwd_bwd, 2 * fwd_bytes, grad_to_none=[q, k]),
+                fwd=time_all(lambda fn=fn: fn(q, k), fwd_bytes),
+                fwdbwd=time_all(fwd_bwd, 2 * fwd_bytes, grad_to_none=[q, k]),
                 relerr=errs)
             print(f"{shape} {name:18s} fwd {res['fwd']['gpu_ms'] * 1e3:7.1f} us "
                   f"({res['fwd']['gpu_tbs']:.2f} TB/s) | fwd+bwd {res['fwdbwd']['gpu_ms'] * 1e3:7.1f}"
                   f" us ({res['fwdbwd']['gpu_tbs']:.2f} TB/s) | host {res['fwdbwd']['cpu_us']:.0f}"
                   f" us | err {max(errs.values()):.1e} ({time.time() - t0:.0f}s)", flush=True)
             if profile and name in ("ours", "megatron"):
-                out[f"profile_{name}_fwdbwd"] = _kernel_table(fwd_bwd, [q, k])
+                out[f"profile_{name}_fwdbwd"] = kernel_table(fwd_bwd, [q, k])
                 print(out[f"profile_{name}_fwdbwd"], flush=True)
         except Exception as e:  # noqa: BLE001 - reported; the other peers still run
             out["impls"][name] = dict(error=repr(e)[:300])
@@ -195,11 +190,6 @@ def _ratios(out, timing):
     return ratios
 
 
-def _git_commit() -> str:
-    # GIT_COMMIT first: the device machine's copy has no .git.
-    return os.environ.get("GIT_COMMIT") or git_commit() or "unknown"
-
-
 def main():
     props = torch.cuda.get_device_properties(0)
     today = datetime.date.today().isoformat()
@@ -208,7 +198,7 @@ def main():
     parser.add_argument("--out", default=f"benchmarks/results/rope_{gpu}_{today}.json")
     args = parser.parse_args()
     result = dict(
-        benchmark="rope", date=today, git_commit=_git_commit(), device=props.name,
+        benchmark="rope", date=today, git_commit=commit(), device=props.name,
         sm_count=props.multi_processor_count, torch=torch.__version__,
         triton=triton.__version__, dtype="bfloat16", base=BASE,
         method=__doc__.split("What it does")[1].strip(),
@@ -231,9 +221,7 @@ def main():
         timing: {key: s["ratios"][timing] for key, s in result["shapes"].items()}
         for timing in ("gpu", "do_bench")
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
     print("summary (gpu timing)", json.dumps(result["summary"]["gpu"], indent=1))
     print("wrote", args.out)
 

@@ -4,11 +4,14 @@
 #   call 1 (carry .whl .fa4a):  bash benchmarks/kernels_device.sh 1 <commit>
 #   call 2 (carry .whl .fa4b):  bash benchmarks/kernels_device.sh 2 <commit>
 #   later (carry .whl):         bash benchmarks/kernels_device.sh 3 <commit>
+#   RMSNorm alone (carry .whl): bash benchmarks/kernels_device.sh rmsnorm <commit>
 #
 # 1: CUDA kernel tests beside the attention tuner's compile workers, then the tuner's timing
 #    (winners kept in /tmp for call 2) and the RMSNorm benchmark.
 # 2: flash-attn-4 installed; its CUDA tests, then bench_attention (check + bench, the
 #    tuner's winners installed) against flash-attn-4 and SDPA.
+# rmsnorm: its CUDA tests beside 12 workers compiling the launch sweep into Triton's cache,
+#    then the RMSNorm benchmark (--quick: the three target shapes).
 # 3: the hard-coded configs' CUDA tests beside the forward diagnostic's compile (the forward
 #    without its softmax), then the RMSNorm benchmark.
 set -u
@@ -28,6 +31,18 @@ if [ "$step" = 1 ]; then
   echo "tune rc=$?"; grep -E "^compiled|^winners" "$OUT/tune.log"
   timeout 180 python -m benchmarks.bench_rmsnorm --quick --out "$OUT/rmsnorm_h200.json" > "$OUT/rmsnorm.log" 2>&1
   echo "rmsnorm rc=$?"; grep -E "^summary" "$OUT/rmsnorm.log"
+elif [ "$step" = rmsnorm ]; then
+  . benchmarks/gpu_env.sh || exit 1
+  for i in $(seq 0 11); do
+    timeout 150 python -m benchmarks.bench_rmsnorm --quick --precompile "$i/12" > "$OUT/precompile$i.log" 2>&1 &
+  done
+  env -u TRITON_ALLOW_NON_CONSTEXPR_GLOBALS timeout 150 python -m pytest -q -p no:cacheprovider \
+    -m cuda tests/kernels/test_rmsnorm.py tests/kernels/test_fast_launch.py \
+    tests/kernels/test_megatron_norm.py > "$OUT/tests_rmsnorm.log" 2>&1
+  echo "tests rc=$?"; tail -3 "$OUT/tests_rmsnorm.log"
+  wait; echo "precompiled"
+  timeout 240 python -m benchmarks.bench_rmsnorm --quick --out "$OUT/rmsnorm_h200.json" > "$OUT/rmsnorm.log" 2>&1
+  echo "rmsnorm rc=$?"; grep -E "^summary|^host" "$OUT/rmsnorm.log"
 elif [ "$step" = 3 ]; then
   . benchmarks/gpu_env.sh || exit 1
   env -u TRITON_ALLOW_NON_CONSTEXPR_GLOBALS timeout 200 python -m pytest -q -p no:cacheprovider \

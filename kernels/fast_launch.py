@@ -44,16 +44,17 @@ class CachedLaunch:
         """key: a tuple whose first item is the CUDA device index (`device_index`)."""
         compiled = self.compiled.get(key, False)
         if compiled:
-            device = torch.cuda.current_device()
+            device = torch._C._cuda_getDevice()  # torch.cuda.current_device() minus its checks
             if key[0] == device:  # loaded for this device (key[0]: the caller's device index)
                 hooks = _knobs.runtime
+                enter, leave = _active(hooks.launch_enter_hook), _active(hooks.launch_exit_hook)
                 stream = torch._C._cuda_getCurrentRawStream(device)
                 values = (*args, *constexprs.values())
-                meta = compiled.launch_metadata(grid, stream, *values)  # None without hooks
+                # Launch metadata is only read by an enter hook (profilers): skip building it.
+                meta = None if enter is None else compiled.launch_metadata(grid, stream, *values)
                 compiled.run(grid[0], grid[1] if len(grid) > 1 else 1,
                              grid[2] if len(grid) > 2 else 1, stream, compiled.function,
-                             compiled.packed_metadata, meta, hooks.launch_enter_hook,
-                             hooks.launch_exit_hook, *values)
+                             compiled.packed_metadata, meta, enter, leave, *values)
                 return
         result = self.kernel[grid](*args, **constexprs, num_warps=num_warps,
                                    num_stages=num_stages)
@@ -74,5 +75,13 @@ class CachedLaunch:
 
 def device_index(t: torch.Tensor) -> int:
     """The CUDA device index of t, -1 on CPU (interpreter: never launched directly)."""
-    return t.device.index if t.is_cuda else -1
+    return t.get_device()  # an int, without building a torch.device
+
+
+def _active(hook):
+    """A launch hook as the launcher takes it: None when nothing is installed (Triton <= 3.6
+    keeps None there; 3.7+ an empty HookChain, which would still be called per launch)."""
+    if hook is None or getattr(hook, "calls", True) == []:
+        return None
+    return hook
 

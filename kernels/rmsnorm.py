@@ -9,19 +9,16 @@ x is [..., H] (any leading shape, H any size up to 65536), w is [H]; y has x's d
     dw = sum over rows of dy * xhat
 
 Host cost: eager training steps call this for every norm of every layer, so the launchers
-keep Python thin: one launch forward, two backward (row tiles, then the dw reduction), the
-launch configuration cached per hidden size, compiled kernels launched directly after their
-first call (`kernels.fast_launch`), and the dw partial buffer kept between calls (not while
-a CUDA graph is being captured), so a call allocates only its outputs (y and the fp32 rstd
-forward; dx and dw backward).
+keep Python thin: one launch forward, two backward (row tiles, then the dw reduction), no
+reshape of contiguous inputs, the launch configuration and constexprs cached per hidden
+size, compiled kernels launched directly after their first call (`kernels.fast_launch`),
+rstd recomputed in the backward from x (which it reads anyway) instead of stored, and the
+dw partial buffer kept between calls (not while a CUDA graph is being captured): a call
+allocates only its outputs (y forward; dx and dw backward).
 
-H200, bf16 (benchmarks/results/rmsnorm_h200_2026-12-01.json, SHAPES 16384x4096, 32768x8192,
-8192x5120): GPU time fwd 0.93/0.95/0.92x a copy of x, fwd+bwd 0.92/0.92/0.86x, 1.18/1.14/1.35x
-the best peer (torch.compile, liger); host time included (do_bench), fwd+bwd 0.91/2.05/1.03x
-torch's F.rms_norm (0.90/2.05/0.87x before the host-path changes, ..._run1.json). At
-16384x4096 the call is host-bound: ~340 us per fwd+bwd against 184 us of GPU work. A
-persistent forward (w loaded once per program, the next row tile prefetched, as the backward
-does) measured 0.70-0.96x this forward in the same run's sweep, so it was dropped.
+H200, bf16: measured figures per shape in benchmarks/results/rmsnorm_h200_*.json (GPU
+time against a copy of x and the peers; host time included against F.rms_norm); the
+tables FORWARD_TABLE / BACKWARD_TABLE below are that benchmark's launch sweep.
 
 Three layers, as in Liger-Kernel and the Triton layer-norm tutorial:
   * private @triton.jit kernels: `_forward_kernel` (a [BLOCK_M, BLOCK_N] tile of rows per
@@ -56,89 +53,139 @@ MAX_HIDDEN = 65536  # one row lives in registers; wider rows would spill
 
 
 # --------------------------------------------------------------------------- kernels
+#
+# A row of H columns is held as one [BLOCK_M, BLOCK_N] part, or, when that would leave a
+# quarter or more of the lanes masked (H = 5120 in 8192 lanes), as a part of BLOCK_N plus a
+# tail of BLOCK_T columns (4096 + 1024): fewer dead registers, more rows in flight per SM.
+# BLOCK_T = 0: no tail.
+
+
+@triton.jit
+def _load_part(ptr, row0, n_rows, stride, col0, n_cols,
+               BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+    """Columns [col0, col0 + BLOCK) of rows [row0, row0 + BLOCK_M) as fp32 (zeros outside)."""
+    rows = tl.arange(0, BLOCK_M)
+    cols = col0 + tl.arange(0, BLOCK)
+    mask = (rows < n_rows - row0)[:, None] & (cols < n_cols)[None, :]
+    return tl.load(ptr + row0 * stride + rows[:, None] * stride + cols[None, :], mask=mask,
+                   other=0.0, eviction_policy="evict_first").to(tl.float32)
+
+
+@triton.jit
+def _store_part(ptr, value, row0, n_rows, stride, col0, n_cols,
+                BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.arange(0, BLOCK_M)
+    cols = col0 + tl.arange(0, BLOCK)
+    mask = (rows < n_rows - row0)[:, None] & (cols < n_cols)[None, :]
+    tl.store(ptr + row0 * stride + rows[:, None] * stride + cols[None, :],
+             value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_weight(w_ptr, col0, n_cols, BLOCK: tl.constexpr):
+    cols = col0 + tl.arange(0, BLOCK)
+    return tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
 
 
 # Row counts change from call to call; not specializing on them (divisible by 16, == 1)
 # keeps one compiled kernel per hidden size, which fast_launch's cache key relies on.
 @triton.jit(do_not_specialize=["n_rows"])
 def _forward_kernel(
-    x_ptr, w_ptr, y_ptr, rstd_ptr,
+    x_ptr, w_ptr, y_ptr,
     n_rows, n_cols, stride_x, stride_y, eps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     # 64-bit math once per program for the tile's first row; 32-bit offsets inside the tile.
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
-    rows = tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows - row0
-    col_ok = cols < n_cols
-    mask = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(x_ptr + row0 * stride_x + rows[:, None] * stride_x + cols[None, :], mask=mask,
-                other=0.0, eviction_policy="evict_first").to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    y = x * rstd[:, None] * w[None, :]
-    tl.store(y_ptr + row0 * stride_y + rows[:, None] * stride_y + cols[None, :],
-             y.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(rstd_ptr + row0 + rows, rstd, mask=row_ok)
-
-
-@triton.jit
-def _load_tile(dy_ptr, x_ptr, rstd_ptr, row0, n_rows, n_cols, stride_dy, stride_x,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dy, x (fp32, [BLOCK_M, BLOCK_N]) and rstd ([BLOCK_M]) of the tile starting at row0
-    (int64); zeros past the last row."""
-    rows = tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows - row0
-    mask = row_ok[:, None] & (cols < n_cols)[None, :]
-    dy = tl.load(dy_ptr + row0 * stride_dy + rows[:, None] * stride_dy + cols[None, :],
-                 mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    x = tl.load(x_ptr + row0 * stride_x + rows[:, None] * stride_x + cols[None, :],
-                mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    rstd = tl.load(rstd_ptr + row0 + rows, mask=row_ok, other=0.0)
-    return dy, x, rstd
+    x = _load_part(x_ptr, row0, n_rows, stride_x, 0, n_cols, BLOCK_M, BLOCK_N)
+    sum_sq = tl.sum(x * x, axis=1)
+    if BLOCK_T > 0:
+        xt = _load_part(x_ptr, row0, n_rows, stride_x, BLOCK_N, n_cols, BLOCK_M, BLOCK_T)
+        sum_sq += tl.sum(xt * xt, axis=1)
+    rstd = tl.rsqrt(sum_sq / n_cols + eps)
+    w = _load_weight(w_ptr, 0, n_cols, BLOCK_N)
+    _store_part(y_ptr, x * rstd[:, None] * w[None, :], row0, n_rows, stride_y, 0, n_cols,
+                BLOCK_M, BLOCK_N)
+    if BLOCK_T > 0:
+        wt = _load_weight(w_ptr, BLOCK_N, n_cols, BLOCK_T)
+        _store_part(y_ptr, xt * rstd[:, None] * wt[None, :], row0, n_rows, stride_y, BLOCK_N,
+                    n_cols, BLOCK_M, BLOCK_T)
 
 
 @triton.jit(do_not_specialize=["n_rows"])
 def _backward_kernel(
-    dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
-    n_rows, n_cols, stride_dy, stride_x, stride_dx,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
+    dy_ptr, x_ptr, w_ptr, dx_ptr, dw_partial_ptr,
+    n_rows, n_cols, stride_dy, stride_x, stride_dx, eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     # Program p walks row tiles p, p + P, p + 2P, ... (P programs); with PREFETCH it loads
-    # the next tile before working on the current one, so loads stay in flight meanwhile.
+    # the next tile before working on the current one, so loads stay in flight meanwhile
+    # (num_stages > 1 instead lets Triton's pipeliner stage them in shared memory).
+    # rstd is recomputed from x, which is loaded anyway: the forward stores only y.
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
-    rows = tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    col_ok = cols < n_cols
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    w = _load_weight(w_ptr, 0, n_cols, BLOCK_N)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if BLOCK_T > 0:
+        wt = _load_weight(w_ptr, BLOCK_N, n_cols, BLOCK_T)
+        dwt = tl.zeros([BLOCK_T], dtype=tl.float32)
     n_tiles = tl.cdiv(n_rows, BLOCK_M)
     if PREFETCH:
-        dy_next, x_next, rstd_next = _load_tile(
-            dy_ptr, x_ptr, rstd_ptr, tl.cast(pid, tl.int64) * BLOCK_M, n_rows, n_cols,
-            stride_dy, stride_x, BLOCK_M, BLOCK_N)
+        row_next = tl.cast(pid, tl.int64) * BLOCK_M
+        dy_next = _load_part(dy_ptr, row_next, n_rows, stride_dy, 0, n_cols, BLOCK_M, BLOCK_N)
+        x_next = _load_part(x_ptr, row_next, n_rows, stride_x, 0, n_cols, BLOCK_M, BLOCK_N)
+        if BLOCK_T > 0:
+            dyt_next = _load_part(dy_ptr, row_next, n_rows, stride_dy, BLOCK_N, n_cols,
+                                  BLOCK_M, BLOCK_T)
+            xt_next = _load_part(x_ptr, row_next, n_rows, stride_x, BLOCK_N, n_cols,
+                                 BLOCK_M, BLOCK_T)
     for tile in range(pid, n_tiles, programs):
         row0 = tl.cast(tile, tl.int64) * BLOCK_M
         if PREFETCH:
-            dy, x, rstd = dy_next, x_next, rstd_next
-            dy_next, x_next, rstd_next = _load_tile(
-                dy_ptr, x_ptr, rstd_ptr, row0 + programs * BLOCK_M, n_rows, n_cols,
-                stride_dy, stride_x, BLOCK_M, BLOCK_N)
+            dy, x = dy_next, x_next
+            row_next = row0 + programs * BLOCK_M
+            dy_next = _load_part(dy_ptr, row_next, n_rows, stride_dy, 0, n_cols, BLOCK_M,
+                                 BLOCK_N)
+            x_next = _load_part(x_ptr, row_next, n_rows, stride_x, 0, n_cols, BLOCK_M, BLOCK_N)
+            if BLOCK_T > 0:
+                dyt, xt = dyt_next, xt_next
+                dyt_next = _load_part(dy_ptr, row_next, n_rows, stride_dy, BLOCK_N, n_cols,
+                                      BLOCK_M, BLOCK_T)
+                xt_next = _load_part(x_ptr, row_next, n_rows, stride_x, BLOCK_N, n_cols,
+                                     BLOCK_M, BLOCK_T)
         else:
-            dy, x, rstd = _load_tile(dy_ptr, x_ptr, rstd_ptr, row0, n_rows, n_cols,
-                                     stride_dy, stride_x, BLOCK_M, BLOCK_N)
-        xhat = x * rstd[:, None]
+            dy = _load_part(dy_ptr, row0, n_rows, stride_dy, 0, n_cols, BLOCK_M, BLOCK_N)
+            x = _load_part(x_ptr, row0, n_rows, stride_x, 0, n_cols, BLOCK_M, BLOCK_N)
+            if BLOCK_T > 0:
+                dyt = _load_part(dy_ptr, row0, n_rows, stride_dy, BLOCK_N, n_cols, BLOCK_M,
+                                 BLOCK_T)
+                xt = _load_part(x_ptr, row0, n_rows, stride_x, BLOCK_N, n_cols, BLOCK_M,
+                                BLOCK_T)
         g = dy * w[None, :]
-        c = tl.sum(g * xhat, axis=1) / n_cols
-        dx = (g - xhat * c[:, None]) * rstd[:, None]
-        mask = (rows < n_rows - row0)[:, None] & col_ok[None, :]
-        tl.store(dx_ptr + row0 * stride_dx + rows[:, None] * stride_dx + cols[None, :],
-                 dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        sum_sq = tl.sum(x * x, axis=1)
+        sum_gx = tl.sum(g * x, axis=1)
+        if BLOCK_T > 0:
+            gt = dyt * wt[None, :]
+            sum_sq += tl.sum(xt * xt, axis=1)
+            sum_gx += tl.sum(gt * xt, axis=1)
+        rstd = tl.rsqrt(sum_sq / n_cols + eps)
+        c = sum_gx * rstd / n_cols  # mean(g * xhat)
+        xhat = x * rstd[:, None]
+        _store_part(dx_ptr, (g - xhat * c[:, None]) * rstd[:, None], row0, n_rows, stride_dx,
+                    0, n_cols, BLOCK_M, BLOCK_N)
         dw += tl.sum(dy * xhat, axis=0)
-    tl.store(dw_partial_ptr + tl.cast(pid, tl.int64) * n_cols + cols, dw, mask=col_ok)
+        if BLOCK_T > 0:
+            xhatt = xt * rstd[:, None]
+            _store_part(dx_ptr, (gt - xhatt * c[:, None]) * rstd[:, None], row0, n_rows,
+                        stride_dx, BLOCK_N, n_cols, BLOCK_M, BLOCK_T)
+            dwt += tl.sum(dyt * xhatt, axis=0)
+    partial = dw_partial_ptr + tl.cast(pid, tl.int64) * n_cols
+    cols = tl.arange(0, BLOCK_N)
+    tl.store(partial + cols, dw, mask=cols < n_cols)
+    if BLOCK_T > 0:
+        cols_t = BLOCK_N + tl.arange(0, BLOCK_T)
+        tl.store(partial + cols_t, dwt, mask=cols_t < n_cols)
 
 
 @triton.jit(do_not_specialize=["n_partials"])
@@ -163,6 +210,7 @@ def _dw_reduce_kernel(
 class ForwardConfig(NamedTuple):
     block_m: int  # rows per program
     num_warps: int
+    split: bool = True  # a row as BLOCK_N + a tail where one power of two wastes >= 1/4
 
 
 class BackwardConfig(NamedTuple):
@@ -170,7 +218,8 @@ class BackwardConfig(NamedTuple):
     num_warps: int
     programs_per_sm: int  # persistent grid = SMs * programs_per_sm (capped by row tiles)
     prefetch: bool = False  # load the next row tile before computing this one
-    num_stages: int = 1
+    num_stages: int = 1  # > 1: Triton's pipeliner stages the loop's loads
+    split: bool = True
 
 
 def _pow2_at_most(n: int) -> int:
@@ -178,21 +227,49 @@ def _pow2_at_most(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def column_blocks(n_cols: int, split: bool = True) -> tuple:
+    """(BLOCK_N, BLOCK_T): one power of two covering the row, or, where that leaves a
+    quarter or more of it masked, the largest power of two below H plus a power-of-two tail
+    (5120 -> 4096 + 1024; 6656 stays 8192: 81% used)."""
+    full = triton.next_power_of_2(n_cols)
+    if not split or n_cols > full * 3 // 4 or n_cols <= 16:
+        return full, 0
+    return full // 2, triton.next_power_of_2(n_cols - full // 2)
+
+
+# Tuned launch configurations, H200 bf16 (benchmarks/results/rmsnorm_h200_2026-12-01.json
+# sweeps, GPU time, best within 1% of the fastest); other sizes use the heuristics below.
+FORWARD_TABLE = {
+    4096: ForwardConfig(4, 16),  # 3.76 TB/s vs 3.68 for (1, 8)
+    5120: ForwardConfig(1, 4),
+    8192: ForwardConfig(1, 16),
+}
+BACKWARD_TABLE = {
+    4096: BackwardConfig(2, 16, 1, prefetch=True),
+    5120: BackwardConfig(1, 16, 1, prefetch=True),
+    8192: BackwardConfig(1, 32, 1, prefetch=True),  # 3.86 TB/s vs 3.81 with 16 warps
+}
+
+
+@functools.lru_cache(maxsize=None)
 def forward_config(n_cols: int) -> ForwardConfig:
-    """One row per program for wide rows, short rows share one (>= 4096 elements a program);
-    warps so each thread holds about 16 live elements (two 16-byte bf16 loads), 4 to 16.
+    """The table's entry, else: one row per program for wide rows, short rows share one
+    (>= 4096 elements a program); warps so each thread holds about 16 live elements (two
+    16-byte bf16 loads), 4 to 16.
 
     Measured on H100, bf16 (benchmarks/results/rmsnorm_h100_2026-11-23*.json sweeps): 4, 8
     and 16 warps land within 2% of each other at H = 4096..16384; 32 warps lose 5-30%.
     """
+    if n_cols in FORWARD_TABLE:
+        return FORWARD_TABLE[n_cols]
     block_m = max(1, min(16, 4096 // triton.next_power_of_2(n_cols)))
     return ForwardConfig(block_m, max(4, min(16, _pow2_at_most(block_m * n_cols // 512))))
 
 
 @functools.lru_cache(maxsize=None)
 def backward_config(n_cols: int) -> BackwardConfig:
-    """One program per SM, 16 warps, walking tiles of 8192 elements (2 rows of 4096, one of
-    5120..8192) with the next tile prefetched.
+    """The table's entry, else: one program per SM, 16 warps, walking tiles of 8192 elements
+    (2 rows of 4096, one of 5120..8192) with the next tile prefetched.
 
     Measured on H100, bf16: prefetch with one program per SM beat 2 programs per SM without
     it by 5-10% (occupancy is register-bound: x, dy, w and the dw partial all live in
@@ -200,59 +277,50 @@ def backward_config(n_cols: int) -> BackwardConfig:
     Wider tiles (H = 16384) have no room for a prefetched copy: without it 16 warps gave
     2.1 TB/s, prefetching spilled to 0.2 TB/s.
     """
+    if n_cols in BACKWARD_TABLE:
+        return BACKWARD_TABLE[n_cols]
     block_n = triton.next_power_of_2(n_cols)
     block_m = max(1, min(16, 8192 // block_n))
     return BackwardConfig(block_m, 16, 1, prefetch=block_m * block_n <= 8192)
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+def _sm_count(device_index: int) -> int:
+    if device_index >= 0:
+        return torch.cuda.get_device_properties(device_index).multi_processor_count
     return 4  # CPU under TRITON_INTERPRET: a few programs exercise the partial reduction
 
 
-def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """[..., H] -> [M, H] with unit stride along H (a copy only if the layout needs one)."""
+def _rows(t: torch.Tensor, n_cols: int):
+    """(t, row stride) for a kernel that walks t as [M, H] rows: t itself when contiguous
+    (no reshape on the hot path), else a [M, H] view with unit column stride (a copy only
+    if the layout needs one)."""
+    if t.is_contiguous():
+        return t, n_cols
     t2 = t.reshape(-1, n_cols)
-    return t2 if t2.stride(-1) == 1 or t2.shape[0] == 0 else t2.contiguous()
+    if t2.stride(-1) != 1 and t2.shape[0] != 0:
+        t2 = t2.contiguous()
+    return t2, t2.stride(0)
 
 
 _FORWARD = CachedLaunch(_forward_kernel)
 _BACKWARD = CachedLaunch(_backward_kernel)
 _DW_REDUCE = CachedLaunch(_dw_reduce_kernel)
-_PARTIALS: dict = {}  # (device, programs, n_cols) -> fp32 [programs, n_cols] scratch
+_PARTIALS: dict = {}  # (device index, programs, n_cols) -> fp32 [programs, n_cols] scratch
 DW_BLOCK_C = 64  # dw reduction: columns per program
-
-
-# fast_launch's cache keys, device index first: the launch config, every int Triton may
-# specialize on (row counts are not specialized), the dtype and 16-byte alignment of each
-# pointer the caller passes in (outputs and scratch are fresh allocations: aligned, their
-# dtypes follow x and weight). Spelled out, not built in a loop: they run on every call.
-
-
-def forward(x2: torch.Tensor, weight: torch.Tensor, eps: float,
-            config: Optional[ForwardConfig] = None, out_shape=None):
-    """x2 [M, H], weight [H] -> y (x2's dtype, contiguous, shape out_shape or [M, H]),
-    rstd [M] (fp32)."""
-    n_rows, n_cols = x2.shape
-    y = torch.empty(out_shape or (n_rows, n_cols), dtype=x2.dtype, device=x2.device)
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
-    if n_rows == 0:
-        return y, rstd
-    cfg = config or forward_config(n_cols)
-    stride = x2.stride(0)
-    _FORWARD.launch(
-        (device_index(x2), cfg, n_cols, stride, x2.dtype, weight.dtype, aligned(x2),
-         aligned(weight)), (_cdiv(n_rows, cfg.block_m),),
-        (x2, weight, y, rstd, n_rows, n_cols, stride, n_cols, float(eps)),
-        dict(BLOCK_M=cfg.block_m, BLOCK_N=_block_n(n_cols)), num_warps=cfg.num_warps)
-    return y, rstd
+_DW_CONSTEXPRS = dict(BLOCK_P=32, BLOCK_C=DW_BLOCK_C)
 
 
 @functools.lru_cache(maxsize=None)
-def _block_n(n_cols: int) -> int:
-    return triton.next_power_of_2(n_cols)
+def _forward_constexprs(n_cols: int, cfg: ForwardConfig) -> dict:
+    block_n, block_t = column_blocks(n_cols, cfg.split)
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_T=block_t)
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_constexprs(n_cols: int, cfg: BackwardConfig) -> dict:
+    block_n, block_t = column_blocks(n_cols, cfg.split)
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_T=block_t, PREFETCH=cfg.prefetch)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -261,42 +329,70 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _partials(device: torch.device, programs: int, n_cols: int) -> torch.Tensor:
+# fast_launch's cache keys, device index first: the launch config, every int Triton may
+# specialize on (row counts are not specialized), the dtype and 16-byte alignment of each
+# pointer the caller passes in (outputs and scratch are fresh allocations: aligned, their
+# dtypes follow x and weight). Spelled out, not built in a loop: they run on every call.
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
+            config: Optional[ForwardConfig] = None) -> torch.Tensor:
+    """x [..., H], weight [H] -> y (x's shape and dtype, contiguous)."""
+    n_cols = x.shape[-1]
+    x2, stride = _rows(x, n_cols)
+    y = torch.empty_like(x) if x2 is x else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    n_rows = x2.numel() // n_cols if n_cols else 0
+    if n_rows == 0:
+        return y
+    cfg = config or forward_config(n_cols)
+    device = device_index(x)
+    _FORWARD.launch(
+        (device, cfg, n_cols, stride, x.dtype, weight.dtype, aligned(x2), aligned(weight)),
+        (_cdiv(n_rows, cfg.block_m),),
+        (x2, weight, y, n_rows, n_cols, stride, n_cols, eps),
+        _forward_constexprs(n_cols, cfg), num_warps=cfg.num_warps)
+    return y
+
+
+def _partials(device: int, programs: int, n_cols: int) -> torch.Tensor:
     """The dw partial buffer, reused by every call on this device and stream order. While a
     CUDA graph is captured a fresh one comes from the graph's pool instead (a cached buffer
     first allocated there would belong to the graph)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.empty((programs, n_cols), dtype=torch.float32, device=device)
+    where = "cpu" if device < 0 else device
+    if device >= 0 and torch.cuda.is_current_stream_capturing():
+        return torch.empty((programs, n_cols), dtype=torch.float32, device=where)
     key = (device, programs, n_cols)
     buf = _PARTIALS.get(key)
     if buf is None:
-        buf = _PARTIALS[key] = torch.empty((programs, n_cols), dtype=torch.float32,
-                                           device=device)
+        buf = _PARTIALS[key] = torch.empty((programs, n_cols), dtype=torch.float32, device=where)
     return buf
 
 
-def backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-             config: Optional[BackwardConfig] = None, out_shape=None):
-    """dy2, x2 [M, H], weight [H], rstd [M] -> dx (x2's dtype, contiguous, shape out_shape
-    or [M, H]), dw [H] (weight's dtype)."""
-    n_rows, n_cols = x2.shape
-    dx = torch.empty(out_shape or (n_rows, n_cols), dtype=x2.dtype, device=x2.device)
+def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
+             config: Optional[BackwardConfig] = None):
+    """dy, x [..., H] (x contiguous or [M, H] rows; dy any layout of x's shape), weight [H]
+    -> dx (dy's shape, x's dtype, contiguous), dw [H] (weight's dtype)."""
+    n_cols = x.shape[-1]
+    dy2, stride_dy = _rows(dy, n_cols)
+    x2, stride_x = _rows(x, n_cols)
+    dx = (torch.empty_like(dy) if dy2 is dy and dy.dtype == x.dtype
+          else torch.empty(dy.shape, dtype=x.dtype, device=x.device))
+    n_rows = x2.numel() // n_cols if n_cols else 0
     if n_rows == 0:
         return dx, torch.zeros_like(weight)
     dw = torch.empty_like(weight)
     cfg = config or backward_config(n_cols)
-    programs = min(_cdiv(n_rows, cfg.block_m), _sm_count(x2.device) * cfg.programs_per_sm)
-    partial = _partials(x2.device, programs, n_cols)
-    stride_dy, stride_x = dy2.stride(0), x2.stride(0)
+    device = device_index(x)
+    programs = min(_cdiv(n_rows, cfg.block_m), _sm_count(device) * cfg.programs_per_sm)
+    partial = _partials(device, programs, n_cols)
     _BACKWARD.launch(
-        (device_index(x2), cfg, n_cols, stride_dy, stride_x, dy2.dtype, x2.dtype, weight.dtype,
-         aligned(dy2), aligned(x2), aligned(weight), aligned(rstd)), (programs,),
-        (dy2, x2, weight, rstd, dx, partial, n_rows, n_cols, stride_dy, stride_x, n_cols),
-        dict(BLOCK_M=cfg.block_m, BLOCK_N=_block_n(n_cols), PREFETCH=cfg.prefetch),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        (device, cfg, n_cols, stride_dy, stride_x, dy.dtype, x.dtype, weight.dtype,
+         aligned(dy2), aligned(x2), aligned(weight)), (programs,),
+        (dy2, x2, weight, dx, partial, n_rows, n_cols, stride_dy, stride_x, n_cols, eps),
+        _backward_constexprs(n_cols, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _DW_REDUCE.launch(
-        (device_index(x2), n_cols, dw.dtype), (_cdiv(n_cols, DW_BLOCK_C),),
-        (partial, dw, programs, n_cols), dict(BLOCK_P=32, BLOCK_C=DW_BLOCK_C), num_warps=4)
+        (device, n_cols, dw.dtype), (_cdiv(n_cols, DW_BLOCK_C),),
+        (partial, dw, programs, n_cols), _DW_CONSTEXPRS, num_warps=4)
     return dx, dw
 
 
@@ -304,7 +400,8 @@ def backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: to
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """y = rms_norm(x, w); saves x, w and the fp32 rstd of each row (4 bytes a row).
+    """y = rms_norm(x, w); saves x and w (rstd is recomputed in the backward from x, which
+    it reads anyway).
 
     y and dx are allocated in their final shapes, not returned as views, so autograd can
     take dx as x.grad without a copy.
@@ -312,16 +409,16 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps, fwd_config=None, bwd_config=None):
-        x2 = _as_rows(x, x.shape[-1])
-        y, rstd = forward(x2, weight, eps, fwd_config, x.shape)
-        ctx.save_for_backward(x2, weight, rstd)
+        y = forward(x, weight, eps, fwd_config)
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
         ctx.bwd_config = bwd_config
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, rstd = ctx.saved_tensors
-        dx, dw = backward(_as_rows(dy, x2.shape[1]), x2, weight, rstd, ctx.bwd_config, dy.shape)
+        x, weight = ctx.saved_tensors
+        dx, dw = backward(dy, x, weight, ctx.eps, ctx.bwd_config)
         return dx, dw, None, None, None
 
 
@@ -331,13 +428,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-5) -> tor
     Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1.
     """
     n_cols = x.shape[-1]
-    if weight.shape != (n_cols,):
+    if weight.dim() != 1 or weight.shape[0] != n_cols:
         raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size {n_cols}")
     if n_cols > MAX_HIDDEN:
         raise ValueError(f"hidden size {n_cols} exceeds {MAX_HIDDEN}, the widest row kept in registers")
-    if x.device != weight.device:
+    if x.get_device() != weight.get_device():
         raise ValueError(f"x on {x.device} but weight on {weight.device}")
-    return RMSNormFunction.apply(x, weight, eps)
+    return RMSNormFunction.apply(x, weight, float(eps))
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

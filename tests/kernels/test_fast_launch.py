@@ -46,7 +46,7 @@ class _Kernel:
 
 @pytest.fixture
 def cuda_stub(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1234, raising=False)
 
 
@@ -68,6 +68,24 @@ def test_second_call_goes_straight_to_the_launcher(cuda_stub, monkeypatch):
     launch.launch((0, "cfg"), (3,), ("z", 1), {"BLOCK": 64}, num_warps=4)
     assert compiled.calls[-1] == (3, 1, 1, 1234, "fn", "meta", ("launch-meta", (3,)), print, None,
                                   "z", 1, 64)
+
+
+def test_an_empty_hook_chain_counts_as_no_hook(cuda_stub, monkeypatch):
+    """Triton 3.7+ keeps an empty HookChain where 3.6 keeps None: neither builds metadata."""
+    compiled = _Compiled()
+    launch = CachedLaunch(_Kernel(compiled, ["a", "BLOCK"]))
+    launch.launch((0,), (1,), ("x",), {"BLOCK": 8}, num_warps=4)
+    hooks = fast_launch._knobs.runtime
+    empty = types.SimpleNamespace(calls=[])
+    monkeypatch.setattr(hooks, "launch_enter_hook", empty)
+    monkeypatch.setattr(hooks, "launch_exit_hook", empty)
+    monkeypatch.setattr(compiled, "launch_metadata", lambda *a: pytest.fail("metadata built"))
+    launch.launch((0,), (2,), ("y",), {"BLOCK": 8}, num_warps=4)
+    assert compiled.calls == [(2, 1, 1, 1234, "fn", "meta", None, None, None, "y", 8)]
+    installed = types.SimpleNamespace(calls=[print])
+    monkeypatch.setattr(hooks, "launch_exit_hook", installed)
+    launch.launch((0,), (3,), ("z",), {"BLOCK": 8}, num_warps=4)
+    assert compiled.calls[-1][6:9] == (None, None, installed)
 
 
 def test_other_device_or_key_takes_the_regular_path(cuda_stub):

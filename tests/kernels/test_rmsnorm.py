@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from kernels import rmsnorm
 from kernels.rmsnorm import backward_config, reference, rms_norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,6 +79,38 @@ def test_each_issue_hidden_size_bf16(hidden):
     # More rows than the backward grid has programs, so programs walk several row tiles.
     rows = 4 * backward_config(hidden).block_m + 1
     _check_against_reference((rows, hidden), torch.bfloat16, 1e-5)
+
+
+def test_column_blocks_split_only_rows_that_waste_a_quarter():
+    assert rmsnorm.column_blocks(5120) == (4096, 1024)  # 5120 of 8192 lanes: split, exact
+    assert rmsnorm.column_blocks(3000) == (2048, 1024)  # 3072 lanes instead of 4096
+    assert rmsnorm.column_blocks(6656) == (8192, 0)  # 81% used: one block
+    assert rmsnorm.column_blocks(4096) == (4096, 0)
+    assert rmsnorm.column_blocks(5120, split=False) == (8192, 0)
+
+
+@pytest.mark.parametrize("hidden", (5120, 1000, 2500))
+def test_every_launch_variant_matches_float64(hidden):
+    """Split and unsplit rows, the hand prefetch and the plain loop, several rows per tile:
+    each against the formula (the launch sweep of benchmarks/bench_rmsnorm.py picks among
+    them, so each must be right). 11 rows: programs walk several tiles, the last partial."""
+    torch.manual_seed(hidden)
+    x = torch.randn(11, hidden, device=DEVICE).to(torch.bfloat16)
+    w = (1 + 0.5 * torch.randn(hidden, device=DEVICE)).to(torch.bfloat16)
+    dy = torch.randn_like(x)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    y64 = reference(x64, w64)
+    y64.backward(dy.double())
+    tol = TOLERANCE[torch.bfloat16]
+    for cfg in (rmsnorm.ForwardConfig(1, 4), rmsnorm.ForwardConfig(2, 4, split=False),
+                rmsnorm.ForwardConfig(4, 8)):
+        assert _relerr(rmsnorm.forward(x, w, 1e-5, cfg), y64) <= tol, cfg
+    for cfg in (rmsnorm.BackwardConfig(1, 4, 1, prefetch=True),
+                rmsnorm.BackwardConfig(2, 4, 1, prefetch=False, split=False),
+                rmsnorm.BackwardConfig(2, 4, 2, prefetch=True, split=False),
+                rmsnorm.BackwardConfig(4, 8, 1, num_stages=2)):
+        dx, dw = rmsnorm.backward(dy, x, w, 1e-5, cfg)
+        assert _relerr(dx, x64.grad) <= tol and _relerr(dw, w64.grad) <= tol, cfg
 
 
 def test_eps_dominates_small_inputs():
