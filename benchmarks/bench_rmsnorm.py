@@ -380,6 +380,7 @@ def main():
     result["shapes"] = {}
     for i, (m, n) in enumerate(SHAPES):
         result["shapes"][f"{m}x{n}"] = measure_shape(m, n, profile=i == 0)
+        write_json(args.out, result)  # what a run cut short by its time limit keeps
         torch.cuda.empty_cache()
     # hidden sizes outside the target shapes: launch sweep only, to check the heuristics
     result["sweep_only"] = {}

@@ -34,14 +34,14 @@ if [ "$step" = 1 ]; then
 elif [ "$step" = rmsnorm ]; then
   . benchmarks/gpu_env.sh || exit 1
   for i in $(seq 0 11); do
-    timeout 150 python -m benchmarks.bench_rmsnorm --quick --precompile "$i/12" > "$OUT/precompile$i.log" 2>&1 &
+    timeout 100 python -m benchmarks.bench_rmsnorm --quick --precompile "$i/12" > "$OUT/precompile$i.log" 2>&1 &
   done
-  env -u TRITON_ALLOW_NON_CONSTEXPR_GLOBALS timeout 150 python -m pytest -q -p no:cacheprovider \
+  env -u TRITON_ALLOW_NON_CONSTEXPR_GLOBALS timeout 100 python -m pytest -q -p no:cacheprovider \
     -m cuda tests/kernels/test_rmsnorm.py tests/kernels/test_fast_launch.py \
     tests/kernels/test_megatron_norm.py > "$OUT/tests_rmsnorm.log" 2>&1
   echo "tests rc=$?"; tail -3 "$OUT/tests_rmsnorm.log"
   wait; echo "precompiled"
-  timeout 240 python -m benchmarks.bench_rmsnorm --quick --out "$OUT/rmsnorm_h200.json" > "$OUT/rmsnorm.log" 2>&1
+  timeout 170 python -m benchmarks.bench_rmsnorm --quick --out "$OUT/rmsnorm_h200.json" > "$OUT/rmsnorm.log" 2>&1
   echo "rmsnorm rc=$?"; grep -E "^summary|^host" "$OUT/rmsnorm.log"
 elif [ "$step" = 3 ]; then
   . benchmarks/gpu_env.sh || exit 1
