@@ -19,22 +19,20 @@ from __future__ import annotations
 
 import os
 import resource
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from core.config import Layout, ModelConfig
 from core.spec import TrialSpec
-from launch import steps
+from launch import loop, steps
 from launch.cpu_shims import device_redirect, install_rng_tracker
 from launch.divergence import StepGuard
+from launch.loop import StepParts, Timeline, inject_failure
 from launch.model import build_model, transformer_config
-from launch.profile import StepProfiler, scope
 
 PATH = ("cpu-gloo: megatron-core GPTModel fp32, get_forward_backward_func schedules, "
         "megatron DDP + finalize_model_grads, torch AdamW")
@@ -86,53 +84,33 @@ def optimizer_step(trainer: Trainer) -> None:
         p.grad = None
 
 
-def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+def _memory() -> dict:
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    return {"peak_memory_gb": peak_gb, "peak_memory_source": "peak RSS (getrusage)"}
+
+
+def parts(spec: TrialSpec, world: int, setup: Timeline) -> StepParts:
+    """This rank's trainer as `launch.loop` drives it."""
+    model_cfg, layout, trial = spec.model, spec.layout, spec.trial
+    trainer = build(model_cfg, layout, seed=trial.seed, lr=trial.lr)
+    setup.mark("build_model")
+    inject_failure(spec)
+
+    def step(batches: list[dict]) -> list:
+        return forward_backward(trainer, batches, seq_length=model_cfg.seq_length, mbs=layout.mbs)
+
+    def adamw() -> None:
+        optimizer_step(trainer)  # torch's AdamW computes no global gradient norm
+
+    # The step ends at a barrier: no device work runs behind the host here, and a rank's
+    # step time then includes its wait for the slowest rank, as on the GPU.
+    return StepParts(model=trainer.model, guard=StepGuard(spec, trainer.model), device="cpu",
+                     barrier=dist.barrier, synchronize=dist.barrier, forward_backward=step,
+                     optimizer_step=adamw, memory=_memory, local_grads=True,
+                     fields={"trial_path": PATH})
 
 
 def run_steps(spec: TrialSpec, *, rank: int, world: int) -> dict:
-    model_cfg, layout, trial = spec.model, spec.layout, spec.trial
     # One rank per core share: oversubscribed threads make CPU step times noise.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.cluster.gpus_per_node))
-    torch.manual_seed(trial.seed)
-    trainer = build(model_cfg, layout, seed=trial.seed, lr=trial.lr)
-    if trial.fail_if_name_contains and trial.fail_if_name_contains in spec.name:
-        raise RuntimeError(f"injected failure: trial name contains {trial.fail_if_name_contains!r}")
-    guard = StepGuard(spec, trainer.model)  # a non-finite loss ends the trial `diverged`
-    dp_rank = parallel_state.get_data_parallel_rank()
-    num_micro = layout.num_microbatches(world)
-    profiler = StepProfiler(spec, trainer.model, rank=rank)
-    measured = trial.warmup_steps + trial.measure_steps
-
-    step_times, losses = [], []
-    for step in range(measured + profiler.extra_steps):
-        # The step's batches are made before the clock starts, as a prefetching loader would.
-        batches = steps.step_batches(spec, step, num_micro, dp_rank, device="cpu")
-        dist.barrier()
-        profiler.begin(step)
-        start = time.perf_counter()
-        step_losses = forward_backward(trainer, batches, seq_length=model_cfg.seq_length,
-                                       mbs=layout.mbs)
-        with scope("optimizer"):
-            optimizer_step(trainer)
-        loss = steps.step_loss(step_losses, num_micro)
-        dist.barrier()
-        elapsed = time.perf_counter() - start
-        profiler.end(step)
-        if step < measured:  # a profiled step is an extra one, never timed
-            step_times.append(elapsed)
-            if loss is not None:
-                losses.append(float(loss))
-            # No global grad norm here (torch's AdamW): each rank checks its own reduced grads.
-            guard.after_step(step, loss=None if loss is None else float(loss), local_grads=True)
-    record = {
-        "step_times_s": step_times,
-        "peak_memory_gb": _peak_rss_gb(),
-        "peak_memory_source": "peak RSS (getrusage)",
-        "trial_path": PATH,
-        **profiler.record(),
-        **guard.record(),
-    }
-    if losses:  # the last pipeline stage's ranks compute the loss
-        record["losses"] = losses
-    return record
+    return loop.run(spec, rank=rank, world=world, build=parts)

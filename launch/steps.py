@@ -5,7 +5,8 @@ Both paths train through the same megatron-core calls: `get_forward_backward_fun
 pipelining, 1F1B, interleaved 1F1B when vpp > 1) with `P2PCommunicator`, recompute and
 sequence parallelism from the TransformerConfig, megatron's DistributedDataParallel and
 `finalize_model_grads`. What differs (the optimizer, bf16, CUDA graphs, the CPU shims of
-`launch.cpu_shims`) stays in `launch.cpu_trial` and `launch.gpu_trial`.
+`launch.cpu_shims`) stays in `launch.cpu_trial` and `launch.gpu_trial`; the step loop itself
+is `launch.loop`.
 """
 
 from __future__ import annotations
@@ -107,12 +108,15 @@ def step_batches(spec, step: int, num_micro: int, dp_rank: int, *, device: str) 
 
 
 def forward_backward(schedule, model: list, batches: list[dict], *, num_micro: int, seq_length: int,
-                     mbs: int) -> list[dict]:
+                     mbs: int, zero_grad=None) -> list[dict]:
     """One step's forward and backward through megatron's schedule; the grads end reduced in
     each chunk's buffer (`finalize_model_grads`). Each chunk reads the same batches: the first
-    stage uses the tokens, the last the labels."""
+    stage uses the tokens, the last the labels. `zero_grad()`, if given, runs after the
+    buffers are zeroed (the GPU path's optimizer.zero_grad, as megatron's training loop)."""
     for chunk in model:
         chunk.zero_grad_buffer()
+    if zero_grad is not None:
+        zero_grad()
     return schedule(
         forward_step_func=forward_step,
         data_iterator=[iter(batches) for _ in model],
@@ -124,11 +128,11 @@ def forward_backward(schedule, model: list, batches: list[dict], *, num_micro: i
     )
 
 
-def step_loss(step_losses: list[dict], num_micro: int) -> torch.Tensor | None:
-    """The step's loss, averaged over the DP group (a 0-d tensor), on the last pipeline stage;
+def step_loss(step_losses: list[dict], num_micro: int) -> float | None:
+    """The step's mean per-token loss, averaged over the DP group, on the last pipeline stage;
     None on the other stages, which compute no loss."""
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
     total = torch.stack([d["loss"] for d in step_losses]).sum() / num_micro
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-    return total / parallel_state.get_data_parallel_world_size()
+    return float(total) / parallel_state.get_data_parallel_world_size()
