@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from analysis.rerun import COMMAND, short_commit
 from core.choices import FUSION_DEFAULTS, FUSION_TAGS
 
 
@@ -46,24 +47,30 @@ def layout_label(row: dict) -> str:
     return " ".join(parts)
 
 
-def markdown(rows: list[dict], *, top: int | None = None, group_unlaunched: bool = False) -> str:
+def markdown(rows: list[dict], *, top: int | None = None, group_unlaunched: bool = False,
+             rerun: bool = False) -> str:
     """The ranked table, then every trial that did not end ok with its reason.
 
     With `group_unlaunched`, invalid and skipped layouts are counted per reason instead
     of listed one by one (a large sweep's console output stays readable); trials that
-    ran and failed are always listed.
+    ran and failed are always listed. With `rerun`, each ranked row's short commit and
+    overrides follow the table, numbered as its rows (rows need `command` and `commit`:
+    analysis.summary.with_rerun).
     """
     best = ranked(rows)
+    shown = best[:top] if top else best
     lines = [
         "| # | layout | step s | tokens/s | TFLOP/s/GPU | MFU (PaLM) | MFU (Megatron) | peak GiB | predicted GiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for i, r in enumerate(best[:top] if top else best, 1):
+    for i, r in enumerate(shown, 1):
         lines.append(
             f"| {i} | {layout_label(r)} | {_num(r['step_time_s'], '.3f')} | {_num(r['tokens_per_s'], ',.0f')} "
             f"| {_num(r['tflops_per_gpu'], '.2f')} | {_pct(r['mfu_palm'])} | {_pct(r['mfu_megatron'])} "
             f"| {_num(r['peak_memory_gb'], '.2f')} | {_num(r['predicted_memory_gb'], '.2f')} |"
         )
+    if rerun and shown:
+        lines += rerun_lines(shown)
     counts = Counter(r["status"] for r in rows)
     lines.append("")
     lines.append("Trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
@@ -82,6 +89,15 @@ def markdown(rows: list[dict], *, top: int | None = None, group_unlaunched: bool
     lines.append("MFU (PaLM) = tokens/s x (6N + 12*L*H*T) / (peak x GPUs); MFU (Megatron) halves causal "
                  "attention. Recompute FLOPs are excluded from both; peak is the cluster preset's.")
     return "\n".join(lines)
+
+
+def rerun_lines(shown: list[dict]) -> list[str]:
+    """Footnotes to the ranked table: row number, short commit, and the overrides that rerun it."""
+    lines = ["", f"To rerun row N: check out its commit, then `{COMMAND} OVERRIDES`."]
+    for i, r in enumerate(shown, 1):
+        overrides = (r.get("command") or "").removeprefix(COMMAND).strip() or "(not known)"
+        lines.append(f"{i}. `{short_commit(r.get('commit'))}` `{overrides}`")
+    return lines
 
 
 def _reason_group(reason: str) -> str:

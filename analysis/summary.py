@@ -23,8 +23,9 @@ from omegaconf import DictConfig
 from analysis.leaderboard import markdown, ranked
 from analysis.ranking import quality_headline, quality_summary
 from analysis.recommend import from_measured
-from analysis.results import collect, load_records, write_csv
-from core.records import write_json_atomic
+from analysis.rerun import rerun_command
+from analysis.results import load_records, to_row, write_csv
+from core.records import write_json_atomic, write_text_atomic
 
 
 def mismatches(rows: list[dict]) -> list[str]:
@@ -80,13 +81,26 @@ def headline(rows: list[dict]) -> dict:
     }
 
 
+def with_rerun(rows: list[dict], records: list[dict], warn=lambda line: print(line, file=sys.stderr)) -> list[dict]:
+    """Each row with `command` (rerun exactly that trial: analysis.rerun) and `commit` (its spec's)."""
+    commands = {}
+    for record in records:
+        try:
+            commands[record["trial"]] = rerun_command(record)
+        except Exception as exc:  # noqa: BLE001 - a preset gone since the sweep must not lose the leaderboard
+            warn(f"warning: no rerun command for {record['trial']}: {type(exc).__name__}: {exc}")
+    return [{**row, "command": commands.get(row["trial"]), "commit": row["git_commit"]} for row in rows]
+
+
 def finish_sweep(sweep_dir: Path, echo=print) -> dict:
-    rows = collect(sweep_dir)
+    sweep_dir = Path(sweep_dir)
+    records = load_records(sweep_dir)
+    rows = [to_row(r) for r in records]
     write_csv(rows, sweep_dir / "results.csv")
-    board = markdown(rows)
-    (sweep_dir / "leaderboard.md").write_text(board + "\n")
+    rows = with_rerun(rows, records)
+    write_text_atomic(sweep_dir / "leaderboard.md", markdown(rows, rerun=True) + "\n")
     best = ranked(rows)
-    quality = quality_summary(load_records(sweep_dir))
+    quality = quality_summary(records)
     summary = {
         "trials": len(rows),
         "ok": len(best),
@@ -141,3 +155,4 @@ class SummaryCallback(Callback):
                 finish_sweep(sweep_dir)
         except LockHeld as exc:
             print(f"no summary written: {exc}", file=sys.stderr)
+

@@ -1,11 +1,15 @@
 """The sweep command: `layout-sweep [overrides]` (or `python -m launch.main`).
 
 Hydra runs it as a multirun: the layout sweeper (sweeper.hydra_sweeper) plans
-the trials, the configured launcher starts them, and `trial` below runs once
-per trial (once per SLURM task under submitit). Bad input is caught before
-Hydra composes anything and reported in one line. Ctrl-C or SIGTERM stops the
-running trial's ranks, records it `interrupted`, prints one line and exits 130;
-running the same command again resumes.
+the trials and writes each one's spec.json, the configured launcher starts them,
+and `trial` below runs once per trial (once per SLURM task under submitit), from
+that spec. When the launcher returns, Hydra calls the summary callback
+(analysis.summary.SummaryCallback). The sweeper and the callback come in through
+conf/config.yaml (`hydra/sweeper: layout`, `hydra.callbacks`), not through imports,
+so this module imports nothing above launch. Bad input is caught before Hydra
+composes anything and reported in one line. Ctrl-C or SIGTERM stops the running
+trial's ranks, records it `interrupted`, prints one line and exits 130; running
+the same command again resumes.
 """
 
 from __future__ import annotations

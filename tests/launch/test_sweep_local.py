@@ -1,5 +1,7 @@
 """The sweep command end to end on this machine: real megatron-core trials over gloo."""
 
+import json
+
 from tests.launch.sweeps import records, run_sweep, trial_name
 
 FAST = ["trial.warmup_steps=1", "trial.measure_steps=2", "layout.recompute=none", "layout.gbs=4",
@@ -30,6 +32,14 @@ def test_local_sweep_records_every_trial_and_resumes(tmp_path):
     # the recommendation, pasteable (tp2 or pp2: which one wins on CPU is a measurement)
     assert "--tensor-model-parallel-size" in first.stdout and "--pipeline-model-parallel-size" in first.stdout
     assert (sweep_dir / "results.csv").read_text().count("\n") == 5  # header + 4 trials
+    # The sweeper wrote each launched trial's spec, its prediction inside; the record has both.
+    spec = json.loads((sweep_dir / ok / "spec.json").read_text())
+    assert spec["prediction"] == recs[ok]["prediction"] and spec["prediction"]["fits"] is True
+    assert spec["layout"] == recs[ok]["layout"] and not list(sweep_dir.glob("*/prediction.json"))
+    # leaderboard.json rows carry the command that reruns them, and their commit
+    rows = {r["trial"]: r for r in json.loads((sweep_dir / "leaderboard.json").read_text())["rows"]}
+    assert rows[ok]["command"].startswith("layout-sweep model=tiny cluster=local_cpu layout.tp=2 ")
+    assert rows[ok]["commit"] == recs[ok]["git_commit"]
 
     # Resume: finished trials are not re-run; a trial whose record was lost is.
     ok_mtime = (sweep_dir / ok / "result.json").stat().st_mtime
@@ -95,4 +105,5 @@ def test_dry_run_prints_the_plan_and_launches_nothing(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "4 layouts:" in result.stdout and "would launch 3 trials:" in result.stdout
     assert trial_name(tp=2, mbs=2, gbs=4) in result.stdout and "predicted MFU" in result.stdout
+    assert "| # | layout |" not in result.stdout  # the summary callback has nothing to summarize
     assert not sweep_dir.exists()

@@ -1,0 +1,52 @@
+"""A layout is parsed once: the job runs the spec.json the sweeper wrote, and a rank log says it started."""
+
+import os
+import time
+
+from omegaconf import OmegaConf
+
+from core.config import Layout, RootConfig, TrialConfig
+from core.spec import SPEC_FILE, TrialSpec
+from launch.main import job_spec
+from launch.supervise import started
+from launch.trial import prepare
+
+
+def _cfg(**layout):
+    cfg = OmegaConf.structured(RootConfig)
+    for key, value in layout.items():
+        cfg.layout[key] = value
+    return cfg
+
+
+def _planned(trial_dir) -> TrialSpec:
+    root = RootConfig()
+    return TrialSpec(model=root.model, cluster=root.cluster, layout=Layout(tp=2, mbs=4), trial=TrialConfig(seed=7),
+                     trial_dir=str(trial_dir), git_commit="abc", prediction={"mfu": 0.25, "fits": True})
+
+
+def test_the_job_runs_the_spec_the_sweeper_wrote_not_its_composed_config(tmp_path):
+    planned = _planned(tmp_path)
+    prepare(planned)
+    spec = job_spec(_cfg(tp=1, mbs=1), str(tmp_path))  # what Hydra composed in the job differs
+    assert spec == planned and spec.prediction == {"mfu": 0.25, "fits": True}
+
+
+def test_without_a_spec_the_job_composes_one_and_saves_it_for_the_ranks(tmp_path):
+    spec = job_spec(_cfg(tp=2, mbs=2), str(tmp_path))
+    assert (spec.layout.tp, spec.layout.mbs, spec.prediction) == (2, 2, None)
+    assert TrialSpec.load(tmp_path / SPEC_FILE) == spec
+
+
+def test_prepare_clears_an_earlier_runs_rank_files_so_only_this_launch_reads_as_started(tmp_path):
+    for name in ("rank0.log", "rank1.log", "rank0.json", "result.json.previous-error-1"):
+        (tmp_path / name).write_text("earlier run")
+    assert started(tmp_path)
+    prepare(_planned(tmp_path))
+    assert not started(tmp_path)  # spec.json alone is not a start: the sweeper wrote it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json.previous-error-1", SPEC_FILE]
+    (tmp_path / "rank1.log").write_text("")
+    assert started(tmp_path)
+    old = time.time() - 100
+    os.utime(tmp_path / "rank1.log", (old, old))
+    assert not started(tmp_path, since=old + 50)  # a log from before this job was submitted
