@@ -12,19 +12,19 @@ import sys
 from pathlib import Path
 
 from core.record_check import load_record
-from core.records import write_text_atomic
+from core.records import PEAK_MEMORY_MAX, write_text_atomic
 
 COLUMNS = [
     "trial", "status", "reason", "tp", "pp", "vpp", "cp", "dp", "mbs", "gbs", "recompute",
     "sequence_parallel", "distributed_optimizer", "attention", "norm", "cuda_graph",
-    "swiglu", "loss", "optimizer_step", "add_norm", "step_time_s",
+    "swiglu", "loss", "optimizer_step", "add_norm", "qkv_grad", "step_time_s",
     "tokens_per_s", "tflops_per_gpu", "mfu_palm", "mfu_megatron", "peak_memory_gb",
     "predicted_memory_gb", "predicted_fits", "predicted_mfu", "predicted_step_time_s",
     "model", "cluster", "world_size", "device", "git_commit",
 ]
 LAYOUT_COLUMNS = ["tp", "pp", "vpp", "cp", "mbs", "gbs", "recompute", "sequence_parallel",
                   "distributed_optimizer", "attention", "norm", "cuda_graph",
-                  "swiglu", "loss", "optimizer_step", "add_norm"]
+                  "swiglu", "loss", "optimizer_step", "add_norm", "qkv_grad"]
 
 
 def load_records(sweep_dir, warn=lambda line: print(line, file=sys.stderr)) -> list[dict]:
@@ -55,7 +55,7 @@ def to_row(record: dict) -> dict:
         tflops_per_gpu=(record.get("tflops_per_gpu") or {}).get("palm"),
         mfu_palm=mfu.get("palm"),
         mfu_megatron=mfu.get("megatron"),
-        peak_memory_gb=record.get("peak_memory_gb_max"),
+        peak_memory_gb=record.get(PEAK_MEMORY_MAX),  # the trial's one peak: core.records.PEAK_MEMORY
         # like for like: a GPU's measured peak is the allocator's reserved one; a CPU's the RSS
         predicted_memory_gb=(prediction.get("reserved_gb") if (record.get("cluster") or {}).get("device") == "cuda"
                              and "reserved_gb" in prediction else prediction.get("peak_memory_gb")),

@@ -129,6 +129,7 @@ class Layout:
     loss: str = "megatron"  # megatron (whole logits, then CE) | fused (kernels/fused_ce.py)
     optimizer_step: str = "megatron"  # megatron | flat (launch/flat_step.py: no per-tensor passes)
     add_norm: str = "megatron"  # megatron | fused (residual adds + the next RMSNorm: kernels/add_rmsnorm.py)
+    qkv_grad: str = "megatron"  # megatron (split's backward concatenates dq, dk, dv) | fused (kernels/rope.py)
 
     @property
     def name(self) -> str:
@@ -188,6 +189,9 @@ class TrialConfig:
     plant: Optional[str] = None
     plant_if_name_contains: Optional[str] = None  # only these trials; None: every trial
     plant_step: int = 1  # nan_weights: the first step whose loss is NaN (counted from 0)
+    # Python's garbage collector runs only between steps, never inside a timed one
+    # (Megatron-LM's --manual-gc; launch/manual_gc.py). Off: collections when Python decides.
+    manual_gc: bool = False
 
 
 @dataclass(kw_only=True)

@@ -16,9 +16,16 @@ Adam ran at 2.8 TB/s (13.5 ms) and the copy took 2.3 ms more. One pass reads g, 
 writes p, m, v, w: 30 bytes per parameter.
 
 The tensors need not be contiguous with each other: the launcher builds a table of their
-addresses and sizes, and each program handles BLOCK elements of one tensor (found through
-a block table), as Apex's multi_tensor_apply does. `step` is the host entry point;
-`reference` is the same formula in float64 torch, for the tests.
+addresses and sizes, and each program handles `block` elements of one tensor (found through
+a block table), as Apex's multi_tensor_apply does. A block that lies wholly inside its
+tensor is loaded without a mask: the sizes come from the table, not from kernel arguments,
+so Triton cannot prove a masked access stays inside 16-byte groups and would issue 4-byte
+loads; unmasked, with 16-byte-aligned addresses, every access is a 16-byte vector.
+`step` is the host entry point; `reference` is the same formula in float64 torch, for the tests.
+
+The block size and warp count are the table's (`TensorTable(..., block=, num_warps=)`);
+DEFAULT_BLOCK/DEFAULT_WARPS are the fastest measured on an H200 at llama_1b3's sizes
+(benchmarks/diag_step_overhead.py --adamw, benchmarks/results/step_phases_h200_*.json).
 """
 
 from __future__ import annotations
@@ -29,14 +36,26 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 2048  # elements per program: 8 fp32 per thread at 8 warps
+BLOCK = 2048  # the original block: 8 fp32 per thread at 8 warps (2026-12-01, 2.5 TB/s)
+DEFAULT_BLOCK = 4096
+DEFAULT_WARPS = 8
 _FIELDS = 6  # per tensor: numel, then the addresses of p, g, m, v, w
+
+
+@triton.jit
+def _update(p, g, m, v, scale, beta1, beta2, eps, decay, step_size, bc2_sqrt):
+    g = g * scale
+    p = p * decay
+    m = m + (1.0 - beta1) * (g - m)
+    v = beta2 * v + (1.0 - beta2) * g * g
+    p = p - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
+    return p, m, v
 
 
 @triton.jit
 def _adamw_kernel(tensors_ptr, blocks_ptr, scale_ptr, lr, beta1, beta2, eps, decay,
                   step_size, bc2_sqrt, BLOCK: tl.constexpr, HAS_MODEL: tl.constexpr,
-                  ALIGNED: tl.constexpr):
+                  ALIGNED: tl.constexpr, WHOLE_BLOCKS: tl.constexpr):
     pid = tl.program_id(0)
     index = tl.load(blocks_ptr + 2 * pid)
     start = tl.load(blocks_ptr + 2 * pid + 1)
@@ -46,37 +65,50 @@ def _adamw_kernel(tensors_ptr, blocks_ptr, scale_ptr, lr, beta1, beta2, eps, dec
     g_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
     m_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
     v_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+    w_ptr = tl.load(row + 5).to(tl.pointer_type(tl.bfloat16))
     if ALIGNED:  # addresses from a table carry no alignment Triton can see: 16-byte loads
         p_ptr = tl.multiple_of(p_ptr, 16)
         g_ptr = tl.multiple_of(g_ptr, 16)
         m_ptr = tl.multiple_of(m_ptr, 16)
         v_ptr = tl.multiple_of(v_ptr, 16)
+        w_ptr = tl.multiple_of(w_ptr, 16)
         start = tl.multiple_of(start, BLOCK)
+    scale = tl.load(scale_ptr)
     offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0) * tl.load(scale_ptr)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-    p = p * decay
-    m = m + (1.0 - beta1) * (g - m)
-    v = beta2 * v + (1.0 - beta2) * g * g
-    p = p - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
-    tl.store(p_ptr + offs, p, mask=mask)
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
-    if HAS_MODEL:
-        w_ptr = tl.load(row + 5).to(tl.pointer_type(tl.bfloat16))
-        if ALIGNED:
-            w_ptr = tl.multiple_of(w_ptr, 16)
-        tl.store(w_ptr + offs, p.to(tl.bfloat16), mask=mask)
+    if WHOLE_BLOCKS and start + BLOCK <= n:  # a whole block: no mask, so the accesses vectorize
+        p, m, v = _update(tl.load(p_ptr + offs), tl.load(g_ptr + offs), tl.load(m_ptr + offs),
+                          tl.load(v_ptr + offs), scale, beta1, beta2, eps, decay, step_size,
+                          bc2_sqrt)
+        tl.store(p_ptr + offs, p)
+        tl.store(m_ptr + offs, m)
+        tl.store(v_ptr + offs, v)
+        if HAS_MODEL:
+            tl.store(w_ptr + offs, p.to(tl.bfloat16))
+    else:  # the tensor's last, partial block
+        mask = offs < n
+        p, m, v = _update(tl.load(p_ptr + offs, mask=mask, other=0.0),
+                          tl.load(g_ptr + offs, mask=mask, other=0.0),
+                          tl.load(m_ptr + offs, mask=mask, other=0.0),
+                          tl.load(v_ptr + offs, mask=mask, other=0.0),
+                          scale, beta1, beta2, eps, decay, step_size, bc2_sqrt)
+        tl.store(p_ptr + offs, p, mask=mask)
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+        if HAS_MODEL:
+            tl.store(w_ptr + offs, p.to(tl.bfloat16), mask=mask)
 
 
 class TensorTable:
     """The address and block tables of one list of (p, g, m, v, w) tensors; build once and
     reuse while the tensors keep their storage (`matches` says whether they still do)."""
 
-    def __init__(self, params, grads, exp_avgs, exp_avg_sqs, model=None):
+    def __init__(self, params, grads, exp_avgs, exp_avg_sqs, model=None, *,
+                 block: int = DEFAULT_BLOCK, num_warps: int = DEFAULT_WARPS,
+                 whole_blocks: bool = True):
+        if block < 16 or block & (block - 1):
+            raise ValueError(f"block must be a power of two >= 16, got {block}")
+        # whole_blocks=False masks every block, as the kernel did before (kept to measure it)
+        self.block, self.num_warps, self.whole_blocks = block, num_warps, whole_blocks
         lists = [params, grads, exp_avgs, exp_avg_sqs]
         for tensors in lists:
             for t in tensors:
@@ -93,7 +125,7 @@ class TensorTable:
             addresses = [p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
                          exp_avg_sqs[i].data_ptr(), model[i].data_ptr() if model is not None else 0]
             rows.append([n, *addresses])
-            blocks += [[i, start] for start in range(0, n, BLOCK)]
+            blocks += [[i, start] for start in range(0, n, block)]
         device = params[0].device
         self.tensors = torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1)
         self.blocks = torch.tensor(blocks, dtype=torch.int64, device=device).reshape(-1)
@@ -121,8 +153,8 @@ def step(table: TensorTable, *, step_count: int, lr: float, beta1: float, beta2:
     bc2_sqrt = math.sqrt(1.0 - beta2**step_count)
     _adamw_kernel[(table.num_blocks,)](
         table.tensors, table.blocks, scale.reshape(1).float(), lr, beta1, beta2, eps,
-        1.0 - lr * weight_decay, lr / bc1, bc2_sqrt, BLOCK=BLOCK, HAS_MODEL=table.has_model,
-        ALIGNED=table.aligned, num_warps=8)
+        1.0 - lr * weight_decay, lr / bc1, bc2_sqrt, BLOCK=table.block, HAS_MODEL=table.has_model,
+        ALIGNED=table.aligned, WHOLE_BLOCKS=table.whole_blocks, num_warps=table.num_warps)
 
 
 def reference(p, g, m, v, *, step_count, lr, beta1, beta2, eps, weight_decay, scale=1.0):

@@ -49,13 +49,18 @@ def norm_module(norm: str):
     raise ValueError(f"unknown norm kernel {norm!r}")
 
 
-def core_attention_spec(attention: str, *, rope_base: float):
-    """The core-attention module; ours rotate q and k themselves (see `applies_rope`)."""
+def core_attention_spec(attention: str, *, rope_base: float, qkv_grad: str = "megatron"):
+    """The core-attention module; ours rotate q and k themselves (see `applies_rope`);
+    qkv_grad="fused": and write the q, k, v gradients into one buffer (kernels.rope)."""
     if attention == "megatron":
         from megatron.core.transformer.dot_product_attention import DotProductAttention
 
         return ModuleSpec(module=DotProductAttention)  # megatron's RoPE runs before it
     rope = {"rope": applies_rope(attention), "rope_base": rope_base}  # raises if unknown
+    if qkv_grad == "fused":
+        rope["fused_qkv_grad"] = True
+    elif qkv_grad != "megatron":
+        raise ValueError(f"unknown qkv_grad {qkv_grad!r}")
     if attention == "triton":
         from kernels.megatron_attention import TritonCoreAttention
 
@@ -71,7 +76,7 @@ def core_attention_spec(attention: str, *, rope_base: float):
 
 
 def layer_spec(*, attention: str, norm: str, rope_base: float, swiglu: str = "megatron",
-               add_norm: str = "megatron") -> ModuleSpec:
+               add_norm: str = "megatron", qkv_grad: str = "megatron") -> ModuleSpec:
     """A TransformerLayer spec: megatron's local linears and MLP, our norm and attention;
     swiglu="triton" makes kernels.swiglu the MLP's activation (the config must set
     use_te_activation_func, as launch.model does, or megatron never calls it);
@@ -91,7 +96,7 @@ def layer_spec(*, attention: str, norm: str, rope_base: float, swiglu: str = "me
     elif swiglu != "megatron":
         raise ValueError(f"unknown swiglu kernel {swiglu!r}")
     subs.self_attention.submodules.core_attention = core_attention_spec(
-        attention, rope_base=rope_base)
+        attention, rope_base=rope_base, qkv_grad=qkv_grad)
     subs.input_layernorm = norm_module(norm)
     subs.pre_mlp_layernorm = norm_module(norm)
     return spec
@@ -99,11 +104,11 @@ def layer_spec(*, attention: str, norm: str, rope_base: float, swiglu: str = "me
 
 def block_spec(config, *, attention: str, norm: str, rope_base: float,
                vp_stage=None, swiglu: str = "megatron",
-               add_norm: str = "megatron") -> TransformerBlockSubmodules:
+               add_norm: str = "megatron", qkv_grad: str = "megatron") -> TransformerBlockSubmodules:
     """The decoder block of one model chunk: its layers plus the final norm. rope_base
     reaches our core attention; with attention="megatron" it is unused here (megatron's
     RotaryEmbedding takes GPTModel's rotary_base)."""
     layer = layer_spec(attention=attention, norm=norm, rope_base=rope_base, swiglu=swiglu,
-                       add_norm=add_norm)
+                       add_norm=add_norm, qkv_grad=qkv_grad)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm_module(norm))

@@ -31,7 +31,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from kernels import attention_fa4
 from kernels.attention import flash_attention
-from kernels.rope import DEFAULT_BASE, apply_rope
+from kernels.rope import DEFAULT_BASE, apply_rope, apply_rope_qkv
 
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
@@ -41,12 +41,17 @@ class _CoreAttention(MegatronModule):
 
     rope: rotate query and key (kernels.rope, positions 0..s-1, `rope_base`) before
     attending; megatron must then not apply its own (position_embedding_type="none").
+    fused_qkv_grad (`layout.qkv_grad=fused`, with rope): the RoPE backward writes dq, dk and
+    dv straight into one gradient of the fused QKV projection (kernels.rope.apply_rope_qkv),
+    so megatron's split of that projection never concatenates them; where q, k, v are not
+    plain views of it (GQA with several query heads per group, recompute) it does nothing.
     """
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, attention_dropout: Optional[float] = None,
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
-                 pg_collection=None, rope: bool = False, rope_base: float = DEFAULT_BASE):
+                 pg_collection=None, rope: bool = False, rope_base: float = DEFAULT_BASE,
+                 fused_qkv_grad: bool = False):
         super().__init__(config=config)
         if config.context_parallel_size > 1:
             raise ValueError(
@@ -62,17 +67,22 @@ class _CoreAttention(MegatronModule):
         self.softmax_scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
         self.rope = rope
         self.rope_base = rope_base
+        if fused_qkv_grad and not rope:
+            raise ValueError("fused_qkv_grad is the RoPE backward's: it needs rope=True")
+        self.fused_qkv_grad = fused_qkv_grad
 
-    def _prepare(self, query, key, attention_mask, attn_mask_type, attention_bias,
+    def _prepare(self, query, key, value, attention_mask, attn_mask_type, attention_bias,
                  packed_seq_params):
         """What every forward does first: refuse what is unsupported, decide causality,
         and apply RoPE when this module owns it (query and key then come back as fresh
-        contiguous [s, b, h, d] tensors). Returns (query, key, causal)."""
+        contiguous [s, b, h, d] tensors). Returns (query, key, value, causal)."""
         self._check_unsupported(attention_bias, packed_seq_params)
         causal = self._is_causal(attention_mask, attn_mask_type)
-        if self.rope:
+        if self.rope and self.fused_qkv_grad:
+            query, key, value = apply_rope_qkv(query, key, value, base=self.rope_base)
+        elif self.rope:
             query, key = apply_rope(query, key, base=self.rope_base)
-        return query, key, causal
+        return query, key, value, causal
 
     def _is_causal(self, attention_mask, attn_mask_type) -> bool:
         """Causal, or no mask at all; an explicit mask tensor of another kind is refused."""
@@ -112,8 +122,8 @@ class TritonCoreAttention(_CoreAttention):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         """query [s, b, np, hn], key/value [s, b, ng, hn] -> [s, b, np * hn]."""
-        query, key, causal = self._prepare(query, key, attention_mask, attn_mask_type,
-                                           attention_bias, packed_seq_params)
+        query, key, value, causal = self._prepare(query, key, value, attention_mask, attn_mask_type,
+                                                  attention_bias, packed_seq_params)
         s, b, heads, head_dim = query.shape
         # [s, b, h, d] -> [b, s, h, d] views; the kernel reads through the strides, and
         # writes its output in [s, b, h, d] memory order so the reshape below is free.
@@ -140,8 +150,8 @@ class FlashAttn4CoreAttention(_CoreAttention):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         """query [s, b, np, hn], key/value [s, b, ng, hn] -> [s, b, np * hn]."""
-        query, key, causal = self._prepare(query, key, attention_mask, attn_mask_type,
-                                           attention_bias, packed_seq_params)
+        query, key, value, causal = self._prepare(query, key, value, attention_mask, attn_mask_type,
+                                                  attention_bias, packed_seq_params)
         s, b, heads, head_dim = query.shape
         out, _ = self._attend(query.permute(1, 0, 2, 3), key.permute(1, 0, 2, 3),
                               value.permute(1, 0, 2, 3), softmax_scale=self.softmax_scale,
@@ -178,8 +188,8 @@ class SDPACoreAttention(_CoreAttention):
         """query [s, b, np, hn], key/value [s, b, ng, hn] -> [s, b, np * hn]."""
         from torch.nn.attention import sdpa_kernel
 
-        query, key, causal = self._prepare(query, key, attention_mask, attn_mask_type,
-                                           attention_bias, packed_seq_params)
+        query, key, value, causal = self._prepare(query, key, value, attention_mask, attn_mask_type,
+                                                  attention_bias, packed_seq_params)
         s, b, heads, head_dim = query.shape
         # [b, h, s, d] views, no copies: their memory stays in [s, b, h, d] order (query and
         # key contiguous after RoPE, value a strided slice of the fused QKV output). SDPA's

@@ -99,6 +99,7 @@ def build_model(model: ModelConfig, layout: Layout, config: TransformerConfig, *
         transformer_layer_spec=block_spec(
             config, attention=layout.attention, norm=layout.norm, rope_base=ROPE_BASE,
             vp_stage=vp_stage, swiglu=layout.swiglu, add_norm=layout.add_norm,
+            qkv_grad=layout.qkv_grad,
         ),
         vocab_size=model.vocab_size,
         max_sequence_length=model.seq_length,

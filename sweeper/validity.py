@@ -123,6 +123,8 @@ def _check_kernels(model: ModelConfig, layout: Layout) -> Optional[str]:
         return "loss=fused does not split the vocabulary: it needs tp = 1"
     if layout.add_norm == "fused" and layout.norm not in ("triton", "torch"):
         return f"add_norm=fused replaces this project's RMSNorm (norm=triton or torch), got norm={layout.norm}"
+    if layout.qkv_grad == "fused" and layout.attention == "megatron":
+        return "qkv_grad=fused is our RoPE's backward: it needs an attention of ours (not megatron)"
     return None
 
 

@@ -7,7 +7,7 @@ On CPU the kernel runs under TRITON_INTERPRET=1 (tests/conftest.py).
 import pytest
 import torch
 
-from kernels.adamw import BLOCK, TensorTable, reference, step
+from kernels.adamw import DEFAULT_BLOCK, TensorTable, reference, step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
@@ -22,11 +22,15 @@ def _tensors(shapes, seed):
     return p, g, m, v, w
 
 
-def test_matches_float64_over_odd_sizes_in_one_launch():
-    shapes = [(7, 5), (BLOCK + 1,), (3,), (2 * BLOCK,)]  # block edges on both sides
+@pytest.mark.parametrize("block, whole_blocks", [(16, True), (16, False), (DEFAULT_BLOCK, True)])
+def test_matches_float64_over_odd_sizes_in_one_launch(block, whole_blocks):
+    """Whole blocks (the unmasked path) and partial ones (masked) in the same launch."""
+    shapes = [(7, 5), (block + 1,), (3,), (2 * block,), (3 * block - 16,)]  # block edges on both sides
     p, g, m, v, w = _tensors(shapes, seed=0)
     expected = [reference(*t, step_count=3, scale=0.5, **HYPER) for t in zip(p, g, m, v)]
-    step(TensorTable(p, g, m, v, w), step_count=3, scale=torch.tensor(0.5, device=DEVICE), **HYPER)
+    table = TensorTable(p, g, m, v, w, block=block, whole_blocks=whole_blocks)
+    assert table.num_blocks == sum(-(-t.numel() // block) for t in p)  # ceil per tensor
+    step(table, step_count=3, scale=torch.tensor(0.5, device=DEVICE), **HYPER)
     for i, (p_ref, m_ref, v_ref) in enumerate(expected):
         # fp32 arithmetic against float64: a few fp32 ulps.
         torch.testing.assert_close(p[i].double(), p_ref, rtol=1e-6, atol=1e-7)
@@ -53,6 +57,8 @@ def test_table_knows_when_tensors_moved_and_rejects_bad_tensors():
         TensorTable([t.double() for t in p], g, m, v, w)
     with pytest.raises(ValueError, match="sizes differ"):
         TensorTable(p, g[::-1], m, v, w)
+    with pytest.raises(ValueError, match="power of two"):
+        TensorTable(p, g, m, v, w, block=3000)
 
 
 @pytest.mark.cuda

@@ -102,6 +102,58 @@ def test_safe_under_recompute():
     torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
 
 
+def _node_names(grad_fn) -> set:
+    """The names of every autograd node the backward from grad_fn can reach."""
+    names, stack, seen = set(), [grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack += [next_fn for next_fn, _ in node.next_functions]
+    return names
+
+
+@pytest.mark.parametrize("group, groups", [(1, 4), (2, 2)])
+def test_fused_qkv_grad_matches_and_skips_the_concatenation(group, groups):
+    """layout.qkv_grad=fused: the same output and QKV gradient, bit for bit (the same RoPE
+    kernel either way; dv is copied instead of concatenated), and with one query head per
+    KV group megatron's split backward (the concatenation) is gone from the graph. With 2
+    query heads per group q is a reshaped copy, not a view: the flag changes nothing, and
+    the unfused graphs keep the split (the control that the graph check can fail)."""
+    results = []
+    for fused in (False, True):
+        module = _build(SDPACoreAttention, _config(), backend="math", rope=True,
+                        fused_qkv_grad=fused)
+        mixed, query, key, value = _megatron_qkv(s=13, b=2, ng=groups, group=group, hn=16, seed=5)
+        out = module(query, key, value, None)
+        nodes = _node_names(out.grad_fn)
+        out.backward(torch.sin(torch.arange(out.numel(), dtype=out.dtype)).view_as(out))
+        results.append((out.detach(), mixed.grad, any("Split" in name for name in nodes)))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=0)
+    assert [split for _, _, split in results] == [True, group > 1]
+
+
+def test_fused_qkv_grad_under_recompute_and_without_rope():
+    """Recompute hands the module detached inputs: the fused path steps aside, same results."""
+    from torch.utils.checkpoint import checkpoint
+
+    module = _build(SDPACoreAttention, _config(), backend="math", rope=True, fused_qkv_grad=True)
+    results = []
+    for recompute in (False, True):
+        mixed, query, key, value = _megatron_qkv(s=11, b=2, ng=4, group=1, hn=16, seed=6)
+        out = (checkpoint(module, query, key, value, None, use_reentrant=True) if recompute
+               else module(query, key, value, None))
+        out.square().sum().backward()
+        results.append((out.detach(), mixed.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rope=True"):
+        _build(SDPACoreAttention, _config(), backend="math", fused_qkv_grad=True)
+
+
 # ------------------------------------------------------------- GPTModel, TP=2
 
 

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from kernels import rope
 from kernels.rope import apply_rope, launch_config, rotate
 from tests.gloo import run_on_gloo
 
@@ -181,6 +182,32 @@ def test_base_is_honoured_and_bad_inputs_are_rejected():
         apply_rope(q, k[:6])
     with pytest.raises(ValueError, match="impl"):
         apply_rope(q, k, impl="cuda")
+
+
+def test_rotate_writes_into_strided_outputs_and_checks_them():
+    """out=: the backward's dq and dk land in slices of one buffer, the same values as fresh."""
+    gen = torch.Generator().manual_seed(7)
+    q, k = torch.randn(6, 2, 3, 8, generator=gen), torch.randn(6, 2, 1, 8, generator=gen)
+    buffer = torch.zeros(6, 2, 5 * 8)
+    q_out = buffer[..., :24].view(6, 2, 3, 8)
+    k_out = buffer[..., 24:32].view(6, 2, 1, 8)
+    rope.rotate(q, k, base=rope.DEFAULT_BASE, out=(q_out, k_out))
+    q_ref, k_ref = rope.rotate(q, k, base=rope.DEFAULT_BASE)
+    torch.testing.assert_close(q_out, q_ref, rtol=0, atol=0)
+    torch.testing.assert_close(k_out, k_ref, rtol=0, atol=0)
+    assert not buffer[..., 32:].any()  # nothing written outside the slices
+    with pytest.raises(ValueError, match="unit last stride"):
+        rope.rotate(q, k, base=rope.DEFAULT_BASE, out=(q_out.transpose(2, 3), k_out))
+
+
+def test_fused_qkv_recognises_only_megatrons_split_views():
+    mixed = torch.randn(4, 2, 2, 3 * 8, requires_grad=True)
+    q, k, v = torch.split(mixed, [8, 8, 8], dim=3)
+    assert rope.fused_qkv(q, k, v) is mixed
+    assert rope.fused_qkv(q.detach(), k.detach(), v.detach()) is None  # recompute's inputs
+    assert rope.fused_qkv(k, q, v) is None  # swapped: another geometry
+    with torch.no_grad():
+        assert rope.fused_qkv(q, k, v) is None  # no backward to save
 
 
 def test_empty_sequence():

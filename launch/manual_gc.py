@@ -1,0 +1,42 @@
+"""Python's garbage collector outside the timed steps (`trial.manual_gc`), as Megatron-LM's
+`--manual-gc` does.
+
+Why: a trial process holds millions of Python objects (torch, megatron, Hydra); an automatic
+collection that falls inside a step stops the host thread for milliseconds. Where the GPU then
+waits on the host (the start of a step, before its first large kernel is queued; every
+micro-batch boundary of an eager step) the pause adds to the step time.
+
+`ManualGC(on)`: `start()` collects once, moves every surviving object to the permanent
+generation (`gc.freeze`: later collections never walk the model and the imported modules)
+and disables automatic collection; `between_steps()` collects what the last step left
+(a full collection, cheap once the rest is frozen), outside the timed region; `stop()` restores automatic collection. Off, all three
+do nothing.
+"""
+
+from __future__ import annotations
+
+import gc
+
+
+class ManualGC:
+    def __init__(self, on: bool):
+        self.on = on
+        self.was_enabled = gc.isenabled()
+
+    def start(self) -> None:
+        if not self.on:
+            return
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+
+    def between_steps(self) -> None:
+        if self.on:
+            gc.collect()
+
+    def stop(self) -> None:
+        if not self.on:
+            return
+        gc.unfreeze()
+        if self.was_enabled:
+            gc.enable()
