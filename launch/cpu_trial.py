@@ -27,6 +27,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from core.config import Layout, ModelConfig
+from core.records import rss_peak_fields
 from core.spec import TrialSpec
 from launch import loop, steps
 from launch.cpu_shims import device_redirect, install_rng_tracker
@@ -86,7 +87,7 @@ def optimizer_step(trainer: Trainer) -> None:
 
 def _memory() -> dict:
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    return {"peak_memory_gb": peak_gb, "peak_memory_source": "peak RSS (getrusage)"}
+    return rss_peak_fields(peak_gb)
 
 
 def parts(spec: TrialSpec, world: int, setup: Timeline) -> StepParts:

@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 
-from core.records import rank_path, write_json_atomic
+from core.records import RankRecord, rank_path, write_json_atomic
 from core.spec import TrialSpec
 from launch import spare
 from launch.divergence import Diverged
@@ -76,22 +76,21 @@ def serve(device: str, import_log: str) -> int:
 def main(argv: list[str]) -> int:
     spec = TrialSpec.load(argv[0])
     rank = int(os.environ["RANK"])
-    record = {"rank": rank, "status": "error", "started_at": time.time(),
-              "prestarted": "LAYOUT_SWEEP_ASSIGNED_AT" in os.environ}
+    record = RankRecord(rank=rank, status="error", started_at=time.time(),
+                        prestarted="LAYOUT_SWEEP_ASSIGNED_AT" in os.environ)
     try:
-        record["env"] = environment(spec.cluster.device)
+        record.env = environment(spec.cluster.device)
         record.update(run(spec))
-        record["status"] = "ok"
+        record.status = "ok"
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a record
-        record["status"] = classify(exc)
-        record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-        record["traceback"] = traceback.format_exc()[-8000:]
+        record.update(status=classify(exc), error=f"{type(exc).__name__}: {exc}"[:2000],
+                      traceback=traceback.format_exc()[-8000:])
         if isinstance(exc, Diverged):
             record.update(exc.record)  # the step it diverged at, and the losses until then
-    record["finished_at"] = time.time()
-    write_json_atomic(rank_path(spec.trial_dir, rank), record)
+    record.finished_at = time.time()
+    write_json_atomic(rank_path(spec.trial_dir, rank), record.to_dict())
     sys.stdout.flush()
-    return 0 if record["status"] == "ok" else 1
+    return 0 if record.status == "ok" else 1
 
 
 if __name__ == "__main__":

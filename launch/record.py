@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import asdict
 from typing import Optional
 
 from core.flops import FORMULAS, flops_per_token, mfu
@@ -15,10 +16,12 @@ from core.records import (  # noqa: F401  shim until 13:15
     DIVERGED,
     FAILED,
     NOT_RESULTS,
+    PEAK_MEMORY,
     RESULT_FILE,
     SCHEMA_VERSION,
     STATUSES,
     PeakMemory,
+    TrialRecord,
     rank_path,
     read_json,
     result_path,
@@ -79,64 +82,62 @@ def summarize_steps(ranks: list[dict], warmup: int) -> dict:
     }
 
 
+def _base(spec, status: str, reason: Optional[str]) -> TrialRecord:
+    return TrialRecord(
+        trial=spec.name,
+        status=status,
+        reason=reason,
+        model=asdict(spec.model),
+        cluster=asdict(spec.cluster),
+        layout=asdict(spec.layout),
+        trial_config=asdict(spec.trial),
+        world_size=spec.world_size,
+        dp=spec.layout.dp(spec.world_size),
+        prediction=spec.prediction,
+        git_commit=spec.git_commit,
+        recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+
+
 def base_record(spec, status: str, reason: Optional[str] = None) -> dict:
     """The part of a record every trial has, launched or not."""
-    from dataclasses import asdict
-
-    return {
-        "schema": SCHEMA_VERSION,
-        "trial": spec.name,
-        "status": status,
-        "reason": reason,
-        "model": asdict(spec.model),
-        "cluster": asdict(spec.cluster),
-        "layout": asdict(spec.layout),
-        "trial_config": asdict(spec.trial),
-        "world_size": spec.world_size,
-        "dp": spec.layout.dp(spec.world_size),
-        "prediction": spec.prediction,
-        "git_commit": spec.git_commit,
-        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    return _base(spec, status, reason).to_dict()
 
 
 def trial_record(spec, ranks: list[dict], *, wall_s: float) -> dict:
     """Assemble the trial's record from its rank records (missing ranks already filled in)."""
     ranks = sorted(ranks, key=lambda r: r.get("rank", 0))
     status = _worst_status(ranks)
-    record = base_record(spec, status, _first_error(ranks) if status != "ok" else None)
-    record["wall_s"] = round(wall_s, 3)
-    record["ranks"] = [
+    record = _base(spec, status, _first_error(ranks) if status != "ok" else None)
+    record.wall_s = round(wall_s, 3)
+    record.ranks = [
         {k: v for k, v in r.items() if k not in ("step_times_s", "losses", "grad_norms")} for r in ranks
     ]
     first = ranks[0] if ranks else {}
-    record["env"] = first.get("env", {})
-    record["trial_path"] = first.get("trial_path")
-    record["peak_memory_gb"] = [r.get("peak_memory_gb") for r in ranks]
-    known = [m for m in record["peak_memory_gb"] if m is not None]
-    record["peak_memory_gb_max"] = max(known) if known else None
+    record.env = first.get("env", {})
+    record.trial_path = first.get("trial_path")
+    record.peak_memory_gb = [r.get(PEAK_MEMORY) for r in ranks]
+    known = [m for m in record.peak_memory_gb if m is not None]
+    record.peak_memory_gb_max = max(known) if known else None
     losses = next((r["losses"] for r in ranks if r.get("losses")), None)
-    if status == "diverged":
-        record["diverged_step"] = min((r["diverged_step"] for r in ranks if "diverged_step" in r),
-                                      default=None)
-        record["losses"] = losses
+    if status == DIVERGED:
+        record.diverged_step = min((r["diverged_step"] for r in ranks if "diverged_step" in r),
+                                   default=None)
+        record.losses = losses
     if status != "ok":
-        return record
-    record.update(summarize_steps(ranks, spec.trial.warmup_steps))
-    record["losses"] = losses
-    grad_norms = next((r["grad_norms"] for r in ranks if r.get("grad_norms")), None)
-    if grad_norms:
-        record["grad_norms"] = grad_norms
+        return record.to_dict()
+    steps = summarize_steps(ranks, spec.trial.warmup_steps)
+    record.step_times_s, record.step_time_s = steps["step_times_s"], steps["step_time_s"]
+    record.losses = losses
+    record.grad_norms = next((r["grad_norms"] for r in ranks if r.get("grad_norms")), None)
     tokens = spec.layout.gbs * spec.model.seq_length
-    record["tokens_per_s"] = tokens / record["step_time_s"]
-    record["mfu"] = mfu(spec.model, record["tokens_per_s"], spec.cluster.peak_tflops, spec.world_size)
-    record["tflops_per_gpu"] = {
-        c: record["tokens_per_s"] * flops_per_token(spec.model, c) / spec.world_size / 1e12
+    record.tokens_per_s = tokens / record.step_time_s
+    record.mfu = mfu(spec.model, record.tokens_per_s, spec.cluster.peak_tflops, spec.world_size)
+    record.tflops_per_gpu = {
+        c: record.tokens_per_s * flops_per_token(spec.model, c) / spec.world_size / 1e12
         for c in FORMULAS
     }
-    record["mfu_formula"] = FORMULAS
-    record["peak_tflops"] = spec.cluster.peak_tflops
-    breakdown = next((r["breakdown"] for r in ranks if r.get("breakdown")), None)
-    if breakdown:
-        record["breakdown"] = breakdown
-    return record
+    record.mfu_formula = FORMULAS
+    record.peak_tflops = spec.cluster.peak_tflops
+    record.breakdown = next((r["breakdown"] for r in ranks if r.get("breakdown")), None)
+    return record.to_dict()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from core.paths import REPO_ROOT
-from core.records import rank_path, read_json, write_json_atomic
+from core.records import RankRecord, rank_path, read_json, write_json_atomic
 from core.spec import TrialSpec
 from launch import spare
 from launch.record import classify_text
@@ -133,7 +133,7 @@ def _record_ranks(spec: TrialSpec, procs: dict, logs: dict, outcome: dict, first
         if read_json(path) is not None:
             continue
         tail = _log_tail(logs[rank])
-        record = {"rank": rank, "exit_code": proc.returncode, "log_tail": tail}
+        record = RankRecord(rank=rank, status="error", exit_code=proc.returncode, log_tail=tail)
         if outcome.get(rank) == "timeout":
             record.update(status="timeout", error=f"trial exceeded {limit or f'trial.timeout_s={spec.trial.timeout_s} s'}")
         elif outcome.get(rank) == "interrupted":
@@ -149,7 +149,7 @@ def _record_ranks(spec: TrialSpec, procs: dict, logs: dict, outcome: dict, first
             if proc.returncode is not None and proc.returncode < 0:  # why SLURM's scancel reads as SIGTERM
                 cause += f": {signal.Signals(-proc.returncode).name}"
             record.update(status=status, error=f"rank exited with code {proc.returncode} without a record ({cause})")
-        write_json_atomic(path, record)
+        write_json_atomic(path, record.to_dict())
 
 
 def rank_log(trial_dir, rank: int) -> Path:
@@ -185,6 +185,6 @@ def collect_ranks(spec: TrialSpec, *, wait_until: float) -> list[dict]:
             break
         time.sleep(0.5)
     for rank in range(spec.world_size):
-        records.setdefault(rank, {"rank": rank, "status": "error",
-                                  "error": "rank wrote no record (its task never ran or was killed)"})
+        records.setdefault(rank, RankRecord(
+            rank=rank, status="error", error="rank wrote no record (its task never ran or was killed)").to_dict())
     return [records[r] for r in range(spec.world_size)]

@@ -21,6 +21,7 @@ from typing import Iterable, Optional
 
 from core.choices import ATTENTION_KERNELS
 from core.config import ClusterConfig, Layout, ModelConfig
+from core.records import PEAK_MEMORY_MAX, PeakMemory
 from sweeper.constants import Calibration, default_calibration
 from sweeper.memory import predict_memory
 from sweeper.speed import predict_speed
@@ -47,29 +48,29 @@ def _clamp(x: float, low: float, high: float) -> float:
     return min(max(x, low), high)
 
 
-def measured_memory(record: dict) -> tuple[Optional[float], Optional[float], Optional[float]]:
-    """(max_memory_allocated, max_memory_reserved, device memory used) in GiB, max over ranks.
+def measured_memory(record: dict, device: Optional[str] = None) -> tuple[Optional[float], Optional[float], Optional[float]]:
+    """(allocated, reserved, device used) GiB, max over ranks, from a trial record's own fields.
 
-    GPU records carry `peak_memory_allocated_gb` and `mem_get_info_used_gb` per rank and
-    the reserved peak as `peak_memory_gb_max`; a record with only a number in
-    `peak_memory_gb` (CPU: the RSS; or a hand-made one) gives that as the allocated peak.
+    The trial's one memory peak is `peak_memory_gb_max` (core.records.PEAK_MEMORY_MAX): on
+    CUDA torch.cuda.max_memory_reserved, the reserved figure here; the allocated and
+    device-used parts come from each rank's PeakMemory fields (PeakMemory.from_rank). On
+    CPU (`device`, default the record's cluster's) that peak is the RSS, returned as the
+    allocated figure (the fit compares it with MemoryEstimate.peak_gb). A CUDA record
+    without the allocated part gives no allocated figure: its reserved peak is never
+    taken for the allocated one.
     """
-    def largest(key):
-        values = [r.get(key) for r in record.get("ranks") or [] if isinstance(r, dict)]
-        values = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        return max(values) if values else None
-
-    def number(value):
-        return value if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
-
-    allocated = largest("peak_memory_allocated_gb")
-    reserved = number(record.get("peak_memory_gb_max"))
-    if allocated is None:
-        allocated = number(record.get("peak_memory_gb"))
-    return allocated, reserved, largest("mem_get_info_used_gb")
+    device = device or (record.get("cluster") or {}).get("device")
+    peak = record.get(PEAK_MEMORY_MAX)
+    peak = peak if isinstance(peak, (int, float)) and not isinstance(peak, bool) and peak > 0 else None
+    if device == "cpu":
+        return peak, None, None
+    parts = [PeakMemory.from_rank(r) for r in record.get("ranks") or [] if isinstance(r, dict)]
+    parts = [p for p in parts if p is not None]
+    used = [p.device_used_gb for p in parts if p.device_used_gb is not None]
+    return (max(p.allocated_gb for p in parts) if parts else None), peak, (max(used) if used else None)
 
 
-def _usable(records: Iterable[dict], status: str, key: str) -> list[tuple]:
+def _usable(records: Iterable[dict], status: str, key: str, device: str) -> list[tuple]:
     """(layout, dp or None, value, record) of the records with this status and a usable layout.
 
     key "memory": the allocated peak (measured_memory); else the record's field.
@@ -79,7 +80,7 @@ def _usable(records: Iterable[dict], status: str, key: str) -> list[tuple]:
         parsed = _layout(r.get("layout"))
         if parsed is None or r.get("status") != status:
             continue
-        value = measured_memory(r)[0] if key == "memory" else r.get(key)
+        value = measured_memory(r, device)[0] if key == "memory" else r.get(key)
         if status == "ok" and not (isinstance(value, (int, float)) and value > 0):
             continue
         out.append((*parsed, value, r))
@@ -129,7 +130,7 @@ def _fit_memory(cal: Calibration, ok, oom, model, cluster) -> dict:
     if cluster.device == "cuda":
         ratios, outside = [], []
         for _, _, allocated, record in ok:
-            _, reserved, used = measured_memory(record)
+            _, reserved, used = measured_memory(record, cluster.device)
             if reserved and reserved >= allocated:
                 ratios.append(reserved / allocated - 1)
                 if used and used > reserved:
@@ -179,11 +180,13 @@ def fit_calibration(records: list[dict], model: ModelConfig, cluster: ClusterCon
                     base: Optional[Calibration] = None) -> Calibration:
     """Refit the constants to measured trials.
 
-    Each record: a trial record (launch.record) or {"layout": {Layout fields}, "status":
-    "ok" | "oom" | ..., "step_time_s": s, "peak_memory_gb": GiB}; memory is read by
-    `measured_memory`: on CUDA the allocator's peak (max_memory_allocated), compared with
-    `MemoryEstimate.allocated_gb`; on CPU the RSS, compared with `peak_gb`. Records with
-    another status, or without a number, are skipped.
+    Each record: a trial record (core.records.TrialRecord's keys; at least "layout",
+    "status", "step_time_s" and the memory fields). Memory is read by `measured_memory`
+    from the fields the trial wrote: on CUDA the ranks' allocated part of the peak
+    (PeakMemory.allocated_gb, torch.cuda.max_memory_allocated), compared with
+    `MemoryEstimate.allocated_gb`, and the trial's peak `peak_memory_gb_max` (reserved)
+    for the fragmentation; on CPU the peak RSS `peak_memory_gb_max`, compared with
+    `peak_gb`. Records with another status, or without a number, are skipped.
 
     Memory: measured = static + memory_offset_gb + activation_scale * activations,
     fitted by Theil-Sen (the median of pairwise slopes, then the median residual;
@@ -202,9 +205,9 @@ def fit_calibration(records: list[dict], model: ModelConfig, cluster: ClusterCon
     cal.compute_scale = dict(cal.compute_scale)
     cal.kernel_launch_per_layer_s = dict(cal.kernel_launch_per_layer_s)
     records = list(records)
-    ok_memory = _usable(records, "ok", "memory")
-    ok_speed = _usable(records, "ok", "step_time_s")
-    oom = _usable(records, "oom", "memory")
+    ok_memory = _usable(records, "ok", "memory", cluster.device)
+    ok_speed = _usable(records, "ok", "step_time_s", cluster.device)
+    oom = _usable(records, "oom", "memory", cluster.device)
     counts = {"cluster": cluster.name, "model": model.name, "ok": len(ok_memory), "oom": len(oom)}
     counts.update(_fit_memory(cal, ok_memory, oom, model, cluster))
     counts.update(_fit_speed(cal, ok_speed, model, cluster))

@@ -5,8 +5,10 @@ import json
 
 import pytest
 
-from core.config import ClusterConfig, ConfigError, Layout, ModelConfig, as_dict
-from sweeper.calibration import fit_calibration
+from core.config import ClusterConfig, ConfigError, Layout, ModelConfig, TrialConfig, as_dict
+from core.records import PEAK_MEMORY, PEAK_MEMORY_MAX, PeakMemory, RankRecord, rss_peak_fields
+from core.spec import TrialSpec
+from sweeper.calibration import fit_calibration, measured_memory
 from sweeper.constants import Calibration, cpu_calibration, default_calibration, load_calibration, save_calibration
 from sweeper.memory import predict_memory
 from sweeper.speed import predict_speed
@@ -59,8 +61,10 @@ def _records(truth: Calibration, layouts, status="ok"):
     for layout in layouts:
         memory = predict_memory(MODEL, H100, layout, truth)
         speed = predict_speed(MODEL, H100, layout, truth)
-        out.append({"layout": as_dict(layout), "status": status,
-                    "step_time_s": speed.step_time_s, "peak_memory_gb": memory.allocated_gb})
+        # the keys a CUDA trial writes: each rank's PeakMemory fields, the trial's peak
+        peaks = PeakMemory(allocated_gb=memory.allocated_gb, reserved_gb=memory.reserved_gb).fields()
+        out.append({"layout": as_dict(layout), "status": status, "step_time_s": speed.step_time_s,
+                    "peak_memory_gb_max": memory.reserved_gb, "ranks": [{"rank": 0, **peaks}]})
     return out
 
 
@@ -82,7 +86,7 @@ def test_fit_recovers_activation_scale_and_compute_scale():
         speed = predict_speed(MODEL, H100, layout, fitted)
         memory = predict_memory(MODEL, H100, layout, fitted)
         assert speed.step_time_s == pytest.approx(record["step_time_s"])
-        assert memory.allocated_gb == pytest.approx(record["peak_memory_gb"])
+        assert memory.allocated_gb == pytest.approx(record["ranks"][0]["peak_memory_allocated_gb"])
 
 
 def test_fit_scales_launch_cost_from_host_bound_trials():
@@ -105,7 +109,7 @@ def test_fit_learns_a_constant_memory_offset():
     assert fitted.memory_offset_gb == pytest.approx(1.7, abs=0.05)
     # Fewer trials than that: one residual cannot become an offset, only the scale moves.
     noisy = _records(Calibration(), layouts[:3])
-    noisy[1]["peak_memory_gb"] += 0.4
+    noisy[1]["ranks"][0]["peak_memory_allocated_gb"] += 0.4
     fitted = fit_calibration(noisy, MODEL, H100)
     assert fitted.memory_offset_gb == 0.0 and fitted.activation_scale == pytest.approx(1.0)
     larger = _records(dataclasses.replace(Calibration(), activation_scale=1.1), layouts[:3])
@@ -133,3 +137,42 @@ def test_fit_ignores_failed_and_malformed_records():
     assert fitted.compute_scale["sdpa"] == pytest.approx(1.0)
     assert fitted.activation_scale == pytest.approx(1.0)
     assert fitted.source["ok"] == 1
+
+
+def _trial(cluster, ranks):
+    """A trial record as launch.record assembles it from rank records."""
+    from analysis.results import to_row
+    from launch.record import trial_record
+
+    spec = TrialSpec(model=MODEL, cluster=cluster, layout=Layout(gbs=8), trial=TrialConfig(), trial_dir="t")
+    ranks = [{"rank": i, "status": "ok", "step_times_s": [1.0, 1.0], **fields} for i, fields in enumerate(ranks)]
+    record = trial_record(spec, ranks, wall_s=1.0)
+    return record, to_row(record)
+
+
+def test_the_fit_and_the_report_read_the_peak_the_trial_writes():
+    # CUDA: the ranks write PeakMemory.fields() (launch/gpu_trial.py); the trial's one peak is
+    # the reserved one, the report shows it, and the fit reads the same figures back.
+    written = [PeakMemory(allocated_gb=10.0, reserved_gb=11.0, device_used_gb=13.5),
+               PeakMemory(allocated_gb=12.0, reserved_gb=12.5, device_used_gb=14.0)]
+    record, row = _trial(H100, [p.fields() for p in written])
+    assert record[PEAK_MEMORY] == [11.0, 12.5] and record[PEAK_MEMORY_MAX] == 12.5
+    assert row["peak_memory_gb"] == 12.5
+    assert measured_memory(record) == (12.0, 12.5, 14.0)
+    # CPU: the ranks write their RSS (launch/cpu_trial.py); the fit reads it as its peak.
+    record, row = _trial(ClusterConfig(), [rss_peak_fields(0.7), rss_peak_fields(0.9)])
+    assert row["peak_memory_gb"] == 0.9 and measured_memory(record) == (0.9, None, None)
+    # A CUDA record with the reserved peak only, even as a bare number (the old hand-made
+    # form), never passes it off as the allocated one: the drift of issue 15.
+    record, _ = _trial(H100, [{PEAK_MEMORY: 11.0}])
+    record[PEAK_MEMORY] = 11.0
+    assert measured_memory(record) == (None, 11.0, None)
+    assert fit_calibration([record], MODEL, H100).source["ok"] == 0
+
+
+def test_peak_memory_keys_are_rank_record_fields():
+    # PeakMemory writes and reads keys the typed rank record declares: a renamed field fails here.
+    keys = set(PeakMemory(allocated_gb=1.0, reserved_gb=1.0).fields()) | set(rss_peak_fields(1.0))
+    assert keys <= set(RankRecord(rank=0, status="ok").__dataclass_fields__)
+    rank = RankRecord(rank=0, status="ok").update(PeakMemory(allocated_gb=1.0, reserved_gb=2.0).fields())
+    assert PeakMemory.from_rank(rank.to_dict()) == PeakMemory(allocated_gb=1.0, reserved_gb=2.0)
