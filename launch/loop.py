@@ -9,6 +9,7 @@
         parts.optimizer_step()            # in the "optimizer" scope; the global grad norm or None
         parts.synchronize(); stop clock; profiler.end(step)
         loss (a DP all-reduce), divergence guard: measured steps only, outside the clock
+        trial.manual_gc: Python's garbage collection here, between steps (launch.manual_gc)
 
 What differs between the paths is in `StepParts` (bf16 or fp32, megatron's optimizer or
 torch's AdamW, a CUDA graph, the CPU shims, how the peak memory is read). The profiled
@@ -29,6 +30,7 @@ from megatron.core import parallel_state
 from core.spec import TrialSpec
 from launch import steps
 from launch.divergence import StepGuard
+from launch.manual_gc import ManualGC
 from launch.profile import StepProfiler, scope
 
 
@@ -96,29 +98,35 @@ def run(spec: TrialSpec, *, rank: int, world: int,
     measured = trial.warmup_steps + trial.measure_steps
 
     step_times, losses, profiler_error = [], [], None
-    for step in range(measured + profiler.extra_steps):
-        batches = steps.step_batches(spec, step, num_micro, dp_rank, device=parts.device)
-        parts.barrier()
-        profiler.begin(step)
-        start = time.perf_counter()
-        step_losses = parts.forward_backward(batches)
-        with scope("optimizer"):
-            grad_norm = parts.optimizer_step()
-        parts.synchronize()
-        elapsed = time.perf_counter() - start
-        try:
-            profiler.end(step)
-        except Exception as exc:  # noqa: BLE001 - a failed breakdown must not fail a measured trial
-            profiler_error = f"{type(exc).__name__}: {exc}"[:500]
-        if step == 0:
-            setup.mark("first_step")
-        if step < measured:  # the profiled step is an extra one, never timed
-            step_times.append(elapsed)
-            loss = steps.step_loss(step_losses, num_micro)  # None off the last pipeline stage
-            if loss is not None:
-                losses.append(loss)
-            parts.guard.after_step(step, loss=loss, grad_norm=grad_norm,
-                                   local_grads=parts.local_grads)
+    collector = ManualGC(trial.manual_gc)  # trial.manual_gc: collections between steps only
+    collector.start()
+    try:
+        for step in range(measured + profiler.extra_steps):
+            batches = steps.step_batches(spec, step, num_micro, dp_rank, device=parts.device)
+            parts.barrier()
+            profiler.begin(step)
+            start = time.perf_counter()
+            step_losses = parts.forward_backward(batches)
+            with scope("optimizer"):
+                grad_norm = parts.optimizer_step()
+            parts.synchronize()
+            elapsed = time.perf_counter() - start
+            try:
+                profiler.end(step)
+            except Exception as exc:  # noqa: BLE001 - a failed breakdown must not fail a measured trial
+                profiler_error = f"{type(exc).__name__}: {exc}"[:500]
+            if step == 0:
+                setup.mark("first_step")
+            if step < measured:  # the profiled step is an extra one, never timed
+                step_times.append(elapsed)
+                loss = steps.step_loss(step_losses, num_micro)  # None off the last pipeline stage
+                if loss is not None:
+                    losses.append(loss)
+                parts.guard.after_step(step, loss=loss, grad_norm=grad_norm,
+                                       local_grads=parts.local_grads)
+            collector.between_steps()
+    finally:
+        collector.stop()
     record = {"step_times_s": step_times, **parts.memory(), **parts.fields, "setup_s": setup.marks}
     if profiler_error:
         record["breakdown_error"] = profiler_error
