@@ -24,6 +24,7 @@ from pathlib import Path
 from launch.breakdown import CATEGORIES
 from analysis.leaderboard import layout_label, markdown, ranked
 from analysis.ranking import quality_markdown, quality_summary
+from analysis.rerun import COMMAND, rerun_overrides
 from analysis.results import collect, load_records
 
 REPORT_DIR = "report"
@@ -91,11 +92,9 @@ def trace_command(sweep_dir, records: list[dict], best_trial: str) -> str | None
     record = next((r for r in records if r.get("trial") == best_trial), None)
     if not record:
         return None
-    layout = record.get("layout", {})
-    args = [f"model={record['model']['name']}", f"cluster={record['cluster']['name']}"]
-    args += [f"layout.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in layout.items()]
+    args = [o for o in rerun_overrides(record) if not o.startswith(("trial.profile=", "trial.trace=", "sweep.name="))]
     args += ["trial.profile=true", "trial.trace=true", f"hydra.sweep.dir={Path(sweep_dir) / 'trace-best'}"]
-    return "python -m launch.main " + " ".join(args)
+    return " ".join([COMMAND, *args])
 
 
 def figures(rows: list[dict], entries: list[dict]) -> dict:

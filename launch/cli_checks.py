@@ -17,8 +17,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
 from core.config import ClusterConfig, Layout, ModelConfig, SweepConfig, TrialConfig
-from core.paths import CONF_DIR  # noqa: F401  launch/main.py reads it from here until 13:15
+from core.paths import CONF_DIR
 from launch.capacity import PATH_NAMES, name_problem
+
 GROUPS = ("model", "cluster", "sweep")
 SCHEMAS = {"model": ModelConfig, "cluster": ClusterConfig, "layout": Layout, "trial": TrialConfig,
            "sweep": SweepConfig}

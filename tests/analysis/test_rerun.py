@@ -114,3 +114,14 @@ def test_the_leaderboard_file_lists_each_ranked_rows_commit_and_overrides():
     board = markdown(rows, rerun=True)
     assert "1. `abcdef0-dirty` `layout.mbs=fast`" in board and "2. `abcdef0-dirty` `layout.mbs=slow`" in board
     assert "layout.mbs=" not in markdown(rows)  # the console's table stays as it was
+
+
+def test_the_trace_command_reruns_the_same_trial_with_its_trace_into_its_own_directory(tmp_path):
+    from analysis.report import trace_command
+
+    record, spec = _record(layout=CHANGED["layout"])
+    words = trace_command(tmp_path, [record], record["trial"]).split()
+    assert words[0] == COMMAND and words[-1] == f"hydra.sweep.dir={tmp_path / 'trace-best'}"
+    cfg = _compose(words[1:-1])
+    assert layout_from_dict(cfg["layout"]) == spec.layout and model_from_dict(cfg["model"]) == spec.model
+    assert cfg["trial"]["trace"] is True and cfg["trial"]["profile"] is True
