@@ -84,3 +84,24 @@ def test_a_pruned_layout_listed_first_does_not_hide_later_mismatches():
     rows = [_predicted("pruned", "skipped", False, reason="predicted OOM: 9.0 GiB > 8.0 GiB"),
             _predicted("oom_predicted_fit", "oom", True)]
     assert mismatches(rows) == ["oom_predicted_fit: ran out of memory, predicted to fit (9.0 GiB)"]
+
+
+def test_the_summary_callback_summarizes_the_sweep_directory_unless_nothing_ran(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from sweeper.lock import SweepLock
+
+    def config(dry_run, where):
+        return OmegaConf.create({"hydra": {"sweep": {"dir": str(where)}}, "sweep": {"dry_run": dry_run}})
+
+    written = []
+    monkeypatch.setattr(summary, "finish_sweep", lambda sweep_dir: written.append(sweep_dir))
+    callback = summary.SummaryCallback()
+    callback.on_multirun_end(config(True, tmp_path))
+    callback.on_multirun_end(config(False, tmp_path / "never_made"))
+    assert written == []
+    callback.on_multirun_end(config(False, tmp_path))
+    assert written == [tmp_path] and not (tmp_path / "sweep.lock").exists()  # taken, and given back
+    with SweepLock(tmp_path):  # ... so another live driver's directory is left alone
+        callback.on_multirun_end(config(False, tmp_path))
+    assert written == [tmp_path]

@@ -1,5 +1,6 @@
 """The layout sweeper's expansion of axes: the main grid, extra grids, command-line axes."""
 
+import json
 from types import SimpleNamespace
 
 from sweeper.hydra_sweeper import LayoutSweeperImpl
@@ -34,3 +35,34 @@ def test_command_line_axes_apply_to_every_grid():
     combos = _combos({"layout.mbs": "1,2,4"}, [{"layout.attention": "megatron"}], ["layout.tp=1,2"])
     assert len(combos) == 12
     assert {c["layout.tp"] for c in combos} == {"1", "2"}
+
+
+def test_each_trials_spec_is_written_before_the_launcher_gets_its_job(tmp_path):
+    """A layout is parsed once: the job finds the sweeper's spec.json, prediction inside."""
+    from core.config import ClusterConfig, Layout, ModelConfig, TrialConfig
+    from core.spec import TrialSpec
+    from sweeper.launching import launch_blocking
+    from sweeper.plan import Point
+
+    points = [Point(model=ModelConfig(), cluster=ClusterConfig(), layout=Layout(mbs=mbs), trial=TrialConfig(),
+                    overrides=[f"layout.mbs={mbs}"], prediction={"mfu": 0.1 * mbs, "fits": True}) for mbs in (1, 2)]
+    (tmp_path / points[0].name).mkdir()
+    (tmp_path / points[0].name / "rank0.log").write_text("an earlier run")
+    seen = {}
+
+    class Launcher:
+        def launch(self, jobs, initial_job_idx):
+            for job in jobs:
+                name = job[-1].removeprefix("hydra.sweep.subdir=")
+                files = sorted(p.name for p in (tmp_path / name).iterdir())
+                seen[name] = (TrialSpec.load(tmp_path / name / "spec.json"), files)
+            return []
+
+    launch_blocking(Launcher(), points, tmp_path, "abc", batch_size=2)
+    for point in points:
+        spec, files = seen[point.name]
+        assert spec.layout == point.layout and spec.prediction == point.prediction and spec.git_commit == "abc"
+        assert files == ["spec.json"]  # the earlier run's rank log is gone: it would read as started
+        # the launcher ran nothing: each trial gets a record saying its job never started
+        record = json.loads((tmp_path / point.name / "result.json").read_text())
+        assert record["status"] == "error" and "never started" in record["reason"]
