@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import time
 
 import torch
@@ -87,13 +88,14 @@ def forward_candidates(n_cols):
             seen.add(ours.ForwardConfig(block_m, warps))
     if ours.column_blocks(n_cols)[1]:
         seen |= {cfg._replace(split=False) for cfg in seen}
-    seen.add(default._replace(num_warps=32))
+    seen |= {default._replace(num_warps=2), default._replace(num_warps=32)}
     return sorted(seen)
 
 
 def backward_candidates(n_cols):
     """Warps, prefetch, Triton's pipelining (num_stages) instead of the hand prefetch,
-    rows per tile, two programs per SM, the row unsplit."""
+    rows per tile, two programs per SM; each with the row split and unsplit where
+    ours.column_blocks would split it."""
     default = ours.backward_config(n_cols)
     seen = {default}
     for warps in (8, 16, 32):
@@ -107,8 +109,7 @@ def backward_candidates(n_cols):
     seen.add(default._replace(programs_per_sm=2))
     seen.add(default._replace(programs_per_sm=2, prefetch=False))
     if ours.column_blocks(n_cols)[1]:
-        seen.add(default._replace(split=False))
-        seen.add(default._replace(split=False, prefetch=False, num_stages=2))
+        seen |= {cfg._replace(split=not cfg.split) for cfg in seen}
     return sorted(seen)
 
 
@@ -203,7 +204,7 @@ def _ratios(out, timing):
     )
 
 
-def measure_shape(m, n, *, profile=False):
+def measure_shape(m, n, *, profile=False, tune=False):
     x, w, dy = _inputs(m, n)
     fwd_bytes, bwd_bytes = 2 * m * n * 2, 3 * m * n * 2
     out = {"rows": m, "hidden": n, "fwd_bytes": fwd_bytes, "bwd_bytes": bwd_bytes}
@@ -221,10 +222,16 @@ def measure_shape(m, n, *, profile=False):
     y64 = ours.reference(x64, w64, EPS)
     y64.backward(dy.double())
     impls = implementations(n)
-    # ours with the sweep's best launch configs, to show what the heuristics leave behind
     fwd_best = ours.ForwardConfig(**best["forward"]["config"])
     bwd_best = ours.BackwardConfig(**best["backward"]["config"])
-    impls["ours_swept_best"] = lambda x, w: ours.RMSNormFunction.apply(x, w, EPS, fwd_best, bwd_best)
+    if tune:  # the sweep's best become the defaults `rms_norm` runs with from here on
+        ours.FORWARD_TABLE[n], ours.BACKWARD_TABLE[n] = fwd_best, bwd_best
+        ours.forward_config.cache_clear()
+        ours.backward_config.cache_clear()
+        out["tuned"] = dict(forward=fwd_best._asdict(), backward=bwd_best._asdict())
+    else:  # ours with the sweep's best launch configs: what the defaults leave behind
+        impls["ours_swept_best"] = lambda x, w: ours.RMSNormFunction.apply(
+            x, w, EPS, fwd_best, bwd_best)
     out["impls"] = {}
     for name, fn in impls.items():
         t = time.time()
@@ -343,6 +350,8 @@ def main():
     today = datetime.date.today().isoformat()
     parser.add_argument("--out", default=f"benchmarks/results/rmsnorm_{today}.json")
     parser.add_argument("--quick", action="store_true", help="skip the SWEEP_ONLY sizes")
+    parser.add_argument("--tune", action="store_true",
+                        help="install each shape's sweep winners as the defaults before timing")
     parser.add_argument("--precompile", metavar="I/N",
                         help="only compile sweep part I of N (for parallel workers), no timing")
     args = parser.parse_args()
@@ -357,7 +366,8 @@ def main():
         benchmark="rmsnorm", date=today, git_commit=commit(),
         device=props.name, sm_count=props.multi_processor_count,
         torch=torch.__version__, triton=triton.__version__, dtype="bfloat16", eps=EPS,
-        method=__doc__.split("What it does")[1].strip(),
+        method=__doc__.split("What it does")[1].strip(), tuned_in_run=args.tune,
+        inductor_compile_threads=os.environ.get("TORCHINDUCTOR_COMPILE_THREADS"),
         copy_basis="ratios use the copy of the same tensor (M*H bf16) timed in the same run",
     )
     try:
@@ -379,9 +389,10 @@ def main():
     result["host_us"] = host_costs(*SHAPES[0])
     result["shapes"] = {}
     for i, (m, n) in enumerate(SHAPES):
-        result["shapes"][f"{m}x{n}"] = measure_shape(m, n, profile=i == 0)
+        result["shapes"][f"{m}x{n}"] = measure_shape(m, n, profile=i == 0, tune=args.tune)
         write_json(args.out, result)  # what a run cut short by its time limit keeps
         torch.cuda.empty_cache()
+    result["host_us_end"] = host_costs(*SHAPES[0])  # drift of the host over the run
     # hidden sizes outside the target shapes: launch sweep only, to check the heuristics
     result["sweep_only"] = {}
     for m, n in () if args.quick else SWEEP_ONLY:
@@ -418,6 +429,11 @@ def main():
             print(f"{key:14s} ratios {json.dumps(s['ratios'][timing], default=str)}")
     for key, s in list(result["shapes"].items()) + list(result["sweep_only"].items()):
         print(f"{key:14s} sweep best {s['sweep_best']}")
+    if args.tune:  # the tables to paste into kernels/rmsnorm.py
+        print("FORWARD_TABLE", {int(k.split("x")[1]): ours.ForwardConfig(**s["tuned"]["forward"])
+                                for k, s in result["shapes"].items()})
+        print("BACKWARD_TABLE", {int(k.split("x")[1]): ours.BackwardConfig(**s["tuned"]["backward"])
+                                 for k, s in result["shapes"].items()})
     print("summary", json.dumps(result["summary"]))
     print("summary_do_bench", json.dumps(result["summary_do_bench"]))
     print("wrote", args.out)

@@ -11,7 +11,8 @@
 # 2: flash-attn-4 installed; its CUDA tests, then bench_attention (check + bench, the
 #    tuner's winners installed) against flash-attn-4 and SDPA.
 # rmsnorm: its CUDA tests beside 12 workers compiling the launch sweep into Triton's cache,
-#    then the RMSNorm benchmark (--quick: the three target shapes).
+#    then the RMSNorm benchmark (--quick: the three target shapes; --tune: each shape's
+#    sweep winners timed as the defaults, printed as the tables for kernels/rmsnorm.py).
 # 3: the hard-coded configs' CUDA tests beside the forward diagnostic's compile (the forward
 #    without its softmax), then the RMSNorm benchmark.
 set -u
@@ -33,16 +34,18 @@ if [ "$step" = 1 ]; then
   echo "rmsnorm rc=$?"; grep -E "^summary" "$OUT/rmsnorm.log"
 elif [ "$step" = rmsnorm ]; then
   . benchmarks/gpu_env.sh || exit 1
-  for i in $(seq 0 11); do
-    timeout 100 python -m benchmarks.bench_rmsnorm --quick --precompile "$i/12" > "$OUT/precompile$i.log" 2>&1 &
+  # inductor compiles in this process: no worker pool competing with the host timings
+  export TORCHINDUCTOR_COMPILE_THREADS=1
+  for i in $(seq 0 11); do  # logs in /tmp: the device tool brings back only a few files
+    timeout 100 python -m benchmarks.bench_rmsnorm --quick --precompile "$i/12" > "/tmp/precompile$i.log" 2>&1 &
   done
   env -u TRITON_ALLOW_NON_CONSTEXPR_GLOBALS timeout 100 python -m pytest -q -p no:cacheprovider \
     -m cuda tests/kernels/test_rmsnorm.py tests/kernels/test_fast_launch.py \
     tests/kernels/test_megatron_norm.py > "$OUT/tests_rmsnorm.log" 2>&1
   echo "tests rc=$?"; tail -3 "$OUT/tests_rmsnorm.log"
-  wait; echo "precompiled"
-  timeout 170 python -m benchmarks.bench_rmsnorm --quick --out "$OUT/rmsnorm_h200.json" > "$OUT/rmsnorm.log" 2>&1
-  echo "rmsnorm rc=$?"; grep -E "^summary|^host" "$OUT/rmsnorm.log"
+  wait; echo "precompiled"; cat /tmp/precompile*.log | head -20
+  timeout 200 python -m benchmarks.bench_rmsnorm --quick --tune --out "$OUT/rmsnorm_h200.json" > "$OUT/rmsnorm.log" 2>&1
+  echo "rmsnorm rc=$?"; grep -E "^summary|^host|TABLE" "$OUT/rmsnorm.log"
 elif [ "$step" = 3 ]; then
   . benchmarks/gpu_env.sh || exit 1
   env -u TRITON_ALLOW_NON_CONSTEXPR_GLOBALS timeout 200 python -m pytest -q -p no:cacheprovider \
