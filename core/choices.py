@@ -27,6 +27,7 @@ AddNorm = Literal["megatron", "fused"]
 # fused: our RoPE's backward writes dq, dk, dv into one gradient of the fused QKV projection
 # (kernels/rope.py RoPEQKVFunction) instead of megatron's split concatenating them.
 QkvGrad = Literal["megatron", "fused"]
+Device = Literal["cpu", "cuda"]  # a cluster's trial path: gloo on CPU, nccl on CUDA
 
 ATTENTION_KERNELS = get_args(AttentionKernel)
 NORM_KERNELS = get_args(NormKernel)

@@ -10,17 +10,24 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+import typing
+from functools import cache
+from typing import Any, Literal, Optional, Union
 
-from core.choices import (  # noqa: F401  re-exported: the layout's vocabulary
-    ATTENTION_KERNELS,
-    FUSION_CHOICES,
+from core.choices import (
     FUSION_DEFAULTS,
     FUSION_TAGS,
-    NORM_KERNELS,
-    PLANTS,
-    RECOMPUTE,
-    RECOMPUTE_METHODS,
+    AddNorm,
+    AttentionKernel,
+    Device,
+    LossKernel,
+    NormKernel,
+    OptimizerStep,
+    Plant,
+    QkvGrad,
+    Recompute,
+    RecomputeMethod,
+    SwigluKernel,
 )
 
 
@@ -76,7 +83,7 @@ class ClusterConfig:
     """Where trials run. Peaks are explicit per device and never guessed from a GPU name."""
 
     name: str = "local_cpu"
-    device: str = "cpu"  # "cpu" (gloo) or "cuda" (nccl)
+    device: Device = "cpu"  # "cpu" (gloo) or "cuda" (nccl)
     gpus_per_node: int = 2  # ranks per node; on CPU, processes per node
     nodes: int = 1
     gpu_memory_gb: float = 8.0  # usable memory per rank, GiB
@@ -114,22 +121,22 @@ class Layout:
     cp: int = 1
     mbs: int = 1
     gbs: int = 8
-    recompute: str = "none"  # none | selective | full
-    recompute_method: str = "uniform"  # full recompute only: uniform | block
+    recompute: Recompute = "none"  # none | selective | full
+    recompute_method: RecomputeMethod = "uniform"  # full recompute only: uniform | block
     recompute_num_layers: int = 1  # full recompute only
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
-    attention: str = "sdpa"  # triton | flash_attn | sdpa | sdpa_flash | sdpa_cudnn | megatron
-    norm: str = "torch"  # triton | torch | megatron (stock)
+    attention: AttentionKernel = "sdpa"  # triton | flash_attn | sdpa | sdpa_flash | sdpa_cudnn | megatron
+    norm: NormKernel = "torch"  # triton | torch | megatron (stock)
     # Capture each step's forward/backward as one CUDA graph and replay it (GPU, pp = 1):
     # removes host launch overhead where small micro-batches make the step launch-bound.
     cuda_graph: bool = False
     # Fusions between the GEMMs (issue 17); the defaults are megatron-core's own path.
-    swiglu: str = "megatron"  # megatron (torch.compile'd) | triton (kernels/swiglu.py)
-    loss: str = "megatron"  # megatron (whole logits, then CE) | fused (kernels/fused_ce.py)
-    optimizer_step: str = "megatron"  # megatron | flat (launch/flat_step.py: no per-tensor passes)
-    add_norm: str = "megatron"  # megatron | fused (residual adds + the next RMSNorm: kernels/add_rmsnorm.py)
-    qkv_grad: str = "megatron"  # megatron (split's backward concatenates dq, dk, dv) | fused (kernels/rope.py)
+    swiglu: SwigluKernel = "megatron"  # megatron (torch.compile'd) | triton (kernels/swiglu.py)
+    loss: LossKernel = "megatron"  # megatron (whole logits, then CE) | fused (kernels/fused_ce.py)
+    optimizer_step: OptimizerStep = "megatron"  # megatron | flat (launch/flat_step.py: no per-tensor passes)
+    add_norm: AddNorm = "megatron"  # megatron | fused (residual adds + the next RMSNorm: kernels/add_rmsnorm.py)
+    qkv_grad: QkvGrad = "megatron"  # megatron (split's backward concatenates dq, dk, dv) | fused (kernels/rope.py)
 
     @property
     def name(self) -> str:
@@ -186,7 +193,7 @@ class TrialConfig:
     fail_if_name_contains: Optional[str] = None
     # Testing aid: an error planted on purpose so a check can be seen to fail
     # (launch/divergence.py): nan_weights | non_causal | perturb_weight; None is off.
-    plant: Optional[str] = None
+    plant: Optional[Plant] = None
     plant_if_name_contains: Optional[str] = None  # only these trials; None: every trial
     plant_step: int = 1  # nan_weights: the first step whose loss is NaN (counted from 0)
     # Python's garbage collector runs only between steps, never inside a timed one
@@ -216,26 +223,59 @@ class SweepConfig:
     cancel_orphans: bool = False
 
 
+@cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def check_value(cls, name: str, value: Any, key: str) -> Any:
+    """The value field `name` of `cls` takes from a config or command-line `value`, or a
+    one-line ConfigError naming `key` (e.g. "layout.tp"). The one type check of a config:
+    the dataclass's own annotations. int: no bool or float; float: finite, an int is taken
+    as one; bool: true/false or 0/1; str: a number is taken as its text (YAML and Hydra
+    read `sweep.name=2024` as an int); Literal: one of its values; Optional[X]: None or X.
+    """
+    kind = _hints(cls)[name]
+    if typing.get_origin(kind) is Union:  # Optional[X]
+        if value is None:
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        if isinstance(value, bool) or value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is bool:
+        if isinstance(value, bool) or (number and value in (0, 1)):
+            return bool(value)
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if kind is float:
+        if not number:
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return float(value)
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        if number:
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    raise TypeError(f"{cls.__name__}.{name}: no check for type {kind!r}")
+
+
 def _build(cls, data: Optional[dict], prefix: str):
     data = dict(data or {})
-    known = {f_.name: f_ for f_ in fields(cls)}
+    known = [f_.name for f_ in fields(cls)]
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"unknown field {prefix}.{unknown[0]} (known: {', '.join(known)})")
-    obj = cls()
-    for key, value in data.items():
-        default = getattr(obj, key)
-        if value is not None and default is not None and not isinstance(value, type(default)):
-            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            elif isinstance(default, bool) and value in (0, 1):
-                value = bool(value)
-            else:
-                raise ConfigError(
-                    f"{prefix}.{key} must be {type(default).__name__}, got {value!r}"
-                )
-        setattr(obj, key, value)
-    return obj
+    return cls(**{key: check_value(cls, key, value, f"{prefix}.{key}") for key, value in data.items()})
 
 
 def model_from_dict(data: dict) -> ModelConfig:
@@ -255,10 +295,7 @@ def layout_from_dict(data: dict) -> Layout:
 
 
 def trial_from_dict(data: dict) -> TrialConfig:
-    trial = _build(TrialConfig, data, "trial")
-    if trial.plant is not None and trial.plant not in PLANTS:
-        raise ConfigError(f"trial.plant must be one of {', '.join(PLANTS)}, got {trial.plant!r}")
-    return trial
+    return _build(TrialConfig, data, "trial")
 
 
 def sweep_from_dict(data: dict) -> SweepConfig:
@@ -271,7 +308,7 @@ def as_dict(obj: Any) -> dict:
 
 @dataclass
 class RootConfig:
-    """The schema of conf/config.yaml: Hydra type-checks presets and overrides against it."""
+    """The sections of conf/config.yaml and their defaults (register_configs)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -283,4 +320,7 @@ class RootConfig:
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="schema", node=RootConfig)
+    # The defaults only, untyped: the dataclasses check the types (check_value) when the
+    # command line (launch/cli_checks.py) and the composed config (*_from_dict) reach them;
+    # OmegaConf's structured configs would refuse the Literal kernel choices.
+    ConfigStore.instance().store(name="schema", node=as_dict(RootConfig()))

@@ -9,14 +9,12 @@ is not finite, a size that is zero or negative, a name that is not a plain name.
 from __future__ import annotations
 
 import dataclasses
-import math
-import typing
 from typing import Optional
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
-from core.config import ClusterConfig, Layout, ModelConfig, SweepConfig, TrialConfig
+from core.config import ClusterConfig, ConfigError, Layout, ModelConfig, SweepConfig, TrialConfig, check_value
 from core.paths import CONF_DIR
 from launch.capacity import PATH_NAMES, name_problem
 
@@ -56,25 +54,12 @@ def _values(override) -> list:
     return [override.value()]
 
 
-def _field_type(cls, name: str):
-    """The field's type, Optional[X] read as X."""
-    hint = typing.get_type_hints(cls)[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
-
-
-def _type_problem(key: str, kind, value) -> Optional[str]:
-    if value is None:
-        return None
-    if kind is bool and not (isinstance(value, bool) or value in (0, 1)):
-        return f"{key} must be true or false, got {value!r}"
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        return f"{key} must be an integer, got {value!r}"
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"{key} must be a number, got {value!r}"
-        if not math.isfinite(value):
-            return f"{key} must be a finite number, got {value!r}"
+def _type_problem(cls, name: str, key: str, value) -> Optional[str]:
+    """The dataclass's own check (core.config.check_value), as a line."""
+    try:
+        check_value(cls, name, value, key)
+    except ConfigError as exc:
+        return str(exc)
     return None
 
 
@@ -83,9 +68,9 @@ def _check_field(key: str, values: list) -> Optional[str]:
     fields = {f.name: f for f in dataclasses.fields(SCHEMAS[section])}
     if name not in fields:
         return f"unknown field {key} (known: {', '.join(fields)})"
-    kind = _field_type(SCHEMAS[section], name)
     for value in values:
-        problem = _type_problem(key, kind, value) or (name_problem(key, value) if key in PATH_NAMES else None)
+        problem = (_type_problem(SCHEMAS[section], name, key, value)
+                   or (name_problem(key, value) if key in PATH_NAMES else None))
         if problem:
             return problem
     default = getattr(SCHEMAS[section](), name)
@@ -116,6 +101,8 @@ def check_arguments(argv: list[str]) -> Optional[str]:
             for value in values:
                 if str(value) not in known:
                     return f"unknown {key} preset {value!r} (known: {', '.join(known)})"
+        elif key in SCHEMAS:  # the schema's defaults are untyped (core.config.register_configs)
+            return f"{key} is a section, not a value: set its fields ({key}.FIELD=VALUE), got {key}={values[0]!r}"
         elif key.split(".")[0] in SCHEMAS and "." in key:
             problem = _check_field(key, values)
             if problem:

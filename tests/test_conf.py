@@ -1,7 +1,8 @@
-"""Every preset composes into the typed schema and converts to the project's dataclasses."""
+"""Every preset composes and converts to the project's dataclasses, which check its types."""
 
 import dataclasses
 import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from core.config import (
+    ClusterConfig,
     ConfigError,
     Layout,
+    ModelConfig,
+    SweepConfig,
+    TrialConfig,
+    check_value,
     cluster_from_dict,
     layout_from_dict,
     model_from_dict,
@@ -106,7 +112,7 @@ def test_a_typo_in_a_preset_axis_is_caught():
     typo_in_grid = [*grids, {"layout.norm": "trition"}]
     assert any("norm must be one of" in p for p in grid_problems(cfg["layout"], params, typo_in_grid))
     assert grid_problems(cfg["layout"], {"layout.mbs": "1,two"}, []) == [
-        "layout.mbs must be int, got 'two'"]
+        "layout.mbs must be an integer, got 'two'"]
     assert grid_problems(cfg["layout"], {"layout.mbz": "1"}, []) == [
         "unknown field layout.mbz (known: " + ", ".join(f.name for f in dataclasses.fields(Layout)) + ")"]
 
@@ -118,12 +124,44 @@ def test_known_sizes():
     assert 1.3e9 < m.num_params() < 1.4e9
 
 
-def test_schema_rejects_a_wrong_type():
-    from hydra.errors import ConfigCompositionException
+def test_a_wrong_type_is_caught_by_the_dataclasses_own_check():
+    # One check: Hydra composes the defaults untyped, the dataclass's annotations decide.
+    cfg = _compose(["layout.tp=two", "layout.attention=tritonn", "cluster.gpu_memory_gb=80"])
+    assert cfg["layout"]["tp"] == "two"  # Hydra let it through
+    with pytest.raises(ConfigError, match=r"^layout.tp must be an integer, got 'two'$"):
+        layout_from_dict(cfg["layout"])
+    with pytest.raises(ConfigError, match=r"^layout.attention must be one of triton, flash_attn, .*, got 'tritonn'$"):
+        layout_from_dict({**cfg["layout"], "tp": 2})
+    assert cluster_from_dict(cfg["cluster"]).gpu_memory_gb == 80.0  # an int taken as a float
+    # the command-line check runs the same one, before Hydra composes anything
+    from launch.cli_checks import check_arguments
 
-    with pytest.raises(ConfigCompositionException, match="Error merging override layout.tp=two") as caught:
-        _compose(["layout.tp=two"])
-    assert "could not be converted to Integer" in str(caught.value.__cause__)
+    assert check_arguments(["layout.tp=two"]) == "layout.tp must be an integer, got 'two'"
+    assert check_arguments(["layout.norm=rms"]) == "layout.norm must be one of triton, torch, megatron, got 'rms'"
+    assert check_arguments(["layout.norm=triton", "trial.plant=non_causal"]) is None
+
+
+@pytest.mark.parametrize("cls,name,value,message", [
+    (Layout, "tp", True, "must be an integer, got True"),  # a bool is no size
+    (Layout, "tp", 2.0, "must be an integer, got 2.0"),
+    (Layout, "sequence_parallel", 2, "must be true or false, got 2"),
+    (Layout, "attention", True, "must be one of"),
+    (ClusterConfig, "peak_tflops", "fast", "must be a number, got 'fast'"),
+    (ClusterConfig, "peak_tflops", float("nan"), "must be a finite number, got nan"),
+    (ClusterConfig, "device", "tpu", "must be one of cpu, cuda, got 'tpu'"),
+    (ModelConfig, "name", ["a"], "must be a string, got ['a']"),
+])
+def test_check_value_rejects(cls, name, value, message):
+    with pytest.raises(ConfigError, match=re.escape(f"x.{name} {message}")):
+        check_value(cls, name, value, f"x.{name}")
+
+
+def test_check_value_takes_what_yaml_and_hydra_write():
+    assert check_value(Layout, "sequence_parallel", 1, "k") is True
+    assert check_value(ClusterConfig, "gpu_memory_gb", 80, "k") == 80.0
+    assert check_value(SweepConfig, "name", 2024, "k") == "2024"  # sweep.name=2024
+    assert check_value(SweepConfig, "max_trials", None, "k") is None  # Optional
+    assert check_value(TrialConfig, "plant", "nan_weights", "k") == "nan_weights"
 
 
 def test_dataclass_conversion_rejects_bad_values():

@@ -32,10 +32,10 @@ from tests.faults.helpers import (
     ("sweep.name=a/b", "error: sweep.name must be a plain name"),
     ("model.name=..", "error: model.name must be a plain name"),
     ("foo=bar", "error: unknown config key 'foo'"),
-    ("layout.attention=../../../tmp/x", "error: a layout value would make the trial folder "),  # in its name
+    ("layout.attention=../../../tmp/x", "error: layout.attention must be one of triton, "),  # a Literal
+    ("layout=3", "error: layout is a section, not a value: set its fields (layout.FIELD=VALUE), got layout=3"),
     # Hydra's own errors, after composition: its report shortened to one line
     ("+layout.tp=2", "error: Could not append to config. An item is already at 'layout.tp'."),
-    ("layout=3", "error: Error merging override layout=3"),
     ("hydra/launcher=bogus", "error: In 'hydra/config': Could not find 'hydra/launcher/bogus'; "
                              "available: basic, submitit_local, submitit_slurm"),
 ])

@@ -5,7 +5,7 @@ import time
 
 from omegaconf import OmegaConf
 
-from core.config import Layout, RootConfig, TrialConfig
+from core.config import Layout, RootConfig, TrialConfig, as_dict
 from core.spec import SPEC_FILE, TrialSpec
 from launch.main import job_spec
 from launch.supervise import started
@@ -13,7 +13,7 @@ from launch.trial import prepare
 
 
 def _cfg(**layout):
-    cfg = OmegaConf.structured(RootConfig)
+    cfg = OmegaConf.create(as_dict(RootConfig()))  # as Hydra composes it: the defaults, untyped
     for key, value in layout.items():
         cfg.layout[key] = value
     return cfg
