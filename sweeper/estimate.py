@@ -33,6 +33,7 @@ import json
 import sys
 from typing import Optional
 
+from core.choices import ATTENTION_KERNELS, NORM_KERNELS, RECOMPUTE, RECOMPUTE_METHODS
 from core.config import ClusterConfig, Layout, ModelConfig
 from sweeper.constants import Calibration, load_calibration
 from sweeper.memory import predict_memory
@@ -43,10 +44,10 @@ MAX_INT = 2**24  # ranks, layers, widths, batch sizes: far past any real one, fa
 
 MODEL_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                 "num_query_groups", "vocab_size", "seq_length")
-# The coarse names, mapped onto the kernels the models know.
-ATTENTION = {"fused": "sdpa_flash", "unfused": "megatron", "triton": "triton", "sdpa": "sdpa",
-             "sdpa_flash": "sdpa_flash", "sdpa_cudnn": "sdpa_cudnn", "megatron": "megatron"}
-NORM = {"fused": "triton", "torch": "torch", "triton": "triton", "megatron": "megatron"}
+# The coarse names ("fused", "unfused") mapped onto the kernels the models know, and every
+# kernel of core.choices as itself.
+ATTENTION = {"fused": "sdpa_flash", "unfused": "megatron", **{k: k for k in ATTENTION_KERNELS}}
+NORM = {"fused": "triton", **{k: k for k in NORM_KERNELS}}
 
 
 class FieldError(ValueError):
@@ -115,8 +116,8 @@ def parse_layout(data: dict) -> tuple[Layout, int]:
     layout = Layout(
         tp=_int(d, "layout", "tp"), pp=_int(d, "layout", "pp"), vpp=_int(d, "layout", "vpp", 1),
         cp=_int(d, "layout", "cp", 1), mbs=_int(d, "layout", "mbs"), gbs=_int(d, "layout", "gbs"),
-        recompute=_choice(d, "layout", "recompute", ("none", "selective", "full"), "none"),
-        recompute_method=_choice(d, "layout", "recompute_method", ("uniform", "block"), "uniform"),
+        recompute=_choice(d, "layout", "recompute", RECOMPUTE, "none"),
+        recompute_method=_choice(d, "layout", "recompute_method", RECOMPUTE_METHODS, "uniform"),
         recompute_num_layers=_int(d, "layout", "recompute_num_layers", 1),
         sequence_parallel=_bool(d, "layout", "sequence_parallel"),
         distributed_optimizer=_bool(d, "layout", "distributed_optimizer"),
