@@ -16,9 +16,11 @@ rstd recomputed in the backward from x (which it reads anyway) instead of stored
 dw partial buffer kept between calls (not while a CUDA graph is being captured): a call
 allocates only its outputs (y forward; dx and dw backward).
 
-H200, bf16: measured figures per shape in benchmarks/results/rmsnorm_h200_*.json (GPU
-time against a copy of x and the peers; host time included against F.rms_norm); the
-tables FORWARD_TABLE / BACKWARD_TABLE below are that benchmark's launch sweep.
+H200, bf16 (benchmarks/results/rmsnorm_h200_2026-12-01.json; shapes 16384x4096,
+32768x8192, 8192x5120): GPU time fwd 0.93/0.95/0.92x a copy of x, fwd+bwd 0.91/0.92/0.85x,
+1.16/1.13/1.36x the best peer (torch.compile, liger); host included (do_bench) fwd+bwd
+1.67/2.06/1.72x F.rms_norm. The backward is bound by bytes in flight: one program per SM
+holds its tile and the prefetched next one in registers (0.79-0.90x copy).
 
 Three layers, as in Liger-Kernel and the Triton layer-norm tutorial:
   * private @triton.jit kernels: `_forward_kernel` (a [BLOCK_M, BLOCK_N] tile of rows per
@@ -218,7 +220,7 @@ class BackwardConfig(NamedTuple):
     num_warps: int
     programs_per_sm: int  # persistent grid = SMs * programs_per_sm (capped by row tiles)
     prefetch: bool = False  # load the next row tile before computing this one
-    num_stages: int = 1  # > 1: Triton's pipeliner stages the loop's loads
+    num_stages: int = 1  # 2, 3: no change on the H200 (Triton 3.6 leaves these loads alone)
     split: bool = True
 
 
@@ -237,19 +239,20 @@ def column_blocks(n_cols: int, split: bool = True) -> tuple:
     return full // 2, triton.next_power_of_2(n_cols - full // 2)
 
 
-# Tuned launch configurations, H200 bf16 (benchmarks/results/rmsnorm_h200_2026-12-01.json
-# sweeps, GPU time, best within 1% of the fastest); other sizes use the heuristics below.
+# Tuned launch configurations: the winners of the launch sweep of bench_rmsnorm --tune on
+# the H200, bf16 (benchmarks/results/rmsnorm_h200_2026-12-01.json, GPU time), which timed
+# them as the defaults. Forward: the first five configs at each size lie within 1% (e.g.
+# 4096: (4, 4) and (4, 16) both 3.695 TB/s). Other sizes use the heuristics below.
 FORWARD_TABLE = {
-    4096: ForwardConfig(4, 16),  # 3.76 TB/s vs 3.68 for (1, 8)
-    5120: ForwardConfig(1, 4),
-    8192: ForwardConfig(1, 16),
+    4096: ForwardConfig(4, 4),
+    5120: ForwardConfig(1, 4),  # split 4096 + 1024: 3.51 TB/s, unsplit 3.48
+    8192: ForwardConfig(1, 4),
 }
 BACKWARD_TABLE = {
     4096: BackwardConfig(2, 16, 1, prefetch=True),
-    # split with 16 warps the 1024-column tail is 2 elements a thread (4-byte loads): fwd+bwd
-    # 0.72x copy at 8192x5120 in the run of commit 0570c46, against 0.86x unsplit before
-    5120: BackwardConfig(1, 16, 1, prefetch=True, split=False),
-    8192: BackwardConfig(1, 32, 1, prefetch=True),  # 3.86 TB/s vs 3.81 with 16 warps
+    # unsplit: with the 1024-column tail (4-byte loads a thread) 2.59 TB/s against 3.01
+    5120: BackwardConfig(1, 8, 1, prefetch=True, split=False),
+    8192: BackwardConfig(1, 16, 1, prefetch=True),
 }
 
 
@@ -273,11 +276,9 @@ def backward_config(n_cols: int) -> BackwardConfig:
     """The table's entry, else: one program per SM, 16 warps, walking tiles of 8192 elements
     (2 rows of 4096, one of 5120..8192) with the next tile prefetched.
 
-    Measured on H100, bf16: prefetch with one program per SM beat 2 programs per SM without
-    it by 5-10% (occupancy is register-bound: x, dy, w and the dw partial all live in
-    registers); 2 rows of 4096 beat 1 by 10%; 32 warps spill at H = 6656 (2x slower).
-    Wider tiles (H = 16384) have no room for a prefetched copy: without it 16 warps gave
-    2.1 TB/s, prefetching spilled to 0.2 TB/s.
+    Measured on H100, bf16: prefetch, one program per SM beat 2 per SM without it by 5-10%
+    (registers bound occupancy); 2 rows of 4096 beat 1 by 10%; 32 warps spill at H = 6656;
+    H = 16384 has no room for a prefetched copy (2.1 TB/s without, 0.2 with: spills).
     """
     if n_cols in BACKWARD_TABLE:
         return BACKWARD_TABLE[n_cols]
@@ -331,9 +332,8 @@ def _cdiv(a: int, b: int) -> int:
 
 
 # fast_launch's cache keys, device index first: the launch config, every int Triton may
-# specialize on (row counts are not specialized), the dtype and 16-byte alignment of each
-# pointer the caller passes in (outputs and scratch are fresh allocations: aligned, their
-# dtypes follow x and weight). Spelled out, not built in a loop: they run on every call.
+# specialize on (not row counts), dtype and 16-byte alignment of each pointer passed in
+# (outputs and scratch are fresh: aligned, dtypes follow x and weight).
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
