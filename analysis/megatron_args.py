@@ -237,8 +237,9 @@ def megatron_core_kwargs(model: ModelConfig, layout: Layout, *, world_size: int)
         "use_te_activation_func": layout.swiglu == "triton", "bias_dropout_fusion": True,
         "cross_entropy_loss_fusion": True, "cross_entropy_fusion_impl": "'native'",
         "masked_softmax_fusion": False, "persist_layer_norm": False, "apply_rope_fusion": False,
-        # True only after kernels.wgrad.install() (or with Apex): the trials call it first.
-        "gradient_accumulation_fusion": True,
+        # megatron's flag means Apex's extension; the trials' own linears fuse instead
+        # (block_spec's wgrad_fusion, kernels/wgrad.py).
+        "gradient_accumulation_fusion": False,
         # launch.steps.p2p_settings on GPU: interleaving overlaps p2p and never batches it.
         "batch_p2p_comm": not interleaved, "overlap_p2p_comm": interleaved,
         "deallocate_pipeline_outputs": True, **recompute,
@@ -247,7 +248,7 @@ def megatron_core_kwargs(model: ModelConfig, layout: Layout, *, world_size: int)
     gpt = {"config": "config",
            "transformer_layer_spec": (f"kernels.layer_spec.block_spec(config, attention={layout.attention!r}, "
                                       f"norm={layout.norm!r}, rope_base={ROPE_BASE}, swiglu={layout.swiglu!r}, "
-                                      f"add_norm={layout.add_norm!r})"),
+                                      f"add_norm={layout.add_norm!r}, wgrad_fusion=True)"),
            "vocab_size": model.vocab_size, "max_sequence_length": model.seq_length,
            "parallel_output": True, "share_embeddings_and_output_weights": False,
            "position_embedding_type": rope, "rotary_base": ROPE_BASE}
@@ -259,6 +260,8 @@ def megatron_core_kwargs(model: ModelConfig, layout: Layout, *, world_size: int)
                  "use_distributed_optimizer": layout.distributed_optimizer}
     as_source = lambda d: {k: str(v) for k, v in d.items()}  # noqa: E731 - True, None, 1e-05 read back as Python
     model_class = "kernels.megatron_loss.FusedLossGPTModel" if layout.loss == "fused" else "GPTModel"
+    if layout.loss == "fused":
+        gpt["wgrad_fusion"] = True
     return {"TransformerConfig": as_source(config), model_class: as_source(gpt),
             "DistributedDataParallelConfig": as_source(ddp), "OptimizerConfig": as_source(optimizer)}
 
@@ -267,8 +270,10 @@ def megatron_core_text(model: ModelConfig, layout: Layout, *, world_size: int) -
     """One `Class(field=value, ...)` line per object, in the order a trial builds them."""
     lines = [f"{name}({', '.join(f'{k}={v}' for k, v in fields_.items())})"
              for name, fields_ in megatron_core_kwargs(model, layout, world_size=world_size).items()]
+    after_build = ["kernels.wgrad.fuse_output_layer(model.output_layer)  # after the build"]
     if layout.add_norm == "fused":
-        lines.insert(2, "kernels.megatron_layer.link_layers(model.decoder.layers)  # add_norm=fused, after the build")
-    lines.append("(lr is the trials' trial.lr default; the trials call kernels.wgrad.install() before "
-                 "building, and step torch's fused Adam: launch/gpu_trial.py)")
+        after_build.append("kernels.megatron_layer.link_layers(model.decoder.layers)  # add_norm=fused, after the build")
+    lines[2:2] = after_build
+    lines.append("(lr is the trials' trial.lr default; wgrad_fusion=True where kernels.wgrad.available('cuda'), "
+                 "as on every GPU trial so far; the trials step torch's fused Adam: launch/gpu_trial.py)")
     return lines

@@ -17,7 +17,7 @@ recorded with its error and never loses the others; the JSON is rewritten after 
    benchmarks/run_gpu_sweep.sh runs it, warm-up 2 and STEPS - 2 measured steps;
 3. trial_no_cuda_graph: the same with layout.cuda_graph=false (when the layout has it on);
 4. trial_no_wgrad_fusion: the same trial in one process (launch.gpu_trial.run_steps, as
-   benchmarks/diag_step_overhead.py does) with gradient_accumulation_fusion off;
+   benchmarks/diag_step_overhead.py does) without kernels/wgrad.py's linears;
 5. trial_unfused_adam: the same with megatron's torch AdamW left on its multi-tensor path, as
    Megatron-LM without Apex/TE steps it (our trials switch it to torch's fused kernel);
 6. megatron_lm_cuda_graph_local: Megatron-LM again with `--cuda-graph-impl local`, the nearest
@@ -130,14 +130,7 @@ def child(variant: str, model_name: str, cluster_name: str, layout: Layout, step
     from launch import distributed
 
     if variant == "no_wgrad_fusion":
-        base = gpu_trial.transformer_config
-
-        def no_wgrad(*args, **kwargs):
-            config = base(*args, **kwargs)
-            config.gradient_accumulation_fusion = False
-            return config
-
-        gpu_trial.transformer_config = no_wgrad
+        gpu_trial.wgrad.available = lambda device: False  # megatron's own linears, unfused
     elif variant == "unfused_adam":
         gpu_trial._use_fused_adam = lambda optimizer: None
     else:

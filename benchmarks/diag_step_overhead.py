@@ -35,7 +35,7 @@ VARIANTS = {
     "no_fusions": {"config": {"bias_activation_fusion": False, "cross_entropy_loss_fusion": False}},
     "torch_norm": {"layout": {"norm": "torch"}},
     "plain_rng": {"plain_rng": True},
-    "no_wgrad_fusion": {"config": {"gradient_accumulation_fusion": False}},
+    "no_wgrad_fusion": {"no_wgrad_fusion": True},  # kernels/wgrad.py's linears left out
     # The fusions of issue 17, one at a time and together.
     "swiglu_triton": {"layout": {"swiglu": "triton"}},
     "loss_fused": {"layout": {"loss": "fused"}},
@@ -76,6 +76,8 @@ def child(variant: str, mbs: int, profile: bool, out: Path) -> None:
     if change.get("plain_rng"):
         seed = gpu_trial.model_parallel_cuda_manual_seed
         gpu_trial.model_parallel_cuda_manual_seed = lambda s, **_: seed(s)
+    if change.get("no_wgrad_fusion"):
+        gpu_trial.wgrad.available = lambda device: False  # megatron's own linears, unfused
     if change.get("unfused_adam"):
         gpu_trial._use_fused_adam = lambda optimizer: None
 

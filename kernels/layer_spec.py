@@ -3,7 +3,9 @@
 Kernels enter through `ModuleSpec`, never by patching megatron: a layout's
 `attention` picks the core-attention module and its `norm` picks the module
 for every norm, the final one included. `attention="megatron", norm="megatron"`
-is megatron-core's stock local spec, the baseline.
+is megatron-core's stock local spec, the baseline. `wgrad_fusion=True` (a GPU trial's
+choice, launch.gpu_trial) swaps the layer's four linears for kernels.wgrad's, whose
+weight gradients accumulate straight into DDP's fp32 buffers.
 
 RoPE goes with the attention: our core-attention modules apply it themselves (one
 fused kernel, kernels.rope), megatron's applies its own. `applies_rope` says which,
@@ -76,17 +78,27 @@ def core_attention_spec(attention: str, *, rope_base: float, qkv_grad: str = "me
 
 
 def layer_spec(*, attention: str, norm: str, rope_base: float, swiglu: str = "megatron",
-               add_norm: str = "megatron", qkv_grad: str = "megatron") -> ModuleSpec:
+               add_norm: str = "megatron", qkv_grad: str = "megatron",
+               wgrad_fusion: bool = False) -> ModuleSpec:
     """A TransformerLayer spec: megatron's local linears and MLP, our norm and attention;
     swiglu="triton" makes kernels.swiglu the MLP's activation (the config must set
     use_te_activation_func, as launch.model does, or megatron never calls it);
-    add_norm="fused": the layer is kernels.megatron_layer's (residual add + pre-MLP norm fused)."""
+    add_norm="fused": the layer is kernels.megatron_layer's (residual add + pre-MLP norm fused);
+    wgrad_fusion: kernels.wgrad's linears (and the fused layer's norm weights) put their
+    weight gradients straight into DDP's `main_grad`."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     subs = spec.submodules
+    if wgrad_fusion:
+        from kernels import wgrad
+
+        attention_subs, mlp_subs = subs.self_attention.submodules, subs.mlp.submodules
+        attention_subs.linear_qkv = mlp_subs.linear_fc1 = wgrad.ColumnParallelLinear
+        attention_subs.linear_proj = mlp_subs.linear_fc2 = wgrad.RowParallelLinear
     if add_norm == "fused":
         from kernels.megatron_layer import FusedAddNormLayer
 
         spec.module = FusedAddNormLayer
+        spec.params = {**spec.params, "wgrad_fusion": wgrad_fusion}
     elif add_norm != "megatron":
         raise ValueError(f"unknown add_norm {add_norm!r}")
     if swiglu == "triton":
@@ -103,12 +115,12 @@ def layer_spec(*, attention: str, norm: str, rope_base: float, swiglu: str = "me
 
 
 def block_spec(config, *, attention: str, norm: str, rope_base: float,
-               vp_stage=None, swiglu: str = "megatron",
-               add_norm: str = "megatron", qkv_grad: str = "megatron") -> TransformerBlockSubmodules:
+               vp_stage=None, swiglu: str = "megatron", add_norm: str = "megatron",
+               qkv_grad: str = "megatron", wgrad_fusion: bool = False) -> TransformerBlockSubmodules:
     """The decoder block of one model chunk: its layers plus the final norm. rope_base
     reaches our core attention; with attention="megatron" it is unused here (megatron's
     RotaryEmbedding takes GPTModel's rotary_base)."""
     layer = layer_spec(attention=attention, norm=norm, rope_base=rope_base, swiglu=swiglu,
-                       add_norm=add_norm, qkv_grad=qkv_grad)
+                       add_norm=add_norm, qkv_grad=qkv_grad, wgrad_fusion=wgrad_fusion)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm_module(norm))

@@ -28,13 +28,15 @@ from kernels.add_rmsnorm import add_rms_norm
 
 
 class FusedAddNormLayer(TransformerLayer):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, wgrad_fusion: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         # Norm weights the fused kernel differentiates get dw straight into DDP's fp32
-        # main_grad, as megatron's linears do with gradient_accumulation_fusion.
+        # main_grad, as the linears do: kernels.wgrad's (wgrad_fusion, from the layer spec)
+        # or megatron's with Apex (gradient_accumulation_fusion).
+        fused = wgrad_fusion or bool(self.config.gradient_accumulation_fusion)
         for norm in (self.input_layernorm, self.pre_mlp_layernorm):
             if hasattr(norm, "weight"):
-                norm.weight.fused_main_grad = bool(self.config.gradient_accumulation_fusion)
+                norm.weight.fused_main_grad = fused
 
     def _fusable(self, context, inference_context) -> bool:
         config = self.config

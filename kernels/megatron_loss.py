@@ -9,9 +9,9 @@ Everything else (no labels, evaluation, multi-token prediction, tied embeddings)
 GPTModel's own path.
 
 The output layer's parameters stay where megatron puts them (`output_layer.weight`,
-tagged for DDP as usual); only its forward is bypassed. With megatron's
-`gradient_accumulation_fusion` the weight gradient is added straight into DDP's fp32
-`main_grad`, as megatron's linears do. tp = 1 only (the vocabulary is not split).
+tagged for DDP as usual); only its forward is bypassed. With `wgrad_fusion`
+(kernels/wgrad.py) or megatron's `gradient_accumulation_fusion` the weight gradient is added
+straight into DDP's fp32 `main_grad`, as the linears do. tp = 1 only (the vocabulary is not split).
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ from kernels.fused_ce import fused_linear_cross_entropy
 
 
 class FusedLossGPTModel(GPTModel):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, wgrad_fusion: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         if self.config.tensor_model_parallel_size != 1:
             raise ValueError("loss=fused needs tp = 1 (the fused loss does not split the vocabulary)")
         if self.post_process and self.output_layer.weight is not None:
-            self.output_layer.weight.fused_ce_main_grad = bool(self.config.gradient_accumulation_fusion)
+            # As the linears do: kernels.wgrad's (wgrad_fusion) or megatron's with Apex.
+            fused = wgrad_fusion or bool(self.config.gradient_accumulation_fusion)
+            self.output_layer.weight.fused_ce_main_grad = fused
 
     def _fused(self, labels, inference_context, mtp_in_postprocess) -> bool:
         return (labels is not None and self.post_process and self.training

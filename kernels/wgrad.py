@@ -6,19 +6,39 @@ parameter per micro-batch. On an H100 (llama_1b3, gbs 16, 2026-11-23) those adds
 94 ms of a 0.665 s step at mbs 1 (16 micro-batches) against 12 ms at mbs 8: most of
 the gap between small and large micro-batches once the step runs as a CUDA graph.
 
-megatron-core fuses the accumulation into the GEMM (`gradient_accumulation_fusion`)
-through Apex's `fused_weight_gradient_mlp_cuda` extension, which is not installed here.
-The same operation is one cuBLAS call through torch: `addmm` with bf16 inputs, an fp32
-output dtype and beta = 1, written in place. `install()` hands megatron-core this
-module in place of the extension when the extension is missing and the call checks out
-on this device.
+megatron-core fuses the accumulation into the GEMM (`gradient_accumulation_fusion`) only
+through Apex's `fused_weight_gradient_mlp_cuda` extension, which is not installed here:
+with the flag on and no extension, its ColumnParallelLinear refuses to build. The same
+operation is one cuBLAS call through torch: `addmm` with bf16 inputs, an fp32 output
+dtype and beta = 1, written in place (`accumulate`). It enters through our own linear
+modules, never by replacing megatron's module attributes:
+
+- `ColumnParallelLinear` / `RowParallelLinear` here are megatron's with one change: the
+  autograd function of their matmul is `_LinearIntoMainGrad`, megatron's
+  LinearWithGradAccumulationAndAsyncCommunication (0.16.1) whose weight gradient goes into
+  `weight.main_grad` through `accumulate`. The forward, the input gradient and the tensor-
+  and sequence-parallel communication are megatron's, step for step. `kernels.layer_spec`
+  puts them in the layer spec (the QKV, attention output and both MLP linears) when a
+  trial asks for the fusion (`block_spec(wgrad_fusion=True)`).
+- GPTModel builds its output layer from megatron's class itself, not from the spec:
+  `fuse_output_layer` gives that one instance our subclass (same weights, same state).
+- megatron's own `config.gradient_accumulation_fusion` stays off (it means Apex's
+  extension); our fused norm and loss modules take the same `wgrad_fusion` switch.
+
+As megatron's fused path does, a weight whose gradient went into `main_grad` is marked
+`grad_added_to_main_grad`, so DDP's hook does not add it again, and autograd gets a dummy
+gradient, so that hook still runs on the backward's thread. A weight without `main_grad`
+(no DDP around the model) gets its gradient as usual.
 """
 
 from __future__ import annotations
 
-import sys
-
 import torch
+from megatron.core import tensor_parallel
+from megatron.core.parallel_state import get_global_memory_buffer
+from megatron.core.tensor_parallel import layers as megatron_layers
+from megatron.core.utils import get_tensor_model_parallel_group_if_none
+from megatron.core.utils import prepare_input_tensors_for_wgrad_compute
 
 
 def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor,
@@ -33,6 +53,20 @@ def wgrad_gemm_accum_fp16(total_input: torch.Tensor, grad_output: torch.Tensor,
     main_grad.addmm_(grad_output.t(), total_input)
 
 
+def accumulate(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+    """main_grad += grad_output^T @ total_input, in main_grad's dtype, in place.
+
+    16-bit inputs into an fp32 buffer: one GEMM with an fp32 output (CUDA only in torch
+    2.13: addmm's out_dtype has no CPU kernel). Inputs of the buffer's own dtype (the fp32
+    CPU path, or a 16-bit buffer): a plain in-place addmm."""
+    if main_grad.dtype == torch.float32 and total_input.dtype in (torch.bfloat16, torch.float16):
+        wgrad_gemm_accum_fp32(total_input, grad_output, main_grad)
+    elif main_grad.dtype == total_input.dtype:
+        wgrad_gemm_accum_fp16(total_input, grad_output, main_grad)
+    else:
+        raise RuntimeError(f"no weight-gradient accumulation of {total_input.dtype} into {main_grad.dtype}")
+
+
 def check(device: str = "cuda") -> bool:
     """Does the in-place fp32 accumulation give the reference result on this device?"""
     gen = torch.Generator(device=device).manual_seed(0)
@@ -42,22 +76,126 @@ def check(device: str = "cuda") -> bool:
     expected = main + dy.float().t() @ x.float()
     try:
         wgrad_gemm_accum_fp32(x, dy, main)
-    except (RuntimeError, TypeError):  # no addmm with an fp32 output dtype in this torch
+    except (RuntimeError, TypeError, NotImplementedError):  # no fp32-output addmm here
         return False
     return torch.allclose(main, expected, rtol=1e-3, atol=1e-2)
 
 
-def install() -> bool:
-    """Let megatron-core's gradient_accumulation_fusion use this module; True if it can.
+def available(device: str) -> bool:
+    """Whether a trial on `device` fuses its weight-gradient accumulation: on CUDA when the
+    fp32-output GEMM checks out there. The CPU path keeps megatron's unfused path."""
+    return device == "cuda" and torch.cuda.is_available() and check("cuda")
 
-    Apex's extension, when present, is kept. Call before building the model.
-    """
-    from megatron.core.tensor_parallel import layers
 
-    if layers._grad_accum_fusion_available:
-        return True
-    if not torch.cuda.is_available() or not check():
-        return False
-    layers.fused_weight_gradient_mlp_cuda = sys.modules[__name__]
-    layers._grad_accum_fusion_available = True
-    return True
+def _dummy_grad(weight: torch.Tensor, main_grad: torch.Tensor, dtype) -> torch.Tensor:
+    if getattr(weight, "zero_out_wgrad", False):
+        return torch.zeros(main_grad.shape, dtype=dtype, device=main_grad.device)
+    return torch.empty(main_grad.shape, dtype=dtype, device=main_grad.device)
+
+
+class _LinearIntoMainGrad(torch.autograd.Function):
+    """megatron-core 0.16.1's LinearWithGradAccumulationAndAsyncCommunication with
+    gradient_accumulation_fusion on, its GEMM accumulating through `accumulate`.
+    Not supported (megatron's options our trials never set): deferred embedding wgrad
+    (grad_output_buffer) and Megatron-FSDP parameters."""
+
+    @staticmethod
+    @megatron_layers.custom_fwd
+    def forward(ctx, input, weight, bias, allreduce_dgrad, sequence_parallel, tp_group):
+        ctx.save_for_backward(input, weight)
+        # Kept here as megatron keeps it: a module used twice must add into the same buffer.
+        ctx.main_grad = getattr(weight, "main_grad", None)
+        ctx.use_bias = bias is not None
+        ctx.allreduce_dgrad = allreduce_dgrad
+        ctx.sequence_parallel = sequence_parallel
+        ctx.tp_group = tp_group
+        total_input = _gather(input, tp_group) if sequence_parallel else input
+        output = torch.matmul(total_input, weight.t())
+        return output + bias if bias is not None else output
+
+    @staticmethod
+    @megatron_layers.custom_bwd
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        tp_group, main_grad = ctx.tp_group, ctx.main_grad
+        handle = None
+        if ctx.sequence_parallel:
+            # Gathered again rather than kept from the forward: megatron's memory choice.
+            total_input, handle = _gather(input, tp_group, async_op=True)
+        else:
+            total_input = input
+        grad_input = grad_output.matmul(weight)
+        if handle is not None:
+            handle.wait()
+        grad_output, total_input = prepare_input_tensors_for_wgrad_compute(grad_output, total_input)
+        if ctx.allreduce_dgrad:  # overlapped with the weight-gradient GEMM below
+            handle = torch.distributed.all_reduce(grad_input, group=tp_group, async_op=True)
+        if ctx.sequence_parallel:
+            assert not ctx.allreduce_dgrad
+            sub_grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+            handle = megatron_layers.dist_reduce_scatter_func(sub_grad_input, grad_input,
+                                                              group=tp_group, async_op=True)
+        if main_grad is None:  # no DDP buffer: the usual gradient
+            grad_weight = grad_output.t().matmul(total_input)
+        else:
+            weight.main_grad = main_grad
+            accumulate(total_input, grad_output, main_grad)
+            grad_weight = None
+            if hasattr(weight, "grad_added_to_main_grad"):  # set by megatron's DDP
+                grad_weight = _dummy_grad(weight, main_grad, input.dtype)
+                weight.grad_added_to_main_grad = True
+        grad_bias = grad_output.sum(dim=0) if ctx.use_bias else None
+        if ctx.sequence_parallel:
+            handle.wait()
+            return sub_grad_input, grad_weight, grad_bias, None, None, None
+        if ctx.allreduce_dgrad:
+            handle.wait()
+        return grad_input, grad_weight, grad_bias, None, None, None
+
+
+def _gather(input: torch.Tensor, tp_group, *, async_op: bool = False):
+    """The sequence-parallel input gathered over TP into megatron's shared buffer."""
+    size = list(input.size())
+    size[0] *= tp_group.size()
+    gathered = get_global_memory_buffer().get_tensor(size, input.dtype, "mpu")
+    handle = megatron_layers.dist_all_gather_func(gathered, input, group=tp_group, async_op=async_op)
+    return (gathered, handle) if async_op else gathered
+
+
+def _linear_into_main_grad(input, weight, bias=None, gradient_accumulation_fusion=None,
+                           allreduce_dgrad=False, sequence_parallel=False, grad_output_buffer=None,
+                           wgrad_deferral_limit=None, async_grad_allreduce=None, tp_group=None):
+    """megatron's linear_with_grad_accumulation_and_async_allreduce arguments, into
+    `_LinearIntoMainGrad`; megatron's own flag is ignored (it means Apex's extension)."""
+    if grad_output_buffer is not None:
+        raise ValueError("kernels.wgrad: deferred embedding wgrad (defer_embedding_wgrad_compute) "
+                         "is not supported")
+    tp_group = get_tensor_model_parallel_group_if_none(tp_group)
+    return _LinearIntoMainGrad.apply(input, weight, bias, allreduce_dgrad, sequence_parallel, tp_group)
+
+
+class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
+    """megatron's ColumnParallelLinear; its weight gradient accumulates into `main_grad`."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if not weight.requires_grad:  # a frozen weight: megatron's own path
+            return super()._forward_impl(input, weight, *args, **kwargs)
+        return _linear_into_main_grad(input, weight, *args, **kwargs)
+
+
+class RowParallelLinear(tensor_parallel.RowParallelLinear):
+    """megatron's RowParallelLinear; its weight gradient accumulates into `main_grad`."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if not weight.requires_grad:  # a frozen weight: megatron's own path
+            return super()._forward_impl(input, weight, *args, **kwargs)
+        return _linear_into_main_grad(input, weight, *args, **kwargs)
+
+
+def fuse_output_layer(layer: tensor_parallel.ColumnParallelLinear) -> None:
+    """GPTModel's output layer with our backward: GPTModel builds it from megatron's class
+    (not from the layer spec), so this one instance takes our subclass, which adds no state
+    and changes only `_forward_impl`. Call after the model is built, before DDP wraps it."""
+    if type(layer) is not tensor_parallel.ColumnParallelLinear:
+        raise TypeError(f"fuse_output_layer expects megatron's ColumnParallelLinear, got {type(layer).__name__}")
+    layer.__class__ = ColumnParallelLinear

@@ -50,15 +50,17 @@ class Trainer:
     schedule: object
 
 
-def build(model_cfg: ModelConfig, layout: Layout, *, seed: int, lr: float) -> Trainer:
-    """Model chunks, DDP and optimizer for this rank; megatron's parallel state must be set."""
+def build(model_cfg: ModelConfig, layout: Layout, *, seed: int, lr: float,
+          wgrad_fusion: bool = False) -> Trainer:
+    """Model chunks, DDP and optimizer for this rank; megatron's parallel state must be set.
+    wgrad_fusion: kernels.wgrad's linears, as on GPU (off in CPU trials; tests turn it on)."""
     install_rng_tracker()  # before seeding: megatron's seeding then fills the CPU tracker
     model_parallel_cuda_manual_seed(seed)
     config = transformer_config(model_cfg, layout, device="cpu")
     # CPU layouts use our attention (megatron's is CUDA-only: sweeper.validity), which
     # applies RoPE itself; megatron's RotaryEmbedding, which moves to CUDA, is not built.
     chunks = [build_model(model_cfg, layout, config, vp_stage=vp_stage, pre_process=pre,
-                          post_process=post)
+                          post_process=post, wgrad_fusion=wgrad_fusion)
               for vp_stage, pre, post in steps.chunk_stages(layout)]
     with device_redirect():  # DDP places its grad buffers on torch.cuda.current_device()
         model = steps.wrap_ddp(chunks, config, distributed_optimizer=False, overlap=False)

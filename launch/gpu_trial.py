@@ -37,6 +37,7 @@ from megatron.core.transformer.module import Float16Module
 from core.config import Layout, ModelConfig
 from core.records import PeakMemory
 from core.spec import TrialSpec
+from kernels import wgrad
 from launch import flat_step, loop, steps
 from launch.divergence import StepGuard
 from launch.loop import StepParts, Timeline, inject_failure
@@ -50,12 +51,12 @@ PATH = ("cuda-nccl: megatron-core GPTModel, Float16Module, megatron DDP (fp32 gr
 GIB = 2**30
 
 
-def _chunks(spec: TrialSpec, config) -> list[torch.nn.Module]:
+def _chunks(spec: TrialSpec, config, *, wgrad_fusion: bool) -> list[torch.nn.Module]:
     """One model chunk per virtual pipeline stage of this rank, each with its own pre/post process."""
     chunks = []
     for vp_stage, pre, post in steps.chunk_stages(spec.layout):
         model = build_model(spec.model, spec.layout, config, vp_stage=vp_stage,
-                            pre_process=pre, post_process=post)
+                            pre_process=pre, post_process=post, wgrad_fusion=wgrad_fusion)
         model.cuda(torch.cuda.current_device())
         chunks.append(Float16Module(config, model))
     return chunks
@@ -120,7 +121,9 @@ def parts(spec: TrialSpec, world: int, setup: Timeline) -> StepParts:
     # captures CUDA graphs, so losses compare across that axis too.
     model_parallel_cuda_manual_seed(trial.seed, use_cudagraphable_rng=True)
     config = transformer_config(model_cfg, layout, device="cuda")
-    chunks = _chunks(spec, config)
+    # Weight gradients straight into DDP's fp32 buffers where the GEMM checks out (kernels/wgrad.py).
+    wgrad_fusion = wgrad.available("cuda")
+    chunks = _chunks(spec, config, wgrad_fusion=wgrad_fusion)
     guard = StepGuard(spec, chunks)  # a non-finite loss or grad norm ends the trial `diverged`
     setup.mark("build_model")
     inject_failure(spec)
@@ -166,7 +169,7 @@ def parts(spec: TrialSpec, world: int, setup: Timeline) -> StepParts:
     return StepParts(model=model, guard=guard, device="cuda", barrier=barrier,
                      synchronize=torch.cuda.synchronize, forward_backward=forward_backward,
                      optimizer_step=optimizer_step, memory=_memory,
-                     fields={"trial_path": PATH, "wgrad_fusion": config.gradient_accumulation_fusion})
+                     fields={"trial_path": PATH, "wgrad_fusion": wgrad_fusion})
 
 
 def run_steps(spec: TrialSpec, *, rank: int, world: int) -> dict:

@@ -77,8 +77,10 @@ def transformer_config(model: ModelConfig, layout: Layout, *, device: str) -> Tr
         cross_entropy_loss_fusion=on_gpu,
         cross_entropy_fusion_impl="native",
         masked_softmax_fusion=False,
-        # Weight-gradient GEMMs accumulate into DDP's fp32 buffers (kernels/wgrad.py).
-        gradient_accumulation_fusion=on_gpu and wgrad.install(),
+        # Off: megatron's flag means Apex's extension (not installed; with the flag on and no
+        # extension its linears refuse to build). Our linears fuse instead: build_model's
+        # wgrad_fusion (kernels/wgrad.py).
+        gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
         **p2p_settings(layout, device=device),  # batch/overlap p2p, deallocation: why there
@@ -87,11 +89,16 @@ def transformer_config(model: ModelConfig, layout: Layout, *, device: str) -> Tr
 
 
 def build_model(model: ModelConfig, layout: Layout, config: TransformerConfig, *, vp_stage=None,
-                pre_process=True, post_process=True) -> GPTModel:
+                pre_process=True, post_process=True, wgrad_fusion: bool = False) -> GPTModel:
     """One model chunk (the whole model when pp == vpp == 1); loss=fused: the output layer
-    and its loss in one chunked pass (kernels/megatron_loss.py)."""
+    and its loss in one chunked pass (kernels/megatron_loss.py). wgrad_fusion: every weight
+    gradient of a linear (the output layer's too) and of a fused norm or loss accumulates
+    straight into DDP's fp32 `main_grad` (kernels/wgrad.py; a GPU trial's choice)."""
+    extra = {}
     if layout.loss == "fused":
         from kernels.megatron_loss import FusedLossGPTModel as model_class
+
+        extra["wgrad_fusion"] = wgrad_fusion
     else:
         model_class = GPTModel
     gpt = model_class(
@@ -99,7 +106,7 @@ def build_model(model: ModelConfig, layout: Layout, config: TransformerConfig, *
         transformer_layer_spec=block_spec(
             config, attention=layout.attention, norm=layout.norm, rope_base=ROPE_BASE,
             vp_stage=vp_stage, swiglu=layout.swiglu, add_norm=layout.add_norm,
-            qkv_grad=layout.qkv_grad,
+            qkv_grad=layout.qkv_grad, wgrad_fusion=wgrad_fusion,
         ),
         vocab_size=model.vocab_size,
         max_sequence_length=model.seq_length,
@@ -110,7 +117,10 @@ def build_model(model: ModelConfig, layout: Layout, config: TransformerConfig, *
         position_embedding_type=position_embedding_type(layout),
         rotary_base=ROPE_BASE,
         vp_stage=vp_stage,
+        **extra,
     )
+    if wgrad_fusion and post_process:  # GPTModel builds its output layer itself, not from the spec
+        wgrad.fuse_output_layer(gpt.output_layer)
     if layout.add_norm == "fused":  # each layer fuses its MLP residual add with the next one's norm
         from kernels.megatron_layer import link_layers
 

@@ -168,7 +168,6 @@ LAYOUTS = [Layout(gbs=8, attention="sdpa_cudnn", norm="triton"),
 def test_megatron_core_text_is_the_trials_transformer_config(layout, monkeypatch):
     from launch import model as trial_model
 
-    monkeypatch.setattr(trial_model.wgrad, "install", lambda: True)  # what a GPU trial gets
     trial = trial_model.transformer_config(MODEL, layout, device="cuda")
     source = ma.megatron_core_kwargs(MODEL, layout, world_size=8)
     printed = trial_model.TransformerConfig(**_evaluate(source["TransformerConfig"]))
@@ -190,12 +189,15 @@ def test_megatron_core_text_is_the_trials_gpt_model_and_ddp(layout, monkeypatch)
                         lambda config, vp_stage=None: config.num_layers // (layout.pp * layout.vpp))
     def fake_gpt(**kw):  # records its arguments; add_norm=fused then links its (no) layers
         built.update(kw)
-        return types.SimpleNamespace(decoder=types.SimpleNamespace(layers=[]))
+        return types.SimpleNamespace(decoder=types.SimpleNamespace(layers=[]), output_layer="output layer")
 
     monkeypatch.setattr(trial_model, "GPTModel", fake_gpt)
     monkeypatch.setattr(__import__("kernels.megatron_loss").megatron_loss, "FusedLossGPTModel", fake_gpt)
+    fused_output = []
+    monkeypatch.setattr(trial_model.wgrad, "fuse_output_layer", fused_output.append)
     config = trial_model.transformer_config(MODEL, layout, device="cpu")
-    trial_model.build_model(MODEL, layout, config)
+    trial_model.build_model(MODEL, layout, config, wgrad_fusion=True)  # as a GPU trial builds it
+    assert fused_output == ["output layer"]
     source = ma.megatron_core_kwargs(MODEL, layout, world_size=8)
     per_chunk = {k: built.pop(k) for k in ("pre_process", "post_process", "vp_stage")}  # set per stage
     assert per_chunk == {"pre_process": True, "post_process": True, "vp_stage": None}
