@@ -1,13 +1,12 @@
-"""Fused attention on one GPU: correctness, and timings against flash-attn-4 and torch SDPA.
+"""Fused attention on one GPU: timings against flash-attn-4 and torch SDPA.
 
-    GIT_COMMIT=<sha> python -m benchmarks.bench_attention --check --bench \
+    GIT_COMMIT=<sha> python -m benchmarks.bench_attention --bench \
         [--configs /tmp/attention_winners.json] --out $OUT/attention_h200.json
 
 --configs  block configs from benchmarks/tune_attention.py's --winners-out, installed
            before anything runs (recorded with each row); default: the hard-coded ones.
---check    ours vs a float64 reference on the GPU (odd lengths, GQA, strided views, both
-           dtypes, both load paths, both backward modes) and a bitwise-repeatable
-           deterministic backward.
+(Correctness is tests/kernels/test_attention.py's: its `cuda` tests run ours against the
+float64 reference on the GPU; benchmarks/kernels_device.sh runs them beside the tuner.)
 --bench    forward, backward and forward+backward at the issue's four shapes, same process,
            same inputs: ours (deterministic backward, the default, and deterministic=False),
            flash-attn-4 (flash_attn.cute, when installed), SDPA-flash, SDPA-cuDNN (GQA by
@@ -23,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 import traceback
 
@@ -31,90 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import common
-from benchmarks.common import attention_inputs, error_tail, relerr
+from benchmarks.common import attention_inputs, error_tail
 
 PEERS = ("flash_attn_4", "sdpa_cudnn", "sdpa_flash")
 TARGETS = {"fwdbwd_over_flash_attn_4": 1.0, "fwdbwd_over_sdpa_cudnn": 1.0}
-TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 3e-3}  # as tests/kernels
-
-
-def _case_inputs(b, s, hq, hkv, d, dtype, layout):
-    g = torch.Generator(device="cuda").manual_seed(s)
-    if layout == "fused_qkv":  # megatron's [s, b, hkv, (group + 2) d] buffer
-        group = hq // hkv
-        qkv = torch.randn(s, b, hkv, (group + 2) * d, device="cuda", generator=g).to(dtype)
-        q = qkv[..., : group * d].reshape(s, b, hq, d).permute(1, 0, 2, 3)
-        k = qkv[..., group * d: (group + 1) * d].permute(1, 0, 2, 3)
-        v = qkv[..., (group + 1) * d:].permute(1, 0, 2, 3)
-    else:
-        q, k, v = (torch.randn(b, s, h, d, device="cuda", generator=g).to(dtype)
-                   for h in (hq, hkv, hkv))
-    do = torch.randn(b, s, hq, d, device="cuda", generator=g).to(dtype)
-    return [t.detach().requires_grad_() for t in (q, k, v)], do
-
-
-def check(results):
-    """Ours vs float64 on the GPU; a repeatable deterministic backward."""
-    from kernels import attention as A
-
-    cases = [  # b, s, hq, hkv, d, dtype, causal, layout
-        (2, 1000, 8, 2, 128, torch.bfloat16, True, "bshd"),
-        (1, 777, 4, 4, 64, torch.float16, False, "bshd"),
-        (2, 513, 8, 1, 64, torch.bfloat16, True, "bshd"),
-        (2, 640, 8, 2, 128, torch.bfloat16, True, "fused_qkv"),
-        (1, 300, 2, 2, 128, torch.float16, True, "bshd"),
-        (1, 200, 2, 2, 32, torch.bfloat16, True, "bshd"),
-    ]
-    rows = []
-    for b, s, hq, hkv, d, dtype, causal, layout in cases:
-        (q, k, v), do = _case_inputs(b, s, hq, hkv, d, dtype, layout)
-        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-        ref = A.attention_reference(q64, k64, v64, causal=causal)
-        ref.backward(do.double())
-        row = dict(case=f"b{b} s{s} hq{hq} hkv{hkv} d{d} {str(dtype)[6:]} "
-                        f"{'causal' if causal else 'full'} {layout}")
-        cfgs = A.kernel_configs(d, q.device)
-        for variant in ("tuned", "pointers", "atomic_dq"):
-            try:
-                for t in (q, k, v):
-                    t.grad = None
-                if variant == "pointers":  # the same blocks without tensor descriptors
-                    scale = 1 / math.sqrt(d)
-                    o, lse = A.attention_forward(q, k, v, causal=causal, softmax_scale=scale,
-                                                 config=dict(cfgs[0], tma=False))
-                    dq, dk, dv = A.attention_backward(do, q, k, v, o, lse, causal=causal,
-                                                      softmax_scale=scale,
-                                                      dkdv_config=dict(cfgs[1], tma=False),
-                                                      dq_config=dict(cfgs[2], tma=False))
-                else:
-                    o = A.flash_attention(q, k, v, causal=causal,
-                                          deterministic=variant == "tuned")
-                    o.backward(do)
-                    dq, dk, dv = q.grad, k.grad, v.grad
-                errs = {n: relerr(x, r) for n, x, r in [("o", o, ref), ("dq", dq, q64.grad),
-                                                          ("dk", dk, k64.grad),
-                                                          ("dv", dv, v64.grad)]}
-                row[variant] = errs
-                row[variant + "_ok"] = all(e < TOL[dtype] for e in errs.values())
-            except Exception as e:  # noqa: BLE001
-                row[variant + "_ok"] = False
-                row[variant + "_error"] = error_tail(e)
-        rows.append(row)
-        print("check", row, flush=True)
-    q, k, v, do = attention_inputs(2, 8, 2, 2048, 128, seed=5)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    grads = []
-    for _ in range(3):
-        for t in (q, k, v):
-            t.grad = None
-        A.flash_attention(q, k, v).backward(do)
-        grads.append([t.grad.clone() for t in (q, k, v)])
-    deterministic = all(torch.equal(a, c) for run in grads[1:] for a, c in zip(grads[0], run))
-    results["check"] = dict(
-        cases=rows, deterministic_backward=deterministic,
-        all_ok=deterministic and all(r[v + "_ok"] for r in rows
-                                     for v in ("tuned", "pointers", "atomic_dq")))
-    print("check all_ok", results["check"]["all_ok"], "deterministic", deterministic, flush=True)
 
 
 def _time_impl(fwd, inputs, do):
@@ -240,7 +158,6 @@ def matmul_peak(results):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true")
     parser.add_argument("--bench", action="store_true")
     parser.add_argument("--configs", help="winners JSON from tune_attention.py --winners-out")
     parser.add_argument("--out", default="benchmarks/results/attention.json")
@@ -252,8 +169,7 @@ def main():
         with open(args.configs) as f:
             results["installed_configs"] = json.load(f)
         install(results["installed_configs"])
-    sections = [("matmul", matmul_peak, True), ("check", check, args.check),
-                ("bench", bench, args.bench)]
+    sections = [("matmul", matmul_peak, True), ("bench", bench, args.bench)]
     for name, fn, wanted in sections:
         if not wanted:
             continue

@@ -1,6 +1,6 @@
 """Time pruning and ranking 10,000 layouts with the memory and speed models (pure Python).
 
-    python benchmarks/bench_estimate.py [--layouts 10000] [--budget-s 2.0]
+    python -m benchmarks.bench_estimate [--layouts 10000] [--budget-s 2.0]
 
 Pruning: validity check, then the memory model; ranking: the speed model for the
 layouts predicted to fit, sorted by predicted MFU. Exits 1 if the whole takes
@@ -14,14 +14,11 @@ import itertools
 import random
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core.config import ClusterConfig, Layout, ModelConfig  # noqa: E402
-from sweeper.memory import predict_memory  # noqa: E402
-from sweeper.speed import predict_speed  # noqa: E402
-from sweeper.validity import invalid_reason  # noqa: E402
+from core.config import ClusterConfig, Layout, ModelConfig
+from sweeper.memory import predict_memory
+from sweeper.speed import predict_speed
+from sweeper.validity import invalid_reason
 
 # conf/model/llama2_70b.yaml on conf/cluster/h100_80gb.yaml (4 nodes of 8).
 MODEL = ModelConfig(name="llama2_70b", num_layers=80, hidden_size=8192, ffn_hidden_size=28672,

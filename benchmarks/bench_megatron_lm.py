@@ -45,7 +45,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from analysis.megatron_args import megatron_lm_command  # noqa: E402
 from analysis.recommend import load_preset  # noqa: E402

@@ -1,6 +1,6 @@
 """How well the memory and speed models predict recorded GPU sweeps, before and after a refit.
 
-    python benchmarks/bench_prediction.py [--sweep DIR_OR_TGZ ...] [--out benchmarks/results/prediction_quality_DATE.json]
+    python -m benchmarks.bench_prediction [--sweep DIR_OR_TGZ ...] [--out benchmarks/results/prediction_quality_DATE.json]
 
 CPU only: it reads trial records, it runs nothing. By default it scores the H100
 sweeps archived in benchmarks/results/*_trials.tgz and any H200 archive there
@@ -22,13 +22,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from analysis.ranking import load_archived_records, quality_summary
+from analysis.results import load_records
+from core.paths import REPO_ROOT
 
-from analysis.ranking import load_archived_records, quality_summary  # noqa: E402
-from analysis.results import load_records  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = REPO_ROOT / "benchmarks" / "results"
 # The issue's targets: default constants, then after refitting on 3 trials.
 TARGETS = {"default": {"memory_median_abs_err": 0.03, "step_time_median_abs_err": 0.10,
                        "kendall_tau": 0.8, "top1_regret": 0.0},

@@ -18,7 +18,6 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis.parity import markdown as parity_markdown  # noqa: E402
 from analysis.parity import parity  # noqa: E402

@@ -8,8 +8,8 @@
 #
 # 1: CUDA kernel tests beside the attention tuner's compile workers, then the tuner's timing
 #    (winners kept in /tmp for call 2) and the RMSNorm benchmark.
-# 2: flash-attn-4 installed; its CUDA tests, then bench_attention (check + bench, the
-#    tuner's winners installed) against flash-attn-4 and SDPA.
+# 2: flash-attn-4 installed; its CUDA tests, then bench_attention (the tuner's winners
+#    installed) against flash-attn-4 and SDPA. Correctness: the CUDA tests of call 1.
 # rmsnorm: its CUDA tests beside 12 workers compiling the launch sweep into Triton's cache,
 #    then the RMSNorm benchmark (--quick: the three target shapes; --tune: each shape's
 #    sweep winners timed as the defaults, printed as the tables for kernels/rmsnorm.py).
@@ -66,7 +66,7 @@ else
   timeout 150 python -m pytest -q -p no:cacheprovider -m cuda tests/kernels/test_flash_attn.py \
     > "$OUT/tests2.log" 2>&1; echo "tests2 rc=$?"; tail -3 "$OUT/tests2.log"
   winners=(); [ -f /tmp/attention_winners.json ] && winners=(--configs /tmp/attention_winners.json)
-  timeout 300 python -m benchmarks.bench_attention --check --bench "${winners[@]}" \
+  timeout 300 python -m benchmarks.bench_attention --bench "${winners[@]}" \
     --out "$OUT/attention_h200.json" > "$OUT/bench_attention.log" 2>&1
   echo "bench rc=$?"; tail -8 "$OUT/bench_attention.log"
 fi

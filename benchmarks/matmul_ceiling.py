@@ -1,24 +1,26 @@
 """The device's matmul and copy ceilings, for reading a profiled step against them.
 
-    python benchmarks/matmul_ceiling.py --out DIR [--tokens 32768]
+    python -m benchmarks.matmul_ceiling --out DIR [--tokens 32768]
 
 bf16 GEMMs through torch (cuBLAS, as the trials use it): 8192^3, and llama_1b3's own
 shapes at `--tokens` tokens per micro-batch (the forward, input-gradient and
 weight-gradient GEMM of each linear; the weight gradient accumulates into fp32 like
 kernels/wgrad.py). Each is timed with CUDA events, median of 20 after 5 warm-ups;
 TFLOP/s = 2*M*N*K / time. The copy ceiling is a device-to-device copy of 1 GiB (bytes
-read + written / time). Writes DIR/matmul_ceiling.json with the device and date.
+read + written / time). Writes DIR/matmul_ceiling.json with the device, date and commit
+(benchmarks.common.provenance).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 from pathlib import Path
 
 import torch
+
+from benchmarks.common import provenance, write_json
 
 HIDDEN, FFN, VOCAB = 2048, 5632, 32000  # llama_1b3 (conf/model/llama_1b3.yaml)
 LINEARS = {"qkv": (HIDDEN, 3 * HIDDEN), "proj": (HIDDEN, HIDDEN), "fc1": (HIDDEN, 2 * FFN),
@@ -57,9 +59,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32768, help="tokens per micro-batch (mbs x seq)")
     args = ap.parse_args()
     t = args.tokens
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "tokens": t, "convention": "TFLOP/s = 2*M*N*K / median CUDA-event time; bf16 inputs",
+    result = {**provenance(), "tokens": t, "convention": "TFLOP/s = 2*M*N*K / median CUDA-event time; bf16 inputs",
               "square_8192": gemm_tflops(8192, 8192, 8192), "shapes": {}}
     for name, (k_in, n_out) in LINEARS.items():
         result["shapes"][name] = {
@@ -70,8 +70,7 @@ def main() -> int:
     x = torch.empty(2**29, device="cuda", dtype=torch.bfloat16)  # 1 GiB
     y = torch.empty_like(x)
     result["copy_tb_s"] = 2 * x.numel() * 2 / _median_ms(lambda: y.copy_(x)) / 1e9
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "matmul_ceiling.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out / "matmul_ceiling.json", result)
     print(json.dumps(result, indent=1))
     return 0
 
