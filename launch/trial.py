@@ -1,5 +1,8 @@
 """Run one trial from its spec and write its `result.json`.
 
+The sweeper writes the spec (`prepare`, before the trial's job is launched); the job
+reads it (launch.main.job_spec) and hands it to one of the two paths below.
+
 Two ways a trial's ranks start, one code path after that:
 - local: this process starts every rank (`run_local`);
 - SLURM/submitit: the job has one task per rank and each task runs
