@@ -17,7 +17,9 @@ with one change, and records for every step (warm-up included):
 "manual_gc" is the trial's own option (`trial.manual_gc`, launch/manual_gc.py). The `adamw`
 variant times kernels/adamw.py alone at llama_1b3's parameter sizes for several block sizes
 and warp counts, with and without its unmasked whole-block path, beside torch's fused AdamW
-and a plain copy. Writes DIR/step_phases.json (provenance, one entry per variant).
+and a plain copy. Writes DIR/step_phases.json (provenance, one entry per variant), and
+prints every step's figures. `--profile-diff SMALL LARGE` (no GPU) compares two profiled
+trial records instead (e.g. mbs 1 against mbs 16): DIR/profile_diff.json.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -252,6 +255,45 @@ def adamw_child() -> dict:
             "convention": "TB/s = 30 bytes/param x params / kernel time (1e12 bytes); copy: read+write"}
 
 
+def _kernel_class(kernel: dict) -> str:
+    """A profiled kernel's class: its breakdown category, with the GEMMs split by whether they
+    add into their output (cuBLAS's nvjet names say `badd`: the weight-gradient GEMMs that
+    accumulate into the fp32 main_grad, kernels/wgrad.py) or overwrite it (`bz`)."""
+    if kernel["category"] == "matmul":
+        return "matmul_accumulate" if "badd" in kernel["name"] else "matmul_overwrite"
+    return kernel["category"]
+
+
+def profile_diff(small_path: Path, large_path: Path) -> dict:
+    """Where a profiled trial (e.g. mbs 1) spends more GPU time than another (e.g. mbs 16): the
+    breakdown's categories, the GEMMs split as `_kernel_class` says, and the kernels that
+    differ most; milliseconds per step, from the two records' `breakdown` as written."""
+    records = [json.loads(Path(p).read_text()) for p in (small_path, large_path)]
+    breakdowns = [next(r["breakdown"] for r in [rec, *rec.get("ranks", [])] if r.get("breakdown"))
+                  for rec in records]
+    classes, kernels = [{}, {}], [{}, {}]
+    for side, bd in enumerate(breakdowns):
+        for k in bd["top_kernels"]:
+            cls = _kernel_class(k)
+            classes[side][cls] = classes[side].get(cls, 0.0) + k["total_s"] * 1e3
+            kernels[side][k["name"]] = (k["count"], k["total_s"] * 1e3)
+    names = sorted(set(kernels[0]) | set(kernels[1]),
+                   key=lambda n: -abs(kernels[0].get(n, (0, 0))[1] - kernels[1].get(n, (0, 0))[1]))
+    ms = lambda d: {k: round(v * 1e3, 2) for k, v in d.items()}  # noqa: E731
+    return {
+        "trials": [r["trial"] for r in records], "git_commits": [r.get("git_commit") for r in records],
+        "devices": [bd.get("device") for bd in breakdowns], "recorded_at": [r.get("recorded_at") for r in records],
+        "step_s": [bd["step_s"] for bd in breakdowns],
+        "categories_ms": [ms(bd["categories"]) for bd in breakdowns],
+        "top_kernel_classes_ms": [{k: round(v, 2) for k, v in c.items()} for c in classes],
+        "kernels_differing_most": [
+            {"name": n, "ms": [round(kernels[i].get(n, (0, 0.0))[1], 2) for i in (0, 1)],
+             "count": [kernels[i].get(n, (0, 0))[0] for i in (0, 1)]} for n in names[:20]],
+        "convention": "GPU ms per step in the profiled (extra, untimed) step; top_kernels only "
+                      "(the breakdown's list), categories complete and summing to step_s",
+    }
+
+
 def _nvsmi_samples(path: Path) -> list[tuple]:
     rows = []
     for line in path.read_text().splitlines() if path.exists() else []:
@@ -282,22 +324,39 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10, help="measured steps per variant")
     parser.add_argument("--budget-s", type=float, default=300.0, help="start no variant after this")
     parser.add_argument("--child")
+    parser.add_argument("--work", type=Path, help="(child) where its JSON and trial files go")
+    parser.add_argument("--profile-diff", nargs=2, type=Path, metavar=("SMALL", "LARGE"),
+                        help="two profiled result.json files: write DIR/profile_diff.json, run nothing")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.profile_diff:
+        missing = [p for p in args.profile_diff if not p.is_file()]
+        if missing:
+            print(f"no such result.json: {missing[0]}", file=sys.stderr)
+            return 2
+        diff = profile_diff(*args.profile_diff)
+        (args.out / "profile_diff.json").write_text(json.dumps(diff, indent=1))
+        print(json.dumps(diff["top_kernel_classes_ms"]), json.dumps(diff["categories_ms"]))
+        return 0
     if args.child:
-        result = adamw_child() if args.child == "adamw" else trial_child(args.child, args.out, args.steps)
-        (args.out / f"{args.child}.json").write_text(json.dumps(result, indent=1))
+        result = adamw_child() if args.child == "adamw" else trial_child(args.child, args.work, args.steps)
+        (args.work / f"{args.child}.json").write_text(json.dumps(result, indent=1))
         return 0
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         print(f"unknown variant {unknown[0]} (known: {', '.join(VARIANTS)})", file=sys.stderr)
         return 2
-    started, results = time.time(), []
+    from benchmarks.common import provenance, write_json
+
+    # Children's files and the clock samples stay out of --out: the device tool brings back
+    # only a few files, so --out holds one JSON, rewritten after every variant.
+    work = Path(tempfile.mkdtemp(prefix="step_phases_"))
+    started, results, header = time.time(), [], provenance()
     for variant in args.variants.split(","):
         if time.time() - started > args.budget_s:
             results.append({"variant": variant, "skipped": f"budget of {args.budget_s:.0f} s spent"})
             continue
-        smi_path = args.out / f"{variant}_nvsmi.csv"
+        smi_path = work / f"{variant}_nvsmi.csv"
         try:
             smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={NVSMI_FIELDS}", "--format=csv,noheader,nounits",
                                     "-lms", "20"], stdout=smi_path.open("w"), stderr=subprocess.DEVNULL)
@@ -305,11 +364,12 @@ def main() -> int:
             smi = None
         t = time.time()
         proc = subprocess.run([sys.executable, "-m", "benchmarks.diag_step_phases", "--out", str(args.out),
-                               "--steps", str(args.steps), "--child", variant], capture_output=True, text=True)
+                               "--work", str(work), "--steps", str(args.steps), "--child", variant],
+                              capture_output=True, text=True)
         if smi:
             smi.terminate()
             smi.wait()
-        path = args.out / f"{variant}.json"
+        path = work / f"{variant}.json"
         if proc.returncode or not path.exists():
             results.append({"variant": variant, "error": (proc.stdout + proc.stderr)[-3000:]})
         else:
@@ -324,9 +384,7 @@ def main() -> int:
             print(f"   step {step['step']}: wall {step['wall_ms']:.1f} gpu {step['gpu_total_ms']:.1f} host {step['host_ms']} "
                   f"gpu {step['gpu_ms']} gc {step['gc_count']}x{step['gc_ms']}ms malloc {step['cuda_malloc']}/"
                   f"{step['cuda_free']} sm {step.get('sm_mhz')} MHz {step.get('power_w')} W", flush=True)
-    from benchmarks.common import provenance, write_json
-
-    write_json(args.out / "step_phases.json", {**provenance(), "best_layout": BEST, "variants": results})
+        write_json(args.out / "step_phases.json", {**header, "best_layout": BEST, "variants": results})
     return 0
 
 

@@ -7,7 +7,7 @@
 #   benchmarks/run_gpu_sweep.sh extras       # H100: CUDA tests, the anchors' peer, 20-step parity, profiles
 #   benchmarks/run_gpu_sweep.sh h200-check   # H200: CUDA tests of the fusions, 4 profiled trials (~3 min)
 #   benchmarks/run_gpu_sweep.sh h200-extras  # H200: CUDA tests of the new kernels, the peer, 20-step parity (~3 min)
-#   benchmarks/run_gpu_sweep.sh h200         # H200: the h200_single sweep (~7 min), ceilings, profile
+#   benchmarks/run_gpu_sweep.sh h200         # H200: the h200_single sweep (~7 min), the peer, ceilings, profile
 #
 # On the device tool, source benchmarks/gpu_env.sh first (the carried wheels; flash-attn-4
 # takes two calls: `fa4-1` in the h200-extras call, `fa4-2` in the h200 call right after).
@@ -53,6 +53,16 @@ MODEL="model=llama_1b3 cluster=local_gpu"
 case "$MODE" in h200*) MODEL="model=llama_1b3 cluster=local_h200" ;; esac
 S=sweep=h100_single
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+# The peer on an H200 (the anchors' megatron-core local spec + SDPA, .peer/gpu_probe.py, about
+# 75 s): its JSON in /tmp/h200_peer.json (the h200 report reads it) and under $OUT.
+h200_peer() {
+  [ -f .peer/gpu_probe.py ] || { echo "== no .peer/gpu_probe.py: no peer"; return; }
+  echo "== $(( $(date +%s) - START )) s: peer (anchors' megatron-core local spec + SDPA)"
+  SECTIONS=mcore OUT=/tmp python3 .peer/gpu_probe.py > /tmp/peer_probe.log 2>&1
+  grep '^mcore\|FAILED' /tmp/peer_probe.log
+  [ -f /tmp/probe.json ] && cp /tmp/probe.json /tmp/h200_peer.json \
+    && cp /tmp/probe.json "$OUT/peer_probe_h200_$(date +%Y-%m-%d).json"
+}
 # sweep NEED_S PRESET [overrides...]: run one sweep command if NEED_S seconds are left.
 sweep() {
   local need=$1; shift
@@ -105,13 +115,7 @@ elif [ "$MODE" = h200-extras ]; then
       fused_ce) cuda_test tests/kernels/test_fused_ce.py layout.loss=megatron ;;
     esac
   done
-  if [ -f .peer/gpu_probe.py ]; then
-    echo "== $(( $(date +%s) - START )) s: peer (anchors' megatron-core local spec + SDPA)"
-    SECTIONS=mcore OUT=/tmp python3 .peer/gpu_probe.py > /tmp/peer_probe.log 2>&1
-    grep '^mcore\|FAILED' /tmp/peer_probe.log
-    [ -f /tmp/probe.json ] && cp /tmp/probe.json /tmp/h200_peer.json \
-      && cp /tmp/probe.json "$OUT/peer_probe_h200_$(date +%Y-%m-%d).json"
-  fi
+  h200_peer
   P=sweeps/h200_parity/llama_1b3-local_h200
   sweep 60 sweep=h200_parity  # 5 trials, 20 steps each, one with a planted wrong mask
   python3 - <<'PY' || echo "layout.add_norm=megatron layout.optimizer_step=megatron" >> /tmp/h200_overrides
@@ -129,6 +133,8 @@ elif [ "$MODE" = h200 ]; then
   OVR=$(cat /tmp/h200_overrides 2>/dev/null | tr '\n' ' ')
   [ -n "$OVR" ] && echo "== fusions off after a failed check in h200-extras: $OVR"
   sweep 60 sweep=h200_single $OVR
+  # The peer in the same call, unless the h200-extras call just before left it.
+  [ -f /tmp/h200_peer.json ] || { [ "$(left)" -gt 90 ] && h200_peer; }
   PEER=(); [ -f /tmp/h200_peer.json ] && PEER=(--peer /tmp/h200_peer.json)
   python3 benchmarks/gpu_sweep_report.py --sweep $D --parity $D "${PEER[@]}" --out "$OUT" --tag "$TAG"
   # The best ok trial's layout, profiled (one extra, untimed step).
@@ -137,7 +143,7 @@ import json, sys
 rows = [r for r in json.load(open(sys.argv[1] + "/leaderboard.json"))["rows"] if r.get("status") == "ok"]
 best = max(rows, key=lambda r: r["mfu_palm"])
 axes = ("mbs", "recompute", "distributed_optimizer", "attention", "norm", "cuda_graph",
-        "swiglu", "loss", "optimizer_step", "add_norm")
+        "swiglu", "loss", "optimizer_step", "add_norm", "qkv_grad")
 print(" ".join(f"layout.{k}={str(best[k]).lower() if isinstance(best[k], bool) else best[k]}"
                for k in axes if best.get(k) is not None))
 PY
@@ -150,6 +156,12 @@ PY
   R=sweeps/h200_profile/llama_1b3-local_h200
   [ -n "$BEST" ] && sweep 40 sweep=h200_profile $BEST
   [ -d $R ] && python3 benchmarks/gpu_sweep_report.py --sweep $R --out "$OUT" --tag "${TAG}_profile"
+  # trial.manual_gc (on in h200_single) is not part of a trial's name, so its "off" is a sweep
+  # of its own, last (it changed nothing measurable, step_phases_h200_2026-12-01.log): the
+  # main grid's mbs-16 layout with automatic garbage collection. Its records travel in the
+  # trials archive (sweeps/h200_gc_off): the device tool brings back 8 files, all taken above.
+  sweep 45 sweep=h200_profile sweep.name=h200_gc_off trial.profile=false trial.measure_steps=4 \
+    trial.manual_gc=false $OVR
 else
   # extras: the CUDA tests of the GPU paths, megatron-core's local spec as the anchors
   # measured it (the peer, in this run: .peer/gpu_probe.py, a copy of
