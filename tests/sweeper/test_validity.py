@@ -153,6 +153,12 @@ def test_fused_loss_needs_an_unsplit_vocabulary():
     assert reason(tp=1, loss="fused", gbs=8) is None
 
 
+def test_fused_qkv_grad_needs_our_rope_attention():
+    assert reason(attention="megatron", qkv_grad="fused", gbs=8) == (
+        "qkv_grad=fused is our RoPE's backward: it needs an attention of ours (not megatron)")
+    assert reason(attention="sdpa", qkv_grad="fused", gbs=8) is None
+
+
 def test_every_allowed_kernel_value_is_valid_and_a_typo_is_not():
     from core.choices import ATTENTION_KERNELS, NORM_KERNELS
 
