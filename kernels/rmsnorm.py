@@ -221,7 +221,7 @@ class BackwardConfig(NamedTuple):
     programs_per_sm: int  # persistent grid = SMs * programs_per_sm (capped by row tiles)
     prefetch: bool = False  # load the next row tile before computing this one
     num_stages: int = 1  # 2, 3: no change on the H200 (Triton 3.6 leaves these loads alone)
-    split: bool = True
+    split: bool = False  # the forward's split; slower here at 5120 (see BACKWARD_TABLE)
 
 
 def _pow2_at_most(n: int) -> int:
