@@ -160,6 +160,12 @@ def test_capacity_check_refuses_a_world_beyond_the_partition(slurm_cluster, tmp_
     assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
 
 
+def _said(stderr: str) -> str:
+    """slurm_up's own lines (why it gave up), not only the daemon logs it prints after them."""
+    own = [line for line in stderr.splitlines() if line.startswith(("slurm_up:", "slurm_down:"))]
+    return "\n".join(own[-10:]) + "\n" + stderr[-1000:]
+
+
 # The last two restart the cluster; they run last so the others see a settled one.
 def test_slurmd_killed_and_the_cluster_restarted_mid_trial_never_hangs_the_driver(slurm_cluster, tmp_path):
     # A trial that would run for minutes, bounded by a 25 s trial limit.
@@ -170,7 +176,7 @@ def test_slurmd_killed_and_the_cluster_restarted_mid_trial_never_hangs_the_drive
     os.kill(slurmd, signal.SIGKILL)
     up = subprocess.run(["bash", str(REPO / "scripts/slurm_up.sh"), state_dir], capture_output=True, text=True,
                         timeout=120)
-    assert up.returncode == 0, up.stderr[-2000:]
+    assert up.returncode == 0, _said(up.stderr)
     rc, out, err = finish(driver, 120)
     assert rc == 0, err[-2000:]
     # The restart cancels the project's jobs; the job's step may outlive slurmd (slurmstepd runs
@@ -194,7 +200,7 @@ def test_cluster_restart_cancels_only_the_projects_jobs(slurm_cluster, tmp_path)
         assert down.returncode == 0, down.stderr
         up = subprocess.run(["bash", str(REPO / "scripts/slurm_up.sh"), state_dir], capture_output=True,
                             text=True, timeout=120)
-        assert up.returncode == 0, up.stderr[-2000:]
+        assert up.returncode == 0, _said(up.stderr)
         assert queued(user) == "PENDING"  # survives the restart
         assert queued(ours) in ("", "CANCELLED")
     finally:
