@@ -107,19 +107,21 @@ elif [ "$MODE" = h200-extras ]; then
     python3 -m pytest -q -p no:cacheprovider -m cuda "$file" \
       || { echo "== CUDA test failed: $file; the h200 call runs with $*"; echo "$*" >> /tmp/h200_overrides; }
   }
-  for t in ${H200_CUDA_TESTS:-adamw add_rmsnorm swiglu fused_ce}; do
+  for t in ${H200_CUDA_TESTS:-adamw add_rmsnorm swiglu fused_ce qkv_grad}; do
     case $t in
       adamw) cuda_test tests/kernels/test_adamw.py layout.optimizer_step=megatron ;;
       add_rmsnorm) cuda_test tests/kernels/test_add_rmsnorm.py layout.add_norm=megatron ;;
       swiglu) cuda_test tests/kernels/test_swiglu.py layout.swiglu=megatron ;;
       fused_ce) cuda_test tests/kernels/test_fused_ce.py layout.loss=megatron ;;
+      qkv_grad) cuda_test tests/kernels/test_megatron_attention.py::test_gpu_fused_qkv_grad_matches_at_llama_shape \
+        layout.qkv_grad=megatron ;;
     esac
   done
   h200_peer
   P=sweeps/h200_parity/llama_1b3-local_h200
   sweep 60 sweep=h200_parity  # 5 trials, 20 steps each, one with a planted wrong mask
-  python3 - <<'PY' || echo "layout.add_norm=megatron layout.optimizer_step=megatron" >> /tmp/h200_overrides
-import glob, json, sys  # the all-fusions trial must have run: the two fusions new on a GPU today
+  python3 - <<'PY' || echo "layout.add_norm=megatron layout.optimizer_step=megatron layout.qkv_grad=megatron" >> /tmp/h200_overrides
+import glob, json, sys  # the all-fusions trial must have run: else the fusions newest on a GPU go off
 runs = [json.load(open(p))["status"] for p in glob.glob("sweeps/h200_parity/*/*addnorm-fused*/result.json")]
 sys.exit(0 if runs and all(s == "ok" for s in runs) else 1)
 PY

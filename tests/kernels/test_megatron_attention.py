@@ -238,3 +238,35 @@ def test_gpu_gpt_model_bf16_selective_recompute_matches_sdpa_flash():
     # bf16 end to end: two different (both correct) kernels differ by bf16 rounding.
     assert abs(triton_loss - sdpa_loss) <= 2e-2 * abs(sdpa_loss)
     assert max(errors.values()) < 5e-2, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cudnn", "flash"])
+def test_gpu_fused_qkv_grad_matches_at_llama_shape(backend):
+    """qkv_grad=fused on the GPU, bf16, llama_1b3's attention (16 heads of 128, one per KV
+    group) at s = 2048, mbs 2: the same output and fused-QKV gradient as megatron's split
+    backward. The RoPE kernel and the attention kernels are the same on both sides; only
+    the attention backward may accumulate in another order between calls (dq by atomics),
+    which moves a bf16 value by an ulp at most: normwise relative errors within bf16's unit
+    roundoff (2^-8). The control, a gradient that lost dv, is off by far more."""
+    config = _config(hidden_size=2048, num_attention_heads=16, num_query_groups=16, kv_channels=128,
+                     bf16=True, params_dtype=torch.bfloat16)
+    results = []
+    for fused in (False, True):
+        module = _build(SDPACoreAttention, config, backend=backend, rope=True, fused_qkv_grad=fused)
+        gen = torch.Generator().manual_seed(11)
+        mixed = torch.randn(2048, 2, 16, 3 * 128, generator=gen).cuda().bfloat16().requires_grad_()
+        query, key, value = torch.split(mixed, [128, 128, 128], dim=3)
+        out = module(query, key, value, None)
+        out.backward(torch.randn(out.shape, generator=gen).cuda().bfloat16())
+        results.append((out.detach().float(), mixed.grad.float()))
+    (out_ref, grad_ref), (out, grad) = results
+
+    def relerr(x, ref):
+        return ((x - ref).norm() / ref.norm()).item()
+
+    assert relerr(out, out_ref) <= 2**-8
+    assert relerr(grad, grad_ref) <= 2**-8
+    lost_dv = grad.clone()
+    lost_dv[..., 2 * 128:] = 0
+    assert relerr(lost_dv, grad_ref) > 2**-4
