@@ -44,7 +44,11 @@ def job_spec(cfg: DictConfig, trial_dir: str) -> TrialSpec:
     """
     path = Path(trial_dir) / SPEC_FILE
     if path.exists():
-        return TrialSpec.load(path)
+        spec = TrialSpec.load(path)
+        # The record names the tree as this job found it: the code its ranks import, which
+        # may be newer than the tree the sweep was planned from (spec.json keeps that one).
+        spec.git_commit = git_commit() or spec.git_commit
+        return spec
     plain = OmegaConf.to_container(cfg, resolve=True)
     spec = TrialSpec(
         model=model_from_dict(plain["model"]),
