@@ -44,7 +44,7 @@ TRAIN_ITERS = 100  # a placeholder length: set your own
 MAPPED_LAYOUT_FIELDS = frozenset({
     "tp", "pp", "vpp", "cp", "mbs", "gbs", "recompute", "recompute_method", "recompute_num_layers",
     "sequence_parallel", "distributed_optimizer", "attention", "norm", "cuda_graph",
-    "swiglu", "loss", "optimizer_step", "add_norm", "qkv_grad"})
+    "swiglu", "loss", "optimizer_step", "add_norm", "qkv_grad", "grad_buffer"})
 OUR_ROPE_ATTENTION = ("triton", "sdpa", "sdpa_flash", "sdpa_cudnn", "flash_attn")
 
 
@@ -184,6 +184,10 @@ def _notes(layout: Layout, world_size: int) -> list[str]:
         notes.append("our trials write the query, key and value gradients into one buffer in the RoPE "
                      "backward (kernels/rope.py); the spec Megatron-LM builds keeps megatron's split, "
                      "whose backward concatenates them")
+    if layout.grad_buffer == "overwrite":
+        notes.append("our trials skip zeroing the linears' fp32 gradients at one micro-batch per step "
+                     "(their weight-gradient GEMMs overwrite them, kernels/wgrad.py); Megatron-LM zeroes "
+                     "its whole gradient buffer every step")
     if layout.optimizer_step == "flat":
         notes.append("our trials' optimizer step skips megatron's per-tensor passes (launch/flat_step.py); "
                      "Megatron-LM has no such setting, so this runs megatron's own step")

@@ -107,12 +107,13 @@ elif [ "$MODE" = h200-extras ]; then
     python3 -m pytest -q -p no:cacheprovider -m cuda "$file" \
       || { echo "== CUDA test failed: $file; the h200 call runs with $*"; echo "$*" >> /tmp/h200_overrides; }
   }
-  for t in ${H200_CUDA_TESTS:-adamw add_rmsnorm swiglu fused_ce qkv_grad}; do
+  for t in ${H200_CUDA_TESTS:-adamw add_rmsnorm swiglu fused_ce qkv_grad wgrad}; do
     case $t in
       adamw) cuda_test tests/kernels/test_adamw.py layout.optimizer_step=megatron ;;
       add_rmsnorm) cuda_test tests/kernels/test_add_rmsnorm.py layout.add_norm=megatron ;;
       swiglu) cuda_test tests/kernels/test_swiglu.py layout.swiglu=megatron ;;
       fused_ce) cuda_test tests/kernels/test_fused_ce.py layout.loss=megatron ;;
+      wgrad) cuda_test tests/kernels/test_wgrad.py layout.grad_buffer=megatron ;;
       qkv_grad) cuda_test tests/kernels/test_megatron_attention.py::test_gpu_fused_qkv_grad_matches_at_llama_shape \
         layout.qkv_grad=megatron ;;
     esac
@@ -145,7 +146,7 @@ import json, sys
 rows = [r for r in json.load(open(sys.argv[1] + "/leaderboard.json"))["rows"] if r.get("status") == "ok"]
 best = max(rows, key=lambda r: r["mfu_palm"])
 axes = ("mbs", "recompute", "distributed_optimizer", "attention", "norm", "cuda_graph",
-        "swiglu", "loss", "optimizer_step", "add_norm", "qkv_grad")
+        "swiglu", "loss", "optimizer_step", "add_norm", "qkv_grad", "grad_buffer")
 print(" ".join(f"layout.{k}={str(best[k]).lower() if isinstance(best[k], bool) else best[k]}"
                for k in axes if best.get(k) is not None))
 PY

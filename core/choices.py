@@ -27,6 +27,9 @@ AddNorm = Literal["megatron", "fused"]
 # fused: our RoPE's backward writes dq, dk, dv into one gradient of the fused QKV projection
 # (kernels/rope.py RoPEQKVFunction) instead of megatron's split concatenating them.
 QkvGrad = Literal["megatron", "fused"]
+# overwrite: with one micro-batch per step, our linears' weight-gradient GEMMs write their fp32
+# gradient (beta 0) instead of adding to a zeroed one (kernels/wgrad.py).
+GradBuffer = Literal["megatron", "overwrite"]
 Device = Literal["cpu", "cuda"]  # a cluster's trial path: gloo on CPU, nccl on CUDA
 
 ATTENTION_KERNELS = get_args(AttentionKernel)
@@ -35,12 +38,12 @@ RECOMPUTE = get_args(Recompute)
 RECOMPUTE_METHODS = get_args(RecomputeMethod)
 PLANTS = get_args(Plant)
 FUSION_TYPES = {"swiglu": SwigluKernel, "loss": LossKernel, "optimizer_step": OptimizerStep,
-                "add_norm": AddNorm, "qkv_grad": QkvGrad}
+                "add_norm": AddNorm, "qkv_grad": QkvGrad, "grad_buffer": GradBuffer}
 FUSION_CHOICES = {axis: get_args(kind) for axis, kind in FUSION_TYPES.items()}
 FUSION_DEFAULTS = {axis: choices[0] for axis, choices in FUSION_CHOICES.items()}
 # How a fusion that is not the default appears in a trial's name (core.config.Layout.name).
 FUSION_TAGS = {"swiglu": "swiglu", "loss": "loss", "optimizer_step": "opt", "add_norm": "addnorm",
-               "qkv_grad": "qkv"}
+               "qkv_grad": "qkv", "grad_buffer": "gradbuf"}
 
 
 def spec_name(attention: str, norm: str, swiglu: str = "megatron", add_norm: str = "megatron") -> str:

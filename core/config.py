@@ -20,6 +20,7 @@ from core.choices import (
     AddNorm,
     AttentionKernel,
     Device,
+    GradBuffer,
     LossKernel,
     NormKernel,
     OptimizerStep,
@@ -137,6 +138,9 @@ class Layout:
     optimizer_step: OptimizerStep = "megatron"  # megatron | flat (launch/flat_step.py: no per-tensor passes)
     add_norm: AddNorm = "megatron"  # megatron | fused (residual adds + the next RMSNorm: kernels/add_rmsnorm.py)
     qkv_grad: QkvGrad = "megatron"  # megatron (split's backward concatenates dq, dk, dv) | fused (kernels/rope.py)
+    # megatron (zero the fp32 grad buffer, GEMMs add) | overwrite (one micro-batch per step:
+    # our linears' weight-gradient GEMMs write their gradient, kernels/wgrad.py)
+    grad_buffer: GradBuffer = "megatron"
 
     @property
     def name(self) -> str:

@@ -41,28 +41,36 @@ from megatron.core.utils import get_tensor_model_parallel_group_if_none
 from megatron.core.utils import prepare_input_tensors_for_wgrad_compute
 
 
+# Set on a weight by zero_grad_buffer_except_overwritten; read (and cleared) by its backward.
+OVERWRITE_FLAG = "main_grad_overwrite"
+
+
 def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor,
-                          main_grad: torch.Tensor) -> None:
-    """main_grad (fp32, [out, in]) += grad_output[tokens, out]^T @ total_input[tokens, in]."""
-    torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=torch.float32, out=main_grad)
+                          main_grad: torch.Tensor, beta: float = 1.0) -> None:
+    """main_grad (fp32, [out, in]) = beta * main_grad + grad_output[tokens, out]^T @ total_input[tokens, in].
+    beta = 0: cuBLAS does not read main_grad (layout.grad_buffer=overwrite)."""
+    torch.addmm(main_grad, grad_output.t(), total_input, beta=beta, out_dtype=torch.float32, out=main_grad)
 
 
 def wgrad_gemm_accum_fp16(total_input: torch.Tensor, grad_output: torch.Tensor,
-                          main_grad: torch.Tensor) -> None:
+                          main_grad: torch.Tensor, beta: float = 1.0) -> None:
     """The same for a 16-bit gradient buffer (grad_reduce_in_fp32 off)."""
-    main_grad.addmm_(grad_output.t(), total_input)
+    main_grad.addmm_(grad_output.t(), total_input, beta=beta)
 
 
-def accumulate(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
-    """main_grad += grad_output^T @ total_input, in main_grad's dtype, in place.
+def accumulate(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor,
+               *, overwrite: bool = False) -> None:
+    """main_grad += grad_output^T @ total_input, in main_grad's dtype, in place; with
+    `overwrite`, main_grad = grad_output^T @ total_input (its old contents never read).
 
     16-bit inputs into an fp32 buffer: one GEMM with an fp32 output (CUDA only in torch
     2.13: addmm's out_dtype has no CPU kernel). Inputs of the buffer's own dtype (the fp32
     CPU path, or a 16-bit buffer): a plain in-place addmm."""
+    beta = 0.0 if overwrite else 1.0
     if main_grad.dtype == torch.float32 and total_input.dtype in (torch.bfloat16, torch.float16):
-        wgrad_gemm_accum_fp32(total_input, grad_output, main_grad)
+        wgrad_gemm_accum_fp32(total_input, grad_output, main_grad, beta)
     elif main_grad.dtype == total_input.dtype:
-        wgrad_gemm_accum_fp16(total_input, grad_output, main_grad)
+        wgrad_gemm_accum_fp16(total_input, grad_output, main_grad, beta)
     else:
         raise RuntimeError(f"no weight-gradient accumulation of {total_input.dtype} into {main_grad.dtype}")
 
@@ -139,7 +147,12 @@ class _LinearIntoMainGrad(torch.autograd.Function):
             grad_weight = grad_output.t().matmul(total_input)
         else:
             weight.main_grad = main_grad
-            accumulate(total_input, grad_output, main_grad)
+            # layout.grad_buffer=overwrite: the first gradient of this weight in the step
+            # writes its buffer, which zero_grad_buffer_except_overwritten left unzeroed.
+            overwrite = getattr(weight, OVERWRITE_FLAG, False)
+            accumulate(total_input, grad_output, main_grad, overwrite=overwrite)
+            if overwrite:
+                setattr(weight, OVERWRITE_FLAG, False)  # a second use in the step adds
             grad_weight = None
             if hasattr(weight, "grad_added_to_main_grad"):  # set by megatron's DDP
                 grad_weight = _dummy_grad(weight, main_grad, input.dtype)
@@ -199,3 +212,41 @@ def fuse_output_layer(layer: tensor_parallel.ColumnParallelLinear) -> None:
     if type(layer) is not tensor_parallel.ColumnParallelLinear:
         raise TypeError(f"fuse_output_layer expects megatron's ColumnParallelLinear, got {type(layer).__name__}")
     layer.__class__ = ColumnParallelLinear
+
+
+def overwritten_weights(ddp_chunk) -> list[torch.Tensor]:
+    """The weights whose every gradient goes through `_LinearIntoMainGrad`: our linears'
+    (not an output layer whose gradient the fused loss adds itself, kernels/fused_ce.py)."""
+    cached = getattr(ddp_chunk, "_overwritten_weights", None)
+    if cached is None:
+        cached = [m.weight for m in ddp_chunk.modules()
+                  if isinstance(m, (ColumnParallelLinear, RowParallelLinear))
+                  and m.weight is not None and m.weight.requires_grad
+                  and hasattr(m.weight, "main_grad")
+                  and not getattr(m.weight, "fused_ce_main_grad", False)]
+        ddp_chunk._overwritten_weights = cached
+    return cached
+
+
+def zero_grad_buffer_except_overwritten(ddp_chunk) -> None:
+    """megatron DDP's zero_grad_buffer (0.16.1), except the fp32 gradients of our linears,
+    whose first weight-gradient GEMM of the step overwrites them (`layout.grad_buffer=overwrite`).
+
+    Only for one micro-batch per step (sweeper.validity checks it): a CUDA graph captured
+    with overwrite on replays it for every micro-batch. It saves writing zeros over those
+    gradients (4 bytes per parameter) and the GEMMs' read of them (4 more): about 2.5 ms of
+    a llama_1b3 step on an H200 (benchmarks/diag_step_phases.py, 2026-12-01). The other
+    gradients (embedding, norms, a fused loss's output layer) are zeroed as megatron does;
+    the buckets' padding stays as zeroed at construction (nothing writes it)."""
+    weights = overwritten_weights(ddp_chunk)
+    skip = {id(w) for w in weights}
+    if getattr(ddp_chunk.config, "cuda_graph_impl", "none") != "transformer_engine":
+        for param in ddp_chunk.params_with_grad:
+            param.grad_added_to_main_grad = False
+    others = [p.main_grad for p in ddp_chunk.params_with_grad if id(p) not in skip]
+    if others:
+        torch._foreach_zero_(others)
+    for weight in weights:
+        setattr(weight, OVERWRITE_FLAG, True)
+    for group in ddp_chunk.bucket_groups + ddp_chunk.expert_parallel_bucket_groups:
+        group.reset()

@@ -152,6 +152,9 @@ def parts(spec: TrialSpec, world: int, setup: Timeline) -> StepParts:
         schedule = get_forward_backward_func()
     num_micro = layout.num_microbatches(world)
     device = torch.cuda.current_device()
+    # grad_buffer=overwrite (one micro-batch per step, sweeper.validity): our linears' GEMMs
+    # write their fp32 gradients, so only the others are zeroed (kernels/wgrad.py).
+    zero_buffer = wgrad.zero_grad_buffer_except_overwritten if layout.grad_buffer == "overwrite" else None
 
     def barrier() -> None:
         dist.barrier(device_ids=[device])
@@ -160,7 +163,7 @@ def parts(spec: TrialSpec, world: int, setup: Timeline) -> StepParts:
     def forward_backward(batches: list[dict]) -> list:
         return steps.forward_backward(schedule, model, batches, num_micro=num_micro,
                                       seq_length=model_cfg.seq_length, mbs=layout.mbs,
-                                      zero_grad=optimizer.zero_grad)
+                                      zero_grad=optimizer.zero_grad, zero_buffer=zero_buffer)
 
     def optimizer_step():
         _, grad_norm, _ = megatron_step()  # the norm is reduced over every rank of the model

@@ -108,13 +108,17 @@ def step_batches(spec, step: int, num_micro: int, dp_rank: int, *, device: str) 
 
 
 def forward_backward(schedule, model: list, batches: list[dict], *, num_micro: int, seq_length: int,
-                     mbs: int, zero_grad=None) -> list[dict]:
+                     mbs: int, zero_grad=None, zero_buffer=None) -> list[dict]:
     """One step's forward and backward through megatron's schedule; the grads end reduced in
     each chunk's buffer (`finalize_model_grads`). Each chunk reads the same batches: the first
     stage uses the tokens, the last the labels. `zero_grad()`, if given, runs after the
-    buffers are zeroed (the GPU path's optimizer.zero_grad, as megatron's training loop)."""
+    buffers are zeroed (the GPU path's optimizer.zero_grad, as megatron's training loop).
+    `zero_buffer(chunk)` replaces megatron's `chunk.zero_grad_buffer()` (layout.grad_buffer)."""
     for chunk in model:
-        chunk.zero_grad_buffer()
+        if zero_buffer is None:
+            chunk.zero_grad_buffer()
+        else:
+            zero_buffer(chunk)
     if zero_grad is not None:
         zero_grad()
     return schedule(

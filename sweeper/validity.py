@@ -128,6 +128,19 @@ def _check_kernels(model: ModelConfig, layout: Layout) -> Optional[str]:
     return None
 
 
+def _check_grad_buffer(layout: Layout, world_size: int) -> Optional[str]:
+    """grad_buffer=overwrite: a weight gradient written, not added, is right only when one
+    micro-batch makes the step (a CUDA graph replays the captured overwrite every time)."""
+    if layout.grad_buffer != "overwrite":
+        return None
+    if layout.pp > 1:
+        return "grad_buffer=overwrite needs pp = 1 (one micro-batch per step)"
+    if layout.num_microbatches(world_size) != 1:
+        return (f"grad_buffer=overwrite needs one micro-batch per step (gbs = mbs * dp), got "
+                f"{layout.num_microbatches(world_size)}")
+    return None
+
+
 def invalid_reason(model: ModelConfig, layout: Layout, world_size: int) -> Optional[str]:
     """The reason this layout cannot start on `world_size` ranks, or None if it can."""
     reason = _check_axes(layout) or _check_world(layout, world_size)
@@ -138,6 +151,7 @@ def invalid_reason(model: ModelConfig, layout: Layout, world_size: int) -> Optio
         or _check_batch(layout, world_size)
         or _check_recompute(model, layout)
         or _check_kernels(model, layout)
+        or _check_grad_buffer(layout, world_size)
     )
 
 

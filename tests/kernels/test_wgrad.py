@@ -134,7 +134,7 @@ def _compare_both_ways(rank, tol):
     spawn costs ~10 s of imports)."""
     from unittest import mock
 
-    def overwrite(total_input, grad_output, main_grad):  # forgets what the buffer held
+    def overwrite(total_input, grad_output, main_grad, **_):  # forgets what the buffer held
         main_grad.copy_(grad_output.t() @ total_input)
 
     real = _compare(rank, tol)
@@ -172,6 +172,73 @@ def test_the_fused_norm_and_loss_take_the_same_switch(compared):
     assert all(on.values()) and not any(off.values())
 
 
+def _one_microbatch_grads(rank, zero_kind: str) -> dict:
+    """layout.grad_buffer=overwrite at one micro-batch per step (tp 1, dp 2): the buffers are
+    first filled with stale values (a previous step's), then one step zeroes them the
+    given way. Returns, per parameter, whether its main_grad equals a normal step's."""
+    import numpy as np
+    from megatron.core import parallel_state as ps
+
+    from launch import cpu_trial, steps
+    from launch.cpu_shims import device_redirect
+    from launch.data import first_sequence, microbatch
+
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel()
+    model_cfg, layout = ModelConfig(**TINY), Layout(attention="sdpa", norm="torch", mbs=4, gbs=8)
+    assert layout.num_microbatches(2) == 1
+    torch.manual_seed(7)
+    trainer = cpu_trial.build(model_cfg, layout, seed=7, lr=1e-3, wgrad_fusion=True)
+    batch = microbatch(seed=7, step=0, mbs=layout.mbs, seq_length=model_cfg.seq_length,
+                       vocab_size=model_cfg.vocab_size, device="cpu",
+                       first=first_sequence(dp_rank=ps.get_data_parallel_rank(), num_microbatches=1,
+                                            mbs=layout.mbs, index=0))
+    chunk = trainer.model[0]
+
+    def step(zero_buffer):
+        with device_redirect():  # as cpu_trial.forward_backward
+            steps.forward_backward(trainer.schedule, trainer.model, [batch], num_micro=1,
+                                   seq_length=model_cfg.seq_length, mbs=layout.mbs, zero_buffer=zero_buffer)
+        return {name: p.main_grad.numpy().copy() for name, p in chunk.named_parameters()}
+
+    def flags_only(ddp_chunk):  # the negative control: nothing zeroed, the GEMMs overwrite
+        for w in wgrad.overwritten_weights(ddp_chunk):
+            setattr(w, wgrad.OVERWRITE_FLAG, True)
+
+    def zeros_only(ddp_chunk):  # the negative control: all but the linears zeroed, GEMMs add
+        wgrad.zero_grad_buffer_except_overwritten(ddp_chunk)
+        for w in wgrad.overwritten_weights(ddp_chunk):
+            setattr(w, wgrad.OVERWRITE_FLAG, False)
+
+    reference = step(None)
+    for p in chunk.parameters():
+        p.main_grad.fill_(3.0)  # stale: what the buffer holds before a step
+    zero = {"overwrite": wgrad.zero_grad_buffer_except_overwritten, "flags_only": flags_only,
+            "zeros_only": zeros_only}[zero_kind]
+    got = step(zero)
+    return {"matching": sorted(n for n in got if np.allclose(got[n], reference[n], **FP32_TOL)),
+            "params": len(got), "overwritten": len(wgrad.overwritten_weights(chunk)),
+            "flags_left": sum(bool(getattr(w, wgrad.OVERWRITE_FLAG, False))
+                              for w in wgrad.overwritten_weights(chunk))}
+
+
+def _one_microbatch_all(rank):
+    return {kind: _one_microbatch_grads(rank, kind) for kind in ("overwrite", "flags_only", "zeros_only")}
+
+
+def test_overwriting_gemms_at_one_microbatch_give_a_normal_steps_gradients():
+    result = run_on_gloo(_one_microbatch_all, world_size=2)[0]
+    fused = 4 * TINY["num_layers"] + 1  # four linears a layer and the output layer
+    good = result["overwrite"]
+    assert good["overwritten"] == fused
+    assert len(good["matching"]) == good["params"], good  # every gradient, fused or not
+    assert good["flags_left"] == 0  # each overwrite flag consumed by its one GEMM
+    # Controls: with nothing zeroed, the norms and embeddings keep the stale 3.0; with the
+    # linears zeroed by nobody, their GEMMs add onto it.
+    assert len(result["flags_only"]["matching"]) == fused, result["flags_only"]
+    assert len(result["zeros_only"]["matching"]) == good["params"] - fused, result["zeros_only"]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("tokens,out_features,in_features", [(2048, 6144, 2048), (4096, 2048, 5632), (100, 48, 80)])
 def test_fp32_accumulation_matches_the_reference_on_gpu(tokens, out_features, in_features):
@@ -185,3 +252,18 @@ def test_fp32_accumulation_matches_the_reference_on_gpu(tokens, out_features, in
     expected = expected + dy.double().t().matmul(x.double()).float()
     assert torch.allclose(main, expected, rtol=1e-3, atol=1e-2 * tokens ** 0.5)
     assert wgrad.available("cuda")
+
+
+@pytest.mark.cuda
+def test_an_overwriting_gemm_never_reads_the_stale_buffer_on_gpu():
+    """layout.grad_buffer=overwrite: beta 0, so cuBLAS does not read the buffer (NaN there
+    must not reach the result); the default adds to it."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(2048, 2048, device="cuda", generator=gen).to(torch.bfloat16)
+    dy = torch.randn(2048, 512, device="cuda", generator=gen).to(torch.bfloat16)
+    expected = dy.double().t().matmul(x.double()).float()
+    main = torch.full((512, 2048), float("nan"), device="cuda")
+    wgrad.accumulate(x, dy, main, overwrite=True)
+    assert torch.allclose(main, expected, rtol=1e-3, atol=1e-2 * 2048 ** 0.5)
+    wgrad.accumulate(x, dy, main)  # the next use in the step adds
+    assert torch.allclose(main, 2 * expected, rtol=1e-3, atol=2e-2 * 2048 ** 0.5)

@@ -159,6 +159,15 @@ def test_fused_qkv_grad_needs_our_rope_attention():
     assert reason(attention="sdpa", qkv_grad="fused", gbs=8) is None
 
 
+def test_overwriting_grad_buffer_needs_one_microbatch_per_step():
+    # 8 ranks of dp at mbs 1: gbs 8 is one micro-batch per step, gbs 16 two.
+    assert reason(grad_buffer="overwrite", gbs=8) is None
+    assert reason(grad_buffer="overwrite", gbs=16) == (
+        "grad_buffer=overwrite needs one micro-batch per step (gbs = mbs * dp), got 2")
+    assert reason(grad_buffer="megatron", gbs=16) is None
+    assert reason(grad_buffer="overwrite", pp=2, gbs=4) == "grad_buffer=overwrite needs pp = 1 (one micro-batch per step)"
+
+
 def test_every_allowed_kernel_value_is_valid_and_a_typo_is_not():
     from core.choices import ATTENTION_KERNELS, NORM_KERNELS
 
