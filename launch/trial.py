@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from core.records import rank_path, result_path, write_json_atomic
-from core.spec import TrialSpec
+from core.spec import SPEC_FILE, TrialSpec
 from launch.record import trial_record
 from launch.supervise import collect_ranks, rank_log, run_ranks
 
@@ -59,6 +59,10 @@ def _finish(spec: TrialSpec, ranks: list[dict], started: float) -> dict:
 
 
 def run_local(spec: TrialSpec) -> dict:
+    """Every rank of the trial on this machine. A spec not on disk yet (a direct call: the
+    CUDA tests, the benchmarks) is written first, as the sweeper's `prepare` does."""
+    if not (Path(spec.trial_dir) / SPEC_FILE).exists():
+        prepare(spec)
     started = time.time()
     world = spec.world_size
     prestart = spec.trial.prestart_ranks

@@ -54,3 +54,20 @@ def test_prepare_clears_an_earlier_runs_rank_files_so_only_this_launch_reads_as_
     old = time.time() - 100
     os.utime(tmp_path / "rank1.log", (old, old))
     assert not started(tmp_path, since=old + 50)  # a log from before this job was submitted
+
+
+def test_a_direct_run_local_writes_its_spec_first(tmp_path):
+    """`launch.trial.run_local` called without the sweeper (the CUDA tests and benchmarks do):
+    the ranks still find spec.json. Without the write they could not start (their log's
+    folder did not even exist)."""
+    from core.config import ClusterConfig, ModelConfig
+    from launch.trial import run_local
+
+    layout = Layout(gbs=4, mbs=2)
+    spec = TrialSpec(model=ModelConfig(), layout=layout, trial_dir=str(tmp_path / layout.name),
+                     cluster=ClusterConfig(name="cpu1", device="cpu", gpus_per_node=1, gpu_memory_gb=8.0,
+                                           peak_tflops=1.0),
+                     trial=TrialConfig(warmup_steps=1, measure_steps=1, timeout_s=120))
+    record = run_local(spec)
+    assert record["status"] == "ok", record.get("reason")
+    assert TrialSpec.load(tmp_path / layout.name / SPEC_FILE) == spec
