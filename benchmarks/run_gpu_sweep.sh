@@ -30,6 +30,10 @@ case "$MODE" in h200*) TAG=${TAG/gpu_sweep/h200_sweep} ;; esac
 mkdir -p "$OUT"
 exec > >(tee "$OUT/$TAG.log") 2>&1
 START=$(date +%s)
+# The device's copy of the tree carries .git as it was when the session began: name the
+# commit (GIT_COMMIT=$(git rev-parse --short HEAD) in the device command), or the records
+# carry a stale one (core.paths.git_commit reads GIT_COMMIT first).
+[ -n "${GIT_COMMIT:-}" ] || echo "== GIT_COMMIT is not set: the records will name the device copy's stale HEAD"
 
 if ! python3 -c "import megatron.core, hydra, submitit" 2>/dev/null; then
   # The device machine has torch and triton but none of these: carried as wheels (.whl).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Optional
@@ -11,7 +12,13 @@ CONF_DIR = REPO_ROOT / "conf"
 
 
 def git_commit(repo_root: Path = REPO_ROOT) -> Optional[str]:
-    """HEAD's hash, with "-dirty" when tracked files differ from it; None outside a git tree."""
+    """HEAD's hash, with "-dirty" when tracked files differ from it; None outside a git tree.
+
+    GIT_COMMIT, when set, names it instead: the device tool's copy of the tree carries the
+    checkout's .git as it was when the session began, so HEAD there is stale."""
+    named = os.environ.get("GIT_COMMIT")
+    if named:
+        return named
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo_root, capture_output=True, text=True, timeout=10
