@@ -1,7 +1,6 @@
 """Assembling a trial's record: classify a failure, pick the deciding rank, sum up the steps.
 
-The record types, statuses, paths and the atomic writer are core.records'; the names
-below re-exported from there are a shim until 13:15 (issue 15).
+The record types, statuses, paths and the atomic writer are core.records'.
 """
 
 from __future__ import annotations
@@ -12,21 +11,7 @@ from dataclasses import asdict
 from typing import Optional
 
 from core.flops import FORMULAS, flops_per_token, mfu
-from core.records import (  # noqa: F401  shim until 13:15
-    DIVERGED,
-    FAILED,
-    NOT_RESULTS,
-    PEAK_MEMORY,
-    RESULT_FILE,
-    SCHEMA_VERSION,
-    STATUSES,
-    PeakMemory,
-    TrialRecord,
-    rank_path,
-    read_json,
-    result_path,
-    write_json_atomic,
-)
+from core.records import DIVERGED, PEAK_MEMORY, TrialRecord
 from launch.divergence import Diverged
 
 

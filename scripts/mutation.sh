@@ -19,9 +19,9 @@ cd "$WORK" || exit 1
 "$REPO/.venv/bin/python" - <<'PY'
 import os
 
-mutate = ["sweeper/validity.py", "analysis/flops.py", "analysis/leaderboard.py", "analysis/summary.py",
+mutate = ["sweeper/validity.py", "core/flops.py", "analysis/leaderboard.py", "analysis/summary.py",
           "analysis/parity.py", "launch/record.py", "launch/divergence.py"]
-tests = ["tests/sweeper/test_validity.py", "tests/test_conf.py", "tests/analysis/test_flops.py",
+tests = ["tests/sweeper/test_validity.py", "tests/test_conf.py", "tests/core/test_flops.py",
          "tests/analysis/test_summary.py", "tests/analysis/test_parity.py", "tests/analysis/test_results.py",
          "tests/launch/test_record.py", "tests/launch/test_divergence.py"]
 # Trials and subprocesses: seconds each, times every mutant; the fast tests cover the same code.

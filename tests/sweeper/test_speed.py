@@ -119,7 +119,7 @@ def test_pipeline_point_to_point_and_bubble():
         assert t["bubble"] == pytest.approx((pp - 1) / (m * vpp) * busy)
 
 
-def test_step_is_the_sum_of_terms_and_mfu_follows_analysis_flops():
+def test_step_is_the_sum_of_terms_and_mfu_follows_core_flops():
     layout = Layout(tp=2, pp=2, mbs=2, gbs=16)
     est = predict_speed(SMALL, GPU, layout)
     assert est.step_time_s == pytest.approx(sum(est.terms.values()))
