@@ -234,16 +234,20 @@ def zero_grad_buffer_except_overwritten(ddp_chunk) -> None:
 
     Only for one micro-batch per step (sweeper.validity checks it): a CUDA graph captured
     with overwrite on replays it for every micro-batch. It saves writing zeros over those
-    gradients (4 bytes per parameter) and the GEMMs' read of them (4 more): about 2.5 ms of
-    a llama_1b3 step on an H200 (benchmarks/diag_step_phases.py, 2026-12-01). The other
+    gradients (4 bytes per parameter; the whole buffer's zeroing measured 1.25 ms of a
+    llama_1b3 step on an H200, benchmarks/diag_step_phases.py) and the GEMMs' read of them
+    (4 more, ~1.3 ms by bandwidth); on vs off in the 2026-12-01 sweep it was inside noise. The other
     gradients (embedding, norms, a fused loss's output layer) are zeroed as megatron does;
     the buckets' padding stays as zeroed at construction (nothing writes it)."""
     weights = overwritten_weights(ddp_chunk)
-    skip = {id(w) for w in weights}
+    others = getattr(ddp_chunk, "_zeroed_grads", None)
+    if others is None:  # DDP's buffers never move: the views are found once, not every step
+        skip = {id(w) for w in weights}
+        others = [p.main_grad for p in ddp_chunk.params_with_grad if id(p) not in skip]
+        ddp_chunk._zeroed_grads = others
     if getattr(ddp_chunk.config, "cuda_graph_impl", "none") != "transformer_engine":
         for param in ddp_chunk.params_with_grad:
             param.grad_added_to_main_grad = False
-    others = [p.main_grad for p in ddp_chunk.params_with_grad if id(p) not in skip]
     if others:
         torch._foreach_zero_(others)
     for weight in weights:
