@@ -51,7 +51,16 @@ class _RMSNormBase(torch.nn.Module):
 
 
 class TritonRMSNorm(_RMSNormBase):
-    """RMSNorm through the Triton kernels; x [s, b, h] (or any [..., h]) -> same shape."""
+    """RMSNorm through the Triton kernels; x [s, b, h] (or any [..., h]) -> same shape.
+
+    With kernels.wgrad's fusion (`wgrad_fusion`, a layer spec param) or megatron's
+    (config.gradient_accumulation_fusion) the weight is tagged `fused_main_grad`: its dw
+    goes straight into DDP's fp32 `main_grad` (kernels.rmsnorm.RMSNormFunction), as the
+    linears' weight gradients do."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, wgrad_fusion: bool = False):
+        super().__init__(config, hidden_size, eps)
+        self.weight.fused_main_grad = bool(wgrad_fusion or getattr(config, "gradient_accumulation_fusion", False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, eps=self.eps)

@@ -193,8 +193,10 @@ def _backward_kernel(
 @triton.jit(do_not_specialize=["n_partials"])
 def _dw_reduce_kernel(
     partial_ptr, dw_ptr, n_partials, n_cols,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
+    # ACCUMULATE: dw_ptr is megatron's main_grad; the fp32 sum over partials (the same
+    # fixed order) is added to what it holds, in fp32, and rounded once to its dtype.
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < n_cols
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
@@ -203,7 +205,10 @@ def _dw_reduce_kernel(
         mask = (p < n_partials)[:, None] & col_ok[None, :]
         acc += tl.load(partial_ptr + p[:, None].to(tl.int64) * n_cols + cols[None, :],
                        mask=mask, other=0.0)
-    tl.store(dw_ptr + cols, tl.sum(acc, axis=0).to(dw_ptr.dtype.element_ty), mask=col_ok)
+    dw = tl.sum(acc, axis=0)
+    if ACCUMULATE:
+        dw += tl.load(dw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(dw_ptr + cols, dw.to(dw_ptr.dtype.element_ty), mask=col_ok)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -310,7 +315,8 @@ _BACKWARD = CachedLaunch(_backward_kernel)
 _DW_REDUCE = CachedLaunch(_dw_reduce_kernel)
 _PARTIALS: dict = {}  # (device index, programs, n_cols) -> fp32 [programs, n_cols] scratch
 DW_BLOCK_C = 64  # dw reduction: columns per program
-_DW_CONSTEXPRS = dict(BLOCK_P=32, BLOCK_C=DW_BLOCK_C)
+_DW_CONSTEXPRS = {accumulate: dict(BLOCK_P=32, BLOCK_C=DW_BLOCK_C, ACCUMULATE=accumulate)
+                  for accumulate in (False, True)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -373,9 +379,16 @@ def _partials(device: int, programs: int, n_cols: int) -> torch.Tensor:
 
 
 def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
-             config: Optional[BackwardConfig] = None):
+             config: Optional[BackwardConfig] = None, main_grad: Optional[torch.Tensor] = None):
     """dy, x [..., H] (x contiguous or [M, H] rows; dy any layout of x's shape), weight [H]
-    -> dx (dy's shape, x's dtype, contiguous), dw [H] (weight's dtype)."""
+    -> dx (dy's shape, x's dtype, contiguous), dw [H] (weight's dtype).
+
+    main_grad (a contiguous [H] buffer, fp32 or 16-bit): dw is added into it instead, by the
+    same reduction kernel (its fp32 sum plus the buffer, one rounding to the buffer's
+    dtype), and None is returned for dw."""
+    if main_grad is not None and (main_grad.shape != weight.shape or not main_grad.is_contiguous()):
+        raise ValueError(f"main_grad must be a contiguous {tuple(weight.shape)} tensor, got "
+                         f"{tuple(main_grad.shape)} with strides {main_grad.stride()}")
     n_cols = x.shape[-1]
     if dy.is_contiguous() and x.is_contiguous() and dy.dtype == x.dtype:  # the hot path
         dy2, x2, stride_dy, stride_x, dx = dy, x, n_cols, n_cols, torch.empty_like(dy)
@@ -385,8 +398,9 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
         dx = torch.empty(dy.shape, dtype=x.dtype, device=x.device)
     n_rows = x2.numel() // n_cols if n_cols else 0
     if n_rows == 0:
-        return dx, torch.zeros_like(weight)
-    dw = torch.empty_like(weight)
+        return dx, None if main_grad is not None else torch.zeros_like(weight)
+    accumulate = main_grad is not None
+    dw = main_grad if accumulate else torch.empty_like(weight)
     cfg = config or backward_config(n_cols)
     device = device_index(x)
     programs = min(_cdiv(n_rows, cfg.block_m), _sm_count(device) * cfg.programs_per_sm)
@@ -397,9 +411,9 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
         (dy2, x2, weight, dx, partial, n_rows, n_cols, stride_dy, stride_x, n_cols, eps),
         _backward_constexprs(n_cols, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _DW_REDUCE.launch(
-        (device, n_cols, dw.dtype), (_cdiv(n_cols, DW_BLOCK_C),),
-        (partial, dw, programs, n_cols), _DW_CONSTEXPRS, num_warps=4)
-    return dx, dw
+        (device, n_cols, dw.dtype, accumulate, aligned(dw)), (_cdiv(n_cols, DW_BLOCK_C),),
+        (partial, dw, programs, n_cols), _DW_CONSTEXPRS[accumulate], num_warps=4)
+    return dx, None if accumulate else dw
 
 
 # --------------------------------------------------------------------------- autograd
@@ -411,6 +425,13 @@ class RMSNormFunction(torch.autograd.Function):
 
     y and dx are allocated in their final shapes, not returned as views, so autograd can
     take dx as x.grad without a copy.
+
+    A weight tagged `fused_main_grad` that has a `main_grad` (megatron DDP's buffer) gets
+    dw added into it by the dw reduction kernel itself, as megatron's linears do under
+    gradient_accumulation_fusion, and `grad_added_to_main_grad` set; autograd gets a
+    placeholder (zeros under `zero_out_wgrad`, whose DDP hook adds it anyway), so DDP's
+    hook fires, for overlapped reduction, without adding dw twice. Why: at mbs 1 that saves
+    a bf16 dw and DDP's add kernel per norm per micro-batch, and dw's bf16 rounding.
     """
 
     @staticmethod
@@ -424,7 +445,11 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        dx, dw = backward(dy, x, weight, ctx.eps, ctx.bwd_config)
+        main_grad = getattr(weight, "main_grad", None) if getattr(weight, "fused_main_grad", False) else None
+        dx, dw = backward(dy, x, weight, ctx.eps, ctx.bwd_config, main_grad)
+        if main_grad is not None:
+            weight.grad_added_to_main_grad = True
+            dw = (torch.zeros_like if getattr(weight, "zero_out_wgrad", False) else torch.empty_like)(weight)
         return dx, dw, None, None, None
 
 

@@ -231,3 +231,72 @@ def test_selective_recompute_of_the_norm_on_gpu():
         grads.append((xr.grad, norm.weight.grad, proj.weight.grad))
     for plain, recomputed in zip(*grads):
         assert torch.equal(plain, recomputed)  # same kernels, same inputs: bitwise
+
+
+def _ddp_main_grads(rank):
+    """One gloo rank, megatron DDP (fp32 grad buffer, overlapped reduction: its hook needs a
+    grad on every param), two micro-batches through TritonRMSNorm: untagged (DDP's hook adds
+    dw), tagged (the kernel adds it; the hook must not), and a planted double add (the
+    kernel adds and autograd still gets dw, unflagged) that the same comparison must catch."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from kernels import rmsnorm
+    from kernels.megatron_norm import TritonRMSNorm
+    from launch.cpu_shims import device_redirect
+
+    torch.manual_seed(13)
+    batches = [(torch.randn(SEQ, BATCH, HIDDEN), torch.randn(SEQ, BATCH, HIDDEN)) for _ in range(2)]
+    weight = torch.empty(HIDDEN).uniform_(0.5, 1.5)
+    original = rmsnorm.RMSNormFunction.backward
+
+    def double_add(ctx, dy):  # adds into main_grad and hands autograd dw, flag cleared
+        dx, _, *rest = original(ctx, dy)
+        x, w = ctx.saved_tensors
+        w.grad_added_to_main_grad = False
+        return (dx, rmsnorm.backward(dy, x, w, ctx.eps)[1], *rest)
+
+    out = {}
+    for name, fused, backward in (("untagged", False, original), ("tagged", True, original),
+                                  ("double_add", True, double_add)):
+        config = _config()
+        norm = TritonRMSNorm(config, HIDDEN, wgrad_fusion=fused)
+        norm.weight.data.copy_(weight)
+        with device_redirect():
+            ddp = DistributedDataParallel(
+                config=config, module=norm,
+                ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                         overlap_grad_reduce=True))
+        rmsnorm.RMSNormFunction.backward = staticmethod(backward)
+        try:
+            for i, (x, dy) in enumerate(batches):
+                with ddp.no_sync() if i == 0 else torch.enable_grad():
+                    ddp(x).backward(dy)
+            ddp.finish_grad_sync()
+        finally:
+            rmsnorm.RMSNormFunction.backward = staticmethod(original)
+        w = norm.weight
+        out[name] = (w.main_grad.clone(), w.grad, w.fused_main_grad, w.grad_added_to_main_grad)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_results():
+    return run_on_gloo(_ddp_main_grads, world_size=1)[0]
+
+
+def test_tagged_norm_adds_into_main_grad_once_through_megatron_ddp(ddp_results):
+    untagged, tagged = ddp_results["untagged"], ddp_results["tagged"]
+    assert untagged[2] is False and tagged[2] is True  # the module tags only when asked
+    assert untagged[3] is False and tagged[3] is True
+    assert untagged[1] is None and tagged[1] is None  # DDP's hook cleared both
+    # fp32 throughout: the same dw sums (one kernel), added to the buffer by the hook or
+    # the kernel; the order of the two fp32 adds is the same, so 1e-6 is ample.
+    torch.testing.assert_close(tagged[0], untagged[0], rtol=1e-6, atol=1e-6)
+    assert untagged[0].abs().max() > 0.1  # two micro-batches of a real gradient
+
+
+def test_a_double_add_under_ddp_is_caught(ddp_results):
+    """Negative control: the kernel's add plus DDP's add of the same dw doubles main_grad."""
+    untagged, doubled = ddp_results["untagged"][0], ddp_results["double_add"][0]
+    assert not torch.allclose(doubled, untagged, rtol=1e-3)
+    torch.testing.assert_close(doubled, 2 * untagged, rtol=1e-5, atol=1e-5)

@@ -173,3 +173,94 @@ def test_empty_input_and_shape_errors():
 def test_training_sizes_on_gpu(shape, dtype):
     torch.manual_seed(3)
     _check_against_reference(shape, dtype, 1e-5, device="cuda")
+
+
+# --------------------------------------------------------------------------- main_grad
+
+
+def _tagged(w: torch.Tensor, main_grad: torch.Tensor) -> torch.Tensor:
+    """w as megatron DDP holds it under the weight-gradient fusion (kernels.megatron_norm)."""
+    tagged = w.detach().clone().requires_grad_()
+    tagged.fused_main_grad = True
+    tagged.main_grad = main_grad
+    tagged.grad_added_to_main_grad = False
+    return tagged
+
+
+def _two_passes(hidden=1000, rows=11, seed=8):
+    gen = torch.Generator().manual_seed(seed)
+    make = lambda: torch.randn(rows, hidden, generator=gen).to(torch.bfloat16).to(DEVICE)  # noqa: E731
+    w = (1 + 0.5 * torch.randn(hidden, generator=gen)).to(torch.bfloat16).to(DEVICE)
+    start = torch.randn(hidden, generator=gen).to(DEVICE)  # what earlier micro-batches left
+    return [(make(), make()) for _ in range(2)], w, start
+
+
+def test_tagged_weight_accumulates_dw_into_fp32_main_grad():
+    """Two backward passes into main_grad (bf16 x, dy and weight; fp32 buffer): the same fp32
+    sums as the untagged kernel's dw for an fp32 copy of the weight (identical arithmetic:
+    bf16 -> fp32 is exact), added to the buffer in fp32; and no bf16 rounding of dw."""
+    passes, w, start = _two_passes()
+    tagged = _tagged(w, start.clone())
+    expected, expected64, rounded = start.clone(), start.double(), start.double()
+    for x, dy in passes:
+        rms_norm(x, tagged).backward(dy)
+        assert tagged.grad_added_to_main_grad and tagged.grad.shape == w.shape
+        tagged.grad = None  # as DDP's hook does
+        w32 = w.float().requires_grad_()
+        rms_norm(x, w32).backward(dy)
+        expected += w32.grad  # the untagged path's dw, summed in fp32
+        w64 = w.double().requires_grad_()
+        reference(x.double(), w64).backward(dy.double())
+        expected64 += w64.grad
+        wb = w.clone().requires_grad_()
+        rms_norm(x, wb).backward(dy)
+        rounded += wb.grad.double()  # the old path: dw rounded to bf16, then added
+    # Same kernel, same order, two fp32 adds: equal up to an fp32 ulp of the sums.
+    torch.testing.assert_close(tagged.main_grad, expected, rtol=1e-6, atol=1e-6)
+    # fp32 all the way: within fp32 sums of the float64 answer (1e-5 normwise); the bf16
+    # path is off by its rounding (~2^-9 relative), the negative control of this bound.
+    assert _relerr(tagged.main_grad, expected64) <= 1e-5
+    assert _relerr(rounded, expected64) > 1e-4
+
+
+def test_untagged_or_bufferless_weight_keeps_the_autograd_gradient():
+    """Negative controls: without the tag, or tagged but not (yet) in DDP (no main_grad),
+    dw reaches w.grad in w's dtype and a buffer beside it stays untouched."""
+    passes, w, _ = _two_passes()
+    x, dy = passes[0]
+    untagged = _tagged(w, torch.zeros(w.shape[0], device=DEVICE))
+    untagged.fused_main_grad = False
+    bufferless = w.detach().clone().requires_grad_()
+    bufferless.fused_main_grad = True
+    plain = w.detach().clone().requires_grad_()
+    for t in (untagged, bufferless, plain):
+        rms_norm(x, t).backward(dy)
+    assert torch.equal(untagged.main_grad, torch.zeros_like(untagged.main_grad))
+    assert untagged.grad_added_to_main_grad is False
+    assert untagged.grad.dtype == torch.bfloat16
+    assert torch.equal(untagged.grad, plain.grad) and torch.equal(bufferless.grad, plain.grad)
+
+
+def test_zero_out_wgrad_gets_a_zero_placeholder_and_16_bit_buffers_work():
+    """megatron's DDP hook adds the grad even when flagged if `zero_out_wgrad`: it must be 0.
+    A bf16 main_grad (grad_reduce_in_fp32 off) gets the fp32 sum rounded once."""
+    passes, w, start = _two_passes(hidden=64, rows=20)
+    (x, dy) = passes[0]
+    tagged = _tagged(w, start.to(torch.bfloat16))
+    tagged.zero_out_wgrad = True
+    rms_norm(x, tagged).backward(dy)
+    assert torch.equal(tagged.grad, torch.zeros_like(tagged.grad))
+    w64 = w.double().requires_grad_()
+    reference(x.double(), w64).backward(dy.double())
+    expected = start.to(torch.bfloat16).double() + w64.grad
+    assert tagged.main_grad.dtype == torch.bfloat16
+    assert _relerr(tagged.main_grad, expected) <= TOLERANCE[torch.bfloat16]
+
+
+def test_backward_refuses_a_main_grad_it_cannot_add_into():
+    x = torch.randn(3, 64, device=DEVICE)
+    w = torch.ones(64, device=DEVICE)
+    with pytest.raises(ValueError, match="main_grad"):
+        rmsnorm.backward(x, x, w, 1e-5, main_grad=torch.zeros(128, device=DEVICE)[::2])
+    with pytest.raises(ValueError, match="main_grad"):
+        rmsnorm.backward(x, x, w, 1e-5, main_grad=torch.zeros(32, device=DEVICE))
