@@ -44,7 +44,7 @@ TRAIN_ITERS = 100  # a placeholder length: set your own
 MAPPED_LAYOUT_FIELDS = frozenset({
     "tp", "pp", "vpp", "cp", "mbs", "gbs", "recompute", "recompute_method", "recompute_num_layers",
     "sequence_parallel", "distributed_optimizer", "attention", "norm", "cuda_graph",
-    "swiglu", "loss", "optimizer_step", "add_norm", "qkv_grad", "grad_buffer"})
+    "swiglu", "loss", "optimizer_step", "add_norm", "qkv_grad", "grad_buffer", "embedding_grad"})
 OUR_ROPE_ATTENTION = ("triton", "sdpa", "sdpa_flash", "sdpa_cudnn", "flash_attn")
 
 
@@ -188,6 +188,10 @@ def _notes(layout: Layout, world_size: int) -> list[str]:
         notes.append("our trials skip zeroing the linears' fp32 gradients at one micro-batch per step "
                      "(their weight-gradient GEMMs overwrite them, kernels/wgrad.py); Megatron-LM zeroes "
                      "its whole gradient buffer every step")
+    if layout.embedding_grad == "fused":
+        notes.append("our trials add the word embedding's gradient rows straight into its fp32 gradient "
+                     "(kernels/embedding.py, given to the model after the build); Megatron-LM builds the "
+                     "model itself, so its embedding makes a dense gradient that DDP adds")
     if layout.optimizer_step == "flat":
         notes.append("our trials' optimizer step skips megatron's per-tensor passes (launch/flat_step.py); "
                      "Megatron-LM has no such setting, so this runs megatron's own step")

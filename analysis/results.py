@@ -17,14 +17,16 @@ from core.records import PEAK_MEMORY_MAX, write_text_atomic
 COLUMNS = [
     "trial", "status", "reason", "tp", "pp", "vpp", "cp", "dp", "mbs", "gbs", "recompute",
     "sequence_parallel", "distributed_optimizer", "attention", "norm", "cuda_graph",
-    "swiglu", "loss", "optimizer_step", "add_norm", "qkv_grad", "grad_buffer", "step_time_s",
+    "swiglu", "loss", "optimizer_step", "add_norm", "qkv_grad", "grad_buffer", "embedding_grad",
+    "step_time_s",
     "tokens_per_s", "tflops_per_gpu", "mfu_palm", "mfu_megatron", "peak_memory_gb",
     "predicted_memory_gb", "predicted_fits", "predicted_mfu", "predicted_step_time_s",
     "model", "cluster", "world_size", "device", "git_commit",
 ]
 LAYOUT_COLUMNS = ["tp", "pp", "vpp", "cp", "mbs", "gbs", "recompute", "sequence_parallel",
                   "distributed_optimizer", "attention", "norm", "cuda_graph",
-                  "swiglu", "loss", "optimizer_step", "add_norm", "qkv_grad", "grad_buffer"]
+                  "swiglu", "loss", "optimizer_step", "add_norm", "qkv_grad", "grad_buffer",
+                  "embedding_grad"]
 
 
 def load_records(sweep_dir, warn=lambda line: print(line, file=sys.stderr)) -> list[dict]:

@@ -111,7 +111,7 @@ elif [ "$MODE" = h200-extras ]; then
     python3 -m pytest -q -p no:cacheprovider -m cuda "$file" \
       || { echo "== CUDA test failed: $file; the h200 call runs with $*"; echo "$*" >> /tmp/h200_overrides; }
   }
-  for t in ${H200_CUDA_TESTS:-adamw add_rmsnorm swiglu fused_ce qkv_grad wgrad}; do
+  for t in ${H200_CUDA_TESTS:-adamw add_rmsnorm swiglu fused_ce qkv_grad wgrad embedding}; do
     case $t in
       adamw) cuda_test tests/kernels/test_adamw.py layout.optimizer_step=megatron ;;
       add_rmsnorm) cuda_test tests/kernels/test_add_rmsnorm.py layout.add_norm=megatron ;;
@@ -120,12 +120,13 @@ elif [ "$MODE" = h200-extras ]; then
       wgrad) cuda_test tests/kernels/test_wgrad.py layout.grad_buffer=megatron ;;
       qkv_grad) cuda_test tests/kernels/test_megatron_attention.py::test_gpu_fused_qkv_grad_matches_at_llama_shape \
         layout.qkv_grad=megatron ;;
+      embedding) cuda_test tests/kernels/test_embedding.py layout.embedding_grad=megatron ;;
     esac
   done
   h200_peer
   P=sweeps/h200_parity/llama_1b3-local_h200
   sweep 60 sweep=h200_parity  # 5 trials, 20 steps each, one with a planted wrong mask
-  python3 - <<'PY' || echo "layout.add_norm=megatron layout.optimizer_step=megatron layout.qkv_grad=megatron" >> /tmp/h200_overrides
+  python3 - <<'PY' || echo "layout.add_norm=megatron layout.optimizer_step=megatron layout.qkv_grad=megatron layout.embedding_grad=megatron" >> /tmp/h200_overrides
 import glob, json, sys  # the all-fusions trial must have run: else the fusions newest on a GPU go off
 runs = [json.load(open(p))["status"] for p in glob.glob("sweeps/h200_parity/*/*addnorm-fused*/result.json")]
 sys.exit(0 if runs and all(s == "ok" for s in runs) else 1)
@@ -150,7 +151,7 @@ import json, sys
 rows = [r for r in json.load(open(sys.argv[1] + "/leaderboard.json"))["rows"] if r.get("status") == "ok"]
 best = max(rows, key=lambda r: r["mfu_palm"])
 axes = ("mbs", "recompute", "distributed_optimizer", "attention", "norm", "cuda_graph",
-        "swiglu", "loss", "optimizer_step", "add_norm", "qkv_grad", "grad_buffer")
+        "swiglu", "loss", "optimizer_step", "add_norm", "qkv_grad", "grad_buffer", "embedding_grad")
 print(" ".join(f"layout.{k}={str(best[k]).lower() if isinstance(best[k], bool) else best[k]}"
                for k in axes if best.get(k) is not None))
 PY

@@ -30,6 +30,9 @@ QkvGrad = Literal["megatron", "fused"]
 # overwrite: with one micro-batch per step, our linears' weight-gradient GEMMs write their fp32
 # gradient (beta 0) instead of adding to a zeroed one (kernels/wgrad.py).
 GradBuffer = Literal["megatron", "overwrite"]
+# fused: the word embedding's backward adds its gradient rows straight into the fp32 main_grad
+# (kernels/embedding.py) instead of a dense bf16 [vocab, hidden] gradient DDP then adds.
+EmbeddingGrad = Literal["megatron", "fused"]
 Device = Literal["cpu", "cuda"]  # a cluster's trial path: gloo on CPU, nccl on CUDA
 
 ATTENTION_KERNELS = get_args(AttentionKernel)
@@ -38,12 +41,13 @@ RECOMPUTE = get_args(Recompute)
 RECOMPUTE_METHODS = get_args(RecomputeMethod)
 PLANTS = get_args(Plant)
 FUSION_TYPES = {"swiglu": SwigluKernel, "loss": LossKernel, "optimizer_step": OptimizerStep,
-                "add_norm": AddNorm, "qkv_grad": QkvGrad, "grad_buffer": GradBuffer}
+                "add_norm": AddNorm, "qkv_grad": QkvGrad, "grad_buffer": GradBuffer,
+                "embedding_grad": EmbeddingGrad}
 FUSION_CHOICES = {axis: get_args(kind) for axis, kind in FUSION_TYPES.items()}
 FUSION_DEFAULTS = {axis: choices[0] for axis, choices in FUSION_CHOICES.items()}
 # How a fusion that is not the default appears in a trial's name (core.config.Layout.name).
 FUSION_TAGS = {"swiglu": "swiglu", "loss": "loss", "optimizer_step": "opt", "add_norm": "addnorm",
-               "qkv_grad": "qkv", "grad_buffer": "gradbuf"}
+               "qkv_grad": "qkv", "grad_buffer": "gradbuf", "embedding_grad": "embgrad"}
 
 
 def spec_name(attention: str, norm: str, swiglu: str = "megatron", add_norm: str = "megatron") -> str:

@@ -20,6 +20,7 @@ from core.choices import (
     AddNorm,
     AttentionKernel,
     Device,
+    EmbeddingGrad,
     GradBuffer,
     LossKernel,
     NormKernel,
@@ -141,6 +142,9 @@ class Layout:
     # megatron (zero the fp32 grad buffer, GEMMs add) | overwrite (one micro-batch per step:
     # our linears' weight-gradient GEMMs write their gradient, kernels/wgrad.py)
     grad_buffer: GradBuffer = "megatron"
+    # megatron (a dense [vocab, hidden] gradient per micro-batch, added by DDP) | fused (the
+    # rows of this micro-batch's tokens added into the fp32 main_grad, kernels/embedding.py)
+    embedding_grad: EmbeddingGrad = "megatron"
 
     @property
     def name(self) -> str:

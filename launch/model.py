@@ -17,7 +17,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from core.config import Layout, ModelConfig
-from kernels import wgrad
+from kernels import embedding, wgrad
 from kernels.layer_spec import applies_rope, block_spec
 from kernels.rope import DEFAULT_BASE
 from launch.steps import p2p_settings
@@ -93,7 +93,8 @@ def build_model(model: ModelConfig, layout: Layout, config: TransformerConfig, *
     """One model chunk (the whole model when pp == vpp == 1); loss=fused: the output layer
     and its loss in one chunked pass (kernels/megatron_loss.py). wgrad_fusion: every weight
     gradient of a linear (the output layer's too) and of a fused norm or loss accumulates
-    straight into DDP's fp32 `main_grad` (kernels/wgrad.py; a GPU trial's choice)."""
+    straight into DDP's fp32 `main_grad` (kernels/wgrad.py; a GPU trial's choice).
+    embedding_grad=fused: the word embedding's too (kernels/embedding.py; the layout's choice)."""
     extra = {}
     if layout.loss == "fused":
         from kernels.megatron_loss import FusedLossGPTModel as model_class
@@ -121,6 +122,8 @@ def build_model(model: ModelConfig, layout: Layout, config: TransformerConfig, *
     )
     if wgrad_fusion and post_process:  # GPTModel builds its output layer itself, not from the spec
         wgrad.fuse_output_layer(gpt.output_layer)
+    if layout.embedding_grad == "fused" and pre_process:  # likewise its word embedding
+        embedding.fuse_word_embeddings(gpt.embedding.word_embeddings)
     if layout.add_norm == "fused":  # each layer fuses its MLP residual add with the next one's norm
         from kernels.megatron_layer import link_layers
 

@@ -174,3 +174,31 @@ def test_dataclass_conversion_rejects_bad_values():
     with pytest.raises(ConfigError, match="trial.plant must be one of nan_weights, non_causal, perturb_weight, got 'nan'"):
         trial_from_dict({"plant": "nan"})
     assert trial_from_dict({"plant": "non_causal"}).plant == "non_causal"
+
+
+def _preset_layouts(name: str) -> list[Layout]:
+    """The layouts of a preset's main grid and extra grids, once each (as the sweeper expands
+    them, before validity)."""
+    cfg, params, grids = _preset(name)
+    layouts = {}
+    for grid in [{}, *grids]:
+        axes = {**params, **grid}
+        names = list(axes)
+        for combo in itertools.product(*(_values(k, axes[k]) for k in names)):
+            values = {k[len("layout."):]: v for k, v in zip(names, combo)}
+            layout = layout_from_dict({**cfg["layout"], **values})
+            layouts.setdefault(layout.name, layout)
+    return list(layouts.values())
+
+
+def test_h200_presets_run_the_fused_embedding_with_its_off_runs_at_mbs_1_and_16():
+    layouts = _preset_layouts("h200_single")
+    assert len(layouts) <= 29  # one 10-minute device call (README: the H200 sweep)
+    on = [lay for lay in layouts if lay.embedding_grad == "fused"]
+    assert {lay.mbs for lay in on} >= {1, 2, 4, 8, 16}  # the main grid
+    # Off, with every other fusion on: exactly the main grid's layout at mbs 1 and 16.
+    off = [lay for lay in layouts if lay.embedding_grad == "megatron" and lay.qkv_grad == "fused"]
+    assert sorted(lay.mbs for lay in off) == [1, 16]
+    assert all(dataclasses.replace(lay, embedding_grad="fused") in on for lay in off)
+    parity = [lay for lay in _preset_layouts("h200_parity") if lay.qkv_grad == "fused"]
+    assert [lay.embedding_grad for lay in parity] == ["fused"]

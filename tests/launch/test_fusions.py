@@ -1,9 +1,9 @@
 """The fusion axes of issue 17 inside a real megatron-core GPTModel, against the stock path.
 
-CPU (fp32, gloo, one rank, megatron DDP): `swiglu=triton`, `loss=fused` and `add_norm=fused` must give the
-stock model's loss and every parameter's accumulated gradient (`main_grad`, two
-micro-batches) from the same seed and tokens. Both sides compute in fp32 and differ only
-in summation order, so 1e-4 relative holds with a wide margin.
+CPU (fp32, gloo, one rank, megatron DDP): `swiglu=triton`, `loss=fused`, `add_norm=fused` and
+`embedding_grad=fused` must give the stock model's loss and every parameter's accumulated
+gradient (`main_grad`, two micro-batches) from the same seed and tokens. Both sides compute
+in fp32 and differ only in summation order, so 1e-4 relative holds with a wide margin.
 
 The optimizer fusion (`optimizer_step=flat`) needs megatron's CUDA optimizer: its CPU test
 uses a stand-in with megatron's interface against the plain formula (clip, then Adam), and
@@ -45,11 +45,12 @@ def _loss_and_grads(rank, layout_kwargs, model_kwargs=None):
     # numpy arrays: tensors would cross the process boundary as shared memory of an exited rank
     grads = {name: p.main_grad.numpy().copy() for name, p in trainer.model[0].named_parameters()}
     layers = {type(m).__name__ for m in trainer.model[0].modules() if "Layer" in type(m).__name__}
+    word = type(trainer.model[0].module.embedding.word_embeddings).__module__
     return [float(d["loss"]) for d in losses], grads, (type(trainer.model[0].module).__name__,
-                                                       sorted(layers), len(norm_calls))
+                                                       sorted(layers), len(norm_calls), word)
 
 
-FUSED = {"swiglu": "triton", "loss": "fused", "add_norm": "fused"}
+FUSED = {"swiglu": "triton", "loss": "fused", "add_norm": "fused", "embedding_grad": "fused"}
 
 
 def _compare(rank):
@@ -67,8 +68,10 @@ def test_fused_swiglu_and_loss_match_the_stock_gpt_model():
     # Two layers, two micro-batches: 4 input norms as modules; fused across layers only layer
     # 0's run; under full recompute all run, twice (the backward recomputes each layer).
     assert [stock_cls[2], variants[0][2][2], variants[1][2][2]] == [4, 2, 8]
+    assert stock_cls[3] == "megatron.core.tensor_parallel.layers"
     for losses, grads, cls in variants:
         assert cls[0] == "FusedLossGPTModel" and "FusedAddNormLayer" in cls[1]
+        assert cls[3] == "kernels.embedding"  # embedding_grad=fused: its rows into main_grad
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(stock_losses), **FP32_TOL)
         assert stock_grads.keys() == grads.keys()
         for name, grad in stock_grads.items():

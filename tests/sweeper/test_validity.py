@@ -168,6 +168,19 @@ def test_overwriting_grad_buffer_needs_one_microbatch_per_step():
     assert reason(grad_buffer="overwrite", pp=2, gbs=4) == "grad_buffer=overwrite needs pp = 1 (one micro-batch per step)"
 
 
+def test_fused_embedding_grad_takes_any_split_and_a_typo_is_refused():
+    """kernels/embedding.py masks the other ranks' rows as megatron does and leaves the output's
+    reduce (or SP reduce-scatter) to megatron; on later pipeline stages there is no embedding.
+    The model presets never tie the output layer to the embedding (launch/model.py)."""
+    for axes in (dict(tp=2, sequence_parallel=True), dict(tp=4), dict(pp=2, vpp=2), dict(tp=2, mbs=2)):
+        assert reason(embedding_grad="fused", gbs=8, **axes) is None, axes
+    assert reason(embedding_grad="sparse", gbs=8) == "embedding_grad must be one of megatron, fused, got 'sparse'"
+    assert unsupported_reason(ClusterConfig(device="cpu"), Layout(embedding_grad="fused")) == (
+        "needs CUDA: embedding_grad=fused")
+    assert Layout(embedding_grad="fused").name.endswith("_embgrad-fused")
+    assert "embgrad" not in Layout().name  # off: the name earlier sweeps resume by
+
+
 def test_every_allowed_kernel_value_is_valid_and_a_typo_is_not():
     from core.choices import ATTENTION_KERNELS, NORM_KERNELS
 
