@@ -281,6 +281,9 @@ def megatron_core_text(model: ModelConfig, layout: Layout, *, world_size: int) -
     after_build = ["kernels.wgrad.fuse_output_layer(model.output_layer)  # after the build"]
     if layout.add_norm == "fused":
         after_build.append("kernels.megatron_layer.link_layers(model.decoder.layers)  # add_norm=fused, after the build")
+    if layout.embedding_grad == "fused":
+        after_build.append("kernels.embedding.fuse_word_embeddings(model.embedding.word_embeddings)  "
+                           "# embedding_grad=fused, after the build")
     lines[2:2] = after_build
     lines.append("(lr is the trials' trial.lr default; wgrad_fusion=True where kernels.wgrad.available('cuda'), "
                  "as on every GPU trial so far; the trials step torch's fused Adam: launch/gpu_trial.py)")

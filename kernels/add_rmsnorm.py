@@ -18,7 +18,8 @@ program) where the H200 profile (2026-12-01, llama_1b3, hidden 2048) showed the
 persistent-grid RMSNorm backward at 1.5 TB/s.
 
 Layers: `_add_norm_fwd_kernel` (one row per program), `_add_norm_bwd_kernel` (ROWS rows
-per program, a [programs, H] fp32 dw partial summed by torch), host `forward` /
+per program, a [programs, H] fp32 dw partial), `_dw_reduce_kernel` (the partials summed in a
+fixed order, into main_grad when tagged), host `forward` /
 `backward`, `AddRMSNormFunction` and `add_rms_norm`. `reference` is float64.
 A weight tagged `fused_main_grad` (kernels.megatron_layer does so under megatron's
 gradient_accumulation_fusion) gets dw added straight into its fp32 `main_grad`: at mbs 1
@@ -55,7 +56,8 @@ def _add_norm_fwd_kernel(a_ptr, r_ptr, w_ptr, h_ptr, y_ptr, rstd_ptr, n_cols, ep
 
 @triton.jit
 def _add_norm_bwd_kernel(dy_ptr, dh_in_ptr, h_ptr, w_ptr, rstd_ptr, dh_ptr, dw_partial_ptr,
-                         n_rows, n_cols, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+                         n_rows, n_cols, HAS_DH_IN: tl.constexpr, ROWS: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < n_cols
@@ -67,15 +69,45 @@ def _add_norm_bwd_kernel(dy_ptr, dh_in_ptr, h_ptr, w_ptr, rstd_ptr, dh_ptr, dw_p
             offs = row * n_cols + cols
             dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            dh_in = tl.load(dh_in_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(rstd_ptr + row)
             hhat = h * rstd
             g = dy * w
             c = tl.sum(g * hhat, axis=0) / n_cols
-            dh = dh_in + (g - hhat * c) * rstd
+            dh = (g - hhat * c) * rstd
+            if HAS_DH_IN:
+                dh += tl.load(dh_in_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=mask)
             dw += dy * hhat
     tl.store(dw_partial_ptr + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
+
+
+@triton.jit
+def _dw_reduce_kernel(partial_ptr, out_ptr, n_programs, n_cols, ACCUMULATE: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """out[c] (+)= sum over p of partial[p, c], p ascending: one program per column block, so
+    the order is fixed (deterministic) and the sum goes out in out's dtype in one pass."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    ptrs = partial_ptr + cols
+    for _ in range(n_programs):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += n_cols  # pointer arithmetic is 64-bit: no int32 row offset to overflow
+    if ACCUMULATE:
+        acc += tl.load(out_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+REDUCE_BLOCK = 128  # columns per reduce program: 16 programs at hidden 2048
+
+
+def _reduce_dw(partial: torch.Tensor, out: torch.Tensor, *, accumulate: bool) -> torch.Tensor:
+    """out = (out +) partial.sum(0) in a fixed order, cast to out's dtype (main_grad's fp32
+    or the weight's own): replaces torch's sum, a cast and DDP's or our add (3 launches)."""
+    n_programs, n_cols = partial.shape
+    _dw_reduce_kernel[(triton.cdiv(n_cols, REDUCE_BLOCK),)](partial, out, n_programs, n_cols,
+                                                          ACCUMULATE=accumulate, BLOCK=REDUCE_BLOCK)
+    return out
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -105,19 +137,26 @@ def forward(a: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float):
     return h, y, rstd
 
 
-def backward(dy: torch.Tensor, dh_in: torch.Tensor, h: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor):
-    """dh (h's shape and dtype) and dw (fp32) from the gradients of y and of h."""
-    h2, dy2, dh_in2 = _rows(h), _rows(dy), _rows(dh_in)
+def backward(dy: torch.Tensor, dh_in, h: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor,
+             *, dw_into: torch.Tensor = None):
+    """dh (h's shape and dtype) and dw from the gradients of y and of h (dh_in None: no
+    gradient reached h from later). dw: a new fp32 tensor, or, with `dw_into` (a weight's
+    fp32 main_grad), added into that buffer and returned."""
+    h2, dy2 = _rows(h), _rows(dy)
+    dh_in2 = dy2 if dh_in is None else _rows(dh_in)  # not read when absent (HAS_DH_IN)
     n_rows, n_cols = h2.shape
     dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     programs = triton.cdiv(n_rows, ROWS)
     if not n_rows:
-        return dh, torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        return dh, dw_into if dw_into is not None else torch.zeros(w.shape, dtype=torch.float32, device=w.device)
     partial = torch.empty((programs, n_cols), dtype=torch.float32, device=h.device)
     block_n = triton.next_power_of_2(n_cols)
     _add_norm_bwd_kernel[(programs,)](dy2, dh_in2, h2, w, rstd, dh, partial, n_rows, n_cols,
-                                      ROWS=ROWS, BLOCK_N=block_n, num_warps=_warps(block_n))
-    return dh, partial.sum(dim=0)
+                                      HAS_DH_IN=dh_in is not None, ROWS=ROWS, BLOCK_N=block_n,
+                                      num_warps=_warps(block_n))
+    if dw_into is not None:
+        return dh, _reduce_dw(partial, dw_into, accumulate=True)
+    return dh, _reduce_dw(partial, torch.empty(n_cols, dtype=torch.float32, device=h.device), accumulate=False)
 
 
 class AddRMSNormFunction(torch.autograd.Function):
@@ -125,21 +164,22 @@ class AddRMSNormFunction(torch.autograd.Function):
     def forward(ctx, a, r, w, eps):
         h, y, rstd = forward(a, r, w, eps)
         ctx.save_for_backward(h, w, rstd)
+        ctx.set_materialize_grads(False)  # an output without gradient arrives as None, not zeros
         return h, y
 
     @staticmethod
     def backward(ctx, dh_in, dy):
         h, w, rstd = ctx.saved_tensors
-        dh_in = torch.zeros_like(h) if dh_in is None else dh_in
-        dy = torch.zeros_like(h) if dy is None else dy
-        dh, dw = backward(dy, dh_in, h, w, rstd)
+        dy = torch.zeros_like(h) if dy is None else dy  # y unused: never in a trial's layers
         if getattr(w, "fused_main_grad", False):
             # As megatron's linears do under gradient_accumulation_fusion: dw goes into DDP's
-            # fp32 buffer here (no bf16 rounding, no add kernel of DDP's per micro-batch)
-            # and autograd gets a placeholder, flagged so DDP's hook does not add it.
-            w.main_grad.add_(dw)
+            # fp32 buffer here, in the reduce of the partials (no bf16 rounding, no add
+            # kernel of DDP's per micro-batch), and autograd gets a placeholder, flagged so
+            # DDP's hook does not add it.
+            dh, _ = backward(dy, dh_in, h, w, rstd, dw_into=w.main_grad)
             w.grad_added_to_main_grad = True
             return dh, dh, torch.empty_like(w), None
+        dh, dw = backward(dy, dh_in, h, w, rstd)
         return dh, dh, dw.to(w.dtype), None
 
 

@@ -6,9 +6,11 @@ With p_i = softmax(z_i) and e_i the one-hot label, the gradient of the mean loss
 dz_i = (p_i - e_i) / N, and then dx = dz @ W and dW = dz^T @ x. All of it is computed in
 the forward, chunk by chunk (Liger-Kernel's fused linear cross-entropy): for each chunk of
 C tokens the GEMM writes z_c (bf16, [C, V]), one Triton kernel turns it into its loss and
-overwrites it with dz_c, and two GEMMs give dx_c and accumulate dW (fp32). The backward
-only scales what the forward stored by the incoming gradient (a scalar: the loss is a
-mean), so nothing is recomputed.
+overwrites it with dz_c, and two GEMMs give dx_c and accumulate dW (fp32; the first chunk
+overwrites, so dW is never zero-filled). The backward only scales what the forward stored
+by the incoming gradient (a scalar: the loss is a mean), so nothing is recomputed; except
+that with one chunk and DDP's buffer it keeps dz and runs dW's GEMM there, straight into
+`main_grad` (no fp32 dW to write and add once per micro-batch).
 
 Why: megatron's path materialises the [s, b, V] logits, their fp32 softmax and the
 gradient at once (about 4 GiB per micro-batch of llama_1b3 at mbs 8) and passes over them
@@ -82,20 +84,27 @@ def cross_entropy_rows(z: torch.Tensor, labels: torch.Tensor, *, scale: float) -
     return loss
 
 
-def _accumulate_wgrad(grad_w: torch.Tensor, dz: torch.Tensor, x: torch.Tensor) -> None:
-    """grad_w (fp32, [V, h]) += dz^T @ x, bf16 inputs with an fp32 accumulator and output."""
+def _accumulate_wgrad(grad_w: torch.Tensor, dz: torch.Tensor, x: torch.Tensor, *, overwrite: bool = False) -> None:
+    """grad_w (fp32, [V, h]) += dz^T @ x, bf16 inputs with an fp32 accumulator and output;
+    `overwrite`: grad_w = dz^T @ x (beta 0: its old contents never read, so never zeroed)."""
+    beta = 0.0 if overwrite else 1.0
     if grad_w.is_cuda:
-        wgrad.wgrad_gemm_accum_fp32(x, dz, grad_w)
+        wgrad.wgrad_gemm_accum_fp32(x, dz, grad_w, beta)
     else:  # no fp32-output addmm for bf16 on CPU
-        grad_w.addmm_(dz.t().float(), x.float())
+        grad_w.addmm_(dz.t().float(), x.float(), beta=beta)
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, labels, chunk_tokens):
         n_tokens = x.shape[0]
+        # One chunk and DDP's buffer: dW is left to the backward, one GEMM adding straight into
+        # main_grad, instead of an fp32 [V, h] dW written here and added there (at mbs 1 on
+        # llama_1b3: 262 MB written and 786 MB of add per micro-batch). dz kept instead of dW
+        # is never larger: [N, V] bf16 against [V, h] fp32 for N <= CHUNK_TOKENS = 2 h.
+        ctx.deferred = getattr(weight, "fused_ce_main_grad", False) and n_tokens <= chunk_tokens
         grad_x = torch.empty_like(x)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+        grad_w = None if ctx.deferred else torch.empty(weight.shape, dtype=torch.float32, device=x.device)
         loss = torch.empty(n_tokens, dtype=torch.float32, device=x.device)
         for start in range(0, n_tokens, chunk_tokens):
             end = min(start + chunk_tokens, n_tokens)
@@ -103,24 +112,29 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             z = x_c @ weight.t()
             loss[start:end] = cross_entropy_rows(z, labels[start:end], scale=1.0 / n_tokens)
             torch.mm(z, weight, out=grad_x[start:end])
-            _accumulate_wgrad(grad_w, z, x_c)
-        ctx.save_for_backward(grad_x, grad_w)
+            if not ctx.deferred:
+                _accumulate_wgrad(grad_w, z, x_c, overwrite=start == 0)
+        ctx.save_for_backward(grad_x, *((x, z) if ctx.deferred else (grad_w,)))
         ctx.weight = weight
         return loss.mean()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors
+        grad_x, *saved = ctx.saved_tensors
         weight = ctx.weight
         grad_x = grad_x * grad_loss.to(grad_x.dtype)
         if getattr(weight, "fused_ce_main_grad", False):
             # As megatron's linears do under gradient_accumulation_fusion: add into DDP's
             # fp32 buffer and hand autograd a placeholder, so DDP's hook does not add again.
-            weight.main_grad.addcmul_(grad_w, grad_loss)
+            if ctx.deferred:  # main_grad += dz^T @ (x * grad_loss): x scaled, rounded once
+                x, dz = saved
+                _accumulate_wgrad(weight.main_grad, dz, (x.float() * grad_loss).to(x.dtype))
+            else:
+                weight.main_grad.addcmul_(saved[0], grad_loss)
             weight.grad_added_to_main_grad = True
             dummy = torch.empty(weight.main_grad.shape, dtype=weight.dtype, device=weight.device)
             return grad_x, dummy, None, None
-        return grad_x, (grad_w * grad_loss).to(weight.dtype), None, None
+        return grad_x, (saved[0] * grad_loss).to(weight.dtype), None, None
 
 
 def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,

@@ -100,3 +100,43 @@ def test_main_grad_path_adds_dw_into_the_fp32_buffer():
     expected = _run(lambda a, r, w: add_rms_norm(a, r, w), a, r, w, dh_in, dy)[4]
     assert tagged.grad_added_to_main_grad
     torch.testing.assert_close(tagged.main_grad - 1.0, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_main_grad_reduce_is_fixed_order_over_two_microbatches():
+    """Rows over several backward programs and a hidden size over several reduce blocks: two
+    micro-batches' dw land in main_grad within fp32 summation error of the float64 sum, the
+    same bits on a second run (the partials are summed in program order, no atomics), and a
+    buffer missing one micro-batch fails the same check (the control)."""
+    runs = []
+    for _ in range(2):
+        tagged = torch.ones(300, device=DEVICE).requires_grad_()
+        tagged.fused_main_grad, tagged.grad_added_to_main_grad = True, False
+        tagged.main_grad = torch.zeros(300, dtype=torch.float32, device=DEVICE)
+        expected = torch.zeros(300, dtype=torch.float64, device=DEVICE)
+        for seed in (5, 6):
+            a, r, _, dh_in, dy = _case(5 * ROWS + 3, 300, torch.float32, seed=seed)
+            h, y = add_rms_norm(a, r, tagged)
+            torch.autograd.backward([h, y], [dh_in, dy])
+            ref_h = reference(a, r, torch.ones(300, dtype=torch.float64, device=DEVICE))[0]
+            hhat = ref_h * torch.rsqrt(ref_h.pow(2).mean(-1, keepdim=True) + 1e-5)
+            expected += (dy.double() * hhat).sum(0)
+            if seed == 5:
+                first = expected.clone()
+        runs.append(tagged.main_grad.clone())
+    assert _relerr(runs[0], expected) <= 1e-5
+    assert torch.equal(runs[0], runs[1])
+    assert _relerr(runs[0], first) > 1e-2  # one micro-batch short: caught
+
+
+def test_an_unused_residual_output_needs_no_zero_gradient():
+    """Only y carries a gradient (dh_in None): the kernel skips the load instead of reading a
+    zero tensor; the same bits as an explicit zero gradient."""
+    a, r, w, _, dy = _case(2 * ROWS + 1, 64, torch.float32, seed=7)
+    grads = []
+    for explicit_zero in (False, True):
+        leaf = a.detach().clone().requires_grad_()
+        h, y = add_rms_norm(leaf, r, w)
+        torch.autograd.backward([h, y] if explicit_zero else [y],
+                                [torch.zeros_like(h), dy] if explicit_zero else [dy])
+        grads.append(leaf.grad)
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0

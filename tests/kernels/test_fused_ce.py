@@ -75,19 +75,22 @@ def test_rows_kernel_overwrites_logits_with_the_gradient():
     torch.testing.assert_close(z.double(), ref_z.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_main_grad_path_adds_into_the_fp32_buffer():
+@pytest.mark.parametrize("chunk_tokens", [4096, 5])  # one chunk: dW's GEMM in the backward; three
+def test_main_grad_path_adds_into_the_fp32_buffer(chunk_tokens):
     """With fused_ce_main_grad (megatron's gradient_accumulation_fusion), dW goes into
-    main_grad on top of what is there, and autograd gets a placeholder flagged as added."""
+    main_grad on top of what is there, scaled by the incoming gradient, and autograd gets a
+    placeholder flagged as added."""
     x, w, labels = _case(12, 16, 300, torch.float32, seed=5)
     w1 = w.clone().requires_grad_()
     w1.fused_ce_main_grad = True
     w1.main_grad = torch.ones(w.shape, dtype=torch.float32, device=DEVICE)
     w1.grad_added_to_main_grad = False
-    fused_linear_cross_entropy(x, w1, labels).backward()
+    (fused_linear_cross_entropy(x, w1, labels, chunk_tokens=chunk_tokens) * 0.5).backward()
     w2 = w.double().requires_grad_()
-    reference(x.double(), w2, labels).backward()
+    (reference(x.double(), w2, labels) * 0.5).backward()
     assert w1.grad_added_to_main_grad
     assert _relerr(w1.main_grad - 1.0, w2.grad) <= 1e-5
+    assert _relerr(w1.main_grad - 1.0, 2 * w2.grad) > 0.4  # the scale matters: a missed one is caught
 
 
 def test_bad_shapes_are_rejected():
@@ -123,3 +126,10 @@ def test_matches_megatron_output_layer_and_native_fused_ce_at_training_size():
     assert abs(loss.item() - ref.item()) <= 1e-4 * ref.item()
     assert _relerr(x1.grad, x2.grad.double()) <= 4 * 2.0**-8
     assert _relerr(w1.grad, w2.grad.double()) <= 4 * 2.0**-8
+    # DDP's buffer: one chunk of 4096, so dW's GEMM runs in the backward into main_grad, at
+    # the 1/16 a schedule of 16 micro-batches scales the loss by (exact in bf16).
+    w3 = w.clone().requires_grad_()
+    w3.fused_ce_main_grad, w3.grad_added_to_main_grad = True, False
+    w3.main_grad = torch.zeros(w.shape, dtype=torch.float32, device=DEVICE)
+    (fused_linear_cross_entropy(x, w3, labels) / 16).backward()
+    assert _relerr(w3.main_grad * 16, w2.grad.double()) <= 4 * 2.0**-8

@@ -28,14 +28,14 @@ EPS = 1.0
 WD = 0.1  # decoupled (AdamW), as megatron's optimizer
 
 
-def _loss_and_grads(rank, layout_kwargs, model_kwargs=None):
+def _loss_and_grads(rank, layout_kwargs, model_kwargs=None, wgrad_fusion=False):
     from launch import cpu_trial
     from launch.data import microbatch
 
     model_cfg = ModelConfig(**{**TINY, **(model_kwargs or {})})
     layout = Layout(attention="sdpa", norm="torch", mbs=2, gbs=4, **layout_kwargs)
     torch.manual_seed(7)
-    trainer = cpu_trial.build(model_cfg, layout, seed=7, lr=1e-3)
+    trainer = cpu_trial.build(model_cfg, layout, seed=7, lr=1e-3, wgrad_fusion=wgrad_fusion)
     norm_calls = []  # input norms that ran as modules (not handed over by the previous layer)
     for layer in trainer.model[0].module.decoder.layers:
         layer.input_layernorm.register_forward_hook(lambda *_: norm_calls.append(1))
@@ -58,7 +58,10 @@ def _compare(rank):
     fused = _loss_and_grads(rank, FUSED)
     # Under full recompute the layers fuse only inside themselves (kernels/megatron_layer.py).
     recomputed = _loss_and_grads(rank, dict(FUSED, recompute="full"))
-    return stock, fused, recomputed
+    # As a GPU trial builds them: every fused weight gradient straight into main_grad (the
+    # norms' fixed-order reduce, the loss's one-chunk dW GEMM in its backward).
+    into_main_grad = _loss_and_grads(rank, FUSED, wgrad_fusion=True)
+    return stock, fused, recomputed, into_main_grad
 
 
 def test_fused_swiglu_and_loss_match_the_stock_gpt_model():
@@ -67,7 +70,7 @@ def test_fused_swiglu_and_loss_match_the_stock_gpt_model():
     assert stock_cls[0] == "GPTModel" and "TransformerLayer" in stock_cls[1]
     # Two layers, two micro-batches: 4 input norms as modules; fused across layers only layer
     # 0's run; under full recompute all run, twice (the backward recomputes each layer).
-    assert [stock_cls[2], variants[0][2][2], variants[1][2][2]] == [4, 2, 8]
+    assert [stock_cls[2]] + [v[2][2] for v in variants] == [4, 2, 8, 2]
     assert stock_cls[3] == "megatron.core.tensor_parallel.layers"
     for losses, grads, cls in variants:
         assert cls[0] == "FusedLossGPTModel" and "FusedAddNormLayer" in cls[1]
