@@ -51,34 +51,50 @@ WORK = {"fwd": 1.0, "dkdv": 1.25, "dq": 1.25, "dkdv_atomic": 2.5,  # x forward F
 DIAGNOSTIC = {"fwd_nosoftmax"}
 
 
-def _cfg(bm, bn, w, s, tma, ws=False):
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, tma=tma, WARP_SPEC=ws)
+def _cfg(bm, bn, w, s, tma, ws=False, extra=None):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, tma=tma, WARP_SPEC=ws,
+                **(extra or {}))
+
+
+# The forward's variants (kernels/attention_fwd.py): P = PIPELINE (block j-1's P V deferred
+# under block j's softmax), S = SUBTILE (two query half-tiles in turn); maxnreg caps registers.
+# The backward's: D = DEFER (each block's dK or dQ matmul issued one iteration late).
+P, S, D = dict(PIPELINE=True), dict(SUBTILE=True), dict(DEFER=True)
 
 
 def candidates(kind, d):
     """fwd/dq: BLOCK_M query rows held, BLOCK_N key rows streamed; dkdv: BLOCK_N key rows
-    held, BLOCK_M query rows streamed. (bm, bn, warps, stages, tma, warp-specialized)."""
+    held, BLOCK_M query rows streamed. (bm, bn, warps, stages, tma, warp-specialized,
+    extra config keys)."""
     table = {
         ("fwd", 128): [(128, 64, 8, 3, False), (128, 64, 8, 4, False), (128, 128, 8, 3, True),
-                       (128, 64, 8, 3, True, True), (128, 128, 8, 2, True, True),
-                       (128, 128, 8, 3, True, True), (128, 64, 8, 4, True, True),
-                       (128, 128, 8, 2, False)],
-        ("dkdv", 128): [(64, 128, 8, 3, True), (32, 64, 4, 3, False), (32, 64, 4, 3, True),
-                        (64, 128, 8, 3, True, True), (32, 128, 8, 3, True),
-                        (64, 128, 8, 2, True)],
-        ("dq", 128): [(128, 32, 8, 3, True), (128, 32, 8, 3, False), (128, 64, 8, 3, True),
-                      (128, 32, 8, 3, True, True), (128, 64, 8, 2, True, True)],
+                       (128, 64, 8, 3, False, False, P), (128, 64, 8, 4, False, False, P),
+                       (128, 64, 8, 3, True, False, P), (128, 128, 8, 2, False, False, P),
+                       (128, 128, 8, 3, True, False, P), (128, 64, 8, 2, False, False, P),
+                       (128, 64, 8, 3, False, False, S), (128, 64, 4, 3, False, False, S),
+                       (128, 128, 8, 3, False, False, S), (128, 64, 8, 3, True, False, S),
+                       (128, 64, 4, 3, False, False, dict(S, maxnreg=168))],
+        ("dkdv", 128): [(32, 64, 4, 3, False), (32, 64, 4, 3, True), (32, 128, 8, 3, True),
+                        (32, 64, 4, 3, False, False, D), (32, 64, 4, 3, True, False, D),
+                        (32, 128, 8, 3, True, False, D), (64, 128, 8, 3, True, False, D),
+                        (32, 64, 4, 2, False, False, D)],
+        ("dq", 128): [(128, 32, 8, 3, True, True), (128, 32, 8, 3, True), (128, 32, 8, 3, False),
+                      (128, 32, 8, 3, True, False, D), (128, 32, 8, 3, False, False, D),
+                      (128, 64, 8, 3, True, False, D), (128, 64, 8, 2, False, False, D)],
         ("dkdv_atomic", 128): [(64, 128, 8, 3, True), (32, 64, 4, 3, True), (32, 64, 4, 3, False),
                                (32, 128, 8, 3, True), (16, 64, 4, 3, True),
                                (64, 128, 8, 2, True)],
-        ("fwd_nosoftmax", 128): [(128, 64, 8, 3, False), (128, 128, 8, 3, True),
-                                 (128, 64, 8, 3, True, True)],
+        ("fwd_nosoftmax", 128): [(128, 64, 8, 3, False), (128, 64, 8, 3, False, False, P)],
         ("fwd_nosoftmax", 64): [(128, 64, 8, 4, False)],
-        ("fwd", 64): [(128, 64, 8, 4, False), (128, 64, 8, 3, False), (128, 128, 8, 3, False),
-                      (128, 64, 8, 3, True, True), (128, 128, 8, 3, True, True)],
-        ("dkdv", 64): [(32, 128, 4, 3, False), (64, 128, 8, 3, False), (32, 128, 4, 3, True),
-                       (64, 128, 8, 3, True, True)],
-        ("dq", 64): [(128, 64, 8, 3, False), (128, 64, 8, 4, False), (128, 64, 8, 3, True, True)],
+        ("fwd", 64): [(128, 64, 8, 4, False), (128, 64, 8, 3, False),
+                      (128, 64, 8, 4, False, False, P), (128, 64, 8, 3, False, False, P),
+                      (128, 128, 8, 3, False, False, P), (128, 64, 8, 4, False, False, S),
+                      (128, 64, 4, 4, False, False, S), (128, 128, 8, 3, False, False, S)],
+        ("dkdv", 64): [(32, 128, 4, 3, False), (64, 128, 8, 3, False),
+                       (32, 128, 4, 3, False, False, D), (64, 128, 8, 3, False, False, D),
+                       (32, 64, 4, 3, False, False, D)],
+        ("dq", 64): [(128, 64, 8, 3, False), (128, 64, 8, 4, False),
+                     (128, 64, 8, 3, False, False, D), (128, 32, 8, 3, False, False, D)],
         ("dkdv_atomic", 64): [(32, 128, 4, 3, False), (64, 128, 8, 3, False),
                               (32, 64, 4, 3, False), (64, 128, 8, 3, True)],
     }

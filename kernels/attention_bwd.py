@@ -28,7 +28,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention_fwd import LOG2E_HOST, _dot, _load_rows, _rows_source, dot_f32
+from kernels.attention_fwd import (
+    LOG2E_HOST,
+    _dot,
+    _load_rows,
+    _rows_source,
+    dot_f32,
+    launch_extras,
+)
 
 
 @triton.jit
@@ -62,23 +69,12 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dq_ptr, offs_n,
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_rows(q_src, start_m, seqlen, stride_qs, stride_qd, BLOCK_M, HEAD_DIM,
                        USE_TMA, EVEN)
-        if EVEN:
-            lse2 = tl.load(lse_ptr + offs_m) * 1.4426950408889634  # log2 e
-        else:
-            # +inf for rows past the end makes their probabilities exactly 0.
-            lse2 = tl.load(lse_ptr + offs_m, mask=offs_m < seqlen, other=float("inf"))
-            lse2 = lse2 * 1.4426950408889634  # log2 e
         qk_t = _dot(k, tl.trans(q), None, DOT_F32)  # [BLOCK_N, BLOCK_M]
-        p_t = tl.math.exp2(qk_t * qk_scale2 - lse2[None, :])
-        if MASK:
-            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        p_t, delta = _dkdv_p(qk_t, lse_ptr, delta_ptr, offs_m, offs_n, seqlen, qk_scale2, MASK,
+                             EVEN)
         do = _load_rows(do_src, start_m, seqlen, stride_gs, stride_gd, BLOCK_M, HEAD_DIM,
                         USE_TMA, EVEN)
         dv = _dot(p_t.to(do.dtype), do, dv, DOT_F32)
-        if EVEN:
-            delta = tl.load(delta_ptr + offs_m)
-        else:
-            delta = tl.load(delta_ptr + offs_m, mask=offs_m < seqlen, other=0.0)
         dp_t = _dot(v, tl.trans(do), None, DOT_F32)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
         dk = _dot(ds_t, q, dk, DOT_F32)
@@ -93,6 +89,59 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dq_ptr, offs_n,
 
 
 @triton.jit
+def _dkdv_inner_deferred(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, offs_n, lo, hi,
+                         seqlen, stride_qs, stride_qd, stride_gs, stride_gd, qk_scale2,
+                         BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN: tl.constexpr,
+                         USE_TMA: tl.constexpr, DOT_F32: tl.constexpr):
+    """The unmasked query blocks [lo, hi) with each block's dK += dS^T Q deferred to the
+    next iteration, issued after that block's S^T dot: the wgmma then runs under the exp2 of
+    P^T (Triton waits on a dot at once unless only its accumulator is carried; see
+    attention_fwd._fwd_inner_pipelined). Deterministic path only (no DQ_ATOMIC)."""
+    if lo < hi:
+        last = lo + (tl.cdiv(hi - lo, BLOCK_M) - 1) * BLOCK_M
+        ds_t = tl.zeros([offs_n.shape[0], BLOCK_M], tl.float32)
+        for start_m in tl.range(lo, hi, BLOCK_M):
+            start_m = tl.multiple_of(start_m, BLOCK_M)
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q = _load_rows(q_src, start_m, seqlen, stride_qs, stride_qd, BLOCK_M, HEAD_DIM,
+                           USE_TMA, EVEN)
+            qk_t = _dot(k, tl.trans(q), None, DOT_F32)  # [BLOCK_N, BLOCK_M]
+            # the previous block's dK share (a zero dS on the first pass), under the exp2
+            q_prev = _load_rows(q_src, tl.maximum(start_m - BLOCK_M, lo), seqlen, stride_qs,
+                                stride_qd, BLOCK_M, HEAD_DIM, USE_TMA, EVEN)
+            dk = _dot(ds_t.to(q.dtype), q_prev, dk, DOT_F32)
+            p_t, delta = _dkdv_p(qk_t, lse_ptr, delta_ptr, offs_m, offs_n, seqlen, qk_scale2,
+                                 False, EVEN)
+            do = _load_rows(do_src, start_m, seqlen, stride_gs, stride_gd, BLOCK_M, HEAD_DIM,
+                            USE_TMA, EVEN)
+            dv = _dot(p_t.to(do.dtype), do, dv, DOT_F32)
+            dp_t = _dot(v, tl.trans(do), None, DOT_F32)
+            ds_t = p_t * (dp_t - delta[None, :])
+        q = _load_rows(q_src, last, seqlen, stride_qs, stride_qd, BLOCK_M, HEAD_DIM, USE_TMA,
+                       EVEN)
+        dk = _dot(ds_t.to(q.dtype), q, dk, DOT_F32)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_p(qk_t, lse_ptr, delta_ptr, offs_m, offs_n, seqlen, qk_scale2, MASK: tl.constexpr,
+            EVEN: tl.constexpr):
+    """P^T [BLOCK_N, BLOCK_M] of one query block from its scores, and that block's delta."""
+    if EVEN:
+        lse2 = tl.load(lse_ptr + offs_m) * 1.4426950408889634  # log2 e
+        delta = tl.load(delta_ptr + offs_m)
+    else:
+        # +inf for rows past the end makes their probabilities exactly 0.
+        lse2 = tl.load(lse_ptr + offs_m, mask=offs_m < seqlen, other=float("inf"))
+        lse2 = lse2 * 1.4426950408889634  # log2 e
+        delta = tl.load(delta_ptr + offs_m, mask=offs_m < seqlen, other=0.0)
+    p_t = tl.math.exp2(qk_t * qk_scale2 - lse2[None, :])
+    if MASK:
+        p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+    return p_t, delta
+
+
+@triton.jit
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
                  stride_qb, stride_qs, stride_qh, stride_qd,
                  stride_kb, stride_ks, stride_kh, stride_kd,
@@ -103,8 +152,11 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
                  seqlen, num_heads, num_kv_heads, group, softmax_scale, qk_scale2,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, EVEN: tl.constexpr, USE_TMA: tl.constexpr,
-                 WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+                 WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+                 DEFER: tl.constexpr):
     # DQ_ACC: fp32 [b, s, hq, HEAD_DIM], contiguous (used only with DQ_ATOMIC).
+    # DEFER: the unmasked query blocks through _dkdv_inner_deferred (not with DQ_ATOMIC).
+    tl.static_assert(not (DEFER and DQ_ATOMIC))
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     bhk = tl.program_id(0)
     start_n = tl.program_id(1) * BLOCK_N
@@ -139,15 +191,19 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
                                  offs_n, start_n, diag_end, seqlen, stride_qs, stride_qd,
                                  stride_gs, stride_gd, stride_dqs, qk_scale2, BLOCK_M, HEAD_DIM,
                                  True, EVEN, USE_TMA, WARP_SPEC, DOT_F32, DQ_ATOMIC)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE + row, DELTA + row, dq_ptr,
-                                 offs_n, start_n + BLOCK_N, seqlen, seqlen, stride_qs, stride_qd,
-                                 stride_gs, stride_gd, stride_dqs, qk_scale2, BLOCK_M, HEAD_DIM,
-                                 False, EVEN, USE_TMA, WARP_SPEC, DOT_F32, DQ_ATOMIC)
+            unmasked_lo = start_n + BLOCK_N
+        else:
+            unmasked_lo = 0
+        if DEFER:
+            dk, dv = _dkdv_inner_deferred(dk, dv, k, v, q_src, do_src, LSE + row, DELTA + row,
+                                          offs_n, unmasked_lo, seqlen, seqlen, stride_qs,
+                                          stride_qd, stride_gs, stride_gd, qk_scale2, BLOCK_M,
+                                          HEAD_DIM, EVEN, USE_TMA, DOT_F32)
         else:
             dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE + row, DELTA + row, dq_ptr,
-                                 offs_n, 0, seqlen, seqlen, stride_qs, stride_qd, stride_gs,
-                                 stride_gd, stride_dqs, qk_scale2, BLOCK_M, HEAD_DIM, False, EVEN,
-                                 USE_TMA, WARP_SPEC, DOT_F32, DQ_ATOMIC)
+                                 offs_n, unmasked_lo, seqlen, seqlen, stride_qs, stride_qd,
+                                 stride_gs, stride_gd, stride_dqs, qk_scale2, BLOCK_M, HEAD_DIM,
+                                 False, EVEN, USE_TMA, WARP_SPEC, DOT_F32, DQ_ATOMIC)
 
     dk = dk * softmax_scale
     cols = tl.arange(0, HEAD_DIM)
@@ -188,6 +244,36 @@ def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, offs_m, lo, hi, seqlen,
 
 
 @triton.jit
+def _dq_inner_deferred(dq, q, do, lse2, delta, k_src, v_src, lo, hi, seqlen,
+                       stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2,
+                       BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN: tl.constexpr,
+                       USE_TMA: tl.constexpr, DOT_F32: tl.constexpr):
+    """The unmasked key blocks [lo, hi) with each block's dQ += dS K deferred to the next
+    iteration, issued after that block's S dot, so the wgmma runs under the exp2 of P (see
+    _dkdv_inner_deferred). The first pass adds a zero dS."""
+    if lo < hi:
+        ds = tl.zeros([q.shape[0], BLOCK_N], tl.float32)
+        for start_n in tl.range(lo, hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            k = _load_rows(k_src, start_n, seqlen, stride_ks, stride_kd, BLOCK_N, HEAD_DIM,
+                           USE_TMA, EVEN)
+            qk = _dot(q, tl.trans(k), None, DOT_F32)
+            k_prev = _load_rows(k_src, tl.maximum(start_n - BLOCK_N, lo), seqlen, stride_ks,
+                                stride_kd, BLOCK_N, HEAD_DIM, USE_TMA, EVEN)
+            dq = _dot(ds.to(k.dtype), k_prev, dq, DOT_F32)
+            v = _load_rows(v_src, start_n, seqlen, stride_vs, stride_vd, BLOCK_N, HEAD_DIM,
+                           USE_TMA, EVEN)
+            p = tl.math.exp2(qk * qk_scale2 - lse2[:, None])
+            dp = _dot(do, tl.trans(v), None, DOT_F32)
+            ds = p * (dp - delta[:, None])
+        last = lo + (tl.cdiv(hi - lo, BLOCK_N) - 1) * BLOCK_N
+        k = _load_rows(k_src, last, seqlen, stride_ks, stride_kd, BLOCK_N, HEAD_DIM, USE_TMA,
+                       EVEN)
+        dq = _dot(ds.to(k.dtype), k, dq, DOT_F32)
+    return dq
+
+
+@triton.jit
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                stride_qb, stride_qs, stride_qh, stride_qd,
                stride_kb, stride_ks, stride_kh, stride_kd,
@@ -197,7 +283,8 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                seqlen, num_heads, group, softmax_scale, qk_scale2,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                CAUSAL: tl.constexpr, EVEN: tl.constexpr, USE_TMA: tl.constexpr,
-               WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr):
+               WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr, DEFER: tl.constexpr):
+    # DEFER: the unmasked key blocks through _dq_inner_deferred.
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     bh = tl.program_id(0)
     start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
@@ -234,13 +321,19 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
         dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, offs_m, start_m, diag_end, seqlen,
                        stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2, BLOCK_N,
                        HEAD_DIM, True, EVEN, USE_TMA, WARP_SPEC, DOT_F32)
-        dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, offs_m, 0, start_m, seqlen,
-                       stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2, BLOCK_N,
-                       HEAD_DIM, False, True, USE_TMA, WARP_SPEC, DOT_F32)
+        unmasked_end = start_m
+        unmasked_even = True
     else:
-        dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, offs_m, 0, seqlen, seqlen,
+        unmasked_end = seqlen
+        unmasked_even = EVEN
+    if DEFER:
+        dq = _dq_inner_deferred(dq, q, do, lse2, delta, k_src, v_src, 0, unmasked_end, seqlen,
+                                stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2, BLOCK_N,
+                                HEAD_DIM, unmasked_even, USE_TMA, DOT_F32)
+    else:
+        dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, offs_m, 0, unmasked_end, seqlen,
                        stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2, BLOCK_N,
-                       HEAD_DIM, False, EVEN, USE_TMA, WARP_SPEC, DOT_F32)
+                       HEAD_DIM, False, unmasked_even, USE_TMA, WARP_SPEC, DOT_F32)
 
     dq = dq * softmax_scale
     dq_ptrs = (DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs
@@ -277,8 +370,8 @@ def launch_dkdv(q, k, v, do, lse, delta, dk, dv, *, causal, softmax_scale, confi
         HEAD_DIM=head_dim, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         CAUSAL=causal, EVEN=seqlen % config["BLOCK_N"] == 0, USE_TMA=use_tma,
         WARP_SPEC=config.get("WARP_SPEC", False), DOT_F32=dot_f32(q),
-        DQ_ATOMIC=dq_acc is not None,
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        DQ_ATOMIC=dq_acc is not None, DEFER=config.get("DEFER", False),
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **launch_extras(config),
     )
 
 
@@ -292,5 +385,6 @@ def launch_dq(q, k, v, do, lse, delta, dq, *, causal, softmax_scale, config, use
         HEAD_DIM=head_dim, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         CAUSAL=causal, EVEN=seqlen % config["BLOCK_M"] == 0, USE_TMA=use_tma,
         WARP_SPEC=config.get("WARP_SPEC", False), DOT_F32=dot_f32(q),
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        DEFER=config.get("DEFER", False),
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **launch_extras(config),
     )

@@ -69,25 +69,20 @@ def _dot(a, b, acc, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, offs_m, lo, hi, seqlen,
-               stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2,
-               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_CAUSAL: tl.constexpr,
-               MASK_TAIL: tl.constexpr, EVEN: tl.constexpr, USE_TMA: tl.constexpr,
-               WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr, NO_SOFTMAX: tl.constexpr):
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        k = _load_rows(k_src, start_n, seqlen, stride_ks, stride_kd, BLOCK_N, HEAD_DIM,
-                       USE_TMA, EVEN)
-        qk = _dot(q, tl.trans(k), None, DOT_F32)
-        if NO_SOFTMAX:
-            # Diagnostic only (benchmarks/tune_attention.py): the loads and both matmuls
-            # without the online softmax between them; the output is not attention.
-            v = _load_rows(v_src, start_n, seqlen, stride_vs, stride_vd, BLOCK_N, HEAD_DIM,
-                           USE_TMA, EVEN)
-            acc = _dot(qk.to(v.dtype), v, acc, DOT_F32)
-            l_i += 1.0
-            m_i = tl.maximum(m_i, 0.0)
-        elif MASK_CAUSAL or MASK_TAIL:
+def _softmax_update(l_i, m_i, qk, offs_m, start_n, seqlen, qk_scale2,
+                    BLOCK_N: tl.constexpr, MASK_CAUSAL: tl.constexpr, MASK_TAIL: tl.constexpr,
+                    NO_SOFTMAX: tl.constexpr):
+    """One key block's online-softmax step on its raw scores qk: (P, alpha, l, m). The caller
+    rescales acc by alpha = exp2(m_old - m) and adds P V into it."""
+    if NO_SOFTMAX:
+        # Diagnostic only (benchmarks/tune_attention.py): the loads and both matmuls
+        # without the online softmax between them; the output is not attention.
+        p = qk
+        l_i += 1.0
+        m_new = tl.maximum(m_i, 0.0)
+        alpha = tl.full(m_i.shape, 1.0, tl.float32)
+    else:
+        if MASK_CAUSAL or MASK_TAIL:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             if MASK_CAUSAL:
                 keep = offs_m[:, None] >= offs_n[None, :]
@@ -100,16 +95,111 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, offs_m, lo, hi, seqlen,
         else:
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale2)
             qk = qk * qk_scale2 - m_new[:, None]
-        if not NO_SOFTMAX:
-            p = tl.math.exp2(qk)
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            v = _load_rows(v_src, start_n, seqlen, stride_vs, stride_vd, BLOCK_N, HEAD_DIM,
-                           USE_TMA, EVEN)
-            acc = _dot(p.to(v.dtype), v, acc, DOT_F32)
-            m_i = m_new
+        p = tl.math.exp2(qk)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, l_i, m_new
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, offs_m, lo, hi, seqlen,
+               stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_CAUSAL: tl.constexpr,
+               MASK_TAIL: tl.constexpr, EVEN: tl.constexpr, USE_TMA: tl.constexpr,
+               WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr, NO_SOFTMAX: tl.constexpr):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k = _load_rows(k_src, start_n, seqlen, stride_ks, stride_kd, BLOCK_N, HEAD_DIM,
+                       USE_TMA, EVEN)
+        qk = _dot(q, tl.trans(k), None, DOT_F32)
+        p, alpha, l_i, m_i = _softmax_update(l_i, m_i, qk, offs_m, start_n, seqlen, qk_scale2,
+                                             BLOCK_N, MASK_CAUSAL, MASK_TAIL, NO_SOFTMAX)
+        acc = acc * alpha[:, None]
+        v = _load_rows(v_src, start_n, seqlen, stride_vs, stride_vd, BLOCK_N, HEAD_DIM,
+                       USE_TMA, EVEN)
+        acc = _dot(p.to(v.dtype), v, acc, DOT_F32)
     return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_inner_pipelined(acc, l_i, m_i, q, k_src, v_src, offs_m, lo, hi, seqlen,
+                         stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2,
+                         BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         USE_TMA: tl.constexpr, DOT_F32: tl.constexpr,
+                         NO_SOFTMAX: tl.constexpr):
+    """The unmasked key blocks [lo, hi) (whole blocks inside the sequence), pipelined by hand
+    as FA3's intra-warpgroup overlap (Shah et al. 2024, sec. 3.2, Algorithm 2): iteration j
+    issues S_j = Q K_j^T, then block j-1's O += P_{j-1} V_{j-1}, then block j's softmax, so
+    the exp2/max/sum run while that P V wgmma is in flight. The loop carries P_{j-1} and its
+    rescale factor. Why not carry S_{j+1} instead: Triton (3.6-3.9) waits on a wgmma right
+    after issuing it unless its only in-loop consumers are other dots' accumulators or come
+    after a wait-0 (WGMMAPipeline.cpp, dotCanBeProperlyAsync); a carried S fails that, the
+    P V accumulator here passes (its rescale follows the S_j dot's wait)."""
+    if lo < hi:
+        k = _load_rows(k_src, lo, seqlen, stride_ks, stride_kd, BLOCK_N, HEAD_DIM, USE_TMA,
+                       True)
+        qk = _dot(q, tl.trans(k), None, DOT_F32)
+        p, alpha, l_i, m_i = _softmax_update(l_i, m_i, qk, offs_m, lo, seqlen, qk_scale2,
+                                             BLOCK_N, False, False, NO_SOFTMAX)
+        for start_n in tl.range(lo + BLOCK_N, hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            k = _load_rows(k_src, start_n, seqlen, stride_ks, stride_kd, BLOCK_N, HEAD_DIM,
+                           USE_TMA, True)
+            qk = _dot(q, tl.trans(k), None, DOT_F32)
+            acc = acc * alpha[:, None]
+            v = _load_rows(v_src, start_n - BLOCK_N, seqlen, stride_vs, stride_vd, BLOCK_N,
+                           HEAD_DIM, USE_TMA, True)
+            acc = _dot(p.to(v.dtype), v, acc, DOT_F32)
+            # Block j's softmax, under block j-1's P V; its rescale of acc waits for the next
+            # iteration (or the epilogue), after that P V has landed.
+            p, alpha, l_i, m_i = _softmax_update(l_i, m_i, qk, offs_m, start_n, seqlen,
+                                                 qk_scale2, BLOCK_N, False, False, NO_SOFTMAX)
+        acc = acc * alpha[:, None]
+        v = _load_rows(v_src, hi - BLOCK_N, seqlen, stride_vs, stride_vd, BLOCK_N, HEAD_DIM,
+                       USE_TMA, True)
+        acc = _dot(p.to(v.dtype), v, acc, DOT_F32)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_inner_subtiled(acc0, l0, m0, acc1, l1, m1, q0, q1, k_src, v_src, offs_m0, offs_m1,
+                        lo, hi, seqlen, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2,
+                        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        MASK_CAUSAL: tl.constexpr, MASK_TAIL: tl.constexpr, EVEN: tl.constexpr,
+                        USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, NO_SOFTMAX: tl.constexpr):
+    """Two query half-tiles against each key block, alternately: half 1's S = Q1 K^T is
+    issued before half 0's softmax and half 0's P V before half 1's, so one half's softmax
+    runs under the other half's matmul (the ping-pong of FA3 inside one program)."""
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k = _load_rows(k_src, start_n, seqlen, stride_ks, stride_kd, BLOCK_N, HEAD_DIM,
+                       USE_TMA, EVEN)
+        qk0 = _dot(q0, tl.trans(k), None, DOT_F32)
+        qk1 = _dot(q1, tl.trans(k), None, DOT_F32)
+        v = _load_rows(v_src, start_n, seqlen, stride_vs, stride_vd, BLOCK_N, HEAD_DIM,
+                       USE_TMA, EVEN)
+        p0, alpha0, l0, m0 = _softmax_update(l0, m0, qk0, offs_m0, start_n, seqlen, qk_scale2,
+                                             BLOCK_N, MASK_CAUSAL, MASK_TAIL, NO_SOFTMAX)
+        acc0 = _dot(p0.to(v.dtype), v, acc0 * alpha0[:, None], DOT_F32)
+        p1, alpha1, l1, m1 = _softmax_update(l1, m1, qk1, offs_m1, start_n, seqlen, qk_scale2,
+                                             BLOCK_N, MASK_CAUSAL, MASK_TAIL, NO_SOFTMAX)
+        acc1 = _dot(p1.to(v.dtype), v, acc1 * alpha1[:, None], DOT_F32)
+    return acc0, l0, m0, acc1, l1, m1
+
+
+@triton.jit
+def _store_rows(o_base, lse_base, acc, l_i, m_i, offs_m, seqlen, stride_os, stride_od,
+                HEAD_DIM: tl.constexpr, EVEN: tl.constexpr):
+    """O = acc / l and the natural-log LSE for the query rows offs_m (rows >= seqlen dropped)."""
+    acc = acc / l_i[:, None]
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural log: log2 * ln 2
+    o_ptrs = o_base + offs_m[:, None] * stride_os + tl.arange(0, HEAD_DIM)[None, :] * stride_od
+    if EVEN:
+        tl.store(o_ptrs, acc.to(o_base.dtype.element_ty))
+        tl.store(lse_base + offs_m, lse)
+    else:
+        tl.store(o_ptrs, acc.to(o_base.dtype.element_ty), mask=offs_m[:, None] < seqlen)
+        tl.store(lse_base + offs_m, lse, mask=offs_m < seqlen)
 
 
 @triton.jit
@@ -121,7 +211,8 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 seqlen, num_heads, group, qk_scale2,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, EVEN: tl.constexpr, USE_TMA: tl.constexpr,
-                WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr, NO_SOFTMAX: tl.constexpr):
+                WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr, NO_SOFTMAX: tl.constexpr,
+                PIPELINE: tl.constexpr, SUBTILE: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     bh = tl.program_id(0)
     # Last query blocks first: under the causal mask they carry the most work.
@@ -132,53 +223,71 @@ def _fwd_kernel(Q, K, V, O, LSE,
     h = h.to(tl.int64)
 
     q_base = Q + b * stride_qb + h * stride_qh
+    o_base = O + b * stride_ob + h * stride_oh
+    lse_base = LSE + bh.to(tl.int64) * seqlen
     k_src = _rows_source(K + b * stride_kb + hk * stride_kh, seqlen, stride_ks, BLOCK_N,
                          HEAD_DIM, USE_TMA)
     v_src = _rows_source(V + b * stride_vb + hk * stride_vh, seqlen, stride_vs, BLOCK_N,
                          HEAD_DIM, USE_TMA)
-    q_src = _rows_source(q_base, seqlen, stride_qs, BLOCK_M, HEAD_DIM, USE_TMA)
-    q = _load_rows(q_src, start_m, seqlen, stride_qs, stride_qd, BLOCK_M, HEAD_DIM, USE_TMA,
-                   EVEN)
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-
-    if CAUSAL:
-        # Blocks left of the diagonal: no mask, always inside the sequence.
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, offs_m, 0, start_m, seqlen,
-                                   stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2,
-                                   BLOCK_N, HEAD_DIM, False, False, True, USE_TMA, WARP_SPEC,
-                                   DOT_F32, NO_SOFTMAX)
-        hi = tl.minimum(start_m + BLOCK_M, seqlen)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, offs_m, start_m, hi, seqlen,
-                                   stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2,
-                                   BLOCK_N, HEAD_DIM, True, False, EVEN, USE_TMA, WARP_SPEC,
-                                   DOT_F32, NO_SOFTMAX)
+    # Causal: blocks left of the diagonal [0, start_m) need no mask and lie inside the
+    # sequence; the diagonal ones [start_m, diag_end) are masked. Non-causal: whole blocks
+    # [0, full), then the tail [full, seqlen) masked by length.
+    full = (seqlen // BLOCK_N) * BLOCK_N
+    diag_end = tl.minimum(start_m + BLOCK_M, seqlen)
+    if SUBTILE:
+        q_src = _rows_source(q_base, seqlen, stride_qs, BLOCK_M // 2, HEAD_DIM, USE_TMA)
+        q0 = _load_rows(q_src, start_m, seqlen, stride_qs, stride_qd, BLOCK_M // 2, HEAD_DIM,
+                        USE_TMA, EVEN)
+        q1 = _load_rows(q_src, start_m + BLOCK_M // 2, seqlen, stride_qs, stride_qd,
+                        BLOCK_M // 2, HEAD_DIM, USE_TMA, EVEN)
+        offs_m0 = start_m + tl.arange(0, BLOCK_M // 2)
+        offs_m1 = offs_m0 + BLOCK_M // 2
+        m0 = tl.full([BLOCK_M // 2], float("-inf"), tl.float32)
+        l0 = tl.zeros([BLOCK_M // 2], tl.float32)
+        acc0 = tl.zeros([BLOCK_M // 2, HEAD_DIM], tl.float32)
+        m1, l1, acc1 = m0, l0, acc0
+        unmasked_end = start_m if CAUSAL else full
+        acc0, l0, m0, acc1, l1, m1 = _fwd_inner_subtiled(
+            acc0, l0, m0, acc1, l1, m1, q0, q1, k_src, v_src, offs_m0, offs_m1, 0,
+            unmasked_end, seqlen, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2,
+            BLOCK_N, HEAD_DIM, False, False, True, USE_TMA, DOT_F32, NO_SOFTMAX)
+        if CAUSAL or not EVEN:
+            acc0, l0, m0, acc1, l1, m1 = _fwd_inner_subtiled(
+                acc0, l0, m0, acc1, l1, m1, q0, q1, k_src, v_src, offs_m0, offs_m1,
+                unmasked_end, diag_end if CAUSAL else seqlen, seqlen, stride_ks, stride_kd,
+                stride_vs, stride_vd, qk_scale2, BLOCK_N, HEAD_DIM, CAUSAL, not CAUSAL, EVEN,
+                USE_TMA, DOT_F32, NO_SOFTMAX)
+        _store_rows(o_base, lse_base, acc0, l0, m0, offs_m0, seqlen, stride_os, stride_od,
+                    HEAD_DIM, EVEN)
+        _store_rows(o_base, lse_base, acc1, l1, m1, offs_m1, seqlen, stride_os, stride_od,
+                    HEAD_DIM, EVEN)
     else:
-        full = (seqlen // BLOCK_N) * BLOCK_N
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, offs_m, 0, full, seqlen,
-                                   stride_ks, stride_kd, stride_vs, stride_vd, qk_scale2,
-                                   BLOCK_N, HEAD_DIM, False, False, True, USE_TMA, WARP_SPEC,
-                                   DOT_F32, NO_SOFTMAX)
-        if not EVEN:
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, offs_m, full, seqlen,
-                                       seqlen, stride_ks, stride_kd, stride_vs, stride_vd,
-                                       qk_scale2, BLOCK_N, HEAD_DIM, False, True, False,
-                                       USE_TMA, WARP_SPEC, DOT_F32, NO_SOFTMAX)
-
-    acc = acc / l_i[:, None]
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural log: log2 * ln 2
-    o_ptrs = (O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os
-              + tl.arange(0, HEAD_DIM)[None, :] * stride_od)
-    lse_ptrs = LSE + bh.to(tl.int64) * seqlen + offs_m
-    if EVEN:
-        tl.store(o_ptrs, acc.to(O.dtype.element_ty))
-        tl.store(lse_ptrs, lse)
-    else:
-        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=offs_m[:, None] < seqlen)
-        tl.store(lse_ptrs, lse, mask=offs_m < seqlen)
+        q_src = _rows_source(q_base, seqlen, stride_qs, BLOCK_M, HEAD_DIM, USE_TMA)
+        q = _load_rows(q_src, start_m, seqlen, stride_qs, stride_qd, BLOCK_M, HEAD_DIM,
+                       USE_TMA, EVEN)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        unmasked_end = start_m if CAUSAL else full
+        if PIPELINE:
+            acc, l_i, m_i = _fwd_inner_pipelined(
+                acc, l_i, m_i, q, k_src, v_src, offs_m, 0, unmasked_end, seqlen, stride_ks,
+                stride_kd, stride_vs, stride_vd, qk_scale2, BLOCK_N, HEAD_DIM, USE_TMA,
+                DOT_F32, NO_SOFTMAX)
+        else:
+            acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i, q, k_src, v_src, offs_m, 0, unmasked_end, seqlen, stride_ks,
+                stride_kd, stride_vs, stride_vd, qk_scale2, BLOCK_N, HEAD_DIM, False, False,
+                True, USE_TMA, WARP_SPEC, DOT_F32, NO_SOFTMAX)
+        if CAUSAL or not EVEN:
+            acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i, q, k_src, v_src, offs_m, unmasked_end,
+                diag_end if CAUSAL else seqlen, seqlen, stride_ks, stride_kd, stride_vs,
+                stride_vd, qk_scale2, BLOCK_N, HEAD_DIM, CAUSAL, not CAUSAL, EVEN, USE_TMA,
+                WARP_SPEC, DOT_F32, NO_SOFTMAX)
+        _store_rows(o_base, lse_base, acc, l_i, m_i, offs_m, seqlen, stride_os, stride_od,
+                    HEAD_DIM, EVEN)
 
 
 def dot_f32(q) -> bool:
@@ -198,5 +307,11 @@ def launch_forward(q, k, v, o, lse, *, causal, softmax_scale, config, use_tma):
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
         EVEN=seqlen % block_m == 0, USE_TMA=use_tma, WARP_SPEC=config.get("WARP_SPEC", False),
         DOT_F32=dot_f32(q), NO_SOFTMAX=config.get("NO_SOFTMAX", False),
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        PIPELINE=config.get("PIPELINE", False), SUBTILE=config.get("SUBTILE", False),
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **launch_extras(config),
     )
+
+
+def launch_extras(config) -> dict:
+    """Optional launch options a config may name: maxnreg caps registers per thread."""
+    return {"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}

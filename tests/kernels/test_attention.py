@@ -200,6 +200,82 @@ def test_rejects_bad_shapes(shapes, message):
         flash_attention(q, k, k)
 
 
+# Forward variants (kernels/attention_fwd.py): PIPELINE defers each block's P V so the next
+# block's softmax runs under it; SUBTILE splits the query tile into two halves taken in turn.
+FWD_VARIANTS = [dict(PIPELINE=True), dict(PIPELINE=True, tma=True), dict(SUBTILE=True),
+                dict(SUBTILE=True, tma=True)]
+
+
+def _lse_reference(q, k, *, causal, scale):
+    group = q.shape[2] // k.shape[2]
+    scores = scale * q.double().transpose(1, 2) @ k.double().transpose(1, 2).repeat_interleave(
+        group, dim=1).transpose(-1, -2)
+    if causal:
+        s = q.shape[1]
+        mask = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    return scores.logsumexp(-1)
+
+
+@pytest.mark.parametrize("variant", FWD_VARIANTS, ids=lambda v: "-".join(sorted(v)))
+@pytest.mark.parametrize("causal, s", [(True, 37), (True, 64), (False, 37), (False, 64)])
+def test_forward_variants_match_float64(variant, causal, s):
+    # 32-row query blocks over 8-row key blocks: up to 7 unmasked blocks before the diagonal
+    # (the pipelined loop's prologue, steady state and epilogue), the first query block with
+    # none (its pipelined segment is empty), s = 37 a partial last block; GQA 4/2.
+    q, k, v = (t.detach() for t in _inputs(2, s, 4, 2, 32, torch.float32, seed=s))
+    config = dict(INTERPRETER_CONFIG, BLOCK_M=32, BLOCK_N=8, **variant)
+    out, lse = attention_forward(q, k, v, causal=causal, softmax_scale=0.3, config=config)
+    ref = attention_reference(q, k, v, causal=causal, softmax_scale=0.3)
+    # fp32 operands and accumulation: only the summation order differs from float64.
+    assert _relerr(out, ref) < 1e-5
+    torch.testing.assert_close(lse.double(), _lse_reference(q, k, causal=causal, scale=0.3),
+                               rtol=0, atol=1e-5)
+    # negative control: the same output is far from the other masking's reference
+    other = attention_reference(q, k, v, causal=not causal, softmax_scale=0.3)
+    assert _relerr(out, other) > 1e-2
+
+
+@pytest.mark.parametrize("variant", [dict(PIPELINE=True), dict(SUBTILE=True)],
+                         ids=lambda v: "-".join(sorted(v)))
+def test_forward_variants_bf16_match_the_plain_kernel(variant):
+    # bf16: the variants round P to bf16 exactly as the plain kernel does, block by block.
+    q, k, v = (t.detach() for t in _inputs(1, 45, 2, 1, 64, torch.bfloat16, seed=23))
+    plain = dict(INTERPRETER_CONFIG, BLOCK_M=32, BLOCK_N=16)
+    ref = attention_reference(q, k, v, causal=True, softmax_scale=None)
+    out, _ = attention_forward(q, k, v, causal=True, softmax_scale=0.125,
+                               config=dict(plain, **variant))
+    base, _ = attention_forward(q, k, v, causal=True, softmax_scale=0.125, config=plain)
+    assert _relerr(out, ref) < TOLERANCE[torch.bfloat16]
+    assert _relerr(out, base.double()) < 1e-2
+
+
+@pytest.mark.parametrize("causal, s", [(True, 37), (True, 64), (False, 37), (False, 64)])
+def test_deferred_backward_matches_float64(causal, s):
+    # DEFER (kernels/attention_bwd.py) in both backward kernels: each block's dK += dS^T Q and
+    # dQ += dS K issued one iteration late. Small blocks give several unmasked blocks per
+    # program, key blocks with no unmasked query block (the deferred segment empty), s = 37 a
+    # partial last block; GQA 4/2 sums two query heads into each dK/dV.
+    q, k, v = (t.detach() for t in _inputs(1, s, 4, 2, 32, torch.float32, seed=s + 1))
+    dkdv = dict(INTERPRETER_CONFIG, BLOCK_M=8, BLOCK_N=16, DEFER=True)
+    dq_config = dict(INTERPRETER_CONFIG, BLOCK_M=16, BLOCK_N=8, DEFER=True)
+    out, lse = attention_forward(q, k, v, causal=causal, softmax_scale=0.3)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(s))
+    grads = attention_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=0.3,
+                               dkdv_config=dkdv, dq_config=dq_config)
+
+    def reference_grads(mask):
+        leaves = [t.double().requires_grad_() for t in (q, k, v)]
+        attention_reference(*leaves, causal=mask, softmax_scale=0.3).backward(dout.double())
+        return [t.grad for t in leaves]
+
+    for name, got, want in zip("qkv", grads, reference_grads(causal)):
+        # fp32 throughout: only the summation order differs from float64
+        assert _relerr(got, want) < 1e-5, f"d{name}"
+    # negative control: the tolerance rejects the other masking's gradients
+    assert max(_relerr(g, w) for g, w in zip(grads, reference_grads(not causal))) > 1e-2
+
+
 # ----------------------------------------------------------------------- GPU
 
 
@@ -236,3 +312,46 @@ def test_gpu_backward_is_deterministic():
     for run in grads[1:]:
         for first, other in zip(grads[0], run):
             assert torch.equal(first, other)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", [dict(PIPELINE=True), dict(PIPELINE=True, tma=True),
+                                     dict(SUBTILE=True), dict(SUBTILE=True, num_warps=4)],
+                         ids=lambda v: "-".join(f"{k}{v[k]}" for k in sorted(v)))
+@pytest.mark.parametrize("d, s, hq, hkv, causal", [(128, 1000, 8, 2, True),
+                                                    (128, 1024, 4, 4, False),
+                                                    (64, 777, 4, 1, True)])
+def test_gpu_forward_variants_match_float64(variant, d, s, hq, hkv, causal):
+    from kernels.attention import FWD_CONFIGS
+
+    q, k, v = (t.detach() for t in _inputs(2, s, hq, hkv, d, torch.bfloat16, device="cuda",
+                                            seed=s + d))
+    config = dict(FWD_CONFIGS[d], **variant)
+    out, lse = attention_forward(q, k, v, causal=causal, softmax_scale=d ** -0.5, config=config)
+    ref = attention_reference(q, k, v, causal=causal, softmax_scale=d ** -0.5)
+    assert _relerr(out, ref) < TOLERANCE[torch.bfloat16]
+    # the scores' dot accumulates in fp32 over the same bf16 operands: LSE (~7) to ~1e-5
+    torch.testing.assert_close(lse.double(), _lse_reference(q, k, causal=causal, scale=d ** -0.5),
+                               rtol=0, atol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d, s, hq, hkv, causal", [(128, 1000, 8, 2, True),
+                                                    (128, 1024, 4, 4, False),
+                                                    (64, 777, 4, 1, True)])
+def test_gpu_deferred_backward_matches_float64(d, s, hq, hkv, causal):
+    from kernels.attention import DKDV_CONFIGS, DQ_CONFIGS
+
+    q, k, v = _inputs(2, s, hq, hkv, d, torch.bfloat16, device="cuda", seed=s + d)
+    out, lse = attention_forward(q.detach(), k.detach(), v.detach(), causal=causal,
+                                 softmax_scale=d ** -0.5)
+    dout = torch.randn_like(out)
+    grads = attention_backward(dout, q.detach(), k.detach(), v.detach(), out, lse,
+                               causal=causal, softmax_scale=d ** -0.5,
+                               dkdv_config=dict(DKDV_CONFIGS[d], DEFER=True, WARP_SPEC=False),
+                               dq_config=dict(DQ_CONFIGS[d], DEFER=True, WARP_SPEC=False))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    attention_reference(q64, k64, v64, causal=causal, softmax_scale=d ** -0.5).backward(
+        dout.double())
+    for got, want in zip(grads, (q64.grad, k64.grad, v64.grad)):
+        assert _relerr(got, want) < TOLERANCE[torch.bfloat16]
