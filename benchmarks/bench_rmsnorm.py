@@ -7,8 +7,8 @@ environment names the commit measured (.git may not travel with the tree).
 
 What it does, all in one process so the numbers compare:
   1. a device copy at each shape (dst.copy_(src), same bytes as x) and one of 1 GiB;
-  2. a small sweep of our launch configurations (forward, backward), timed on the
-     launchers alone, each row with the compiled kernel's registers and spills (Triton's
+  2. a small sweep of our launch configurations (forward, backward; which ones:
+     benchmarks/rmsnorm_sweep.py), timed on the launchers alone, each row with the compiled kernel's registers and spills (Triton's
      n_regs, n_spills), reported next to the defaults `rms_norm` uses;
   3. forward and forward+backward through autograd for: ours (defaults),
      torch.nn.functional.rms_norm, torch.compile of the eager formula, liger-kernel
@@ -44,15 +44,14 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from benchmarks.common import (commit, cpu_us, gpu_ms, kernel_table, relerr, tbs, time_all,
-                               write_json)
+from benchmarks.common import commit, cpu_us, kernel_table, relerr, time_all, write_json
+from benchmarks.rmsnorm_sweep import (BACKWARD_CACHES, DTYPE, EPS, FORWARD_CACHES, blocks,
+                                      inputs, precompile, resources, sweep_shape)
 from kernels import rmsnorm as ours
+from kernels import rmsnorm_configs as configs
 
 SHAPES = ((16384, 4096), (32768, 8192), (8192, 5120))
 SWEEP_ONLY = ((8192, 16384), (16384, 6656))
-EPS = 1e-5
-DTYPE = torch.bfloat16
-DEVICE = "cuda"
 TARGETS = {"fwd_over_copy": 0.95, "fwdbwd_over_copy": 0.90, "fwdbwd_over_best_peer": 1.2}
 HOST_TARGET = {"fwdbwd_over_torch_rms_norm_host": 1.0}  # do_bench timing
 
@@ -60,88 +59,6 @@ HOST_TARGET = {"fwdbwd_over_torch_rms_norm_host": 1.0}  # do_bench timing
 def eager_formula(x, w, eps=EPS):
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
-
-
-def resources(cache, cfg) -> dict:
-    """Registers per thread, spilled registers and shared memory (bytes) of the kernel
-    compiled for cfg, from Triton's CompiledKernel (after its first direct launch)."""
-    for key, compiled in cache.compiled.items():
-        if compiled and cfg in key:
-            return dict(n_regs=compiled.n_regs, n_spills=compiled.n_spills,
-                        shared=compiled.metadata.shared)
-    return {}
-
-
-# --------------------------------------------------------------------------- sweep
-
-
-def forward_candidates(n_cols):
-    """The default, rows per program x warps around it, and the row unsplit where the
-    default splits it (ours.column_blocks)."""
-    default = ours.forward_config(n_cols)
-    block_n = triton.next_power_of_2(n_cols)
-    seen = {default}
-    for block_m in (1, 2, 4, 8):
-        if block_m * block_n > 32768:
-            continue
-        for warps in (4, 8, 16):
-            seen.add(ours.ForwardConfig(block_m, warps))
-    if ours.column_blocks(n_cols)[1]:
-        seen |= {cfg._replace(split=False) for cfg in seen}
-    seen |= {default._replace(num_warps=2), default._replace(num_warps=32)}
-    return sorted(seen)
-
-
-def backward_candidates(n_cols):
-    """Warps, prefetch, Triton's pipelining (num_stages) instead of the hand prefetch,
-    rows per tile, two programs per SM; each with the row split and unsplit where
-    ours.column_blocks would split it."""
-    default = ours.backward_config(n_cols)
-    seen = {default}
-    for warps in (8, 16, 32):
-        for prefetch in (False, True):
-            seen.add(default._replace(num_warps=warps, prefetch=prefetch))
-        for stages in (2, 3):
-            seen.add(default._replace(num_warps=warps, prefetch=False, num_stages=stages))
-    for block_m in {max(1, default.block_m // 2), 2 * default.block_m}:
-        seen.add(default._replace(block_m=block_m))
-        seen.add(default._replace(block_m=block_m, prefetch=False, num_stages=2))
-    seen.add(default._replace(programs_per_sm=2))
-    seen.add(default._replace(programs_per_sm=2, prefetch=False))
-    if ours.column_blocks(n_cols)[1]:
-        seen |= {cfg._replace(split=not cfg.split) for cfg in seen}
-    return sorted(seen)
-
-
-def sweep(m, n, x, w, dy):
-    """Time each launch configuration on the launchers alone (GPU time: the host's launch
-    latency would otherwise swamp the short kernels); returns rows, best of each. Each row
-    carries the compiled kernel's registers, spills and shared memory.
-    (Runs up to commit d64735e timed the sweep with do_bench, host latency included.)"""
-    fwd_bytes, bwd_bytes = 2 * m * n * 2, 3 * m * n * 2
-    rows = {"forward": [], "backward": []}
-    y_ref = ours.forward(x, w, EPS).double()
-    dx_ref, dw_ref = (t.double() for t in ours.backward(dy, x, w, EPS))
-    for cfg in forward_candidates(n):
-        try:
-            ok = relerr(ours.forward(x, w, EPS, cfg), y_ref) < 1e-2  # sums regroup with warps
-            ms = gpu_ms(lambda: ours.forward(x, w, EPS, cfg), reps=20)
-            rows["forward"].append(dict(config=cfg._asdict(), ms=ms, tbs=tbs(fwd_bytes, ms),
-                                        same=ok, **resources(ours._FORWARD, cfg)))
-        except Exception as e:  # a config the compiler rejects (registers, shared memory)
-            rows["forward"].append(dict(config=cfg._asdict(), error=repr(e)[:200]))
-    for cfg in backward_candidates(n):
-        try:
-            dx, dw = ours.backward(dy, x, w, EPS, cfg)
-            # same function; row sums regroup with warps, dw partials with the grid size
-            ok = relerr(dx, dx_ref) < 1e-2 and relerr(dw, dw_ref) < 1e-2
-            ms = gpu_ms(lambda: ours.backward(dy, x, w, EPS, cfg), reps=20)
-            rows["backward"].append(dict(config=cfg._asdict(), ms=ms, tbs=tbs(bwd_bytes, ms),
-                                         same=ok, **resources(ours._BACKWARD, cfg)))
-        except Exception as e:
-            rows["backward"].append(dict(config=cfg._asdict(), error=repr(e)[:200]))
-    best = {k: max((r for r in v if r.get("same")), key=lambda r: r["tbs"]) for k, v in rows.items()}
-    return rows, best
 
 
 # --------------------------------------------------------------------------- peers
@@ -164,27 +81,6 @@ def implementations(n):
     return impls
 
 
-def _inputs(m, n):
-    torch.manual_seed(m + n)
-    x = torch.randn(m, n, device=DEVICE, dtype=DTYPE, requires_grad=True)
-    w = (1 + 0.5 * torch.randn(n, device=DEVICE)).to(DTYPE).requires_grad_()
-    dy = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
-    return x, w, dy
-
-
-def sweep_shape(m, n):
-    x, w, dy = _inputs(m, n)
-    t = time.time()
-    rows, best = sweep(m, n, x.detach(), w.detach(), dy)
-    print(f"{m}x{n} sweep {time.time() - t:.0f}s  best fwd {best['forward']['config']} "
-          f"{best['forward']['tbs']:.2f} TB/s, best bwd {best['backward']['config']} "
-          f"{best['backward']['tbs']:.2f} TB/s", flush=True)
-    for kind in ("forward", "backward"):
-        for r in sorted(rows[kind], key=lambda r: -r.get("tbs", 0)):
-            print(f"   {kind[:3]} {tuple(r['config'].values())} {r.get('tbs', 0):.2f} "
-                  f"regs {r.get('n_regs')} spills {r.get('n_spills')} "
-                  f"{r.get('error', '')[:60]}", flush=True)
-    return rows, best
 
 
 def _ratios(out, timing):
@@ -205,7 +101,7 @@ def _ratios(out, timing):
 
 
 def measure_shape(m, n, *, profile=False, tune=False):
-    x, w, dy = _inputs(m, n)
+    x, w, dy = inputs(m, n)
     fwd_bytes, bwd_bytes = 2 * m * n * 2, 3 * m * n * 2
     out = {"rows": m, "hidden": n, "fwd_bytes": fwd_bytes, "bwd_bytes": bwd_bytes}
 
@@ -225,9 +121,9 @@ def measure_shape(m, n, *, profile=False, tune=False):
     fwd_best = ours.ForwardConfig(**best["forward"]["config"])
     bwd_best = ours.BackwardConfig(**best["backward"]["config"])
     if tune:  # the sweep's best become the defaults `rms_norm` runs with from here on
-        ours.FORWARD_TABLE[n], ours.BACKWARD_TABLE[n] = fwd_best, bwd_best
-        ours.forward_config.cache_clear()
-        ours.backward_config.cache_clear()
+        configs.FORWARD_TABLE[n], configs.BACKWARD_TABLE[n] = fwd_best, bwd_best
+        configs.forward_config.cache_clear()
+        configs.backward_config.cache_clear()
         out["tuned"] = dict(forward=fwd_best._asdict(), backward=bwd_best._asdict())
     else:  # ours with the sweep's best launch configs: what the defaults leave behind
         impls["ours_swept_best"] = lambda x, w: ours.RMSNormFunction.apply(
@@ -265,10 +161,10 @@ def measure_shape(m, n, *, profile=False, tune=False):
     out["ratios"] = {t: _ratios(out, t) for t in ("gpu", "do_bench")}
     fwd_cfg, bwd_cfg = ours.forward_config(n), ours.backward_config(n)
     out["default_configs"] = dict(
-        forward=dict(fwd_cfg._asdict(), blocks=ours.column_blocks(n, fwd_cfg.split),
-                     **resources(ours._FORWARD, fwd_cfg)),
-        backward=dict(bwd_cfg._asdict(), blocks=ours.column_blocks(n, bwd_cfg.split),
-                      **resources(ours._BACKWARD, bwd_cfg)))
+        forward=dict(fwd_cfg._asdict(), blocks=blocks(n, fwd_cfg),
+                     **resources(FORWARD_CACHES, fwd_cfg)),
+        backward=dict(bwd_cfg._asdict(), blocks=blocks(n, bwd_cfg),
+                      **resources(BACKWARD_CACHES, bwd_cfg)))
     return out
 
 
@@ -286,7 +182,7 @@ class _Identity(torch.autograd.Function):
 
 def host_costs(m, n) -> dict:
     """Host microseconds per call (GPU kept busy) of the pieces an eager fwd+bwd pays."""
-    x, w, dy = _inputs(m, n)
+    x, w, dy = inputs(m, n)
     xd, wd = x.detach(), w.detach()
 
     def fwd_bwd(fn):
@@ -311,22 +207,6 @@ def host_costs(m, n) -> dict:
     return out
 
 
-def precompile(part: int, parts: int, shapes) -> None:
-    """Compile every sweep candidate whose index % parts == part on small inputs (the
-    kernels do not specialize on row counts), filling Triton's cache for the timed run;
-    run as several processes beside each other."""
-    jobs = []
-    for _, n in shapes:
-        x, w, dy = (t.detach()[:64] for t in _inputs(64, n))
-        jobs += [(ours.forward, (x, w, EPS, cfg)) for cfg in forward_candidates(n)]
-        jobs += [(ours.backward, (dy, x, w, EPS, cfg)) for cfg in backward_candidates(n)]
-    for fn, args in jobs[part::parts]:
-        try:
-            fn(*args)
-        except Exception as e:  # noqa: BLE001 - the timed run records it
-            print("precompile", args[-1], repr(e)[:120], flush=True)
-    torch.cuda.synchronize()
-
 
 def _per_shape(s, timing) -> dict:
     """One shape's ratios and what bounds them: our and torch's fwd+bwd GPU time and host
@@ -343,6 +223,28 @@ def _per_shape(s, timing) -> dict:
     row["registers"] = {k: {f: v.get(f) for f in ("n_regs", "n_spills")}
                         for k, v in s["default_configs"].items()}
     return row
+
+
+def summarize(result: dict) -> None:
+    """result's `summary` (GPU time) and `summary_do_bench`: each ratio the minimum over the
+    shapes measured so far (`shapes` says which: a run cut short keeps a partial one)."""
+    for timing, name in (("gpu", "summary"), ("do_bench", "summary_do_bench")):
+        ratios = [s["ratios"][timing] for s in result["shapes"].values()]
+        summary = dict(device=result["device"], date=result["date"], git_commit=result["git_commit"],
+                       timing=timing, shapes=list(result["shapes"]))
+        for key in TARGETS:
+            summary[key] = min(r[key] for r in ratios)
+        targets = dict(TARGETS)
+        if timing == "gpu":  # the host-inclusive figure beside the GPU-time ones
+            summary["fwdbwd_over_torch_rms_norm_host"] = min(
+                s["ratios"]["do_bench"]["fwdbwd_over_torch_rms_norm"]
+                for s in result["shapes"].values())
+            targets.update(HOST_TARGET)
+        summary["targets"] = targets
+        summary["met"] = {k: summary[k] >= v for k, v in targets.items()}
+        summary["short_by"] = {k: v - summary[k] for k, v in targets.items() if summary[k] < v}
+        summary["per_shape"] = {key: _per_shape(s, timing) for key, s in result["shapes"].items()}
+        result[name] = summary
 
 
 def main():
@@ -390,6 +292,7 @@ def main():
     result["shapes"] = {}
     for i, (m, n) in enumerate(SHAPES):
         result["shapes"][f"{m}x{n}"] = measure_shape(m, n, profile=i == 0, tune=args.tune)
+        summarize(result)
         write_json(args.out, result)  # what a run cut short by its time limit keeps
         torch.cuda.empty_cache()
     result["host_us_end"] = host_costs(*SHAPES[0])  # drift of the host over the run
@@ -399,22 +302,7 @@ def main():
         rows, best = sweep_shape(m, n)
         result["sweep_only"][f"{m}x{n}"] = dict(sweep=rows, sweep_best={k: v["config"] for k, v in best.items()})
 
-    for timing, name in (("gpu", "summary"), ("do_bench", "summary_do_bench")):
-        ratios = [s["ratios"][timing] for s in result["shapes"].values()]
-        summary = dict(device=props.name, timing=timing)
-        for key in TARGETS:
-            summary[key] = min(r[key] for r in ratios)
-        targets = dict(TARGETS)
-        if timing == "gpu":  # the host-inclusive figure beside the GPU-time ones
-            summary["fwdbwd_over_torch_rms_norm_host"] = min(
-                s["ratios"]["do_bench"]["fwdbwd_over_torch_rms_norm"]
-                for s in result["shapes"].values())
-            targets.update(HOST_TARGET)
-        summary["targets"] = targets
-        summary["met"] = {k: summary[k] >= v for k, v in targets.items()}
-        summary["short_by"] = {k: v - summary[k] for k, v in targets.items() if summary[k] < v}
-        summary["per_shape"] = {key: _per_shape(s, timing) for key, s in result["shapes"].items()}
-        result[name] = summary
+    summarize(result)
     write_json(args.out, result)
 
     for timing in ("gpu", "do_bench"):

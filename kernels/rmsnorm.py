@@ -23,11 +23,12 @@ H200, bf16 (benchmarks/results/rmsnorm_h200_2026-12-01.json; shapes 16384x4096,
 holds its tile and the prefetched next one in registers (0.79-0.90x copy).
 
 Three layers, as in Liger-Kernel and the Triton layer-norm tutorial:
-  * private @triton.jit kernels: `_forward_kernel` (a [BLOCK_M, BLOCK_N] tile of rows per
-    program), `_backward_kernel` (a persistent grid; each program walks row tiles and keeps
-    its own fp32 partial of dw in registers, written once to a [programs, H] buffer) and
-    `_dw_reduce_kernel` (sums that buffer over programs in a fixed order);
-  * host launchers `forward` and `backward` choosing block, warps and grid;
+  * private @triton.jit kernels in kernels/rmsnorm_kernels.py (row tiles forward; a
+    persistent backward keeping each program's fp32 dw partial in registers, written once
+    to a [programs, H] buffer; the dw reduction over that buffer in a fixed order; chunked
+    forms of both);
+  * host launchers `forward` and `backward` here, running the kernel, block, warps and
+    grid of a launch config (kernels/rmsnorm_configs.py: types, tuned tables, heuristics);
   * `RMSNormFunction` (autograd) and the keyword-only entry point `rms_norm`.
 
 dw is reduced without atomics: each partial row belongs to one program and the final sum
@@ -43,253 +44,20 @@ megatron adapter relies on this under selective recompute).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from kernels.fast_launch import CachedLaunch, aligned, device_index
+from kernels.rmsnorm_configs import (BackwardConfig, ForwardConfig, backward_config, chunks,
+                                     column_blocks, forward_config, uses_chunked_forward)
+from kernels.rmsnorm_kernels import (_backward_chunked_kernel, _backward_kernel,
+                                     _dw_reduce_kernel, _forward_chunked_kernel, _forward_kernel)
 
 MAX_HIDDEN = 65536  # one row lives in registers; wider rows would spill
 
 
-# --------------------------------------------------------------------------- kernels
-#
-# A row of H columns is held as one [BLOCK_M, BLOCK_N] part, or, when that would leave a
-# quarter or more of the lanes masked (H = 5120 in 8192 lanes), as a part of BLOCK_N plus a
-# tail of BLOCK_T columns (4096 + 1024): fewer dead registers, more rows in flight per SM.
-# BLOCK_T = 0: no tail.
-
-
-@triton.jit
-def _load_part(ptr, row0, n_rows, stride, col0, n_cols,
-               BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
-    """Columns [col0, col0 + BLOCK) of rows [row0, row0 + BLOCK_M) as fp32 (zeros outside)."""
-    rows = tl.arange(0, BLOCK_M)
-    cols = col0 + tl.arange(0, BLOCK)
-    mask = (rows < n_rows - row0)[:, None] & (cols < n_cols)[None, :]
-    return tl.load(ptr + row0 * stride + rows[:, None] * stride + cols[None, :], mask=mask,
-                   other=0.0, eviction_policy="evict_first").to(tl.float32)
-
-
-@triton.jit
-def _store_part(ptr, value, row0, n_rows, stride, col0, n_cols,
-                BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
-    rows = tl.arange(0, BLOCK_M)
-    cols = col0 + tl.arange(0, BLOCK)
-    mask = (rows < n_rows - row0)[:, None] & (cols < n_cols)[None, :]
-    tl.store(ptr + row0 * stride + rows[:, None] * stride + cols[None, :],
-             value.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _load_weight(w_ptr, col0, n_cols, BLOCK: tl.constexpr):
-    cols = col0 + tl.arange(0, BLOCK)
-    return tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-
-
-# Row counts change from call to call; not specializing on them (divisible by 16, == 1)
-# keeps one compiled kernel per hidden size, which fast_launch's cache key relies on.
-@triton.jit(do_not_specialize=["n_rows"])
-def _forward_kernel(
-    x_ptr, w_ptr, y_ptr,
-    n_rows, n_cols, stride_x, stride_y, eps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    # 64-bit math once per program for the tile's first row; 32-bit offsets inside the tile.
-    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
-    x = _load_part(x_ptr, row0, n_rows, stride_x, 0, n_cols, BLOCK_M, BLOCK_N)
-    sum_sq = tl.sum(x * x, axis=1)
-    if BLOCK_T > 0:
-        xt = _load_part(x_ptr, row0, n_rows, stride_x, BLOCK_N, n_cols, BLOCK_M, BLOCK_T)
-        sum_sq += tl.sum(xt * xt, axis=1)
-    rstd = tl.rsqrt(sum_sq / n_cols + eps)
-    w = _load_weight(w_ptr, 0, n_cols, BLOCK_N)
-    _store_part(y_ptr, x * rstd[:, None] * w[None, :], row0, n_rows, stride_y, 0, n_cols,
-                BLOCK_M, BLOCK_N)
-    if BLOCK_T > 0:
-        wt = _load_weight(w_ptr, BLOCK_N, n_cols, BLOCK_T)
-        _store_part(y_ptr, xt * rstd[:, None] * wt[None, :], row0, n_rows, stride_y, BLOCK_N,
-                    n_cols, BLOCK_M, BLOCK_T)
-
-
-@triton.jit(do_not_specialize=["n_rows"])
-def _backward_kernel(
-    dy_ptr, x_ptr, w_ptr, dx_ptr, dw_partial_ptr,
-    n_rows, n_cols, stride_dy, stride_x, stride_dx, eps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-    PREFETCH: tl.constexpr,
-):
-    # Program p walks row tiles p, p + P, p + 2P, ... (P programs); with PREFETCH it loads
-    # the next tile before working on the current one, so loads stay in flight meanwhile
-    # (num_stages > 1 instead lets Triton's pipeliner stage them in shared memory).
-    # rstd is recomputed from x, which is loaded anyway: the forward stores only y.
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    w = _load_weight(w_ptr, 0, n_cols, BLOCK_N)
-    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if BLOCK_T > 0:
-        wt = _load_weight(w_ptr, BLOCK_N, n_cols, BLOCK_T)
-        dwt = tl.zeros([BLOCK_T], dtype=tl.float32)
-    n_tiles = tl.cdiv(n_rows, BLOCK_M)
-    if PREFETCH:
-        row_next = tl.cast(pid, tl.int64) * BLOCK_M
-        dy_next = _load_part(dy_ptr, row_next, n_rows, stride_dy, 0, n_cols, BLOCK_M, BLOCK_N)
-        x_next = _load_part(x_ptr, row_next, n_rows, stride_x, 0, n_cols, BLOCK_M, BLOCK_N)
-        if BLOCK_T > 0:
-            dyt_next = _load_part(dy_ptr, row_next, n_rows, stride_dy, BLOCK_N, n_cols,
-                                  BLOCK_M, BLOCK_T)
-            xt_next = _load_part(x_ptr, row_next, n_rows, stride_x, BLOCK_N, n_cols,
-                                 BLOCK_M, BLOCK_T)
-    for tile in range(pid, n_tiles, programs):
-        row0 = tl.cast(tile, tl.int64) * BLOCK_M
-        if PREFETCH:
-            dy, x = dy_next, x_next
-            row_next = row0 + programs * BLOCK_M
-            dy_next = _load_part(dy_ptr, row_next, n_rows, stride_dy, 0, n_cols, BLOCK_M,
-                                 BLOCK_N)
-            x_next = _load_part(x_ptr, row_next, n_rows, stride_x, 0, n_cols, BLOCK_M, BLOCK_N)
-            if BLOCK_T > 0:
-                dyt, xt = dyt_next, xt_next
-                dyt_next = _load_part(dy_ptr, row_next, n_rows, stride_dy, BLOCK_N, n_cols,
-                                      BLOCK_M, BLOCK_T)
-                xt_next = _load_part(x_ptr, row_next, n_rows, stride_x, BLOCK_N, n_cols,
-                                     BLOCK_M, BLOCK_T)
-        else:
-            dy = _load_part(dy_ptr, row0, n_rows, stride_dy, 0, n_cols, BLOCK_M, BLOCK_N)
-            x = _load_part(x_ptr, row0, n_rows, stride_x, 0, n_cols, BLOCK_M, BLOCK_N)
-            if BLOCK_T > 0:
-                dyt = _load_part(dy_ptr, row0, n_rows, stride_dy, BLOCK_N, n_cols, BLOCK_M,
-                                 BLOCK_T)
-                xt = _load_part(x_ptr, row0, n_rows, stride_x, BLOCK_N, n_cols, BLOCK_M,
-                                BLOCK_T)
-        g = dy * w[None, :]
-        sum_sq = tl.sum(x * x, axis=1)
-        sum_gx = tl.sum(g * x, axis=1)
-        if BLOCK_T > 0:
-            gt = dyt * wt[None, :]
-            sum_sq += tl.sum(xt * xt, axis=1)
-            sum_gx += tl.sum(gt * xt, axis=1)
-        rstd = tl.rsqrt(sum_sq / n_cols + eps)
-        c = sum_gx * rstd / n_cols  # mean(g * xhat)
-        xhat = x * rstd[:, None]
-        _store_part(dx_ptr, (g - xhat * c[:, None]) * rstd[:, None], row0, n_rows, stride_dx,
-                    0, n_cols, BLOCK_M, BLOCK_N)
-        dw += tl.sum(dy * xhat, axis=0)
-        if BLOCK_T > 0:
-            xhatt = xt * rstd[:, None]
-            _store_part(dx_ptr, (gt - xhatt * c[:, None]) * rstd[:, None], row0, n_rows,
-                        stride_dx, BLOCK_N, n_cols, BLOCK_M, BLOCK_T)
-            dwt += tl.sum(dyt * xhatt, axis=0)
-    partial = dw_partial_ptr + tl.cast(pid, tl.int64) * n_cols
-    cols = tl.arange(0, BLOCK_N)
-    tl.store(partial + cols, dw, mask=cols < n_cols)
-    if BLOCK_T > 0:
-        cols_t = BLOCK_N + tl.arange(0, BLOCK_T)
-        tl.store(partial + cols_t, dwt, mask=cols_t < n_cols)
-
-
-@triton.jit(do_not_specialize=["n_partials"])
-def _dw_reduce_kernel(
-    partial_ptr, dw_ptr, n_partials, n_cols,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACCUMULATE: tl.constexpr,
-):
-    # ACCUMULATE: dw_ptr is megatron's main_grad; the fp32 sum over partials (the same
-    # fixed order) is added to what it holds, in fp32, and rounded once to its dtype.
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_ok = cols < n_cols
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for start in range(0, n_partials, BLOCK_P):
-        p = start + tl.arange(0, BLOCK_P)
-        mask = (p < n_partials)[:, None] & col_ok[None, :]
-        acc += tl.load(partial_ptr + p[:, None].to(tl.int64) * n_cols + cols[None, :],
-                       mask=mask, other=0.0)
-    dw = tl.sum(acc, axis=0)
-    if ACCUMULATE:
-        dw += tl.load(dw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    tl.store(dw_ptr + cols, dw.to(dw_ptr.dtype.element_ty), mask=col_ok)
-
-
 # --------------------------------------------------------------------------- launchers
-
-
-class ForwardConfig(NamedTuple):
-    block_m: int  # rows per program
-    num_warps: int
-    split: bool = True  # a row as BLOCK_N + a tail where one power of two wastes >= 1/4
-
-
-class BackwardConfig(NamedTuple):
-    block_m: int  # rows per loop iteration
-    num_warps: int
-    programs_per_sm: int  # persistent grid = SMs * programs_per_sm (capped by row tiles)
-    prefetch: bool = False  # load the next row tile before computing this one
-    num_stages: int = 1  # 2, 3: no change on the H200 (Triton 3.6 leaves these loads alone)
-    split: bool = False  # the forward's split; slower here at 5120 (see BACKWARD_TABLE)
-
-
-def _pow2_at_most(n: int) -> int:
-    return 1 << (max(1, n).bit_length() - 1)
-
-
-@functools.lru_cache(maxsize=None)
-def column_blocks(n_cols: int, split: bool = True) -> tuple:
-    """(BLOCK_N, BLOCK_T): one power of two covering the row, or, where that leaves a
-    quarter or more of it masked, the largest power of two below H plus a power-of-two tail
-    (5120 -> 4096 + 1024; 6656 stays 8192: 81% used)."""
-    full = triton.next_power_of_2(n_cols)
-    if not split or n_cols > full * 3 // 4 or n_cols <= 16:
-        return full, 0
-    return full // 2, triton.next_power_of_2(n_cols - full // 2)
-
-
-# Tuned launch configurations: the winners of the launch sweep of bench_rmsnorm --tune on
-# the H200, bf16 (benchmarks/results/rmsnorm_h200_2026-12-01.json, GPU time), which timed
-# them as the defaults. Forward: the first five configs at each size lie within 1% (e.g.
-# 4096: (4, 4) and (4, 16) both 3.695 TB/s). Other sizes use the heuristics below.
-FORWARD_TABLE = {
-    4096: ForwardConfig(4, 4),
-    5120: ForwardConfig(1, 4),  # split 4096 + 1024: 3.51 TB/s, unsplit 3.48
-    8192: ForwardConfig(1, 4),
-}
-BACKWARD_TABLE = {
-    4096: BackwardConfig(2, 16, 1, prefetch=True),
-    # unsplit: with the 1024-column tail (4-byte loads a thread) 2.59 TB/s against 3.01
-    5120: BackwardConfig(1, 8, 1, prefetch=True, split=False),
-    8192: BackwardConfig(1, 16, 1, prefetch=True),
-}
-
-
-@functools.lru_cache(maxsize=None)
-def forward_config(n_cols: int) -> ForwardConfig:
-    """The table's entry, else: one row per program for wide rows, short rows share one
-    (>= 4096 elements a program); warps so each thread holds about 16 live elements (two
-    16-byte bf16 loads), 4 to 16.
-
-    Measured on H100, bf16 (benchmarks/results/rmsnorm_h100_2026-11-23*.json sweeps): 4, 8
-    and 16 warps land within 2% of each other at H = 4096..16384; 32 warps lose 5-30%.
-    """
-    if n_cols in FORWARD_TABLE:
-        return FORWARD_TABLE[n_cols]
-    block_m = max(1, min(16, 4096 // triton.next_power_of_2(n_cols)))
-    return ForwardConfig(block_m, max(4, min(16, _pow2_at_most(block_m * n_cols // 512))))
-
-
-@functools.lru_cache(maxsize=None)
-def backward_config(n_cols: int) -> BackwardConfig:
-    """The table's entry, else: one program per SM, 16 warps, walking tiles of 8192 elements
-    (2 rows of 4096, one of 5120..8192) with the next tile prefetched.
-
-    Measured on H100, bf16: prefetch, one program per SM beat 2 per SM without it by 5-10%
-    (registers bound occupancy); 2 rows of 4096 beat 1 by 10%; 32 warps spill at H = 6656;
-    H = 16384 has no room for a prefetched copy (2.1 TB/s without, 0.2 with: spills).
-    """
-    if n_cols in BACKWARD_TABLE:
-        return BACKWARD_TABLE[n_cols]
-    block_n = triton.next_power_of_2(n_cols)
-    block_m = max(1, min(16, 8192 // block_n))
-    return BackwardConfig(block_m, 16, 1, prefetch=block_m * block_n <= 8192)
 
 
 @functools.lru_cache(maxsize=None)
@@ -312,6 +80,8 @@ def _rows(t: torch.Tensor, n_cols: int):
 
 _FORWARD = CachedLaunch(_forward_kernel)
 _BACKWARD = CachedLaunch(_backward_kernel)
+_FORWARD_CHUNKED = CachedLaunch(_forward_chunked_kernel)
+_BACKWARD_CHUNKED = CachedLaunch(_backward_chunked_kernel)
 _DW_REDUCE = CachedLaunch(_dw_reduce_kernel)
 _PARTIALS: dict = {}  # (device index, programs, n_cols) -> fp32 [programs, n_cols] scratch
 DW_BLOCK_C = 64  # dw reduction: columns per program
@@ -320,15 +90,25 @@ _DW_CONSTEXPRS = {accumulate: dict(BLOCK_P=32, BLOCK_C=DW_BLOCK_C, ACCUMULATE=ac
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_constexprs(n_cols: int, cfg: ForwardConfig) -> dict:
+def _forward_plan(n_cols: int, cfg: ForwardConfig) -> tuple:
+    """(the kernel's CachedLaunch, its constexprs) for this config: one cached look-up a call."""
+    if uses_chunked_forward(cfg):
+        chunk, n_chunks = chunks(n_cols, cfg.chunk)
+        return _FORWARD_CHUNKED, dict(BLOCK_M=cfg.block_m, CHUNK=chunk, N_CHUNKS=n_chunks,
+                                      PERSISTENT=cfg.programs_per_sm > 0)
     block_n, block_t = column_blocks(n_cols, cfg.split)
-    return dict(BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_T=block_t)
+    return _FORWARD, dict(BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_T=block_t)
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_constexprs(n_cols: int, cfg: BackwardConfig) -> dict:
+def _backward_plan(n_cols: int, cfg: BackwardConfig) -> tuple:
+    if cfg.chunk > 0:
+        chunk, n_chunks = chunks(n_cols, cfg.chunk)
+        return _BACKWARD_CHUNKED, dict(BLOCK_M=cfg.block_m, CHUNK=chunk, N_CHUNKS=n_chunks,
+                                       PREFETCH=cfg.prefetch, W_IN_REGS=cfg.weight_in_registers)
     block_n, block_t = column_blocks(n_cols, cfg.split)
-    return dict(BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_T=block_t, PREFETCH=cfg.prefetch)
+    return _BACKWARD, dict(BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_T=block_t,
+                           PREFETCH=cfg.prefetch)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -356,11 +136,14 @@ def forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
         return y
     cfg = config or forward_config(n_cols)
     device = device_index(x)
-    _FORWARD.launch(
+    kernel, constexprs = _forward_plan(n_cols, cfg)
+    programs = _cdiv(n_rows, cfg.block_m)
+    if cfg.programs_per_sm:  # persistent: each program walks several row tiles
+        programs = min(programs, _sm_count(device) * cfg.programs_per_sm)
+    kernel.launch(
         (device, cfg, n_cols, stride, x.dtype, weight.dtype, aligned(x2), aligned(weight)),
-        (_cdiv(n_rows, cfg.block_m),),
-        (x2, weight, y, n_rows, n_cols, stride, n_cols, eps),
-        _forward_constexprs(n_cols, cfg), num_warps=cfg.num_warps)
+        (programs,), (x2, weight, y, n_rows, n_cols, stride, n_cols, eps),
+        constexprs, num_warps=cfg.num_warps)
     return y
 
 
@@ -405,11 +188,12 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
     device = device_index(x)
     programs = min(_cdiv(n_rows, cfg.block_m), _sm_count(device) * cfg.programs_per_sm)
     partial = _partials(device, programs, n_cols)
-    _BACKWARD.launch(
+    kernel, constexprs = _backward_plan(n_cols, cfg)
+    kernel.launch(
         (device, cfg, n_cols, stride_dy, stride_x, dy.dtype, x.dtype, weight.dtype,
          aligned(dy2), aligned(x2), aligned(weight)), (programs,),
         (dy2, x2, weight, dx, partial, n_rows, n_cols, stride_dy, stride_x, n_cols, eps),
-        _backward_constexprs(n_cols, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _DW_REDUCE.launch(
         (device, n_cols, dw.dtype, accumulate, aligned(dw)), (_cdiv(n_cols, DW_BLOCK_C),),
         (partial, dw, programs, n_cols), _DW_CONSTEXPRS[accumulate], num_warps=4)

@@ -91,9 +91,9 @@ def test_column_blocks_split_only_rows_that_waste_a_quarter():
 
 @pytest.mark.parametrize("hidden", (5120, 1000, 2500))
 def test_every_launch_variant_matches_float64(hidden):
-    """Split and unsplit rows, the hand prefetch and the plain loop, several rows per tile:
-    each against the formula (the launch sweep of benchmarks/bench_rmsnorm.py picks among
-    them, so each must be right). 11 rows: programs walk several tiles, the last partial."""
+    """Split, unsplit and chunked rows, the hand prefetch and the plain loop, several rows
+    per tile, the persistent forward: each against the formula (the launch sweep of
+    benchmarks/bench_rmsnorm.py picks among them, so each must be right). 11 rows: programs walk several tiles, the last partial."""
     torch.manual_seed(hidden)
     x = torch.randn(11, hidden, device=DEVICE).to(torch.bfloat16)
     w = (1 + 0.5 * torch.randn(hidden, device=DEVICE)).to(torch.bfloat16)
@@ -102,13 +102,18 @@ def test_every_launch_variant_matches_float64(hidden):
     y64 = reference(x64, w64)
     y64.backward(dy.double())
     tol = TOLERANCE[torch.bfloat16]
-    for cfg in (rmsnorm.ForwardConfig(1, 4), rmsnorm.ForwardConfig(2, 4, split=False),
-                rmsnorm.ForwardConfig(4, 8)):
+    F, B = rmsnorm.ForwardConfig, rmsnorm.BackwardConfig
+    for cfg in (F(1, 4), F(2, 4, split=False), F(4, 8),
+                # chunked rows (5120: 5 x 1024 exact; 1000, 2500: the last chunk masked),
+                # one tile per program or persistent with the next tile prefetched
+                F(1, 4, chunk=1024), F(2, 4, chunk=512, programs_per_sm=1),
+                F(1, 4, programs_per_sm=2)):
         assert _relerr(rmsnorm.forward(x, w, 1e-5, cfg), y64) <= tol, cfg
-    for cfg in (rmsnorm.BackwardConfig(1, 4, 1, prefetch=True),
-                rmsnorm.BackwardConfig(2, 4, 1, prefetch=False, split=False),
-                rmsnorm.BackwardConfig(2, 4, 2, prefetch=True, split=False),
-                rmsnorm.BackwardConfig(4, 8, 1, num_stages=2)):
+    for cfg in (B(1, 4, 1, prefetch=True), B(2, 4, 1, prefetch=False, split=False),
+                B(2, 4, 2, prefetch=True, split=False), B(4, 8, 1, num_stages=2),
+                B(1, 4, 1, prefetch=True, chunk=1024),
+                B(2, 4, 1, prefetch=False, chunk=512, weight_in_registers=False),
+                B(1, 4, 2, prefetch=True, chunk=256, weight_in_registers=False)):
         dx, dw = rmsnorm.backward(dy, x, w, 1e-5, cfg)
         assert _relerr(dx, x64.grad) <= tol and _relerr(dw, w64.grad) <= tol, cfg
 
@@ -264,3 +269,56 @@ def test_backward_refuses_a_main_grad_it_cannot_add_into():
         rmsnorm.backward(x, x, w, 1e-5, main_grad=torch.zeros(128, device=DEVICE)[::2])
     with pytest.raises(ValueError, match="main_grad"):
         rmsnorm.backward(x, x, w, 1e-5, main_grad=torch.zeros(32, device=DEVICE))
+
+
+_F, _B = rmsnorm.ForwardConfig, rmsnorm.BackwardConfig
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape,cfg", [
+    ((8192, 5120), _F(1, 4, chunk=1024)), ((8192, 5120), _F(1, 8, chunk=1024, programs_per_sm=4)),
+    ((4096, 4096), _F(1, 4, programs_per_sm=2)), ((3001, 8192), _F(1, 8, programs_per_sm=2)),
+    ((8192, 5120), _B(1, 8, 1, True, chunk=1024)),
+    ((8192, 5120), _B(1, 8, 2, True, chunk=1024, weight_in_registers=False)),
+    ((3001, 5120), _B(1, 4, 3, False, chunk=1024, weight_in_registers=False)),
+])
+def test_chunked_and_persistent_kernels_match_float64_on_gpu(shape, cfg):
+    """The compiled chunked and persistent kernels (the interpreter runs them above) at
+    training sizes, odd row counts included, within bf16's unit roundoff (as the rest)."""
+    torch.manual_seed(4)
+    x = torch.randn(shape, device="cuda").to(torch.bfloat16)
+    w = (1 + 0.5 * torch.randn(shape[-1], device="cuda")).to(torch.bfloat16)
+    dy = torch.randn_like(x)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    y64 = reference(x64, w64)
+    tol = TOLERANCE[torch.bfloat16]
+    if isinstance(cfg, _F):
+        assert _relerr(rmsnorm.forward(x, w, 1e-5, cfg), y64) <= tol
+        return
+    y64.backward(dy.double())
+    dx, dw = rmsnorm.backward(dy, x, w, 1e-5, cfg)
+    assert _relerr(dx, x64.grad) <= tol and _relerr(dw, w64.grad) <= tol
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("offset", [0, 1])  # 1: main_grad's pointer not 16-byte aligned
+def test_main_grad_accumulation_on_gpu(offset):
+    """The compiled ACCUMULATE reduction at a training size, into a view of a larger fp32
+    buffer as megatron's grad buffer hands out: the fp32 sums of the untagged kernel for an
+    fp32 copy of w, added twice (1e-6: two fp32 adds), and the buffer around it untouched."""
+    torch.manual_seed(5)
+    rows, hidden = 4096, 5120
+    w = (1 + 0.5 * torch.randn(hidden, device="cuda")).to(torch.bfloat16)
+    buffer = torch.full((hidden + 2,), 7.0, device="cuda")
+    tagged = _tagged(w, buffer[offset:offset + hidden])
+    expected = torch.full((hidden,), 7.0, device="cuda")
+    for _ in range(2):
+        x = torch.randn(rows, hidden, device="cuda").to(torch.bfloat16)
+        dy = torch.randn_like(x)
+        rms_norm(x, tagged).backward(dy)
+        w32 = w.float().requires_grad_()
+        rms_norm(x, w32).backward(dy)
+        expected += w32.grad
+    torch.testing.assert_close(tagged.main_grad, expected, rtol=1e-6, atol=1e-5)
+    outside = torch.cat([buffer[:offset], buffer[offset + hidden:]])
+    assert torch.equal(outside, torch.full_like(outside, 7.0))

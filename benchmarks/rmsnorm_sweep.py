@@ -1,0 +1,198 @@
+"""The launch sweep of benchmarks/bench_rmsnorm.py: which launch configurations of
+kernels/rmsnorm.py it times at a hidden size, how (GPU time of the launchers alone, each
+row with the compiled kernel's registers, spills and shared memory), and the parallel
+precompile of them all into Triton's cache.
+
+Candidates: around the default (rows per program, warps, the row split or not, the hand
+prefetch or Triton's pipelining, programs per SM), plus, new on 2026-12-01, chunked rows
+(5120 = 5 x 1024) forward and backward and a persistent forward with the next tile's
+load issued before the current tile's math (kernels/rmsnorm_configs.py says what each
+field means).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import triton
+
+from benchmarks.common import gpu_ms, relerr, tbs
+from kernels import rmsnorm as ours
+from kernels import rmsnorm_configs as configs
+
+EPS = 1e-5
+DTYPE = torch.bfloat16
+DEVICE = "cuda"
+
+
+def inputs(m, n):
+    torch.manual_seed(m + n)
+    x = torch.randn(m, n, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    w = (1 + 0.5 * torch.randn(n, device=DEVICE)).to(DTYPE).requires_grad_()
+    dy = torch.randn(m, n, device=DEVICE, dtype=DTYPE)
+    return x, w, dy
+
+
+
+FORWARD_CACHES = (ours._FORWARD, ours._FORWARD_CHUNKED)
+BACKWARD_CACHES = (ours._BACKWARD, ours._BACKWARD_CHUNKED)
+
+
+def resources(caches, cfg) -> dict:
+    """Registers per thread, spilled registers and shared memory (bytes) of the kernel
+    compiled for cfg, from Triton's CompiledKernel (after its first direct launch)."""
+    for cache in caches:
+        for key, compiled in cache.compiled.items():
+            if compiled and cfg in key:
+                return dict(n_regs=compiled.n_regs, n_spills=compiled.n_spills,
+                            shared=compiled.metadata.shared)
+    return {}
+
+
+def _chunk_widths(n_cols) -> tuple:
+    """Chunk widths worth timing: those dividing a hidden size that is no power of two
+    (5120 = 5 x 1024 = 10 x 512); a power of two is one chunk already."""
+    if n_cols & (n_cols - 1) == 0:
+        return ()
+    return tuple(c for c in (1024, 512) if n_cols % c == 0 and n_cols > c)
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def forward_candidates(n_cols):
+    """The default, rows per program x warps around it, and the row unsplit where the
+    default splits it (ours.column_blocks)."""
+    default = ours.forward_config(n_cols)
+    block_n = triton.next_power_of_2(n_cols)
+    seen = {default}
+    for block_m in (1, 2, 4, 8):
+        if block_m * block_n > 32768:
+            continue
+        for warps in (4, 8, 16):
+            seen.add(ours.ForwardConfig(block_m, warps))
+    if ours.column_blocks(n_cols)[1]:
+        seen |= {cfg._replace(split=False) for cfg in seen}
+    seen |= {default._replace(num_warps=2), default._replace(num_warps=32)}
+    # Chunked rows, one tile per program; then persistent grids (the next tile's load
+    # issued before this tile's math), chunked where chunks exist, else one block.
+    widths = _chunk_widths(n_cols)
+    for chunk in widths:
+        for block_m, warps in ((1, 4), (1, 8), (2, 4), (2, 8)):
+            seen.add(ours.ForwardConfig(block_m, warps, chunk=chunk))
+    for block_m in sorted({1, default.block_m}):
+        for warps in (4, 8):
+            for programs_per_sm in (2, 4):
+                seen.add(ours.ForwardConfig(block_m, warps, chunk=widths[0] if widths else 0,
+                                            programs_per_sm=programs_per_sm))
+    return sorted(seen)
+
+
+def backward_candidates(n_cols):
+    """Warps, prefetch, Triton's pipelining (num_stages) instead of the hand prefetch,
+    rows per tile, two programs per SM; each with the row split and unsplit where
+    ours.column_blocks would split it."""
+    default = ours.backward_config(n_cols)
+    seen = {default}
+    for warps in (8, 16, 32):
+        for prefetch in (False, True):
+            seen.add(default._replace(num_warps=warps, prefetch=prefetch))
+        for stages in (2, 3):
+            seen.add(default._replace(num_warps=warps, prefetch=False, num_stages=stages))
+    for block_m in {max(1, default.block_m // 2), 2 * default.block_m}:
+        seen.add(default._replace(block_m=block_m))
+        seen.add(default._replace(block_m=block_m, prefetch=False, num_stages=2))
+    seen.add(default._replace(programs_per_sm=2))
+    seen.add(default._replace(programs_per_sm=2, prefetch=False))
+    if ours.column_blocks(n_cols)[1]:
+        seen |= {cfg._replace(split=not cfg.split) for cfg in seen}
+    # Chunked rows (no masked lanes, no layout conversion): registers per thread (Triton
+    # 3.6, sm_90, compiled offline for 5120 x 1024) set programs per SM: 8 warps with w in
+    # registers 177, 8 warps reloading w 128 (2 programs fit), 16 warps 100, 4 warps
+    # reloading w without prefetch 166 (3 fit).
+    B = ours.BackwardConfig
+    for chunk in _chunk_widths(n_cols):
+        seen |= {B(1, 8, 1, True, chunk=chunk), B(1, 16, 1, True, chunk=chunk),
+                 B(1, 8, 2, True, chunk=chunk, weight_in_registers=False),
+                 B(1, 16, 1, True, chunk=chunk, weight_in_registers=False),
+                 B(1, 4, 2, True, chunk=chunk, weight_in_registers=False),
+                 B(1, 8, 2, False, chunk=chunk, weight_in_registers=False),
+                 B(1, 4, 3, False, chunk=chunk, weight_in_registers=False),
+                 B(1, 4, 4, False, chunk=chunk, weight_in_registers=False)}
+    return sorted(seen)
+
+
+def blocks(n, cfg) -> dict:
+    """How cfg holds a row: (block, tail) columns, or (chunk, number of chunks)."""
+    if isinstance(cfg, configs.ForwardConfig):
+        chunked = configs.uses_chunked_forward(cfg)
+    else:
+        chunked = cfg.chunk > 0
+    if chunked:
+        return dict(chunks=configs.chunks(n, cfg.chunk))
+    return dict(block_tail=configs.column_blocks(n, cfg.split))
+
+
+def sweep(m, n, x, w, dy):
+    """Time each launch configuration on the launchers alone (GPU time: the host's launch
+    latency would otherwise swamp the short kernels); returns rows, best of each. Each row
+    carries the compiled kernel's registers, spills and shared memory.
+    (Runs up to commit d64735e timed the sweep with do_bench, host latency included.)"""
+    fwd_bytes, bwd_bytes = 2 * m * n * 2, 3 * m * n * 2
+    rows = {"forward": [], "backward": []}
+    y_ref = ours.forward(x, w, EPS).double()
+    dx_ref, dw_ref = (t.double() for t in ours.backward(dy, x, w, EPS))
+    for cfg in forward_candidates(n):
+        try:
+            ok = relerr(ours.forward(x, w, EPS, cfg), y_ref) < 1e-2  # sums regroup with warps
+            ms = gpu_ms(lambda: ours.forward(x, w, EPS, cfg), reps=20)
+            rows["forward"].append(dict(config=cfg._asdict(), ms=ms, tbs=tbs(fwd_bytes, ms),
+                                        same=ok, **resources(FORWARD_CACHES, cfg)))
+        except Exception as e:  # a config the compiler rejects (registers, shared memory)
+            rows["forward"].append(dict(config=cfg._asdict(), error=repr(e)[:200]))
+    for cfg in backward_candidates(n):
+        try:
+            dx, dw = ours.backward(dy, x, w, EPS, cfg)
+            # same function; row sums regroup with warps, dw partials with the grid size
+            ok = relerr(dx, dx_ref) < 1e-2 and relerr(dw, dw_ref) < 1e-2
+            ms = gpu_ms(lambda: ours.backward(dy, x, w, EPS, cfg), reps=20)
+            rows["backward"].append(dict(config=cfg._asdict(), ms=ms, tbs=tbs(bwd_bytes, ms),
+                                         same=ok, **resources(BACKWARD_CACHES, cfg)))
+        except Exception as e:
+            rows["backward"].append(dict(config=cfg._asdict(), error=repr(e)[:200]))
+    best = {k: max((r for r in v if r.get("same")), key=lambda r: r["tbs"]) for k, v in rows.items()}
+    return rows, best
+
+
+def sweep_shape(m, n):
+    x, w, dy = inputs(m, n)
+    t = time.time()
+    rows, best = sweep(m, n, x.detach(), w.detach(), dy)
+    print(f"{m}x{n} sweep {time.time() - t:.0f}s  best fwd {best['forward']['config']} "
+          f"{best['forward']['tbs']:.2f} TB/s, best bwd {best['backward']['config']} "
+          f"{best['backward']['tbs']:.2f} TB/s", flush=True)
+    for kind in ("forward", "backward"):
+        for r in sorted(rows[kind], key=lambda r: -r.get("tbs", 0)):
+            print(f"   {kind[:3]} {tuple(r['config'].values())} {r.get('tbs', 0):.2f} "
+                  f"regs {r.get('n_regs')} spills {r.get('n_spills')} "
+                  f"{r.get('error', '')[:60]}", flush=True)
+    return rows, best
+
+
+def precompile(part: int, parts: int, shapes) -> None:
+    """Compile every sweep candidate whose index % parts == part on small inputs (the
+    kernels do not specialize on row counts), filling Triton's cache for the timed run;
+    run as several processes beside each other."""
+    jobs = []
+    for _, n in shapes:
+        x, w, dy = (t.detach()[:64] for t in inputs(64, n))
+        jobs += [(ours.forward, (x, w, EPS, cfg)) for cfg in forward_candidates(n)]
+        jobs += [(ours.backward, (dy, x, w, EPS, cfg)) for cfg in backward_candidates(n)]
+    for fn, args in jobs[part::parts]:
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - the timed run records it
+            print("precompile", args[-1], repr(e)[:120], flush=True)
+    torch.cuda.synchronize()
+

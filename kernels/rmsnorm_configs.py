@@ -1,0 +1,118 @@
+"""Launch configurations of the RMSNorm kernels (kernels/rmsnorm.py, kernels/rmsnorm_chunked.py):
+the config types, the tuned tables and the heuristics for other hidden sizes.
+
+A row of H columns is held in registers in one of three ways:
+  * one power-of-two block (`split=False`, `chunk=0`): 8192 lanes for H = 5120, 3/8 masked;
+  * a block plus a power-of-two tail (`split=True`, `chunk=0`; 5120 = 4096 + 1024): two
+    tensors of different shapes, so their row sums meet through a layout conversion;
+  * `chunk` > 0: ceil(H / chunk) chunks of `chunk` columns each, unrolled at compile time
+    (5120 = 5 x 1024): same-shaped tensors, no conversion, nothing masked where chunk
+    divides H (kernels/rmsnorm_chunked.py).
+`programs_per_sm` > 0 in a ForwardConfig makes the forward persistent (SMs x that many
+programs walk row tiles, each loading the next tile before working on the current one);
+0 is one program per row tile. Both new forms run the chunked kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import triton
+
+
+class ForwardConfig(NamedTuple):
+    block_m: int  # rows per program (per tile, when persistent)
+    num_warps: int
+    split: bool = True  # a row as BLOCK_N + a tail where one power of two wastes >= 1/4
+    chunk: int = 0  # > 0: the row as chunks of this many columns (chunked kernel)
+    programs_per_sm: int = 0  # > 0: persistent grid, next tile prefetched (chunked kernel)
+
+
+class BackwardConfig(NamedTuple):
+    block_m: int  # rows per loop iteration
+    num_warps: int
+    programs_per_sm: int  # persistent grid = SMs * programs_per_sm (capped by row tiles)
+    prefetch: bool = False  # load the next row tile before computing this one
+    num_stages: int = 1  # 2, 3: no change on the H200 (Triton 3.6 leaves these loads alone)
+    split: bool = False  # the forward's split; slower here at 5120 (see BACKWARD_TABLE)
+    chunk: int = 0  # > 0: the row as chunks of this many columns (chunked kernel)
+    weight_in_registers: bool = True  # chunked kernel: w held across rows, else reloaded (L1)
+
+
+def uses_chunked_forward(cfg: ForwardConfig) -> bool:
+    return cfg.chunk > 0 or cfg.programs_per_sm > 0
+
+
+def _pow2_at_most(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+@functools.lru_cache(maxsize=None)
+def column_blocks(n_cols: int, split: bool = True) -> tuple:
+    """(BLOCK_N, BLOCK_T): one power of two covering the row, or, where that leaves a
+    quarter or more of it masked, the largest power of two below H plus a power-of-two tail
+    (5120 -> 4096 + 1024; 6656 stays 8192: 81% used)."""
+    full = triton.next_power_of_2(n_cols)
+    if not split or n_cols > full * 3 // 4 or n_cols <= 16:
+        return full, 0
+    return full // 2, triton.next_power_of_2(n_cols - full // 2)
+
+
+@functools.lru_cache(maxsize=None)
+def chunks(n_cols: int, chunk: int) -> tuple:
+    """(CHUNK, N_CHUNKS) of the chunked kernels: chunk 0 means one chunk of the whole
+    power-of-two block."""
+    if chunk <= 0:
+        return triton.next_power_of_2(n_cols), 1
+    if chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two, got {chunk}")
+    return chunk, -(-n_cols // chunk)
+
+
+# Tuned launch configurations: the winners of the launch sweep of bench_rmsnorm --tune on
+# the H200, bf16 (benchmarks/results/rmsnorm_h200_2026-12-01.json, GPU time), which timed
+# them as the defaults. Forward: the first five configs at each size lie within 1% (e.g.
+# 4096: (4, 4) and (4, 16) both 3.695 TB/s). Other sizes use the heuristics below.
+FORWARD_TABLE = {
+    4096: ForwardConfig(4, 4),
+    5120: ForwardConfig(1, 4),  # split 4096 + 1024: 3.51 TB/s, unsplit 3.48
+    8192: ForwardConfig(1, 4),
+}
+BACKWARD_TABLE = {
+    4096: BackwardConfig(2, 16, 1, prefetch=True),
+    # unsplit: with the 1024-column tail (4-byte loads a thread) 2.59 TB/s against 3.01
+    5120: BackwardConfig(1, 8, 1, prefetch=True, split=False),
+    8192: BackwardConfig(1, 16, 1, prefetch=True),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def forward_config(n_cols: int) -> ForwardConfig:
+    """The table's entry, else: one row per program for wide rows, short rows share one
+    (>= 4096 elements a program); warps so each thread holds about 16 live elements (two
+    16-byte bf16 loads), 4 to 16.
+
+    Measured on H100, bf16 (benchmarks/results/rmsnorm_h100_2026-11-23*.json sweeps): 4, 8
+    and 16 warps land within 2% of each other at H = 4096..16384; 32 warps lose 5-30%.
+    """
+    if n_cols in FORWARD_TABLE:
+        return FORWARD_TABLE[n_cols]
+    block_m = max(1, min(16, 4096 // triton.next_power_of_2(n_cols)))
+    return ForwardConfig(block_m, max(4, min(16, _pow2_at_most(block_m * n_cols // 512))))
+
+
+@functools.lru_cache(maxsize=None)
+def backward_config(n_cols: int) -> BackwardConfig:
+    """The table's entry, else: one program per SM, 16 warps, walking tiles of 8192 elements
+    (2 rows of 4096, one of 5120..8192) with the next tile prefetched.
+
+    Measured on H100, bf16: prefetch, one program per SM beat 2 per SM without it by 5-10%
+    (registers bound occupancy); 2 rows of 4096 beat 1 by 10%; 32 warps spill at H = 6656;
+    H = 16384 has no room for a prefetched copy (2.1 TB/s without, 0.2 with: spills).
+    """
+    if n_cols in BACKWARD_TABLE:
+        return BACKWARD_TABLE[n_cols]
+    block_n = triton.next_power_of_2(n_cols)
+    block_m = max(1, min(16, 8192 // block_n))
+    return BackwardConfig(block_m, 16, 1, prefetch=block_m * block_n <= 8192)
