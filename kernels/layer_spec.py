@@ -5,7 +5,7 @@ Kernels enter through `ModuleSpec`, never by patching megatron: a layout's
 for every norm, the final one included. `attention="megatron", norm="megatron"`
 is megatron-core's stock local spec, the baseline. `wgrad_fusion=True` (a GPU trial's
 choice, launch.gpu_trial) swaps the layer's four linears for kernels.wgrad's, whose
-weight gradients accumulate straight into DDP's fp32 buffers.
+weight gradients accumulate straight into DDP's fp32 buffers, and so do the Triton norms'.
 
 RoPE goes with the attention: our core-attention modules apply it themselves (one
 fused kernel, kernels.rope), megatron's applies its own. `applies_rope` says which,
@@ -35,11 +35,13 @@ def applies_rope(attention: str) -> bool:
     raise ValueError(f"unknown attention kernel {attention!r}")
 
 
-def norm_module(norm: str):
+def norm_module(norm: str, *, wgrad_fusion: bool = False):
+    """The norm's module; with wgrad_fusion our Triton RMSNorm's weight gradient goes straight
+    into DDP's fp32 main_grad (kernels.megatron_norm tags it), as the linears' do."""
     if norm == "triton":
         from kernels.megatron_norm import TritonRMSNorm
 
-        return TritonRMSNorm
+        return ModuleSpec(module=TritonRMSNorm, params={"wgrad_fusion": True}) if wgrad_fusion else TritonRMSNorm
     if norm == "torch":
         from kernels.megatron_norm import TorchRMSNorm
 
@@ -109,8 +111,8 @@ def layer_spec(*, attention: str, norm: str, rope_base: float, swiglu: str = "me
         raise ValueError(f"unknown swiglu kernel {swiglu!r}")
     subs.self_attention.submodules.core_attention = core_attention_spec(
         attention, rope_base=rope_base, qkv_grad=qkv_grad)
-    subs.input_layernorm = norm_module(norm)
-    subs.pre_mlp_layernorm = norm_module(norm)
+    subs.input_layernorm = norm_module(norm, wgrad_fusion=wgrad_fusion)
+    subs.pre_mlp_layernorm = norm_module(norm, wgrad_fusion=wgrad_fusion)
     return spec
 
 
@@ -123,4 +125,5 @@ def block_spec(config, *, attention: str, norm: str, rope_base: float,
     layer = layer_spec(attention=attention, norm=norm, rope_base=rope_base, swiglu=swiglu,
                        add_norm=add_norm, qkv_grad=qkv_grad, wgrad_fusion=wgrad_fusion)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm_module(norm))
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers,
+                                      layer_norm=norm_module(norm, wgrad_fusion=wgrad_fusion))

@@ -25,6 +25,8 @@ CASES = {  # name: (tp, layout axes); world 2 throughout, so tp 1 is dp 2
     "tp1": (1, dict(mbs=2, gbs=8)),
     "tp2": (2, dict(mbs=2, gbs=4)),
     "tp2_sp": (2, dict(mbs=2, gbs=4, sequence_parallel=True)),
+    # The Triton norms' weight gradients into main_grad too (kernels.rmsnorm, tagged via the spec).
+    "tp1_triton_norm": (1, dict(mbs=2, gbs=8, norm="triton")),
 }
 
 
@@ -88,6 +90,9 @@ def _main_grads(layout, *, fused: bool) -> tuple[dict, set]:
     grads = {name: p.main_grad.numpy().copy() for name, p in trainer.model[0].named_parameters()}
     kinds = {f"{type(m).__module__}.{type(m).__name__}" for m in trainer.model[0].modules()
              if "ParallelLinear" in type(m).__name__}
+    # Norm weights tagged to add their gradient into main_grad themselves.
+    kinds |= {f"tagged {type(m).__name__}" for m in trainer.model[0].modules()
+              if getattr(getattr(m, "weight", None), "fused_main_grad", False)}
     return grads, kinds
 
 
@@ -99,7 +104,7 @@ def _compare(rank, tol):
     for name, (tp, axes) in CASES.items():
         ps.destroy_model_parallel()
         ps.initialize_model_parallel(tensor_model_parallel_size=tp)
-        layout = Layout(tp=tp, attention="sdpa", norm="torch", **axes)
+        layout = Layout(tp=tp, attention="sdpa", **{"norm": "torch", **axes})
         stock, stock_kinds = _main_grads(layout, fused=False)
         fused, fused_kinds = _main_grads(layout, fused=True)
         out[name] = {
@@ -152,8 +157,10 @@ def compared():
 def test_fused_linears_give_the_stock_models_gradients(compared, case):
     result = compared[0][case]
     assert result["mismatched"] == [], result
-    # The fusion really ran: our four linears and the output layer, none of megatron's left.
-    assert result["fused_kinds"] == ["kernels.wgrad.ColumnParallelLinear", "kernels.wgrad.RowParallelLinear"]
+    # The fusion really ran: our four linears and the output layer, none of megatron's left;
+    # and the Triton norms (all 2 x layers + 1) tagged where they are the layout's norm.
+    tagged = ["tagged TritonRMSNorm"] if case == "tp1_triton_norm" else []
+    assert result["fused_kinds"] == ["kernels.wgrad.ColumnParallelLinear", "kernels.wgrad.RowParallelLinear"] + tagged
     assert all(kind.startswith("megatron.") for kind in result["stock_kinds"])
 
 
