@@ -69,10 +69,9 @@ def candidates(kind, d):
     table = {
         ("fwd", 128): [(128, 64, 8, 3, False), (128, 64, 8, 4, False), (128, 128, 8, 3, True),
                        (128, 64, 8, 3, False, False, P), (128, 64, 8, 4, False, False, P),
-                       (128, 64, 8, 3, True, False, P), (128, 128, 8, 2, False, False, P),
-                       (128, 128, 8, 3, True, False, P), (128, 64, 8, 2, False, False, P),
-                       (128, 64, 8, 3, False, False, S), (128, 64, 4, 3, False, False, S),
-                       (128, 128, 8, 3, False, False, S), (128, 64, 8, 3, True, False, S),
+                       (128, 64, 8, 3, True, False, P), (128, 128, 8, 3, True, False, P),
+                       (128, 64, 8, 2, False, False, P), (128, 64, 8, 3, False, False, S),
+                       (128, 64, 4, 3, False, False, S), (128, 64, 8, 3, True, False, S),
                        (128, 64, 4, 3, False, False, dict(S, maxnreg=168))],
         ("dkdv", 128): [(32, 64, 4, 3, False), (32, 64, 4, 3, True), (32, 128, 8, 3, True),
                         (32, 64, 4, 3, False, False, D), (32, 64, 4, 3, True, False, D),
