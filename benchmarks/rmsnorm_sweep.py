@@ -162,7 +162,46 @@ def sweep(m, n, x, w, dy):
         except Exception as e:
             rows["backward"].append(dict(config=cfg._asdict(), error=repr(e)[:200]))
     best = {k: max((r for r in v if r.get("same")), key=lambda r: r["tbs"]) for k, v in rows.items()}
+    rows["dw_reduce"] = sweep_dw_reduce(m, n, x, w, dy)
+    best["dw_reduce"] = max((r for r in rows["dw_reduce"] if r.get("same")), key=lambda r: r["tbs"],
+                            default={"config": {"rows": ours.DW_REDUCE_ROWS}, "tbs": 0.0})
     return rows, best
+
+
+DW_REDUCE_ROWS = (32, 64, 128, 256)  # partial rows a pass (kernels.rmsnorm.dw_reduce_plan)
+
+
+def _dw_reduce_call(partial, dw, programs, n, rows):
+    constexprs, warps = ours.dw_reduce_plan(programs, False, rows)
+    grid = (-(-n // constexprs["BLOCK_C"]),)
+    return lambda: ours._dw_reduce_kernel[grid](partial, dw, programs, n, **constexprs,
+                                                num_warps=warps)
+
+
+def sweep_dw_reduce(m, n, x, w, dy) -> list:
+    """The dw reduction alone, GPU time, over the partials the default backward leaves
+    (programs x n fp32, read once; tbs counts those bytes and dw's)."""
+    cfg = ours.backward_config(n)
+    ours.backward(dy, x, w, EPS, cfg)
+    device = ours.device_index(x)
+    programs = min(-(-m // cfg.block_m), ours._sm_count(device) * cfg.programs_per_sm)
+    partial = ours._PARTIALS[(device, programs, n)]
+    ref = partial.double().sum(0)
+    out = []
+    for rows in DW_REDUCE_ROWS:
+        dw = torch.empty(n, device=x.device, dtype=DTYPE)
+        try:
+            fn = _dw_reduce_call(partial, dw, programs, n, rows)
+            fn()
+            constexprs, warps = ours.dw_reduce_plan(programs, False, rows)
+            ms = gpu_ms(fn, reps=20)
+            out.append(dict(config=dict(rows=rows, BLOCK_P=constexprs["BLOCK_P"],
+                                        BLOCK_C=constexprs["BLOCK_C"], num_warps=warps),
+                            ms=ms, tbs=tbs(programs * n * 4 + n * 2, ms), programs=programs,
+                            same=relerr(dw, ref) < 1e-2))
+        except Exception as e:  # noqa: BLE001 - recorded
+            out.append(dict(config=dict(rows=rows), error=repr(e)[:200]))
+    return out
 
 
 def sweep_shape(m, n):
@@ -172,7 +211,7 @@ def sweep_shape(m, n):
     print(f"{m}x{n} sweep {time.time() - t:.0f}s  best fwd {best['forward']['config']} "
           f"{best['forward']['tbs']:.2f} TB/s, best bwd {best['backward']['config']} "
           f"{best['backward']['tbs']:.2f} TB/s", flush=True)
-    for kind in ("forward", "backward"):
+    for kind in ("forward", "backward", "dw_reduce"):
         for r in sorted(rows[kind], key=lambda r: -r.get("tbs", 0)):
             print(f"   {kind[:3]} {tuple(r['config'].values())} {r.get('tbs', 0):.2f} "
                   f"regs {r.get('n_regs')} spills {r.get('n_spills')} "
@@ -189,10 +228,14 @@ def precompile(part: int, parts: int, shapes) -> None:
         x, w, dy = (t.detach()[:64] for t in inputs(64, n))
         jobs += [(ours.forward, (x, w, EPS, cfg)) for cfg in forward_candidates(n)]
         jobs += [(ours.backward, (dy, x, w, EPS, cfg)) for cfg in backward_candidates(n)]
+        programs = ours._sm_count(0)  # one backward program per SM: the defaults' partials
+        partial = torch.zeros(programs, n, device=DEVICE)
+        dw = torch.empty(n, device=DEVICE, dtype=DTYPE)
+        jobs += [(_dw_reduce_call(partial, dw, programs, n, rows), ()) for rows in DW_REDUCE_ROWS]
     for fn, args in jobs[part::parts]:
         try:
             fn(*args)
         except Exception as e:  # noqa: BLE001 - the timed run records it
-            print("precompile", args[-1], repr(e)[:120], flush=True)
+            print("precompile", args[-1] if args else fn, repr(e)[:120], flush=True)
     torch.cuda.synchronize()
 

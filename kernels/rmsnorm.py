@@ -47,10 +47,12 @@ import functools
 from typing import Optional
 
 import torch
+import triton
 
 from kernels.fast_launch import CachedLaunch, aligned, device_index
-from kernels.rmsnorm_configs import (BackwardConfig, ForwardConfig, backward_config, chunks,
-                                     column_blocks, forward_config, uses_chunked_forward)
+from kernels.rmsnorm_configs import (DW_REDUCE_ROWS, BackwardConfig, ForwardConfig,
+                                     backward_config, chunks, column_blocks, forward_config,
+                                     uses_chunked_forward)
 from kernels.rmsnorm_kernels import (_backward_chunked_kernel, _backward_kernel,
                                      _dw_reduce_kernel, _forward_chunked_kernel, _forward_kernel)
 
@@ -84,9 +86,19 @@ _FORWARD_CHUNKED = CachedLaunch(_forward_chunked_kernel)
 _BACKWARD_CHUNKED = CachedLaunch(_backward_chunked_kernel)
 _DW_REDUCE = CachedLaunch(_dw_reduce_kernel)
 _PARTIALS: dict = {}  # (device index, programs, n_cols) -> fp32 [programs, n_cols] scratch
-DW_BLOCK_C = 64  # dw reduction: columns per program
-_DW_CONSTEXPRS = {accumulate: dict(BLOCK_P=32, BLOCK_C=DW_BLOCK_C, ACCUMULATE=accumulate)
-                  for accumulate in (False, True)}
+
+
+@functools.lru_cache(maxsize=None)
+def dw_reduce_plan(programs: int, accumulate: bool, rows: int = 0) -> tuple:
+    """(constexprs, num_warps) of the dw reduction over `programs` partial rows: BLOCK_P
+    partials at a time (at most `rows`, default DW_REDUCE_ROWS) by BLOCK_C columns, one
+    [BLOCK_P, BLOCK_C] tile of at most 8192 fp32 per pass. rows=32 is the reduction up to
+    2026-12-01 (32 x 64, 4 warps: 5 dependent passes over the H200's 132 partials); 256
+    reads them all in one pass (256 x 32, 8 warps)."""
+    block_p = min(rows or DW_REDUCE_ROWS, triton.next_power_of_2(programs))
+    block_c = max(16, min(64, 8192 // block_p))
+    constexprs = dict(BLOCK_P=block_p, BLOCK_C=block_c, ACCUMULATE=accumulate)
+    return constexprs, 8 if block_p * block_c >= 8192 else 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -194,9 +206,11 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
          aligned(dy2), aligned(x2), aligned(weight)), (programs,),
         (dy2, x2, weight, dx, partial, n_rows, n_cols, stride_dy, stride_x, n_cols, eps),
         constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    dw_constexprs, dw_warps = dw_reduce_plan(programs, accumulate)
     _DW_REDUCE.launch(
-        (device, n_cols, dw.dtype, accumulate, aligned(dw)), (_cdiv(n_cols, DW_BLOCK_C),),
-        (partial, dw, programs, n_cols), _DW_CONSTEXPRS[accumulate], num_warps=4)
+        (device, n_cols, dw.dtype, accumulate, aligned(dw), dw_constexprs["BLOCK_P"]),
+        (_cdiv(n_cols, dw_constexprs["BLOCK_C"]),),
+        (partial, dw, programs, n_cols), dw_constexprs, num_warps=dw_warps)
     return dx, None if accumulate else dw
 
 

@@ -87,6 +87,10 @@ BACKWARD_TABLE = {
 }
 
 
+# dw reduction (kernels.rmsnorm.dw_reduce_plan): partial rows summed per pass.
+DW_REDUCE_ROWS = 256
+
+
 @functools.lru_cache(maxsize=None)
 def forward_config(n_cols: int) -> ForwardConfig:
     """The table's entry, else: one row per program for wide rows, short rows share one

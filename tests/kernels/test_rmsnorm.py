@@ -322,3 +322,26 @@ def test_main_grad_accumulation_on_gpu(offset):
     torch.testing.assert_close(tagged.main_grad, expected, rtol=1e-6, atol=1e-5)
     outside = torch.cat([buffer[:offset], buffer[offset + hidden:]])
     assert torch.equal(outside, torch.full_like(outside, 7.0))
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_dw_reduction_passes_agree_with_torch(accumulate):
+    """The dw reduction in 5 passes of 32 partial rows (the old plan) or 1 of 256 (H200's
+    132 partials): both the fp32 sum over partials within fp32 rounding (1e-6 relative,
+    132 terms), each bitwise reproducible; with ACCUMULATE on top of the buffer."""
+    gen = torch.Generator().manual_seed(9)
+    programs, n = 132, 100
+    partial = torch.randn(programs, n, generator=gen).to(DEVICE)
+    start = torch.randn(n, generator=gen).to(DEVICE)
+    expected = partial.double().sum(0) + (start.double() if accumulate else 0)
+    results = []
+    for rows in (32, 256, 256):
+        constexprs, warps = rmsnorm.dw_reduce_plan(programs, accumulate, rows)
+        assert constexprs["BLOCK_P"] == rows and constexprs["BLOCK_P"] * constexprs["BLOCK_C"] <= 8192
+        dw = start.clone()
+        grid = (-(-n // constexprs["BLOCK_C"]),)
+        rmsnorm._dw_reduce_kernel[grid](partial, dw, programs, n, **constexprs, num_warps=warps)
+        assert _relerr(dw, expected) <= 1e-6, rows
+        results.append(dw)
+    assert torch.equal(results[1], results[2])
+    assert not torch.equal(results[0], start)  # it wrote
