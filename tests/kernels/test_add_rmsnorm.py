@@ -140,3 +140,22 @@ def test_an_unused_residual_output_needs_no_zero_gradient():
                                 [torch.zeros_like(h), dy] if explicit_zero else [dy])
         grads.append(leaf.grad)
     assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_dw_reduce_over_several_tiles_of_partials(accumulate):
+    """300 partials (three passes of 128, the last ragged) by 70 columns (three blocks, the
+    last ragged): the float64 column sum within fp32 summation error, into a bf16 output
+    too, the same bits twice; accumulate adds to what the output held."""
+    from kernels.add_rmsnorm import _reduce_dw
+
+    gen = torch.Generator().manual_seed(8)
+    partial = torch.randn(300, 70, generator=gen).to(DEVICE)
+    start = torch.randn(70, generator=gen).to(DEVICE)
+    expected = partial.double().sum(0) + (start.double() if accumulate else 0)
+    runs = [_reduce_dw(partial, start.clone(), accumulate=accumulate) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    torch.testing.assert_close(runs[0].double(), expected, rtol=1e-6, atol=1e-5)
+    bf16 = _reduce_dw(partial, start.to(torch.bfloat16), accumulate=accumulate)
+    assert bf16.dtype == torch.bfloat16 and _relerr(bf16, expected) <= 2 * _BF16_U
+    assert _relerr(_reduce_dw(partial[:128], start.clone(), accumulate=accumulate), expected) > 0.1  # control
