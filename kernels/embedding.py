@@ -12,15 +12,15 @@ profile_diff_mbs1_mbs16_h200_2026-12-01.json) the embedding's backward kernel, i
 and fills took about 6 ms of the mbs 1 step. Here the rows are summed in fp32 and added
 once into `main_grad`, with no bf16 rounding of the micro-batch's gradient.
 
-How, with no host sync and no data-dependent shape (so a CUDA graph can capture it): each
-token's key is `row * n + t` (row = id - vocab_start, or `rows` for an id outside this TP
-rank's range, which sorts last and is skipped), so one sort of unique keys orders the tokens
-by row and, within a row, by position: a fixed order, whatever the sort's stability.
-`_accumulate_rows_kernel` runs one program per sorted token and hidden block; the first
-token of each row sums that row's gradients in that order and adds the sum into `main_grad`
-(no atomics: each row has one writer, so two runs agree bit for bit).
+How, with no host sync and no data-dependent shape (so a CUDA graph can capture it):
+`_keys_kernel` gives each token the key `row * n + t` (row = id - vocab_start, or `rows` for
+an id outside this TP rank's range, which sorts last and is skipped), so one sort of unique
+keys orders the tokens by row and, within a row, by position: a fixed order, whatever the
+sort's stability. `_accumulate_rows_kernel` runs one program per sorted token and hidden
+block; the first token of each row sums that row's gradients in that order and adds the
+sum into `main_grad` (no atomics: each row has one writer, so two runs agree bit for bit).
 
-Layers: `_accumulate_rows_kernel`, the host `accumulate`, `EmbeddingIntoMainGrad` (the
+Layers: `_keys_kernel`, `_accumulate_rows_kernel`, the host `accumulate`, `EmbeddingIntoMainGrad` (the
 lookup forward, megatron's masking, and the backward above), and `VocabParallelEmbedding`,
 megatron's with only the lookup swapped (its reduce or reduce-scatter of the output stays
 megatron's), given to GPTModel's one instance by `fuse_word_embeddings`. As kernels/wgrad.py
@@ -46,26 +46,41 @@ BLOCK_H = 1024  # hidden columns per program: 4 KB of fp32 sum in registers
 
 
 @triton.jit
-def _accumulate_rows_kernel(rows_ptr, tokens_ptr, dy_ptr, main_grad_ptr, n_tokens, n_rows, hidden,
+def _keys_kernel(ids_ptr, keys_ptr, n_tokens, vocab_start, n_rows, BLOCK: tl.constexpr):
+    """keys[t] = row(t) * n + t, row = id - vocab_start, or n_rows (sorts last) outside them."""
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = t < n_tokens
+    local = tl.load(ids_ptr + t, mask=mask, other=0).to(tl.int64) - vocab_start
+    row = tl.where((local >= 0) & (local < n_rows), local, n_rows)
+    tl.store(keys_ptr + t, row * n_tokens + t, mask=mask)
+
+
+@triton.jit
+def _accumulate_rows_kernel(keys_ptr, dy_ptr, main_grad_ptr, n_tokens, n_rows, hidden,
                             seq, stride_b, stride_s, BLOCK_H: tl.constexpr):
     i = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = cols < hidden
-    row = tl.load(rows_ptr + i)
-    previous = tl.load(rows_ptr + i - 1, mask=i > 0, other=-1)
+    key = tl.load(keys_ptr + i)
+    row = key // n_tokens
+    previous = tl.load(keys_ptr + i - 1, mask=i > 0, other=-n_tokens) // n_tokens
     if (row != previous) & (row < n_rows):  # the first token of a row of this rank: its one writer
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)
         j = i
         current = row
         while current == row:  # this row's tokens, in position order (the sort's keys)
-            t = tl.load(tokens_ptr + j)
+            t = key % n_tokens
             offs = (t // seq) * stride_b + (t % seq) * stride_s + cols
             acc += tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             j += 1
-            current = tl.load(rows_ptr + j, mask=j < n_tokens, other=-1)
+            key = tl.load(keys_ptr + j, mask=j < n_tokens, other=-n_tokens)
+            current = key // n_tokens
         out = main_grad_ptr + row * hidden + cols
         total = tl.load(out, mask=mask, other=0.0).to(tl.float32) + acc
         tl.store(out, total.to(main_grad_ptr.dtype.element_ty), mask=mask)
+
+
+KEYS_BLOCK = 1024  # tokens per program of the key kernel
 
 
 def accumulate(dy: torch.Tensor, ids: torch.Tensor, main_grad: torch.Tensor, *, vocab_start: int) -> None:
@@ -73,7 +88,7 @@ def accumulate(dy: torch.Tensor, ids: torch.Tensor, main_grad: torch.Tensor, *, 
 
     dy: [b, s, hidden] (any strides along b and s, unit stride along hidden); ids: [b, s]
     integer token ids of the whole vocabulary; main_grad: [rows, hidden] (fp32 or 16-bit),
-    contiguous, added to in place."""
+    contiguous, added to in place. Four launches: keys, the sort's two, the rows."""
     if dy.shape[:-1] != ids.shape or dy.dim() != 3 or dy.shape[-1] != main_grad.shape[-1]:
         raise ValueError(f"dy {tuple(dy.shape)} does not match ids {tuple(ids.shape)} and "
                          f"main_grad {tuple(main_grad.shape)}")
@@ -85,14 +100,12 @@ def accumulate(dy: torch.Tensor, ids: torch.Tensor, main_grad: torch.Tensor, *, 
     n_tokens = ids.numel()
     if not n_tokens:
         return
-    local = ids.reshape(-1).to(torch.int64) - vocab_start
-    valid = (local >= 0) & (local < n_rows)
-    position = torch.arange(n_tokens, device=ids.device, dtype=torch.int64)
-    keys = torch.where(valid, local, n_rows) * n_tokens + position
+    ids = ids if ids.is_contiguous() else ids.contiguous()
+    keys = torch.empty(n_tokens, dtype=torch.int64, device=ids.device)
+    _keys_kernel[(triton.cdiv(n_tokens, KEYS_BLOCK),)](ids, keys, n_tokens, vocab_start, n_rows, BLOCK=KEYS_BLOCK)
     keys = torch.sort(keys).values  # unique keys: the order is fixed, stable or not
-    rows, tokens = keys // n_tokens, keys % n_tokens
     grid = (n_tokens, triton.cdiv(hidden, BLOCK_H))
-    _accumulate_rows_kernel[grid](rows, tokens, dy, main_grad, n_tokens, n_rows, hidden,
+    _accumulate_rows_kernel[grid](keys, dy, main_grad, n_tokens, n_rows, hidden,
                                   ids.shape[1], dy.stride(0), dy.stride(1), BLOCK_H=BLOCK_H, num_warps=4)
 
 
