@@ -111,7 +111,14 @@ elif [ "$MODE" = h200-extras ]; then
     python3 -m pytest -q -p no:cacheprovider -m cuda "$file" \
       || { echo "== CUDA test failed: $file; the h200 call runs with $*"; echo "$*" >> /tmp/h200_overrides; }
   }
-  for t in ${H200_CUDA_TESTS:-adamw add_rmsnorm swiglu fused_ce qkv_grad wgrad embedding}; do
+  # One pytest process for all of them first (each process pays ~10 s of start-up and
+  # imports); only if it fails, each file again on its own to find which fusion goes off.
+  H200_CUDA_TESTS=${H200_CUDA_TESTS:-adamw add_rmsnorm swiglu fused_ce qkv_grad wgrad embedding rmsnorm}
+  files=$(for t in $H200_CUDA_TESTS; do case $t in qkv_grad) echo tests/kernels/test_megatron_attention.py ;;
+    rmsnorm) echo tests/kernels/test_rmsnorm.py tests/kernels/test_megatron_norm.py ;;
+    *) echo tests/kernels/test_$t.py ;; esac; done)
+  python3 -m pytest -q -p no:cacheprovider -m cuda $files && H200_CUDA_TESTS=""
+  for t in $H200_CUDA_TESTS; do
     case $t in
       adamw) cuda_test tests/kernels/test_adamw.py layout.optimizer_step=megatron ;;
       add_rmsnorm) cuda_test tests/kernels/test_add_rmsnorm.py layout.add_norm=megatron ;;
@@ -121,6 +128,8 @@ elif [ "$MODE" = h200-extras ]; then
       qkv_grad) cuda_test tests/kernels/test_megatron_attention.py::test_gpu_fused_qkv_grad_matches_at_llama_shape \
         layout.qkv_grad=megatron ;;
       embedding) cuda_test tests/kernels/test_embedding.py layout.embedding_grad=megatron ;;
+      rmsnorm) cuda_test tests/kernels/test_rmsnorm.py layout.norm=torch
+        cuda_test tests/kernels/test_megatron_norm.py layout.norm=torch ;;
     esac
   done
   h200_peer
