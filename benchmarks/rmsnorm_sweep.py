@@ -92,25 +92,29 @@ def forward_candidates(n_cols):
 def backward_candidates(n_cols):
     """Warps, prefetch, Triton's pipelining (num_stages) instead of the hand prefetch,
     rows per tile, two programs per SM; each with the row split and unsplit where
-    ours.column_blocks would split it."""
+    ours.column_blocks would split it; chunked rows where chunks divide the row."""
     default = ours.backward_config(n_cols)
-    seen = {default}
+    # The one-block family around the default (its block form where the default is chunked)
+    base = default._replace(chunk=0, weight_in_registers=True,
+                            programs_per_sm=1 if default.chunk else default.programs_per_sm)
+    seen = {base}
     for warps in (8, 16, 32):
         for prefetch in (False, True):
-            seen.add(default._replace(num_warps=warps, prefetch=prefetch))
+            seen.add(base._replace(num_warps=warps, prefetch=prefetch))
         for stages in (2, 3):
-            seen.add(default._replace(num_warps=warps, prefetch=False, num_stages=stages))
-    for block_m in {max(1, default.block_m // 2), 2 * default.block_m}:
-        seen.add(default._replace(block_m=block_m))
-        seen.add(default._replace(block_m=block_m, prefetch=False, num_stages=2))
-    seen.add(default._replace(programs_per_sm=2))
-    seen.add(default._replace(programs_per_sm=2, prefetch=False))
+            seen.add(base._replace(num_warps=warps, prefetch=False, num_stages=stages))
+    for block_m in {max(1, base.block_m // 2), 2 * base.block_m}:
+        seen.add(base._replace(block_m=block_m))
+        seen.add(base._replace(block_m=block_m, prefetch=False, num_stages=2))
+    seen.add(base._replace(programs_per_sm=2))
+    seen.add(base._replace(programs_per_sm=2, prefetch=False))
     if ours.column_blocks(n_cols)[1]:
         seen |= {cfg._replace(split=not cfg.split) for cfg in seen}
-    # Chunked rows (no masked lanes, no layout conversion): registers per thread (Triton
-    # 3.6, sm_90, compiled offline for 5120 x 1024) set programs per SM: 8 warps with w in
-    # registers 177, 8 warps reloading w 128 (2 programs fit), 16 warps 100, 4 warps
-    # reloading w without prefetch 166 (3 fit).
+    seen.add(default)
+    # Chunked rows (no masked lanes, no layout conversion): registers per thread set
+    # programs per SM (H200, 5120 x 1024, rmsnorm_h200_2026-12-01_chunked.json): 4 warps
+    # reloading w 243 with prefetch (2 fit: 3.30 TB/s, the best), 166 without (3 fit:
+    # 3.23); 8 warps with w in registers 177 (3.09), reloading w 128 (2 fit: 3.11).
     B = ours.BackwardConfig
     for chunk in _chunk_widths(n_cols):
         seen |= {B(1, 8, 1, True, chunk=chunk), B(1, 16, 1, True, chunk=chunk),

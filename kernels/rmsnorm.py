@@ -16,11 +16,13 @@ rstd recomputed in the backward from x (which it reads anyway) instead of stored
 dw partial buffer kept between calls (not while a CUDA graph is being captured): a call
 allocates only its outputs (y forward; dx and dw backward).
 
-H200, bf16 (benchmarks/results/rmsnorm_h200_2026-12-01.json; shapes 16384x4096,
-32768x8192, 8192x5120): GPU time fwd 0.93/0.95/0.92x a copy of x, fwd+bwd 0.91/0.92/0.85x,
-1.16/1.13/1.36x the best peer (torch.compile, liger); host included (do_bench) fwd+bwd
-1.67/2.06/1.72x F.rms_norm. The backward is bound by bytes in flight: one program per SM
-holds its tile and the prefetched next one in registers (0.79-0.90x copy).
+H200, bf16 (benchmarks/results/rmsnorm_h200_2026-12-01_chunked.json, commit 3a2a2f2;
+shapes 16384x4096, 32768x8192, 8192x5120): GPU time fwd 0.95/0.96/0.94x a copy of x,
+fwd+bwd 0.92/0.93/0.90x, 1.17/1.13/1.45x the best peer (torch.compile, liger, liger); host
+included (do_bench) fwd+bwd 1.65/2.06/1.33x F.rms_norm. The backward is bound by bytes in
+flight: each program holds its tile and the prefetched next one in registers (0.87-0.91x
+copy); at 5120 the row as five 1024-column chunks frees the registers an 8192-lane block
+wastes, so two programs fit per SM.
 
 Three layers, as in Liger-Kernel and the Triton layer-norm tutorial:
   * private @triton.jit kernels in kernels/rmsnorm_kernels.py (row tiles forward; a

@@ -71,23 +71,27 @@ def chunks(n_cols: int, chunk: int) -> tuple:
 
 
 # Tuned launch configurations: the winners of the launch sweep of bench_rmsnorm --tune on
-# the H200, bf16 (benchmarks/results/rmsnorm_h200_2026-12-01.json, GPU time), which timed
-# them as the defaults. Forward: the first five configs at each size lie within 1% (e.g.
-# 4096: (4, 4) and (4, 16) both 3.695 TB/s). Other sizes use the heuristics below.
+# the H200, bf16 (benchmarks/results/rmsnorm_h200_2026-12-01_chunked.json, commit 3a2a2f2,
+# GPU time, TB/s of the bytes a fused kernel must move), which timed them as the defaults.
+# Forward: the top configs at each size lie within 1-2% (4096: (4, 16) 3.71, (4, 4) 3.66;
+# 8192: (1, 16) 4.02, (1, 4) 3.99); no persistent forward won anywhere (8192: 3.66 against
+# 4.02). Backward at 5120: the 1024-wide chunks (243 registers at 4 warps, 2 programs per
+# SM, w reloaded) 3.30 against 3.06 for the 8192-lane block (255 registers, 8 warps).
+# Other sizes use the heuristics below.
 FORWARD_TABLE = {
-    4096: ForwardConfig(4, 4),
-    5120: ForwardConfig(1, 4),  # split 4096 + 1024: 3.51 TB/s, unsplit 3.48
-    8192: ForwardConfig(1, 4),
+    4096: ForwardConfig(4, 16),
+    5120: ForwardConfig(1, 4, chunk=1024),  # 5 x 1024: 3.55; split 4096 + 1024: 3.51
+    8192: ForwardConfig(1, 16),
 }
 BACKWARD_TABLE = {
-    4096: BackwardConfig(2, 16, 1, prefetch=True),
-    # unsplit: with the 1024-column tail (4-byte loads a thread) 2.59 TB/s against 3.01
-    5120: BackwardConfig(1, 8, 1, prefetch=True, split=False),
-    8192: BackwardConfig(1, 16, 1, prefetch=True),
+    4096: BackwardConfig(2, 16, 1, prefetch=True),  # 3.53
+    5120: BackwardConfig(1, 4, 2, prefetch=True, chunk=1024, weight_in_registers=False),
+    8192: BackwardConfig(1, 16, 1, prefetch=True),  # 3.80
 }
 
-
-# dw reduction (kernels.rmsnorm.dw_reduce_plan): partial rows summed per pass.
+# dw reduction (kernels.rmsnorm.dw_reduce_plan): partial rows summed per pass. Same run,
+# the reduction alone over 132 partials (L2 flushed): 256 rows 6.5-7.4 us, 32 rows (the
+# plan before) 8.6-9.5 us, at H = 4096, 5120, 8192.
 DW_REDUCE_ROWS = 256
 
 
