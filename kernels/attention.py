@@ -24,6 +24,15 @@ compiles on sm_90 (Triton 3.6) but is slower for the forward (320 vs 361) and dK
 only for dQ. The dK/dV kernel (the backward's bottleneck, TFLOP/s counted at its share of
 the FLOPs: 285-329) sits at 206-255 registers; its 64x128 tiles spill. deterministic=False
 (atomic dQ, 5 block matmuls instead of 7) is slower, 0.76-0.88x fwd+bwd: more registers, spills.
+Overlap variants, timed on vs off in one tuner call (H200, Triton 3.6, 2026-12-01, tree
+de1c83e; attention_tune_h200_2026-12-01_v2.json; TFLOP/s at 8x16x2048 / 4x32x4096, d=128):
+forward PIPELINE 298/363 vs plain 362/461: ptxas serialized every wgmma of that build (C7515,
+"non wgmma instructions defining accumulator registers"), caused by the scf.if that guarded
+the pipelined segment; the guard is gone since (no C7515 from Triton 3.6's ptxas on CPU), not
+yet timed. SUBTILE 228/263 (8 warps: each 64-row half spread over both warpgroups, N-split
+layouts and P converted through shared memory) or 278/350 (4 warps: 255 registers, spills);
+it wins only at d=64 (281 vs 276). Backward DEFER: dK/dV 260/314 vs 272/311, dQ 323/406 vs
+412/432 (the previous block's K or Q tile is loaded a second time per iteration).
 
 Dtypes: fp16 and bf16 (fp32 too: on a GPU its dots run as tf32). Head dims: powers
 of two from 16 to 256 (64 and 128 tuned). Any sequence length; rows past the last
@@ -47,8 +56,15 @@ from kernels.attention_fwd import launch_forward
 # (bf16, causal; benchmarks/results/attention_tune_h200_2026-12-01.json). "tma": load tiles
 # through tensor descriptors (sm_90+, when the strides allow); "WARP_SPEC": Triton's warp
 # specialization of the inner loop (compiles on sm_90 with Triton 3.6; it won only for dQ).
+# Variants (kernel flags, each timed on vs off by the tuner): forward "PIPELINE" (block j-1's
+# P V issued after block j's S and left in flight under block j's softmax) and "SUBTILE" (two
+# 64-row query halves in turn, one's softmax under the other's P V); dK/dV and dQ "DEFER"
+# (each block's dK += dS^T Q or dQ += dS K issued one iteration late, under the next exp2);
+# "maxnreg" caps registers per thread.
 FWD_CONFIGS = {
-    64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, tma=False),
+    # SUBTILE at d=64: 281 vs 276 TFLOP/s for the plain 8-warp kernel in the same tuner call
+    # (attention_tune_h200_2026-12-01_v2.json), a margin inside the run-to-run spread.
+    64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4, tma=False, SUBTILE=True),
     128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma=False),
 }
 DKDV_CONFIGS = {

@@ -20,6 +20,10 @@ Q K^T and dO V^T in both kernels: 7 block matmuls instead of 5.
 dQ_i += scale * dS_ij K_j and adds it into an fp32 [b, s, hq, d] buffer with atomics (as
 FlashAttention-2 does), so no dQ kernel runs; the order of those fp32 additions varies from
 run to run, hence so do dQ's last bits. Reference: Dao, "FlashAttention-2" (2023), Algorithm 2.
+
+DEFER (a config flag of either kernel, deterministic path only) issues each unmasked block's
+dK += dS^T Q (or dQ += dS K) one iteration late, after the next block's S dot, so that wgmma
+runs under the next exp2; the previous block's Q (or K) tile is loaded again for it.
 """
 
 from __future__ import annotations
@@ -69,12 +73,15 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dq_ptr, offs_n,
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_rows(q_src, start_m, seqlen, stride_qs, stride_qd, BLOCK_M, HEAD_DIM,
                        USE_TMA, EVEN)
+        lse2 = _load_lse2(lse_ptr, offs_m, seqlen, EVEN)
         qk_t = _dot(k, tl.trans(q), None, DOT_F32)  # [BLOCK_N, BLOCK_M]
-        p_t, delta = _dkdv_p(qk_t, lse_ptr, delta_ptr, offs_m, offs_n, seqlen, qk_scale2, MASK,
-                             EVEN)
+        p_t = tl.math.exp2(qk_t * qk_scale2 - lse2[None, :])
+        if MASK:
+            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
         do = _load_rows(do_src, start_m, seqlen, stride_gs, stride_gd, BLOCK_M, HEAD_DIM,
                         USE_TMA, EVEN)
         dv = _dot(p_t.to(do.dtype), do, dv, DOT_F32)
+        delta = _load_delta(delta_ptr, offs_m, seqlen, EVEN)
         dp_t = _dot(v, tl.trans(do), None, DOT_F32)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
         dk = _dot(ds_t, q, dk, DOT_F32)
@@ -110,8 +117,8 @@ def _dkdv_inner_deferred(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, offs_n
             q_prev = _load_rows(q_src, tl.maximum(start_m - BLOCK_M, lo), seqlen, stride_qs,
                                 stride_qd, BLOCK_M, HEAD_DIM, USE_TMA, EVEN)
             dk = _dot(ds_t.to(q.dtype), q_prev, dk, DOT_F32)
-            p_t, delta = _dkdv_p(qk_t, lse_ptr, delta_ptr, offs_m, offs_n, seqlen, qk_scale2,
-                                 False, EVEN)
+            p_t = tl.math.exp2(qk_t * qk_scale2 - _load_lse2(lse_ptr, offs_m, seqlen, EVEN)[None, :])
+            delta = _load_delta(delta_ptr, offs_m, seqlen, EVEN)
             do = _load_rows(do_src, start_m, seqlen, stride_gs, stride_gd, BLOCK_M, HEAD_DIM,
                             USE_TMA, EVEN)
             dv = _dot(p_t.to(do.dtype), do, dv, DOT_F32)
@@ -124,21 +131,23 @@ def _dkdv_inner_deferred(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, offs_n
 
 
 @triton.jit
-def _dkdv_p(qk_t, lse_ptr, delta_ptr, offs_m, offs_n, seqlen, qk_scale2, MASK: tl.constexpr,
-            EVEN: tl.constexpr):
-    """P^T [BLOCK_N, BLOCK_M] of one query block from its scores, and that block's delta."""
+def _load_lse2(lse_ptr, offs_m, seqlen, EVEN: tl.constexpr):
+    """The forward's LSE of rows offs_m in base 2; +inf past the end makes their P exactly 0."""
     if EVEN:
         lse2 = tl.load(lse_ptr + offs_m) * 1.4426950408889634  # log2 e
-        delta = tl.load(delta_ptr + offs_m)
     else:
-        # +inf for rows past the end makes their probabilities exactly 0.
         lse2 = tl.load(lse_ptr + offs_m, mask=offs_m < seqlen, other=float("inf"))
         lse2 = lse2 * 1.4426950408889634  # log2 e
+    return lse2
+
+
+@triton.jit
+def _load_delta(delta_ptr, offs_m, seqlen, EVEN: tl.constexpr):
+    if EVEN:
+        delta = tl.load(delta_ptr + offs_m)
+    else:
         delta = tl.load(delta_ptr + offs_m, mask=offs_m < seqlen, other=0.0)
-    p_t = tl.math.exp2(qk_t * qk_scale2 - lse2[None, :])
-    if MASK:
-        p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
-    return p_t, delta
+    return delta
 
 
 @triton.jit

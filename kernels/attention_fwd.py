@@ -16,6 +16,11 @@ zero-filled on load and never stored.
 Tensors are [b, s, h, d] with any strides (d must be the unit stride for the
 tensor-descriptor path). Key/value head `h // group` serves query head `h`.
 Reference: Dao, "FlashAttention-2" (2023), Algorithm 1; Triton's fused-attention tutorial.
+
+Variants (config flags, off by default except where kernels/attention.py's tables say):
+PIPELINE defers each unmasked block's P V by one iteration so the next block's softmax runs
+while that wgmma is in flight (FA3's intra-warpgroup overlap, Shah et al. 2024, sec. 3.2);
+SUBTILE splits the query tile into two halves whose softmax and P V alternate.
 """
 
 from __future__ import annotations
@@ -135,29 +140,36 @@ def _fwd_inner_pipelined(acc, l_i, m_i, q, k_src, v_src, offs_m, lo, hi, seqlen,
     after issuing it unless its only in-loop consumers are other dots' accumulators or come
     after a wait-0 (WGMMAPipeline.cpp, dotCanBeProperlyAsync); a carried S fails that, the
     P V accumulator here passes (its rescale follows the S_j dot's wait)."""
-    if lo < hi:
-        k = _load_rows(k_src, lo, seqlen, stride_ks, stride_kd, BLOCK_N, HEAD_DIM, USE_TMA,
-                       True)
-        qk = _dot(q, tl.trans(k), None, DOT_F32)
-        p, alpha, l_i, m_i = _softmax_update(l_i, m_i, qk, offs_m, lo, seqlen, qk_scale2,
+    # No `if lo < hi` around this: an scf.if joining the accumulator makes ptxas serialize
+    # every wgmma of the kernel (C7515, seen with Triton 3.6's ptxas). An empty segment instead
+    # runs the prologue on block lo (masked loads, in bounds or zero-filled) with P zeroed
+    # and l, m kept, and the epilogue then adds that zero P.
+    has = lo < hi
+    k = _load_rows(k_src, lo, seqlen, stride_ks, stride_kd, BLOCK_N, HEAD_DIM, USE_TMA, False)
+    qk = _dot(q, tl.trans(k), None, DOT_F32)
+    p, alpha, l_new, m_new = _softmax_update(l_i, m_i, qk, offs_m, lo, seqlen, qk_scale2,
                                              BLOCK_N, False, False, NO_SOFTMAX)
-        for start_n in tl.range(lo + BLOCK_N, hi, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            k = _load_rows(k_src, start_n, seqlen, stride_ks, stride_kd, BLOCK_N, HEAD_DIM,
-                           USE_TMA, True)
-            qk = _dot(q, tl.trans(k), None, DOT_F32)
-            acc = acc * alpha[:, None]
-            v = _load_rows(v_src, start_n - BLOCK_N, seqlen, stride_vs, stride_vd, BLOCK_N,
-                           HEAD_DIM, USE_TMA, True)
-            acc = _dot(p.to(v.dtype), v, acc, DOT_F32)
-            # Block j's softmax, under block j-1's P V; its rescale of acc waits for the next
-            # iteration (or the epilogue), after that P V has landed.
-            p, alpha, l_i, m_i = _softmax_update(l_i, m_i, qk, offs_m, start_n, seqlen,
-                                                 qk_scale2, BLOCK_N, False, False, NO_SOFTMAX)
-        acc = acc * alpha[:, None]
-        v = _load_rows(v_src, hi - BLOCK_N, seqlen, stride_vs, stride_vd, BLOCK_N, HEAD_DIM,
+    p = tl.where(has, p, 0.0)
+    alpha = tl.where(has, alpha, 1.0)
+    l_i = tl.where(has, l_new, l_i)
+    m_i = tl.where(has, m_new, m_i)
+    for start_n in tl.range(lo + BLOCK_N, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k = _load_rows(k_src, start_n, seqlen, stride_ks, stride_kd, BLOCK_N, HEAD_DIM,
                        USE_TMA, True)
+        qk = _dot(q, tl.trans(k), None, DOT_F32)
+        acc = acc * alpha[:, None]
+        v = _load_rows(v_src, start_n - BLOCK_N, seqlen, stride_vs, stride_vd, BLOCK_N,
+                       HEAD_DIM, USE_TMA, True)
         acc = _dot(p.to(v.dtype), v, acc, DOT_F32)
+        # Block j's softmax, under block j-1's P V; its rescale of acc waits for the next
+        # iteration (or the epilogue), after that P V has landed.
+        p, alpha, l_i, m_i = _softmax_update(l_i, m_i, qk, offs_m, start_n, seqlen,
+                                             qk_scale2, BLOCK_N, False, False, NO_SOFTMAX)
+    acc = acc * alpha[:, None]
+    v = _load_rows(v_src, tl.maximum(hi - BLOCK_N, lo), seqlen, stride_vs, stride_vd, BLOCK_N,
+                   HEAD_DIM, USE_TMA, False)
+    acc = _dot(p.to(v.dtype), v, acc, DOT_F32)
     return acc, l_i, m_i
 
 
@@ -299,6 +311,8 @@ def launch_forward(q, k, v, o, lse, *, causal, softmax_scale, config, use_tma):
     """Run the forward kernel: fills o [b, s, hq, d] (any strides) and lse [b, hq, s] fp32."""
     batch, seqlen, num_heads, head_dim = q.shape
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
+    if config.get("PIPELINE") and config.get("SUBTILE"):
+        raise ValueError("PIPELINE and SUBTILE are separate forward variants: pick one")
     grid = (batch * num_heads, triton.cdiv(seqlen, block_m))
     _fwd_kernel[grid](
         q, k, v, o, lse,

@@ -218,11 +218,13 @@ def _lse_reference(q, k, *, causal, scale):
 
 
 @pytest.mark.parametrize("variant", FWD_VARIANTS, ids=lambda v: "-".join(sorted(v)))
-@pytest.mark.parametrize("causal, s", [(True, 37), (True, 64), (False, 37), (False, 64)])
+@pytest.mark.parametrize("causal, s", [(True, 37), (True, 64), (False, 37), (False, 64),
+                                       (False, 5)])
 def test_forward_variants_match_float64(variant, causal, s):
     # 32-row query blocks over 8-row key blocks: up to 7 unmasked blocks before the diagonal
     # (the pipelined loop's prologue, steady state and epilogue), the first query block with
-    # none (its pipelined segment is empty), s = 37 a partial last block; GQA 4/2.
+    # none (its pipelined segment is empty; so is the whole-block segment at s = 5), s = 37
+    # a partial last block; GQA 4/2.
     q, k, v = (t.detach() for t in _inputs(2, s, 4, 2, 32, torch.float32, seed=s))
     config = dict(INTERPRETER_CONFIG, BLOCK_M=32, BLOCK_N=8, **variant)
     out, lse = attention_forward(q, k, v, causal=causal, softmax_scale=0.3, config=config)
@@ -248,6 +250,13 @@ def test_forward_variants_bf16_match_the_plain_kernel(variant):
     base, _ = attention_forward(q, k, v, causal=True, softmax_scale=0.125, config=plain)
     assert _relerr(out, ref) < TOLERANCE[torch.bfloat16]
     assert _relerr(out, base.double()) < 1e-2
+
+
+def test_forward_refuses_both_variants_at_once():
+    q = torch.zeros(1, 16, 1, 32)
+    with pytest.raises(ValueError, match="PIPELINE and SUBTILE"):
+        attention_forward(q, q, q, causal=True, softmax_scale=1.0,
+                          config=dict(INTERPRETER_CONFIG, PIPELINE=True, SUBTILE=True))
 
 
 @pytest.mark.parametrize("causal, s", [(True, 37), (True, 64), (False, 37), (False, 64)])
@@ -322,11 +331,10 @@ def test_gpu_backward_is_deterministic():
                                                     (128, 1024, 4, 4, False),
                                                     (64, 777, 4, 1, True)])
 def test_gpu_forward_variants_match_float64(variant, d, s, hq, hkv, causal):
-    from kernels.attention import FWD_CONFIGS
-
     q, k, v = (t.detach() for t in _inputs(2, s, hq, hkv, d, torch.bfloat16, device="cuda",
                                             seed=s + d))
-    config = dict(FWD_CONFIGS[d], **variant)
+    # the tuned blocks of the plain kernel, the variant on top
+    config = {**dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma=False), **variant}
     out, lse = attention_forward(q, k, v, causal=causal, softmax_scale=d ** -0.5, config=config)
     ref = attention_reference(q, k, v, causal=causal, softmax_scale=d ** -0.5)
     assert _relerr(out, ref) < TOLERANCE[torch.bfloat16]
