@@ -13,6 +13,8 @@
 #    tuner's compile workers for fwd, dK/dV and dQ (plain and PIPELINE/SUBTILE/DEFER variants,
 #    timed on vs off), then the tuner's timing; winners to /tmp and $OUT.
 # attention-2: flash-attn-4 installed, bench_attention with those winners against it and SDPA.
+# attention-fwd (carry .whl; ~1.5 min): the forward's tuner alone (plain, PIPELINE, SUBTILE and
+#    the no-softmax diagnostic, on vs off), e.g. to time a forward change before a full pair.
 #
 # 1: CUDA kernel tests beside the attention tuner's compile workers, then the tuner's timing
 #    (winners kept in /tmp for call 2) and the RMSNorm benchmark.
@@ -54,6 +56,14 @@ elif [ "$step" = attention-1 ]; then
     --out "$OUT/attention_tune_h200.json" --winners-out /tmp/attention_winners.json >> "$OUT/tune.log" 2>&1
   echo "tune rc=$?"; grep -E "^compiled|^winners" "$OUT/tune.log"
   cp /tmp/attention_winners.json "$OUT/" 2>/dev/null
+elif [ "$step" = attention-fwd ]; then
+  . benchmarks/gpu_env.sh || exit 1
+  timeout 90 python -m benchmarks.tune_attention --compile-only --kinds fwd,fwd_nosoftmax \
+    --workers 12 --out /tmp/fwd_compiled.json > "$OUT/tune_fwd.log" 2>&1
+  echo "compile rc=$?"
+  timeout 60 python -m benchmarks.tune_attention --compiled /tmp/fwd_compiled.json \
+    --kinds fwd,fwd_nosoftmax --out "$OUT/attention_tune_fwd_h200.json" >> "$OUT/tune_fwd.log" 2>&1
+  echo "tune rc=$?"; grep -E "^compiled|^winners" "$OUT/tune_fwd.log"
 elif [ "$step" = attention-2 ]; then
   . benchmarks/gpu_env.sh fa4-2 || exit 1
   winners=(); [ -f /tmp/attention_winners.json ] && winners=(--configs /tmp/attention_winners.json)
