@@ -66,11 +66,12 @@ MODEL_SCOPE = "model"
 CATEGORY_SCOPES = ("attention", "norm", "optimizer", "dp_comm", "pp_comm", "tp_comm")
 BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
 
-# Our Triton kernels (kernels/attention_fwd.py, attention_bwd.py, rmsnorm.py, add_rmsnorm.py)
-# by their @triton.jit names, which are their CUDA names (older Triton appends a signature:
-# _0d1d2de). The residual add fused into RMSNorm counts as norm time.
+# Our Triton kernels (kernels/attention_fwd.py, attention_bwd.py, rmsnorm_kernels.py,
+# add_rmsnorm.py) by their @triton.jit names, which are their CUDA names (older Triton
+# appends a signature: _0d1d2de). The residual add fused into RMSNorm counts as norm time.
 TRITON_ATTENTION_KERNELS = ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel", "_delta_kernel")
 TRITON_NORM_KERNELS = ("_forward_kernel", "_backward_kernel", "_dw_reduce_kernel",
+                       "_forward_chunked_kernel", "_backward_chunked_kernel",
                        "_add_norm_fwd_kernel", "_add_norm_bwd_kernel")
 
 

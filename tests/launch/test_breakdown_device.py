@@ -57,6 +57,7 @@ ALLREDUCE = "ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<40
     ("_forward_kernel", "norm"),
     ("_backward_kernel", "norm"),
     ("_dw_reduce_kernel", "norm"),
+    ("_backward_chunked_kernel", "norm"),
     ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>(int, float)",
      "norm"),
     ("void at::native::(anonymous namespace)::GammaBetaBackwardCUDAKernel<c10::BFloat16, float>()", "norm"),
@@ -81,13 +82,14 @@ def test_kernel_names(name, expected):
     assert name_category(name) == expected
 
 
-def _triton_launches(path: Path) -> set[str]:
-    """Names of the @triton.jit functions a file launches (`kernel[grid](...)`, or wrapped in
-    kernels.fast_launch's `CachedLaunch(kernel)`)."""
-    tree = ast.parse(path.read_text())
-    jitted = {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+def _triton_launches(*paths: Path) -> set[str]:
+    """Names of the @triton.jit functions these files define and launch (`kernel[grid](...)`,
+    or wrapped in kernels.fast_launch's `CachedLaunch(kernel)`), the kernels and their
+    launcher possibly in different files."""
+    trees = [ast.parse(path.read_text()) for path in paths]
+    jitted = {f.name for tree in trees for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
               and any("jit" in ast.unparse(d) for d in f.decorator_list)}
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    calls = [n for tree in trees for n in ast.walk(tree) if isinstance(n, ast.Call)]
     launched = {n.func.value.id for n in calls
                 if isinstance(n.func, ast.Subscript) and isinstance(n.func.value, ast.Name)}
     cached = {a.id for n in calls if isinstance(n.func, ast.Name) and n.func.id == "CachedLaunch"
@@ -97,11 +99,13 @@ def _triton_launches(path: Path) -> set[str]:
 
 def test_our_triton_kernel_names_are_known():
     attention = _triton_launches(KERNELS / "attention_fwd.py") | _triton_launches(KERNELS / "attention_bwd.py")
-    norm = _triton_launches(KERNELS / "rmsnorm.py") | _triton_launches(KERNELS / "add_rmsnorm.py")
+    norm = (_triton_launches(KERNELS / "rmsnorm.py", KERNELS / "rmsnorm_kernels.py")
+            | _triton_launches(KERNELS / "add_rmsnorm.py"))
     assert attention == set(TRITON_ATTENTION_KERNELS)
     assert norm == set(TRITON_NORM_KERNELS)
+    ours = ("attention_fwd.py", "attention_bwd.py", "rmsnorm.py", "rmsnorm_kernels.py", "add_rmsnorm.py")
     for path in KERNELS.glob("*.py"):  # no other kernel of ours may take one of these names
-        if path.name not in ("attention_fwd.py", "attention_bwd.py", "rmsnorm.py", "add_rmsnorm.py"):
+        if path.name not in ours:
             assert not _triton_launches(path) & (attention | norm), path.name
 
 
