@@ -16,7 +16,10 @@ that folder's `check_args.py` (parse_args + validate_args) and `run.sh`:
   multiple (`--make-vocab-size-divisible-by d`, times tp) must divide V so no row is added;
 - the kernels through `--spec kernels.megatron_lm_spec NAME` (that module's docstring), with
   this repository on PYTHONPATH. Our attention kernels apply RoPE themselves, so with them
-  Megatron-LM's own RoPE is off (`--position-embedding-type none`), as in our trials.
+  Megatron-LM's own RoPE is off (`--position-embedding-type none`), as in our trials. NAME
+  always ends in `_wgrad_fusion`: every GPU trial runs kernels/wgrad.py's linears (where
+  kernels.wgrad.available("cuda")), and Megatron-LM, which needs CUDA, takes them through the
+  spec with megatron-core's own DDP; Megatron-LM's --gradient-accumulation-fusion stays off.
 
 What the trials set is read from `launch/model.py` (TransformerConfig, GPTModel) and
 `launch/gpu_trial.py` (DDP, optimizer); tests/analysis/test_megatron_args.py holds the
@@ -149,7 +152,8 @@ def _kernel_args(layout: Layout) -> list[str]:
             "--transformer-impl", "local", "--no-rope-fusion", "--no-gradient-accumulation-fusion",
             "--no-masked-softmax-fusion", "--no-persist-layer-norm",
             "--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "native",
-            "--spec", SPEC_MODULE, spec_name(layout.attention, layout.norm, layout.swiglu, layout.add_norm)]
+            "--spec", SPEC_MODULE, spec_name(layout.attention, layout.norm, layout.swiglu, layout.add_norm,
+                                             layout.qkv_grad, wgrad_fusion=True)]
     if layout.swiglu == "triton":
         # megatron's MLP calls a spec'd activation module only with this flag (launch/model.py).
         args += ["--use-te-activation-func", "--no-bias-swiglu-fusion"]
@@ -180,10 +184,6 @@ def _notes(layout: Layout, world_size: int) -> list[str]:
         notes.append("our trials also fuse each layer's MLP residual add with the next layer's input norm "
                      "(kernels.megatron_layer.link_layers, after the model is built); Megatron-LM builds the "
                      "model itself, so only the spec's in-layer add + pre-MLP norm is fused")
-    if layout.qkv_grad == "fused":
-        notes.append("our trials write the query, key and value gradients into one buffer in the RoPE "
-                     "backward (kernels/rope.py); the spec Megatron-LM builds keeps megatron's split, "
-                     "whose backward concatenates them")
     if layout.grad_buffer == "overwrite":
         notes.append("our trials skip zeroing the linears' fp32 gradients at one micro-batch per step "
                      "(their weight-gradient GEMMs overwrite them, kernels/wgrad.py); Megatron-LM zeroes "
@@ -195,9 +195,12 @@ def _notes(layout: Layout, world_size: int) -> list[str]:
     if layout.optimizer_step == "flat":
         notes.append("our trials' optimizer step skips megatron's per-tensor passes (launch/flat_step.py); "
                      "Megatron-LM has no such setting, so this runs megatron's own step")
-    notes.append("our trials' weight-gradient GEMMs accumulate into fp32 (kernels/wgrad.py); Megatron-LM's "
-                 "--gradient-accumulation-fusion needs Apex or Transformer Engine, so "
-                 "--no-gradient-accumulation-fusion")
+    output = "the fused loss adds the output layer's" if layout.loss == "fused" else \
+        "kernels.wgrad.fuse_output_layer swaps in the output layer's"
+    notes.append("the layers' weight-gradient GEMMs accumulate into DDP's fp32 main_grad through the spec "
+                 "(_wgrad_fusion, kernels/wgrad.py, as on every GPU trial; --gradient-accumulation-fusion "
+                 "stays off: Megatron-LM's means Apex); GPTModel builds the output layer from megatron's "
+                 f"class, so here DDP adds its bf16 gradient (in our trials {output} after the build)")
     notes.append("our trials step torch's fused Adam (launch/gpu_trial.py); Megatron-LM without Apex or "
                  "Transformer Engine steps torch's multi-tensor AdamW, and no flag changes that")
     notes.append("--mock-data and NullTokenizer stand in for the trials' synthetic tokens; for real data give "
@@ -256,7 +259,8 @@ def megatron_core_kwargs(model: ModelConfig, layout: Layout, *, world_size: int)
     gpt = {"config": "config",
            "transformer_layer_spec": (f"kernels.layer_spec.block_spec(config, attention={layout.attention!r}, "
                                       f"norm={layout.norm!r}, rope_base={ROPE_BASE}, swiglu={layout.swiglu!r}, "
-                                      f"add_norm={layout.add_norm!r}, wgrad_fusion=True)"),
+                                      f"add_norm={layout.add_norm!r}, qkv_grad={layout.qkv_grad!r}, "
+                                      "wgrad_fusion=True)"),
            "vocab_size": model.vocab_size, "max_sequence_length": model.seq_length,
            "parallel_output": True, "share_embeddings_and_output_weights": False,
            "position_embedding_type": rope, "rotary_base": ROPE_BASE}

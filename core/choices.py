@@ -50,10 +50,14 @@ FUSION_TAGS = {"swiglu": "swiglu", "loss": "loss", "optimizer_step": "opt", "add
                "qkv_grad": "qkv", "grad_buffer": "gradbuf", "embedding_grad": "embgrad"}
 
 
-def spec_name(attention: str, norm: str, swiglu: str = "megatron", add_norm: str = "megatron") -> str:
-    """The name of a layout's spec object in kernels/megatron_lm_spec.py (`--spec MODULE NAME`)."""
+def spec_name(attention: str, norm: str, swiglu: str = "megatron", add_norm: str = "megatron",
+              qkv_grad: str = "megatron", wgrad_fusion: bool = False) -> str:
+    """The name of a layout's spec object in kernels/megatron_lm_spec.py (`--spec MODULE NAME`):
+    `<attention>_attention_<norm>_norm[_triton_swiglu][_fused_add_norm][_fused_qkv_grad][_wgrad_fusion]`."""
     return (f"{attention}_attention_{norm}_norm" + ("" if swiglu == "megatron" else f"_{swiglu}_swiglu")
-            + ("" if add_norm == "megatron" else f"_{add_norm}_add_norm"))
+            + ("" if add_norm == "megatron" else f"_{add_norm}_add_norm")
+            + ("" if qkv_grad == "megatron" else f"_{qkv_grad}_qkv_grad")
+            + ("_wgrad_fusion" if wgrad_fusion else ""))
 
 
 # Head dims kernels/attention.py's Triton kernel is compiled for (its _check_inputs).

@@ -103,7 +103,7 @@ def test_vocab_padding_adds_no_row(vocab, tp, divisor):
 @pytest.mark.parametrize("attention", ATTENTION_KERNELS)
 def test_kernels_go_through_the_spec_and_rope_is_applied_once(attention):
     f = flags(Layout(gbs=8, attention=attention, norm="triton"))
-    assert f["--spec"] == ["kernels.megatron_lm_spec", f"{attention}_attention_triton_norm"]
+    assert f["--spec"] == ["kernels.megatron_lm_spec", f"{attention}_attention_triton_norm_wgrad_fusion"]
     ours = layer_spec.applies_rope(attention)
     assert ma.applies_rope(attention) == ours  # the torch-free copy agrees with the layer spec
     assert f["--position-embedding-type"] == (["none"] if ours else ["rope"])
@@ -114,7 +114,8 @@ def test_notes_and_env_say_what_megatron_lm_cannot_take():
     graph = ma.megatron_lm_command(MODEL, Layout(gbs=8, cuda_graph=True), world_size=1)
     eager = ma.megatron_lm_command(MODEL, Layout(gbs=8), world_size=1)
     assert any("CUDA graph" in n for n in graph.notes) and not any("CUDA graph" in n for n in eager.notes)
-    assert any("kernels/wgrad.py" in n for n in eager.notes)
+    wgrad = [n for n in eager.notes if "kernels/wgrad.py" in n]
+    assert len(wgrad) == 1 and "through the spec" in wgrad[0] and "output layer" in wgrad[0]
     assert eager.env["PYTHONPATH"].startswith(str(ma.REPO_ROOT))
     shell = eager.shell().splitlines()
     assert shell[-1].startswith("pretrain_gpt.py --num-layers 8")
@@ -161,7 +162,7 @@ LAYOUTS = [Layout(gbs=8, attention="sdpa_cudnn", norm="triton"),
            Layout(tp=2, pp=2, vpp=2, gbs=8, sequence_parallel=True, recompute="full",
                   recompute_method="block", recompute_num_layers=1, attention="megatron", norm="megatron"),
            Layout(gbs=8, recompute="selective", distributed_optimizer=True, cuda_graph=True,
-                  swiglu="triton", loss="fused", optimizer_step="flat", add_norm="fused")]
+                  swiglu="triton", loss="fused", optimizer_step="flat", add_norm="fused", qkv_grad="fused")]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: l.name)
@@ -215,12 +216,27 @@ def test_every_kernel_choice_has_a_spec_for_megatron_lm():
     from core.choices import FUSION_CHOICES, NORM_KERNELS
     from kernels import megatron_lm_spec
 
-    names = {ma.spec_name(a, n, s, f) for a in ATTENTION_KERNELS for n in NORM_KERNELS
-             for s in FUSION_CHOICES["swiglu"] for f in FUSION_CHOICES["add_norm"]}
+    names = {ma.spec_name(a, n, s, f, q, w) for a in ATTENTION_KERNELS for n in NORM_KERNELS
+             for s in FUSION_CHOICES["swiglu"] for f in FUSION_CHOICES["add_norm"]
+             for q in FUSION_CHOICES["qkv_grad"] for w in (False, True) if q == "megatron" or a != "megatron"}
     assert names <= set(vars(megatron_lm_spec))  # Megatron-LM reads vars(module)[NAME]
-    assert ma.spec_name("sdpa_cudnn", "triton") == "sdpa_cudnn_attention_triton_norm"
+    assert ma.spec_name("sdpa_cudnn", "triton") == "sdpa_cudnn_attention_triton_norm"  # the names before
     assert ma.spec_name("sdpa", "torch", "triton") == "sdpa_attention_torch_norm_triton_swiglu"
     assert ma.spec_name("sdpa", "torch", add_norm="fused") == "sdpa_attention_torch_norm_fused_add_norm"
+    assert (ma.spec_name("sdpa", "torch", "triton", "fused", "fused", wgrad_fusion=True)
+            == "sdpa_attention_torch_norm_triton_swiglu_fused_add_norm_fused_qkv_grad_wgrad_fusion")
+    # qkv_grad=fused is our RoPE's backward: megatron's attention has no such NAME.
+    assert ma.spec_name("megatron", "megatron", qkv_grad="fused") not in vars(megatron_lm_spec)
+
+
+@pytest.mark.parametrize("qkv_grad", ["megatron", "fused"])
+def test_printed_spec_carries_qkv_grad_and_wgrad_fusion(qkv_grad):
+    layout = Layout(gbs=8, attention="sdpa_cudnn", norm="triton", qkv_grad=qkv_grad)
+    name = flags(layout)["--spec"][1]
+    assert name == ma.spec_name("sdpa_cudnn", "triton", qkv_grad=qkv_grad, wgrad_fusion=True)
+    assert name.endswith("_fused_qkv_grad_wgrad_fusion" if qkv_grad == "fused" else "_norm_wgrad_fusion")
+    notes = ma.megatron_lm_command(MODEL, layout, world_size=1).notes
+    assert not any("kernels/rope.py" in n for n in notes)  # qkv_grad carries: no caveat for it
 
 
 def _args(**change):
@@ -240,18 +256,28 @@ def test_layers_per_chunk_is_the_uniform_split():
         layers_per_chunk(_args(pipeline_model_parallel_size=3))
 
 
-@pytest.mark.parametrize("attention,norm,swiglu,add_norm", [("sdpa_cudnn", "triton", "megatron", "megatron"),
-                                                            ("megatron", "megatron", "megatron", "megatron"),
-                                                            ("triton", "torch", "triton", "fused")])
-def test_spec_resolves_to_the_trials_layers_and_final_norm(attention, norm, swiglu, add_norm, monkeypatch):
+@pytest.mark.parametrize("attention,norm,swiglu,add_norm,qkv_grad,wgrad_fusion", [
+    ("sdpa_cudnn", "triton", "megatron", "megatron", "megatron", False),
+    ("megatron", "megatron", "megatron", "megatron", "megatron", True),
+    ("triton", "torch", "triton", "fused", "megatron", False),
+    ("sdpa_cudnn", "triton", "megatron", "fused", "fused", True)])
+def test_spec_resolves_to_the_trials_layers_and_final_norm(attention, norm, swiglu, add_norm, qkv_grad,
+                                                           wgrad_fusion, monkeypatch):
     from kernels import megatron_lm_spec
 
-    block = vars(megatron_lm_spec)[ma.spec_name(attention, norm, swiglu, add_norm)]
+    block = vars(megatron_lm_spec)[ma.spec_name(attention, norm, swiglu, add_norm, qkv_grad, wgrad_fusion)]
     monkeypatch.setattr(megatron_lm_spec, "_megatron_lm_args", lambda: _args(virtual_pipeline_model_parallel_size=2))
     want = layer_spec.layer_spec(attention=attention, norm=norm, rope_base=ma.ROPE_BASE, swiglu=swiglu,
-                                 add_norm=add_norm)
+                                 add_norm=add_norm, qkv_grad=qkv_grad, wgrad_fusion=wgrad_fusion)
     assert block.layer_specs == [want] * 2
-    assert block.layer_norm == layer_spec.norm_module(norm)
+    assert block.layer_norm == layer_spec.norm_module(norm, wgrad_fusion=wgrad_fusion)
+    if wgrad_fusion:  # the four linears are kernels.wgrad's (the spec differs from the unfused one)
+        from kernels import wgrad
+
+        unfused = layer_spec.layer_spec(attention=attention, norm=norm, rope_base=ma.ROPE_BASE, swiglu=swiglu,
+                                        add_norm=add_norm, qkv_grad=qkv_grad)
+        assert want.submodules.self_attention.submodules.linear_qkv is wgrad.ColumnParallelLinear
+        assert want != unfused
 
 
 def test_spec_outside_megatron_lm_says_so():
