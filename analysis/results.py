@@ -13,6 +13,7 @@ from pathlib import Path
 
 from core.record_check import load_record
 from core.records import PEAK_MEMORY_MAX, write_text_atomic
+from core.spec import Prediction
 
 COLUMNS = [
     "trial", "status", "reason", "tp", "pp", "vpp", "cp", "dp", "mbs", "gbs", "recompute",
@@ -41,9 +42,19 @@ def load_records(sweep_dir, warn=lambda line: print(line, file=sys.stderr)) -> l
     return records
 
 
+def _predicted_memory(prediction: Prediction, record: dict) -> float:
+    """Like for like: a GPU's measured peak is the allocator's reserved one (predicted since
+    2026-12-01; older records predicted only the device peak); a CPU's is the RSS."""
+    if (record.get("cluster") or {}).get("device") == "cuda" and prediction.reserved_gb is not None:
+        return prediction.reserved_gb
+    return prediction.peak_memory_gb
+
+
 def to_row(record: dict) -> dict:
     layout = record.get("layout", {})
-    prediction = record.get("prediction") or {}
+    # A record from load_records has a valid prediction or none (core.record_check).
+    prediction = record.get("prediction")
+    prediction = None if prediction is None else Prediction.from_dict(prediction)
     mfu = record.get("mfu") or {}
     row = {c: None for c in COLUMNS}
     row.update({k: layout.get(k) for k in LAYOUT_COLUMNS})
@@ -59,11 +70,10 @@ def to_row(record: dict) -> dict:
         mfu_megatron=mfu.get("megatron"),
         peak_memory_gb=record.get(PEAK_MEMORY_MAX),  # the trial's one peak: core.records.PEAK_MEMORY
         # like for like: a GPU's measured peak is the allocator's reserved one; a CPU's the RSS
-        predicted_memory_gb=(prediction.get("reserved_gb") if (record.get("cluster") or {}).get("device") == "cuda"
-                             and "reserved_gb" in prediction else prediction.get("peak_memory_gb")),
-        predicted_fits=prediction.get("fits"),
-        predicted_mfu=prediction.get("mfu"),
-        predicted_step_time_s=prediction.get("step_time_s"),
+        predicted_memory_gb=prediction and _predicted_memory(prediction, record),
+        predicted_fits=prediction and prediction.fits,
+        predicted_mfu=prediction and prediction.mfu,
+        predicted_step_time_s=prediction and prediction.step_time_s,
         model=(record.get("model") or {}).get("name"),
         cluster=(record.get("cluster") or {}).get("name"),
         world_size=record.get("world_size"),

@@ -241,13 +241,22 @@ def check_value(cls, name: str, value: Any, key: str) -> Any:
     one-line ConfigError naming `key` (e.g. "layout.tp"). The one type check of a config:
     the dataclass's own annotations. int: no bool or float; float: finite, an int is taken
     as one; bool: true/false or 0/1; str: a number is taken as its text (YAML and Hydra
-    read `sweep.name=2024` as an int); Literal: one of its values; Optional[X]: None or X.
+    read `sweep.name=2024` as an int); Literal: one of its values; Optional[X]: None or X;
+    dict[str, X]: an object of names, each value checked as X (a prediction's memory terms).
     """
-    kind = _hints(cls)[name]
+    return _check(_hints(cls)[name], value, key, f"{cls.__name__}.{name}")
+
+
+def _check(kind, value: Any, key: str, where: str) -> Any:
     if typing.get_origin(kind) is Union:  # Optional[X]
         if value is None:
             return None
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if typing.get_origin(kind) is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key} must be an object of names, got {value!r}")
+        item = typing.get_args(kind)[1]
+        return {k: _check(item, v, f"{key}.{k}", where) for k, v in value.items()}
     if typing.get_origin(kind) is Literal:
         choices = typing.get_args(kind)
         if isinstance(value, bool) or value not in choices:
@@ -274,7 +283,7 @@ def check_value(cls, name: str, value: Any, key: str) -> Any:
         if number:
             return str(value)
         raise ConfigError(f"{key} must be a string, got {value!r}")
-    raise TypeError(f"{cls.__name__}.{name}: no check for type {kind!r}")
+    raise TypeError(f"{where}: no check for type {kind!r}")
 
 
 def _build(cls, data: Optional[dict], prefix: str):

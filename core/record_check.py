@@ -1,8 +1,8 @@
 """Read a trial's `result.json` and say what is wrong with it, if anything.
 
 A record is trusted only if it parses as a record: a JSON object of the current
-schema with a known status, the trial's name, and a layout of positive integer
-degrees. Anything else (a crash mid-edit, a hand edit, a file from another tool)
+schema with a known status, the trial's name, a layout of positive integer
+degrees, and no prediction or one that loads as a core.spec.Prediction. Anything else (a crash mid-edit, a hand edit, a file from another tool)
 is damaged: the sweep reports it in one line, sets it aside and runs the trial again;
 the analysis tools skip it with the same one line.
 
@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from core.config import ConfigError
 from core.records import SCHEMA_VERSION, STATUSES
+from core.spec import Prediction
 
 # Fields every record has, launched or not (launch/record.py's base_record).
 REQUIRED = {"trial": str, "status": str, "model": dict, "cluster": dict, "layout": dict}
@@ -41,6 +43,11 @@ def record_problem(record) -> Optional[str]:
         value = record["layout"].get(key)
         if type(value) is not int or value <= 0:
             return f"layout.{key} is {value!r}, not a positive integer"
+    if record.get("prediction") is not None:  # what the analysis reads as a Prediction
+        try:
+            Prediction.from_dict(record["prediction"])
+        except ConfigError as exc:
+            return str(exc)
     if record["status"] == "ok":
         for key, kind in OK_REQUIRED.items():
             if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):

@@ -179,7 +179,7 @@ class TrialRecord:
     trial_config: dict
     world_size: int
     dp: int
-    prediction: Optional[dict] = None  # sweeper.plan.predict's, made before the trial ran
+    prediction: Optional[dict] = None  # core.spec.Prediction's JSON, made before the trial ran
     git_commit: Optional[str] = None  # core.paths.git_commit at the sweep's start
     recorded_at: str  # local time, "%Y-%m-%dT%H:%M:%S%z"
     # launched trials

@@ -78,7 +78,7 @@ def _base(spec, status: str, reason: Optional[str]) -> TrialRecord:
         trial_config=asdict(spec.trial),
         world_size=spec.world_size,
         dp=spec.layout.dp(spec.world_size),
-        prediction=spec.prediction,
+        prediction=None if spec.prediction is None else spec.prediction.to_dict(),  # spec.json's shape
         git_commit=spec.git_commit,
         recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )

@@ -24,7 +24,7 @@ from launch.record import base_record
 from sweeper.calibration import fit_calibration
 from sweeper.constants import Calibration, save_calibration
 from sweeper.memory import predict_memory
-from sweeper.plan import Point, predict
+from sweeper.plan import Point, prediction_for
 
 LEARNED_FROM = ("ok", "oom")
 SKIP_REASON = "predicted OOM after refit"
@@ -84,7 +84,7 @@ def launch_learning(run_batch: Callable[[list[Point]], object], launch: list[Poi
                 echo(f"skip {point.name}: {reason}")
                 continue
             if learner.records:
-                point.prediction = predict(point.model, point.cluster, point.layout, learner.calibration)
+                point.prediction = prediction_for(point.model, point.cluster, point.layout, learner.calibration)
             batch.append(point)
         if not batch:
             break

@@ -17,6 +17,7 @@ from typing import Optional
 from core.config import ClusterConfig, Layout, ModelConfig, SweepConfig, TrialConfig
 from core.record_check import load_record
 from core.records import FAILED, NOT_RESULTS, result_path
+from core.spec import Prediction
 from sweeper.validity import invalid_reason, unsupported_reason
 
 
@@ -31,29 +32,35 @@ class Point:
     reason: Optional[str] = None
     damaged: Optional[str] = None  # what is wrong with an earlier record that must be set aside
     previous: Optional[str] = None  # the status of an earlier record this launch replaces
-    prediction: Optional[dict] = None
+    prediction: Optional[Prediction] = None  # made for every valid point
 
     @property
     def name(self) -> str:
         return self.layout.name
 
 
-def predict(model: ModelConfig, cluster: ClusterConfig, layout: Layout, calibration=None) -> dict:
-    """Predicted peak memory (GiB), fit, step time and MFU (PaLM) for one layout."""
+def prediction_for(model: ModelConfig, cluster: ClusterConfig, layout: Layout, calibration=None) -> Prediction:
+    """Predicted peak memory (GiB), fit, step time and MFU (PaLM) for one layout: the one
+    place a Prediction is made (the sweep's classify and refit, layout-recommend)."""
     from sweeper.memory import predict_memory
     from sweeper.speed import predict_speed
 
     memory = predict_memory(model, cluster, layout, calibration)
     speed = predict_speed(model, cluster, layout, calibration)
-    return {
-        "peak_memory_gb": round(memory.peak_gb, 3),  # device memory used: decides fits
-        "reserved_gb": round(memory.reserved_gb, 3),  # vs torch.cuda.max_memory_reserved
-        "allocated_gb": round(memory.allocated_gb, 3),  # vs torch.cuda.max_memory_allocated
-        "fits": memory.fits,
-        "step_time_s": speed.step_time_s,
-        "mfu": speed.mfu,
-        "memory_terms_gb": {k: round(v, 3) for k, v in memory.terms.items()},
-    }
+    return Prediction(
+        peak_memory_gb=round(memory.peak_gb, 3),
+        reserved_gb=round(memory.reserved_gb, 3),
+        allocated_gb=round(memory.allocated_gb, 3),
+        fits=memory.fits,
+        step_time_s=speed.step_time_s,
+        mfu=speed.mfu,
+        memory_terms_gb={k: round(v, 3) for k, v in memory.terms.items()},
+    )
+
+
+def predict(model: ModelConfig, cluster: ClusterConfig, layout: Layout, calibration=None) -> dict:
+    """`prediction_for`'s JSON (spec.json's "prediction"), for callers that read it by key."""
+    return prediction_for(model, cluster, layout, calibration).to_dict()
 
 
 def classify(point: Point, *, sweep: SweepConfig, sweep_dir: Path, calibration=None) -> None:
@@ -62,15 +69,15 @@ def classify(point: Point, *, sweep: SweepConfig, sweep_dir: Path, calibration=N
     if reason:
         point.status, point.reason = "invalid", reason
         return
-    point.prediction = predict(point.model, point.cluster, point.layout, calibration)
+    point.prediction = prediction_for(point.model, point.cluster, point.layout, calibration)
     reason = unsupported_reason(point.cluster, point.layout)
     if reason:
         point.status, point.reason = "skipped", reason
         return
-    if sweep.prune_predicted_oom and not point.prediction["fits"]:
+    if sweep.prune_predicted_oom and not point.prediction.fits:
         point.status = "skipped"
         point.reason = (
-            f"predicted OOM: {point.prediction['peak_memory_gb']:.1f} GiB > "
+            f"predicted OOM: {point.prediction.peak_memory_gb:.1f} GiB > "
             f"{point.cluster.gpu_memory_gb:.1f} GiB"
         )
         return
@@ -92,12 +99,12 @@ def order(points: list[Point], max_trials: Optional[int] = None) -> list[Point]:
     GPU hours go to the layouts most likely to win.
     """
     launch = [p for p in points if p.status == "launch"]
-    launch.sort(key=lambda p: -(p.prediction or {}).get("mfu", 0.0))
+    launch.sort(key=lambda p: -(p.prediction.mfu if p.prediction else 0.0))
     if max_trials is not None:
         for rank, point in enumerate(launch[max_trials:], max_trials + 1):
             point.status = "skipped"
             point.reason = (f"outside the top {max_trials} by predicted MFU "
-                            f"(rank {rank}, {100 * point.prediction['mfu']:.1f}%)")
+                            f"(rank {rank}, {100 * point.prediction.mfu:.1f}%)")
         launch = launch[:max_trials]
     return launch
 
@@ -124,8 +131,8 @@ def launch_lines(launch: list[Point]) -> list[str]:
     """The trials a sweep would launch, in launch order, with their predictions."""
     lines = []
     for i, p in enumerate(launch, 1):
-        pred = p.prediction or {}
-        mfu = f"{100 * pred['mfu']:.1f}%" if "mfu" in pred else "?"
-        mem = f"{pred['peak_memory_gb']:.1f} GiB" if "peak_memory_gb" in pred else "?"
+        pred = p.prediction
+        mfu = f"{100 * pred.mfu:.1f}%" if pred else "?"
+        mem = f"{pred.peak_memory_gb:.1f} GiB" if pred else "?"
         lines.append(f"  {i:3d}. {p.name}  predicted MFU {mfu}, peak {mem}")
     return lines

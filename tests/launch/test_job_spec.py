@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from core.config import Layout, RootConfig, TrialConfig, as_dict
 from core.paths import git_commit
-from core.spec import SPEC_FILE, TrialSpec
+from core.spec import SPEC_FILE, Prediction, TrialSpec
 from launch.main import job_spec
 from launch.supervise import started
 from launch.trial import prepare
@@ -20,10 +20,13 @@ def _cfg(**layout):
     return cfg
 
 
+PREDICTION = Prediction(peak_memory_gb=1.0, fits=True, step_time_s=2.0, mfu=0.25, memory_terms_gb={"weights": 1.0})
+
+
 def _planned(trial_dir) -> TrialSpec:
     root = RootConfig()
     return TrialSpec(model=root.model, cluster=root.cluster, layout=Layout(tp=2, mbs=4), trial=TrialConfig(seed=7),
-                     trial_dir=str(trial_dir), git_commit="abc", prediction={"mfu": 0.25, "fits": True})
+                     trial_dir=str(trial_dir), git_commit="abc", prediction=PREDICTION)
 
 
 def test_the_job_runs_the_spec_the_sweeper_wrote_not_its_composed_config(tmp_path):
@@ -31,7 +34,7 @@ def test_the_job_runs_the_spec_the_sweeper_wrote_not_its_composed_config(tmp_pat
     prepare(planned)
     spec = job_spec(_cfg(tp=1, mbs=1), str(tmp_path))  # what Hydra composed in the job differs
     assert spec.layout == planned.layout and spec.trial == planned.trial and spec.trial_dir == planned.trial_dir
-    assert spec.prediction == {"mfu": 0.25, "fits": True}
+    assert spec.prediction == PREDICTION
     assert spec.git_commit == git_commit()  # the tree the job runs, not the one the sweep planned from
     assert TrialSpec.load(tmp_path / SPEC_FILE) == planned
 

@@ -40,12 +40,14 @@ def test_command_line_axes_apply_to_every_grid():
 def test_each_trials_spec_is_written_before_the_launcher_gets_its_job(tmp_path):
     """A layout is parsed once: the job finds the sweeper's spec.json, prediction inside."""
     from core.config import ClusterConfig, Layout, ModelConfig, TrialConfig
-    from core.spec import TrialSpec
+    from core.spec import Prediction, TrialSpec
     from sweeper.launching import launch_blocking
     from sweeper.plan import Point
 
     points = [Point(model=ModelConfig(), cluster=ClusterConfig(), layout=Layout(mbs=mbs), trial=TrialConfig(),
-                    overrides=[f"layout.mbs={mbs}"], prediction={"mfu": 0.1 * mbs, "fits": True}) for mbs in (1, 2)]
+                    overrides=[f"layout.mbs={mbs}"],
+                    prediction=Prediction(peak_memory_gb=1.0, fits=True, step_time_s=1.0, mfu=0.1 * mbs,
+                                          memory_terms_gb={"weights": 1.0})) for mbs in (1, 2)]
     (tmp_path / points[0].name).mkdir()
     (tmp_path / points[0].name / "rank0.log").write_text("an earlier run")
     seen = {}

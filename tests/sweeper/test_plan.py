@@ -6,7 +6,7 @@ from core.config import ClusterConfig, Layout, ModelConfig, SweepConfig, TrialCo
 from core.records import result_path, write_json_atomic
 from core.spec import TrialSpec
 from launch.record import base_record
-from sweeper.plan import Point, classify, order, predict
+from sweeper.plan import Point, classify, order, predict, prediction_for
 
 MODEL = ModelConfig(name="m", num_layers=8, hidden_size=1024, ffn_hidden_size=2816,
                     num_attention_heads=8, num_query_groups=8, vocab_size=32000, seq_length=1024)
@@ -27,7 +27,7 @@ def test_predicted_oom_is_skipped_unless_pruning_is_off(tmp_path):
     small = ClusterConfig(name="s", device="cuda", gpus_per_node=8, gpu_memory_gb=1.0, peak_tflops=989.4)
     p = point(cluster=small, tp=1, mbs=8)
     classify(p, sweep=SweepConfig(), sweep_dir=tmp_path)
-    expected = predict(MODEL, small, p.layout)["peak_memory_gb"]
+    expected = prediction_for(MODEL, small, p.layout).peak_memory_gb
     assert p.status == "skipped"
     assert p.reason == f"predicted OOM: {expected:.1f} GiB > 1.0 GiB"
     q = point(cluster=small, tp=1, mbs=8)
@@ -40,8 +40,16 @@ def test_launch_order_follows_predicted_mfu(tmp_path):
     for p in points:
         classify(p, sweep=SweepConfig(), sweep_dir=tmp_path)
     launched = order(points)
-    mfus = [p.prediction["mfu"] for p in launched]
+    mfus = [p.prediction.mfu for p in launched]
     assert mfus == sorted(mfus, reverse=True) and len(launched) == len(points)
+
+
+def test_predict_is_the_typed_predictions_json():
+    layout = Layout(gbs=64, tp=2)
+    typed = prediction_for(MODEL, GPU, layout)
+    assert predict(MODEL, GPU, layout) == typed.to_dict()
+    assert typed.fits and 0 < typed.mfu < 1 and typed.reserved_gb is not None  # every field made here
+    assert abs(sum(typed.memory_terms_gb.values()) - typed.peak_memory_gb) < 0.01  # GiB, 3-decimal rounding
 
 
 def _record(p: Point, status: str, tmp_path) -> dict:
