@@ -67,7 +67,8 @@ def check(case: dict) -> dict:
         try:
             block = import_module(args.spec)
             values["spec_layers"] = len(block.layer_specs)
-            values["spec_final_norm"] = getattr(block.layer_norm, "__name__", type(block.layer_norm).__name__)
+            norm = getattr(block.layer_norm, "module", block.layer_norm)  # a ModuleSpec with params, or a class
+            values["spec_final_norm"] = getattr(norm, "__name__", type(norm).__name__)
         except Exception as exc:  # noqa: BLE001 - a spec that does not resolve is a result too
             return {**out, "status": "spec rejected", "why": f"{type(exc).__name__}: {exc}"[:400]}
         finally:

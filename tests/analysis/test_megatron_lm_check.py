@@ -5,7 +5,9 @@ without it these tests skip. Every model preset x a layout of each kind goes thr
 Megatron-LM's parse_args + validate_args (tests/analysis/megatron_lm_parse.py, one process
 for all lines) and must be accepted with the layout's own values; then one small model is
 built and trained one step by pretrain_gpt.py's own model provider and forward step with
-our --spec (the folder's check_cpu.py).
+our --spec (the folder's check_cpu.py); and the printed NAME's fusions (_fused_qkv_grad,
+_wgrad_fusion) go through Megatron-LM's own get_model (megatron-core DDP) and train_step,
+giving the main_grad of the same NAME without them (megatron_lm_grads.py).
 """
 
 import json
@@ -16,15 +18,18 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from analysis.megatron_args import megatron_lm_command
+from core.choices import spec_name
 from core.config import Layout, ModelConfig, model_from_dict
 from sweeper.validity import invalid_reason
 
 REPO = Path(__file__).resolve().parents[2]
 MEGATRON_LM = Path(os.environ.get("LAYOUT_SWEEP_MEGATRON_LM", REPO.parent / "shared" / "megatron_lm"))
 PARSER = Path(__file__).with_name("megatron_lm_parse.py")
+GRADS = Path(__file__).with_name("megatron_lm_grads.py")
 
 pytestmark = pytest.mark.skipif(not (MEGATRON_LM / "megatron" / "training" / "arguments.py").exists(),
                                 reason=f"no Megatron-LM folder at {MEGATRON_LM} (set LAYOUT_SWEEP_MEGATRON_LM)")
@@ -177,3 +182,67 @@ def test_pretrain_gpt_builds_and_steps_our_spec_on_cpu():
     assert built.startswith(f"[4] GPTModel built: {params}"), built
     assert "core attention: SDPACoreAttention | norm: TorchRMSNorm" in out and "rotary: NoneType" in out
     assert "[6] forward+backward through pretrain_gpt.forward_step on CPU: loss" in out
+
+
+# main_grad after Megatron-LM's train_step, fused NAME against the same NAME without the fusions,
+# both fp32 on CPU: max |difference| over max |stock value|, per parameter. The fused paths
+# accumulate with addmm into main_grad instead of a GEMM then DDP's add, and the RoPE backward
+# writes one buffer instead of a concatenation: rounding at most (1e-5); a double add is ~1.
+GRAD_RTOL = 1e-5
+ITERATIONS, MICRO_BATCHES = 2, 2  # the second iteration starts after train_step's zero_grad_buffer
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[str, dict]:
+    """One layer of `tiny` with one query head per KV group (where megatron's q, k, v are views
+    of the QKV output, so the fused RoPE backward runs), our SDPA attention and Triton norm,
+    qkv_grad=fused: the printed line without --bf16 (fp32), three runs in one process."""
+    tiny = PRESETS["tiny"]
+    model = replace(tiny, num_layers=1, num_query_groups=tiny.num_attention_heads, seq_length=32)
+    layout = Layout(mbs=1, gbs=MICRO_BATCHES, attention="sdpa", norm="triton", qkv_grad="fused")
+    args = [a for a in megatron_lm_command(model, layout, world_size=1).args if a != "--bf16"]
+    name = args[args.index("--spec") + 2]
+    runs = [{"id": "stock", "spec": spec_name("sdpa", "triton")}, {"id": "fused", "spec": name},
+            {"id": "double add", "spec": name, "plant": "double_add"}]
+    out = tmp_path_factory.mktemp("grads") / "grads.pt"
+    # TRITON_INTERPRET: our RoPE and norm kernels run (interpreted) as on the GPU; without it the
+    # RoPE falls back to torch and the fused QKV backward never runs. TORCHDYNAMO_DISABLE: megatron's
+    # torch.compile'd bias-dropout-add runs eager (5 s of compiling, the same math in every run).
+    env = {**os.environ, "PYTHONPATH": f"{MEGATRON_LM}{os.pathsep}{REPO}", "PYTHONDONTWRITEBYTECODE": "1",
+           "TRITON_INTERPRET": "1", "TORCHDYNAMO_DISABLE": "1"}
+    case = {"args": args, "runs": runs, "iterations": ITERATIONS}
+    done = subprocess.run([sys.executable, str(GRADS), str(out)], input=json.dumps(case), capture_output=True,
+                          text=True, env=env, timeout=300, cwd=MEGATRON_LM)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
+    return name, torch.load(out)
+
+
+def _relative_errors(got: dict, want: dict) -> dict[str, float]:
+    assert got.keys() == want.keys()
+    return {k: float((got[k] - want[k]).abs().max() / want[k].abs().max()) for k in want}
+
+
+def test_printed_fusions_train_in_megatron_lm_with_the_stock_gradients(trained):
+    name, runs = trained
+    assert name == "sdpa_attention_triton_norm_fused_qkv_grad_wgrad_fusion"
+    stock, fused = runs["stock"], runs["fused"]
+    # The fused paths ran: every decoder weight went straight into main_grad, the fused-QKV RoPE
+    # backward ran once per layer and micro-batch; megatron's output layer and embedding did not.
+    decoder = sorted(k for k in stock["main_grad"] if k.startswith("decoder."))
+    assert fused["fused_params"] == decoder and stock["fused_params"] == []
+    assert fused["rope_qkv_calls"] == ITERATIONS * MICRO_BATCHES and stock["rope_qkv_calls"] == 0
+    errors = _relative_errors(fused["main_grad"], stock["main_grad"])
+    assert max(errors.values()) <= GRAD_RTOL, errors
+    assert all(g.abs().max() > 0 for g in stock["main_grad"].values())  # no gradient trivially equal
+    loss = [[step["lm loss"] for step in run["losses"]] for run in (fused, stock)]
+    assert loss[0] == pytest.approx(loss[1], rel=1e-6)
+
+
+def test_a_planted_double_add_fails_the_comparison(trained):
+    """Negative control: kernels.wgrad adding each weight gradient twice (what a missing
+    grad_added_to_main_grad would do with DDP's hook adding the real gradient again)."""
+    _, runs = trained
+    errors = _relative_errors(runs["double add"]["main_grad"], runs["stock"]["main_grad"])
+    linears = {k: v for k, v in errors.items() if "linear_" in k}
+    assert linears and min(linears.values()) > 0.5, errors  # twice the gradient: off by ~1
+    assert max(errors.values()) > GRAD_RTOL
