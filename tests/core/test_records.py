@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+from typing import Optional
 
 import pytest
 
@@ -48,14 +49,35 @@ def test_a_trial_record_writes_its_base_fields_even_when_null():
     assert TrialRecord.from_dict(launched).to_dict() == launched
 
 
-def test_record_check_reads_the_fields_the_record_type_defines():
-    names = {f.name for f in dataclasses.fields(TrialRecord)}
-    assert set(record_check.REQUIRED) <= names and set(record_check.OK_REQUIRED) <= names
-    good = {**TrialRecord(**BASE).to_dict(), "layout": {k: 1 for k in record_check.DEGREES},
+def _good() -> dict:
+    return {**TrialRecord(**BASE).to_dict(), "layout": {k: 1 for k in record_check.DEGREES},
             "step_time_s": 1.0, "tokens_per_s": 8.0, "mfu": {"palm": 0.1}}
-    assert record_check.record_problem(good) is None
-    assert record_check.record_problem({**good, "schema": SCHEMA_VERSION + 1}) is not None  # control
-    assert "ok" in STATUSES
+
+
+def test_record_check_requires_every_field_the_record_type_has_no_default_for():
+    # BASE holds exactly TrialRecord's fields without a default (the constructor needs them).
+    assert set(record_check.REQUIRED) == set(BASE)
+    assert record_check.REQUIRED["world_size"] == (int,) and record_check.OK_REQUIRED["step_time_s"] == (int, float)
+    good = _good()
+    assert record_check.record_problem(good) is None and good["status"] in STATUSES
+    for name, kinds in record_check.REQUIRED.items():
+        missing = {k: v for k, v in good.items() if k != name}
+        assert record_check.record_problem(missing) == \
+            f"field {name!r} missing or not a {' or '.join(k.__name__ for k in kinds)}"
+    assert record_check.record_problem({**good, "world_size": True}) is not None  # a bool is no count
+    assert record_check.record_problem({**good, "schema": SCHEMA_VERSION + 1}) is not None
+
+
+def test_a_new_required_field_of_the_record_type_is_checked_without_listing_it(monkeypatch):
+    @dataclasses.dataclass(kw_only=True)
+    class Newer(TrialRecord):
+        host: str  # no default: every record must have it
+        note: Optional[str] = None  # a default: optional
+
+    assert record_check.required_fields(Newer) == {**record_check.REQUIRED, "host": (str,)}
+    monkeypatch.setattr(record_check, "REQUIRED", record_check.required_fields(Newer))
+    assert record_check.record_problem(_good()) == "field 'host' missing or not a str"  # control
+    assert record_check.record_problem({**_good(), "host": "n1"}) is None
 
 
 def test_write_json_atomic_leaves_no_temp_file_and_keeps_the_old_file_on_failure(tmp_path):

@@ -50,7 +50,8 @@ def test_dead_or_reused_pid_is_stale_and_another_host_is_refused(tmp_path):
 
 def test_record_problems_name_what_is_wrong(tmp_path):
     good = {"schema": 1, "trial": "t", "status": "error", "model": {}, "cluster": {},
-            "layout": {k: 1 for k in ("tp", "pp", "vpp", "cp", "mbs", "gbs")}}
+            "layout": {k: 1 for k in ("tp", "pp", "vpp", "cp", "mbs", "gbs")},
+            "trial_config": {}, "world_size": 1, "dp": 1, "recorded_at": "2026-12-01T12:00:00+0000"}
     assert record_problem(good) is None
     assert record_problem({**good, "schema": 2}) == "schema 2, expected 1"
     assert record_problem({**good, "status": "great"}) == "unknown status 'great'"
