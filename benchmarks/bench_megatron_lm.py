@@ -12,7 +12,9 @@ recorded with its error and never loses the others; the JSON is rewritten after 
 1. megatron_lm: `.peer/megatron_lm/run.sh` (a copy of ../shared/megatron_lm) with the exports and
    the `pretrain_gpt.py` arguments that `layout-recommend --format megatron-lm` prints for this
    layout (analysis.megatron_args.megatron_lm_command, the function it prints from), then
-   `--train-iters STEPS`;
+   `--train-iters STEPS`; its --spec NAME carries the weight-gradient fusion and qkv_grad
+   (`_wgrad_fusion`, `_fused_qkv_grad`) since commit 364e8f7: megatron_lm_2026-12-01_v3.json
+   (555.5 ms) ran the line before, without them (the JSON keeps the command it ran);
 2. trial: our trial of the layout, `python3 -m launch.main model=... cluster=...` as
    benchmarks/run_gpu_sweep.sh runs it, warm-up 2 and STEPS - 2 measured steps;
 3. trial_no_cuda_graph: the same with layout.cuda_graph=false (when the layout has it on);
