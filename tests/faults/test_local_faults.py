@@ -90,7 +90,8 @@ def test_damaged_records_are_reported_set_aside_and_the_trials_run_again(tmp_pat
 def test_analysis_skips_a_damaged_record_with_one_line(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "result.json").write_text('{"schema": 1, "trial": "x", "status": "ok", "model": {}, '
-                                                   '"cluster": {}, "layout": {"tp": 0}}')
+                                                   '"cluster": {}, "layout": {"tp": 0}, "trial_config": {}, '
+                                                   '"world_size": 1, "dp": 1, "recorded_at": "2026-12-01"}')
     warnings = []
     assert load_records(tmp_path, warn=warnings.append) == []
     assert warnings == [f"warning: skipping damaged record {tmp_path / 'bad' / 'result.json'}: "
