@@ -135,7 +135,7 @@ def measured(sweep_dir: Path, top: int) -> dict:
 
 
 def predicted(model_name: str, cluster_name: str, gbs: int, top: int) -> dict:
-    from sweeper.plan import predict
+    from sweeper.plan import prediction_for
     from sweeper.space import layouts, search_space
 
     model = model_from_dict(load_preset("model", model_name))
@@ -146,9 +146,9 @@ def predicted(model_name: str, cluster_name: str, gbs: int, top: int) -> dict:
     for layout in layouts(search_space(model, cluster, gbs)):
         if invalid_reason(model, layout, cluster.world_size):
             continue
-        p = predict(model, cluster, layout)
-        if p["fits"]:
-            scored.append((p["mfu"], layout, p))
+        p = prediction_for(model, cluster, layout)
+        if p.fits:
+            scored.append((p.mfu, layout, p))
     if not scored:
         raise ConfigError(f"no layout of {model_name} is predicted to fit on {cluster_name}")
     scored.sort(key=lambda s: -s[0])
@@ -158,7 +158,7 @@ def predicted(model_name: str, cluster_name: str, gbs: int, top: int) -> dict:
         "header": f"Predicted best layouts for {model_name} on {cluster.world_size} GPUs of {cluster_name} "
                   f"(gbs {gbs}; {len(scored)} predicted to fit; no trial run):",
         "ranked": [{"rank": i, "label": layout.name, "mfu_palm": mfu,
-                    "peak_memory_gb": p["peak_memory_gb"], "step_time_s": p["step_time_s"]}
+                    "peak_memory_gb": p.peak_memory_gb, "step_time_s": p.step_time_s}
                    for i, (mfu, layout, p) in enumerate(scored[:top], 1)],
         "best": best_of(model, scored[0][1], cluster.world_size),
         "problems": [],

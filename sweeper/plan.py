@@ -58,11 +58,6 @@ def prediction_for(model: ModelConfig, cluster: ClusterConfig, layout: Layout, c
     )
 
 
-def predict(model: ModelConfig, cluster: ClusterConfig, layout: Layout, calibration=None) -> dict:
-    """`prediction_for`'s JSON (spec.json's "prediction"), for callers that read it by key."""
-    return prediction_for(model, cluster, layout, calibration).to_dict()
-
-
 def classify(point: Point, *, sweep: SweepConfig, sweep_dir: Path, calibration=None) -> None:
     world = point.cluster.world_size
     reason = invalid_reason(point.model, point.layout, world)

@@ -4,9 +4,9 @@ from pathlib import Path
 
 from core.config import ClusterConfig, Layout, ModelConfig, SweepConfig, TrialConfig
 from core.records import result_path, write_json_atomic
-from core.spec import TrialSpec
+from core.spec import Prediction, TrialSpec
 from launch.record import base_record
-from sweeper.plan import Point, classify, order, predict, prediction_for
+from sweeper.plan import Point, classify, order, prediction_for
 
 MODEL = ModelConfig(name="m", num_layers=8, hidden_size=1024, ffn_hidden_size=2816,
                     num_attention_heads=8, num_query_groups=8, vocab_size=32000, seq_length=1024)
@@ -44,10 +44,10 @@ def test_launch_order_follows_predicted_mfu(tmp_path):
     assert mfus == sorted(mfus, reverse=True) and len(launched) == len(points)
 
 
-def test_predict_is_the_typed_predictions_json():
+def test_prediction_round_trips_through_its_json():
     layout = Layout(gbs=64, tp=2)
     typed = prediction_for(MODEL, GPU, layout)
-    assert predict(MODEL, GPU, layout) == typed.to_dict()
+    assert Prediction.from_dict(typed.to_dict()) == typed
     assert typed.fits and 0 < typed.mfu < 1 and typed.reserved_gb is not None  # every field made here
     assert abs(sum(typed.memory_terms_gb.values()) - typed.peak_memory_gb) < 0.01  # GiB, 3-decimal rounding
 
