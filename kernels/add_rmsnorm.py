@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import main_grad as main_grad_rule
+
 ROWS = 16  # backward rows per program: dw partials stay 1/16 of the rows' bytes
 MAX_HIDDEN = 16384  # one row lives in registers
 
@@ -183,8 +185,7 @@ class AddRMSNormFunction(torch.autograd.Function):
             # kernel of DDP's per micro-batch), and autograd gets a placeholder, flagged so
             # DDP's hook does not add it.
             dh, _ = backward(dy, dh_in, h, w, rstd, dw_into=w.main_grad)
-            w.grad_added_to_main_grad = True
-            return dh, dh, torch.empty_like(w), None
+            return dh, dh, main_grad_rule.handed_over(w), None
         dh, dw = backward(dy, dh_in, h, w, rstd)
         return dh, dh, dw.to(w.dtype), None
 

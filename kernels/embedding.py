@@ -42,6 +42,8 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region,
 )
 
+from kernels import main_grad as main_grad_rule
+
 BLOCK_H = 1024  # hidden columns per program: 4 KB of fp32 sum in registers
 
 
@@ -109,14 +111,6 @@ def accumulate(dy: torch.Tensor, ids: torch.Tensor, main_grad: torch.Tensor, *, 
                                   ids.shape[1], dy.stride(0), dy.stride(1), BLOCK_H=BLOCK_H, num_warps=4)
 
 
-def _placeholder(weight: torch.Tensor) -> torch.Tensor:
-    """What autograd gets once the gradient is in main_grad: never read (DDP's hook sees
-    grad_added_to_main_grad), uninitialised unless megatron asks for zeros."""
-    if getattr(weight, "zero_out_wgrad", False):
-        return torch.zeros_like(weight)
-    return torch.empty_like(weight)
-
-
 class EmbeddingIntoMainGrad(torch.autograd.Function):
     """output[b, s] = weight[ids[b, s] - vocab_start] (zero where the id is not this rank's,
     when `masked`); backward: `accumulate` into weight.main_grad, or a dense gradient."""
@@ -148,8 +142,7 @@ class EmbeddingIntoMainGrad(torch.autograd.Function):
         accumulate(dy, ids, main_grad, vocab_start=ctx.vocab_start)
         grad_weight = None
         if hasattr(weight, "grad_added_to_main_grad"):  # set by megatron's DDP
-            grad_weight = _placeholder(weight)
-            weight.grad_added_to_main_grad = True
+            grad_weight = main_grad_rule.handed_over(weight)
         return None, grad_weight, None, None
 
 

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import main_grad as main_grad_rule
 from kernels import wgrad
 
 BLOCK = 4096  # vocabulary columns per loop iteration
@@ -131,9 +132,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 _accumulate_wgrad(weight.main_grad, dz, (x.float() * grad_loss).to(x.dtype))
             else:
                 weight.main_grad.addcmul_(saved[0], grad_loss)
-            weight.grad_added_to_main_grad = True
-            dummy = torch.empty(weight.main_grad.shape, dtype=weight.dtype, device=weight.device)
-            return grad_x, dummy, None, None
+            return grad_x, main_grad_rule.handed_over(weight), None, None
         return grad_x, (saved[0] * grad_loss).to(weight.dtype), None, None
 
 

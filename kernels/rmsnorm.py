@@ -51,6 +51,7 @@ from typing import Optional
 import torch
 import triton
 
+from kernels import main_grad as main_grad_rule
 from kernels.fast_launch import CachedLaunch, aligned, device_index
 from kernels.rmsnorm_configs import (DW_REDUCE_ROWS, BackwardConfig, ForwardConfig,
                                      backward_config, chunks, column_blocks, forward_config,
@@ -248,8 +249,7 @@ class RMSNormFunction(torch.autograd.Function):
         main_grad = getattr(weight, "main_grad", None) if getattr(weight, "fused_main_grad", False) else None
         dx, dw = backward(dy, x, weight, ctx.eps, ctx.bwd_config, main_grad)
         if main_grad is not None:
-            weight.grad_added_to_main_grad = True
-            dw = (torch.zeros_like if getattr(weight, "zero_out_wgrad", False) else torch.empty_like)(weight)
+            dw = main_grad_rule.handed_over(weight)
         return dx, dw, None, None, None
 
 

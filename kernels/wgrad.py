@@ -40,6 +40,8 @@ from megatron.core.tensor_parallel import layers as megatron_layers
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
 from megatron.core.utils import prepare_input_tensors_for_wgrad_compute
 
+from kernels import main_grad as main_grad_rule
+
 
 # Set on a weight by zero_grad_buffer_except_overwritten; read (and cleared) by its backward.
 OVERWRITE_FLAG = "main_grad_overwrite"
@@ -93,12 +95,6 @@ def available(device: str) -> bool:
     """Whether a trial on `device` fuses its weight-gradient accumulation: on CUDA when the
     fp32-output GEMM checks out there. The CPU path keeps megatron's unfused path."""
     return device == "cuda" and torch.cuda.is_available() and check("cuda")
-
-
-def _dummy_grad(weight: torch.Tensor, main_grad: torch.Tensor, dtype) -> torch.Tensor:
-    if getattr(weight, "zero_out_wgrad", False):
-        return torch.zeros(main_grad.shape, dtype=dtype, device=main_grad.device)
-    return torch.empty(main_grad.shape, dtype=dtype, device=main_grad.device)
 
 
 class _LinearIntoMainGrad(torch.autograd.Function):
@@ -155,8 +151,7 @@ class _LinearIntoMainGrad(torch.autograd.Function):
                 setattr(weight, OVERWRITE_FLAG, False)  # a second use in the step adds
             grad_weight = None
             if hasattr(weight, "grad_added_to_main_grad"):  # set by megatron's DDP
-                grad_weight = _dummy_grad(weight, main_grad, input.dtype)
-                weight.grad_added_to_main_grad = True
+                grad_weight = main_grad_rule.handed_over(weight)
         grad_bias = grad_output.sum(dim=0) if ctx.use_bias else None
         if ctx.sequence_parallel:
             handle.wait()

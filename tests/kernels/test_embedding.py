@@ -23,6 +23,7 @@ import torch
 
 from core.config import Layout, ModelConfig
 from kernels import embedding
+from kernels import main_grad as main_grad_rule
 from tests.gloo import run_on_gloo
 
 # fp32 sums of at most a few dozen terms in another order than float64's: a few ulps.
@@ -154,7 +155,7 @@ def _compare(rank):
             continue
         fused_layout = Layout(embedding_grad="fused", **axes)
         # DDP must not add what autograd got: a placeholder of ones would show up in main_grad.
-        with mock.patch.object(embedding, "_placeholder", torch.ones_like):
+        with mock.patch.object(main_grad_rule, "placeholder", torch.ones_like):
             out["ones_placeholder"] = _mismatched(stock, _main_grads(fused_layout)[0])
         accumulate = embedding.accumulate
 
