@@ -28,7 +28,7 @@ SPEC_FILE = "spec.json"  # in the trial directory; the sweeper writes it before 
 @dataclass(frozen=True, kw_only=True)
 class Prediction:
     """One layout's predicted memory and speed, made before its trial runs (sweeper.plan's
-    predict builds it from sweeper.memory's MemoryEstimate and sweeper.speed's estimate).
+    prediction_for builds it from sweeper.memory's MemoryEstimate and sweeper.speed's estimate).
     Memory in GiB (2**30 bytes), rounded to 3 decimals; the field order is the JSON's.
 
     peak_memory_gb: device memory used (MemoryEstimate.peak_gb), what `fits` is decided on;
