@@ -32,16 +32,23 @@ every iteration's forward_backward_func (megatron/training/training.py), as our 
 GPTModel builds the output layer and the word embedding from megatron's own classes, outside
 the spec (our trials swap them after the build): here they keep megatron's gradient, which
 DDP's hook adds (correct, not fused). Megatron-LM's --gradient-accumulation-fusion stays off
-(it means Apex's extension). On CUDA the bf16 -> fp32 GEMM is torch's addmm with out_dtype
-(kernels.wgrad.check says whether this torch has it).
+(it means Apex's extension). On CUDA the bf16 -> fp32 GEMM is torch's addmm with out_dtype;
+a torch without it (kernels.wgrad.check fails on the GPU) gets the NAME's layers without the
+fusion, as our trials do (kernels.wgrad.available), with one line on stderr, instead of an
+error at the first backward.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
+
+import torch
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from core.choices import ATTENTION_KERNELS, FUSION_CHOICES, NORM_KERNELS, spec_name
 from kernels.layer_spec import applies_rope, layer_spec, norm_module
+from kernels import wgrad
 from kernels.rope import DEFAULT_BASE as ROPE_BASE  # launch/model.py's, and the printed --rotary-base
 
 # Megatron-LM arguments that split layers unevenly over pipeline stages.
@@ -74,6 +81,21 @@ def _megatron_lm_args():
                            "kernels.layer_spec.block_spec") from exc
 
 
+@functools.cache
+def wgrad_fusion_usable() -> bool:
+    """Can this process run kernels.wgrad's fused GEMM where Megatron-LM will train? On a GPU
+    only when torch's fp32-output addmm checks out there; without a GPU the linears take the
+    plain in-place addmm of an fp32 model (kernels.wgrad.accumulate), which needs nothing."""
+    if not torch.cuda.is_available():
+        return True
+    if wgrad.check("cuda"):
+        return True
+    print("kernels.megatron_lm_spec: this torch has no fp32-output addmm on the GPU; "
+          "_wgrad_fusion builds the layers without it (weight gradients added by DDP's hook)",
+          file=sys.stderr)
+    return False
+
+
 class MegatronLMBlock(TransformerBlockSubmodules):
     """A decoder block spec whose layer count comes from Megatron-LM's arguments when built.
 
@@ -87,15 +109,20 @@ class MegatronLMBlock(TransformerBlockSubmodules):
         self.swiglu, self.add_norm, self.qkv_grad, self.wgrad_fusion = swiglu, add_norm, qkv_grad, wgrad_fusion
 
     @property
+    def fused(self) -> bool:
+        """The weight-gradient fusion this block builds: the NAME's, where this torch can run it."""
+        return self.wgrad_fusion and wgrad_fusion_usable()
+
+    @property
     def layer_specs(self):
         layer = layer_spec(attention=self.attention, norm=self.norm, rope_base=self.rope_base,
                            swiglu=self.swiglu, add_norm=self.add_norm, qkv_grad=self.qkv_grad,
-                           wgrad_fusion=self.wgrad_fusion)
+                           wgrad_fusion=self.fused)
         return [layer] * layers_per_chunk(_megatron_lm_args())
 
     @property
     def layer_norm(self):
-        return norm_module(self.norm, wgrad_fusion=self.wgrad_fusion)
+        return norm_module(self.norm, wgrad_fusion=self.fused)
 
     def __repr__(self) -> str:
         return (f"MegatronLMBlock(attention={self.attention!r}, norm={self.norm!r}, swiglu={self.swiglu!r}, "

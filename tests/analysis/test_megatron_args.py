@@ -280,6 +280,30 @@ def test_spec_resolves_to_the_trials_layers_and_final_norm(attention, norm, swig
         assert want != unfused
 
 
+@pytest.mark.parametrize("gpu_gemm_works", [True, False])
+def test_wgrad_fusion_falls_back_where_the_gpu_lacks_the_fp32_gemm(gpu_gemm_works, monkeypatch, capsys):
+    from kernels import megatron_lm_spec, wgrad
+
+    name = ma.spec_name("sdpa_cudnn", "triton", "triton", "fused", "fused", wgrad_fusion=True)
+    block = vars(megatron_lm_spec)[name]
+    monkeypatch.setattr(megatron_lm_spec, "_megatron_lm_args", lambda: _args())
+    monkeypatch.setattr(megatron_lm_spec.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(wgrad, "check", lambda device="cuda": gpu_gemm_works)
+    megatron_lm_spec.wgrad_fusion_usable.cache_clear()
+    try:
+        layers, norm = block.layer_specs, block.layer_norm
+    finally:
+        megatron_lm_spec.wgrad_fusion_usable.cache_clear()
+    kwargs = dict(attention="sdpa_cudnn", norm="triton", rope_base=ma.ROPE_BASE, swiglu="triton",
+                  add_norm="fused", qkv_grad="fused")
+    want = layer_spec.layer_spec(**kwargs, wgrad_fusion=gpu_gemm_works)
+    assert layers == [want] * len(layers) and layers
+    assert norm == layer_spec.norm_module("triton", wgrad_fusion=gpu_gemm_works)
+    assert layer_spec.layer_spec(**kwargs, wgrad_fusion=True) != layer_spec.layer_spec(**kwargs)
+    said = capsys.readouterr().err
+    assert ("no fp32-output addmm" in said) is (not gpu_gemm_works)
+
+
 def test_spec_outside_megatron_lm_says_so():
     from kernels import megatron_lm_spec
 
