@@ -29,6 +29,12 @@ As megatron's fused path does, a weight whose gradient went into `main_grad` is 
 `grad_added_to_main_grad`, so DDP's hook does not add it again, and autograd gets a dummy
 gradient, so that hook still runs on the backward's thread. A weight without `main_grad`
 (no DDP around the model) gets its gradient as usual.
+
+`layout.wgrad_defer=step` (kernels/wgrad_defer.py): a weight with an arena and a current
+micro-batch slot keeps no input for autograd; its forward puts the (gathered) input in the
+slot and its backward the output gradient, both without a copy when a producer already
+wrote them there, computes only the input gradient and hands autograd the placeholder; the
+weight gradient is one GEMM per step in `Deferral.flush`.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ from kernels import main_grad as main_grad_rule
 
 # Set on a weight by zero_grad_buffer_except_overwritten; read (and cleared) by its backward.
 OVERWRITE_FLAG = "main_grad_overwrite"
+# Set on a weight by kernels.wgrad_defer.attach: its Arena (layout.wgrad_defer=step).
+ARENA_ATTR = "wgrad_arena"
 
 
 def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor,
@@ -106,20 +114,35 @@ class _LinearIntoMainGrad(torch.autograd.Function):
     @staticmethod
     @megatron_layers.custom_fwd
     def forward(ctx, input, weight, bias, allreduce_dgrad, sequence_parallel, tp_group):
-        ctx.save_for_backward(input, weight)
         # Kept here as megatron keeps it: a module used twice must add into the same buffer.
         ctx.main_grad = getattr(weight, "main_grad", None)
         ctx.use_bias = bias is not None
         ctx.allreduce_dgrad = allreduce_dgrad
         ctx.sequence_parallel = sequence_parallel
         ctx.tp_group = tp_group
-        total_input = _gather(input, tp_group) if sequence_parallel else input
+        ctx.input_shape = input.shape
+        arena = _active_arena(weight) if ctx.main_grad is not None else None
+        ctx.arena = arena
+        if arena is not None:  # layout.wgrad_defer=step: X kept in the arena, not by autograd
+            ctx.save_for_backward(weight)
+            if sequence_parallel:  # gathered straight into the slot
+                total_input = arena.x_slot()
+                megatron_layers.dist_all_gather_func(total_input, input.contiguous(), group=tp_group)
+                ctx.slot = arena.deferral.current()
+            else:
+                total_input = input
+                ctx.slot = arena.store_input(input)
+        else:
+            ctx.save_for_backward(input, weight)
+            total_input = _gather(input, tp_group) if sequence_parallel else input
         output = torch.matmul(total_input, weight.t())
         return output + bias if bias is not None else output
 
     @staticmethod
     @megatron_layers.custom_bwd
     def backward(ctx, grad_output):
+        if ctx.arena is not None:
+            return _deferred_backward(ctx, grad_output)
         input, weight = ctx.saved_tensors
         tp_group, main_grad = ctx.tp_group, ctx.main_grad
         handle = None
@@ -132,13 +155,7 @@ class _LinearIntoMainGrad(torch.autograd.Function):
         if handle is not None:
             handle.wait()
         grad_output, total_input = prepare_input_tensors_for_wgrad_compute(grad_output, total_input)
-        if ctx.allreduce_dgrad:  # overlapped with the weight-gradient GEMM below
-            handle = torch.distributed.all_reduce(grad_input, group=tp_group, async_op=True)
-        if ctx.sequence_parallel:
-            assert not ctx.allreduce_dgrad
-            sub_grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device)
-            handle = megatron_layers.dist_reduce_scatter_func(sub_grad_input, grad_input,
-                                                              group=tp_group, async_op=True)
+        grad_input, handle = _start_dgrad_reduction(ctx, grad_input)  # overlaps the GEMM below
         if main_grad is None:  # no DDP buffer: the usual gradient
             grad_weight = grad_output.t().matmul(total_input)
         else:
@@ -153,12 +170,49 @@ class _LinearIntoMainGrad(torch.autograd.Function):
             if hasattr(weight, "grad_added_to_main_grad"):  # set by megatron's DDP
                 grad_weight = main_grad_rule.handed_over(weight)
         grad_bias = grad_output.sum(dim=0) if ctx.use_bias else None
-        if ctx.sequence_parallel:
-            handle.wait()
-            return sub_grad_input, grad_weight, grad_bias, None, None, None
-        if ctx.allreduce_dgrad:
+        if handle is not None:
             handle.wait()
         return grad_input, grad_weight, grad_bias, None, None, None
+
+
+def _start_dgrad_reduction(ctx, grad_input: torch.Tensor):
+    """The input gradient's TP reduction, started asynchronously as megatron does: an
+    all-reduce, or with sequence parallelism a reduce-scatter into this rank's shard.
+    Returns (the tensor that will hold the result, the handle or None)."""
+    if ctx.sequence_parallel:
+        assert not ctx.allreduce_dgrad
+        shard = torch.empty(ctx.input_shape, dtype=grad_input.dtype, device=grad_input.device)
+        handle = megatron_layers.dist_reduce_scatter_func(shard, grad_input, group=ctx.tp_group,
+                                                          async_op=True)
+        return shard, handle
+    if ctx.allreduce_dgrad:
+        return grad_input, torch.distributed.all_reduce(grad_input, group=ctx.tp_group, async_op=True)
+    return grad_input, None
+
+
+def _active_arena(weight):
+    """The weight's Arena when a micro-batch slot is current (kernels/wgrad_defer.py), else
+    None: a forward outside a training step (no slot) takes the accumulating path."""
+    arena = getattr(weight, ARENA_ATTR, None)
+    if arena is None or not 0 <= arena.deferral.slot < arena.deferral.slots:
+        return None
+    return arena
+
+
+def _deferred_backward(ctx, grad_output):
+    """The input gradient as `_LinearIntoMainGrad.backward`; dY goes to the arena slot of the
+    forward and the weight gradient waits for Deferral.flush (autograd gets the placeholder)."""
+    (weight,) = ctx.saved_tensors
+    grad_input, handle = _start_dgrad_reduction(ctx, grad_output.matmul(weight))  # overlaps the copy
+    ctx.arena.store_grad(grad_output, ctx.slot)
+    weight.main_grad = ctx.main_grad
+    grad_weight = None
+    if hasattr(weight, "grad_added_to_main_grad"):  # set by megatron's DDP
+        grad_weight = main_grad_rule.handed_over(weight)
+    grad_bias = grad_output.sum(dim=tuple(range(grad_output.dim() - 1))) if ctx.use_bias else None
+    if handle is not None:
+        handle.wait()
+    return grad_input, grad_weight, grad_bias, None, None, None
 
 
 def _gather(input: torch.Tensor, tp_group, *, async_op: bool = False):

@@ -1,0 +1,175 @@
+"""kernels.wgrad_defer: the decoder linears' weight gradients computed once per step from
+per-micro-batch arenas, against kernels.wgrad's per-micro-batch accumulation.
+
+CPU units on a toy chunk (decoder = linear -> tanh -> linear, kernels.wgrad's autograd
+function, a DDP-like hook that adds `param.grad` unless `grad_added_to_main_grad`):
+- parity of main_grad after a 4-micro-batch step, deferred vs not: float64 within 1e-12
+  relative (only the summation order differs: one K = 4*tokens GEMM against four K = tokens
+  GEMMs added), fp32 within 1e-5;
+- the placeholder gradient is never added by the hook;
+- a producer writing into the slot (`input_target` / `grad_target`) makes no copy, the
+  others are copied (the fallback), and both give the same gradient;
+- flush with the overwrite flag writes (beta 0), without it adds;
+- negative control: a slot that is not advanced loses micro-batches and parity fails.
+"""
+
+import pytest
+import torch
+
+from kernels import wgrad, wgrad_defer
+
+S, B, IN, HID, OUT = 5, 2, 6, 7, 3
+MICRO = 4
+TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
+
+
+class _Tanh(torch.autograd.Function):
+    """A producer: its output is the next linear's X, its input gradient the previous linear's dY."""
+
+    @staticmethod
+    def forward(ctx, h, consumer, producer_of_h):
+        out = wgrad_defer.input_target(consumer, h.shape, h.dtype)
+        out = torch.tanh(h, out=out) if out is not None else torch.tanh(h)
+        ctx.save_for_backward(out)
+        ctx.producer_of_h = producer_of_h
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        target = wgrad_defer.grad_target(ctx.producer_of_h, grad.shape, grad.dtype)
+        result = torch.mul(grad, 1 - out * out, out=target) if target is not None else grad * (1 - out * out)
+        return result, None, None
+
+
+class _Linear(wgrad.ColumnParallelLinear):
+    """kernels.wgrad's linear without megatron's constructor (no parallel state needed)."""
+
+    def __init__(self, weight):
+        torch.nn.Module.__init__(self)
+        self.weight = torch.nn.Parameter(weight)
+
+    def forward(self, x):
+        return wgrad._LinearIntoMainGrad.apply(x, self.weight, None, False, False, None)
+
+
+class _Decoder(torch.nn.Module):
+    def __init__(self, w1, w2, *, producer: bool):
+        super().__init__()
+        self.fc1, self.fc2 = _Linear(w1), _Linear(w2)
+        self.producer = producer
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.producer:
+            a = _Tanh.apply(h, self.fc2.weight, self.fc1.weight)
+        else:
+            a = torch.tanh(h)
+        return self.fc2(a)
+
+
+class _Chunk(torch.nn.Module):
+    def __init__(self, dtype, *, producer=False):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.decoder = _Decoder(torch.randn(HID, IN, generator=gen, dtype=dtype),
+                                torch.randn(OUT, HID, generator=gen, dtype=dtype), producer=producer)
+        self.hook_adds = 0
+        for p in self.parameters():  # megatron DDP's buffers and backward hook, in miniature
+            p.main_grad = torch.zeros_like(p)
+            p.grad_added_to_main_grad = False
+            p.register_post_accumulate_grad_hook(self._ddp_hook)
+
+    def _ddp_hook(self, p):
+        if not p.grad_added_to_main_grad:
+            p.main_grad.add_(p.grad)
+            self.hook_adds += 1
+        p.grad = None
+
+    def forward(self, x):
+        return self.decoder(x)
+
+
+def _batches(dtype):
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(S, B, IN, generator=gen, dtype=dtype) for _ in range(MICRO)]
+
+
+def _step(chunk, batches, deferral=None):
+    for x in batches:
+        (chunk(x) ** 2).sum().backward()
+    if deferral is not None:
+        deferral.flush()
+    return [p.main_grad.clone() for p in chunk.parameters()]
+
+
+def _reference(dtype):
+    return _step(_Chunk(dtype), _batches(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("producer", [False, True], ids=["copy", "zero_copy"])
+def test_deferred_step_matches_per_microbatch_accumulation(dtype, producer):
+    chunk = _Chunk(dtype, producer=producer)
+    deferral = wgrad_defer.attach(chunk, slots=MICRO, tokens_shape=(S, B))
+    assert len(deferral.arenas) == 2
+    got = _step(chunk, _batches(dtype), deferral)
+    for g, r in zip(got, _reference(dtype)):
+        torch.testing.assert_close(g, r, **TOL[dtype])
+    assert chunk.hook_adds == 0  # the placeholder reached the hook marked: never added
+    assert deferral.slot == -1
+    arena1, arena2 = (deferral.arenas[m.weight] for m in (chunk.decoder.fc1, chunk.decoder.fc2))
+    if producer:  # tanh wrote fc2's X and fc1's dY into the slots; the rest was copied
+        assert arena2.copies["x"] == 0 and arena1.copies["dy"] == 0
+    else:
+        assert arena2.copies["x"] == MICRO and arena1.copies["dy"] == MICRO
+    assert arena1.copies["x"] == MICRO and arena2.copies["dy"] == MICRO
+
+
+def test_a_slot_not_advanced_loses_microbatches():
+    chunk = _Chunk(torch.float64)
+    deferral = wgrad_defer.attach(chunk, slots=MICRO, tokens_shape=(S, B))
+    deferral.begin_microbatch = lambda: setattr(deferral, "slot", 0)  # planted: stuck at slot 0
+    got = _step(chunk, _batches(torch.float64), deferral)
+    assert not torch.allclose(got[0], _reference(torch.float64)[0], rtol=1e-3)
+
+
+def test_flush_overwrites_with_the_flag_and_adds_without():
+    dtype = torch.float64
+    reference = _reference(dtype)
+    for overwrite in (True, False):
+        chunk = _Chunk(dtype)
+        deferral = wgrad_defer.attach(chunk, slots=MICRO, tokens_shape=(S, B))
+        for p in chunk.parameters():
+            p.main_grad.fill_(3.0)  # stale contents: overwrite must never read them
+            setattr(p, wgrad.OVERWRITE_FLAG, overwrite)
+        got = _step(chunk, _batches(dtype), deferral)
+        for g, r, p in zip(got, reference, chunk.parameters()):
+            torch.testing.assert_close(g, r if overwrite else r + 3.0, **TOL[dtype])
+            assert getattr(p, wgrad.OVERWRITE_FLAG) is False
+
+
+def test_more_forwards_than_slots_is_an_error_and_targets_need_a_slot():
+    chunk = _Chunk(torch.float64)
+    deferral = wgrad_defer.attach(chunk, slots=2, tokens_shape=(S, B))
+    weight = chunk.decoder.fc2.weight
+    assert wgrad_defer.input_target(weight, (S, B, HID), torch.float64) is None  # no slot yet
+    chunk(_batches(torch.float64)[0])
+    view = wgrad_defer.input_target(weight, (S, B, HID), torch.float64)
+    assert view is not None and view.data_ptr() == deferral.arenas[weight].x[0].data_ptr()
+    assert wgrad_defer.input_target(weight, (S, B, HID + 1), torch.float64) is None
+    assert wgrad_defer.input_target(weight, (S, B, HID), torch.float32) is None
+    assert wgrad_defer.grad_target(torch.zeros(1), (S, B, OUT), torch.float64) is None
+    chunk(_batches(torch.float64)[1])
+    with pytest.raises(RuntimeError, match="flush"):
+        chunk(_batches(torch.float64)[2])
+    with pytest.raises(RuntimeError, match="already"):
+        wgrad_defer.attach(chunk, slots=2, tokens_shape=(S, B))
+
+
+def test_a_forward_without_grad_does_not_advance_the_slot():
+    chunk = _Chunk(torch.float64)
+    deferral = wgrad_defer.attach(chunk, slots=MICRO, tokens_shape=(S, B))
+    with torch.no_grad():
+        chunk(_batches(torch.float64)[0])
+    assert deferral.slot == -1
