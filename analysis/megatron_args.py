@@ -47,7 +47,8 @@ TRAIN_ITERS = 100  # a placeholder length: set your own
 MAPPED_LAYOUT_FIELDS = frozenset({
     "tp", "pp", "vpp", "cp", "mbs", "gbs", "recompute", "recompute_method", "recompute_num_layers",
     "sequence_parallel", "distributed_optimizer", "attention", "norm", "cuda_graph",
-    "swiglu", "loss", "optimizer_step", "add_norm", "qkv_grad", "grad_buffer", "embedding_grad"})
+    "swiglu", "loss", "optimizer_step", "add_norm", "qkv_grad", "grad_buffer", "embedding_grad",
+    "wgrad_defer"})
 OUR_ROPE_ATTENTION = ("triton", "sdpa", "sdpa_flash", "sdpa_cudnn", "flash_attn")
 
 
@@ -188,6 +189,10 @@ def _notes(layout: Layout, world_size: int) -> list[str]:
         notes.append("our trials skip zeroing the linears' fp32 gradients at one micro-batch per step "
                      "(their weight-gradient GEMMs overwrite them, kernels/wgrad.py); Megatron-LM zeroes "
                      "its whole gradient buffer every step")
+    if layout.wgrad_defer == "step":
+        notes.append("our trials compute the decoder linears' weight gradients once per step from "
+                     "per-micro-batch arenas (kernels/wgrad_defer.py, attached after the DDP wrap); "
+                     "Megatron-LM computes them every micro-batch")
     if layout.embedding_grad == "fused":
         notes.append("our trials add the word embedding's gradient rows straight into its fp32 gradient "
                      "(kernels/embedding.py, given to the model after the build); Megatron-LM builds the "

@@ -19,7 +19,7 @@ COLUMNS = [
     "trial", "status", "reason", "tp", "pp", "vpp", "cp", "dp", "mbs", "gbs", "recompute",
     "sequence_parallel", "distributed_optimizer", "attention", "norm", "cuda_graph",
     "swiglu", "loss", "optimizer_step", "add_norm", "qkv_grad", "grad_buffer", "embedding_grad",
-    "step_time_s",
+    "wgrad_defer", "step_time_s",
     "tokens_per_s", "tflops_per_gpu", "mfu_palm", "mfu_megatron", "peak_memory_gb",
     "predicted_memory_gb", "predicted_fits", "predicted_mfu", "predicted_step_time_s",
     "model", "cluster", "world_size", "device", "git_commit",
@@ -27,7 +27,7 @@ COLUMNS = [
 LAYOUT_COLUMNS = ["tp", "pp", "vpp", "cp", "mbs", "gbs", "recompute", "sequence_parallel",
                   "distributed_optimizer", "attention", "norm", "cuda_graph",
                   "swiglu", "loss", "optimizer_step", "add_norm", "qkv_grad", "grad_buffer",
-                  "embedding_grad"]
+                  "embedding_grad", "wgrad_defer"]
 
 
 def load_records(sweep_dir, warn=lambda line: print(line, file=sys.stderr)) -> list[dict]:

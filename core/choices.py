@@ -33,6 +33,10 @@ GradBuffer = Literal["megatron", "overwrite"]
 # fused: the word embedding's backward adds its gradient rows straight into the fp32 main_grad
 # (kernels/embedding.py) instead of a dense bf16 [vocab, hidden] gradient DDP then adds.
 EmbeddingGrad = Literal["megatron", "fused"]
+# step: the decoder linears keep each micro-batch's input and output gradient in per-weight
+# arenas and compute their weight gradients once per step, K = all the step's tokens
+# (kernels/wgrad_defer.py); off: one accumulating GEMM per micro-batch (kernels/wgrad.py).
+WgradDefer = Literal["off", "step"]
 Device = Literal["cpu", "cuda"]  # a cluster's trial path: gloo on CPU, nccl on CUDA
 
 ATTENTION_KERNELS = get_args(AttentionKernel)
@@ -42,12 +46,13 @@ RECOMPUTE_METHODS = get_args(RecomputeMethod)
 PLANTS = get_args(Plant)
 FUSION_TYPES = {"swiglu": SwigluKernel, "loss": LossKernel, "optimizer_step": OptimizerStep,
                 "add_norm": AddNorm, "qkv_grad": QkvGrad, "grad_buffer": GradBuffer,
-                "embedding_grad": EmbeddingGrad}
+                "embedding_grad": EmbeddingGrad, "wgrad_defer": WgradDefer}
 FUSION_CHOICES = {axis: get_args(kind) for axis, kind in FUSION_TYPES.items()}
 FUSION_DEFAULTS = {axis: choices[0] for axis, choices in FUSION_CHOICES.items()}
 # How a fusion that is not the default appears in a trial's name (core.config.Layout.name).
 FUSION_TAGS = {"swiglu": "swiglu", "loss": "loss", "optimizer_step": "opt", "add_norm": "addnorm",
-               "qkv_grad": "qkv", "grad_buffer": "gradbuf", "embedding_grad": "embgrad"}
+               "qkv_grad": "qkv", "grad_buffer": "gradbuf", "embedding_grad": "embgrad",
+               "wgrad_defer": "defer"}
 
 
 def spec_name(attention: str, norm: str, swiglu: str = "megatron", add_norm: str = "megatron",

@@ -30,6 +30,7 @@ from core.choices import (
     Recompute,
     RecomputeMethod,
     SwigluKernel,
+    WgradDefer,
 )
 
 
@@ -145,6 +146,9 @@ class Layout:
     # megatron (a dense [vocab, hidden] gradient per micro-batch, added by DDP) | fused (the
     # rows of this micro-batch's tokens added into the fp32 main_grad, kernels/embedding.py)
     embedding_grad: EmbeddingGrad = "megatron"
+    # off (each micro-batch's weight-gradient GEMM adds into main_grad) | step (the decoder
+    # linears' weight gradients once per step from per-micro-batch arenas, kernels/wgrad_defer.py)
+    wgrad_defer: WgradDefer = "off"
 
     @property
     def name(self) -> str:

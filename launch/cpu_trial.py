@@ -53,7 +53,9 @@ class Trainer:
 def build(model_cfg: ModelConfig, layout: Layout, *, seed: int, lr: float,
           wgrad_fusion: bool = False) -> Trainer:
     """Model chunks, DDP and optimizer for this rank; megatron's parallel state must be set.
-    wgrad_fusion: kernels.wgrad's linears, as on GPU (off in CPU trials; tests turn it on)."""
+    wgrad_fusion: kernels.wgrad's linears, as on GPU (off in CPU trials; tests turn it on).
+    layout.wgrad_defer=step turns it on: the deferred GEMMs are kernels.wgrad's fp32 addmm."""
+    wgrad_fusion = wgrad_fusion or layout.wgrad_defer == "step"
     install_rng_tracker()  # before seeding: megatron's seeding then fills the CPU tracker
     model_parallel_cuda_manual_seed(seed)
     config = transformer_config(model_cfg, layout, device="cpu")
@@ -65,6 +67,8 @@ def build(model_cfg: ModelConfig, layout: Layout, *, seed: int, lr: float,
     with device_redirect():  # DDP places its grad buffers on torch.cuda.current_device()
         model = steps.wrap_ddp(chunks, config, distributed_optimizer=False, overlap=False)
     steps.sync_config(config, model, overlap=False)
+    num_micro = layout.num_microbatches(dist.get_world_size())
+    steps.defer_wgrad(model, config, layout, seq_length=model_cfg.seq_length, num_micro=num_micro)
     params = [p for chunk in model for p in chunk.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     return Trainer(config, model, params, optimizer, get_forward_backward_func())

@@ -123,17 +123,21 @@ def parts(spec: TrialSpec, world: int, setup: Timeline) -> StepParts:
     config = transformer_config(model_cfg, layout, device="cuda")
     # Weight gradients straight into DDP's fp32 buffers where the GEMM checks out (kernels/wgrad.py).
     wgrad_fusion = wgrad.available("cuda")
+    if layout.wgrad_defer == "step" and not wgrad_fusion:
+        raise RuntimeError("wgrad_defer=step needs the weight-gradient fusion: the fp32-output "
+                           "GEMM does not check out on this device (kernels.wgrad.check)")
     chunks = _chunks(spec, config, wgrad_fusion=wgrad_fusion)
     guard = StepGuard(spec, chunks)  # a non-finite loss or grad norm ends the trial `diverged`
     setup.mark("build_model")
     inject_failure(spec)
 
     dp = parallel_state.get_data_parallel_world_size()
-    # Overlap needs a reduction to hide; a captured graph holds no asynchronous collectives.
-    overlap = dp > 1 and not layout.cuda_graph
+    overlap = steps.overlap_grad_reduce(layout, dp, device="cuda")
     model = steps.wrap_ddp(chunks, config, distributed_optimizer=layout.distributed_optimizer,
                            overlap=overlap)
     steps.sync_config(config, model, overlap=overlap)
+    num_micro = layout.num_microbatches(world)
+    steps.defer_wgrad(model, config, layout, seq_length=model_cfg.seq_length, num_micro=num_micro)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=trial.lr, bf16=True, params_dtype=torch.bfloat16,
                         use_distributed_optimizer=layout.distributed_optimizer),
@@ -150,10 +154,9 @@ def parts(spec: TrialSpec, world: int, setup: Timeline) -> StepParts:
         schedule = MicrobatchGraph(loss_func=_loss_func, eager_steps=1)
     else:
         schedule = get_forward_backward_func()
-    num_micro = layout.num_microbatches(world)
     device = torch.cuda.current_device()
-    # grad_buffer=overwrite (one micro-batch per step, sweeper.validity): our linears' GEMMs
-    # write their fp32 gradients, so only the others are zeroed (kernels/wgrad.py).
+    # grad_buffer=overwrite (one micro-batch per step, or wgrad_defer=step: sweeper.validity):
+    # our linears' GEMMs write their fp32 gradients, so only the others are zeroed (kernels/wgrad.py).
     zero_buffer = wgrad.zero_grad_buffer_except_overwritten if layout.grad_buffer == "overwrite" else None
 
     def barrier() -> None:

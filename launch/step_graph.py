@@ -23,6 +23,15 @@ Step 0 runs eagerly through the same function (cuDNN plans, Triton and torch.com
 kernels, autotuning all happen outside the capture). Gradient reduction is not
 overlapped with the backward (a graph holds no asynchronous collectives), and the
 trial runs on a side stream (see `launch.gpu_trial.run_steps`).
+
+`layout.wgrad_defer=step` (kernels/wgrad_defer.py): each micro-batch writes its own arena
+slot, so one graph cannot serve them all. Then micro-batch i has its own graph, captured in
+step 1 with slot i current (the chunk's pre-hook advances it during the capture) and
+replayed for micro-batch i after that; a replay runs no Python, so the slot is set here.
+The graphs share one memory pool, captured and replayed in the same order: nothing a graph
+leaves in that pool is read after another graph runs (the loss is cloned at once; the
+arenas and main_grad live outside it), so the pool holds one micro-batch's activations, as
+the single graph's does. Flush runs eagerly, in front of finalize_model_grads_func.
 """
 
 from __future__ import annotations
@@ -44,10 +53,15 @@ class MicrobatchGraph:
     def __init__(self, *, loss_func, eager_steps: int = 1):
         self.loss_func = loss_func
         self.eager_steps = eager_steps
-        self.graph = None
+        self.graphs = []  # one, or one per micro-batch slot (wgrad_defer)
+        self.static_losses = []
         self.static_batch = None
-        self.static_loss = None
+        self.pool = None
         self._steps = 0
+
+    @property
+    def graph(self):
+        return self.graphs[0] if self.graphs else None
 
     def _forward_backward(self, chunk, batch: dict, num_microbatches: int) -> torch.Tensor:
         output = chunk(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
@@ -58,7 +72,12 @@ class MicrobatchGraph:
         return loss.detach()
 
     def _capture(self, chunk, batch: dict, num_microbatches: int) -> None:
-        self.static_batch = {key: value.clone() for key, value in batch.items()}
+        if self.static_batch is None:
+            self.static_batch = {key: value.clone() for key, value in batch.items()}
+        else:
+            self._load(batch)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the graph's private pool should not sit beside eager blocks
         graph = torch.cuda.CUDAGraph()
@@ -67,10 +86,14 @@ class MicrobatchGraph:
         # Captured on the trial's own (side) stream: megatron DDP's gradient hooks sit on
         # AccumulateGrad nodes made there. "thread_local": NCCL's watchdog thread may
         # query events while this thread captures.
-        with torch.cuda.graph(graph, stream=torch.cuda.current_stream(),
+        with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.current_stream(),
                               capture_error_mode="thread_local"):
-            self.static_loss = self._forward_backward(chunk, self.static_batch, num_microbatches)
-        self.graph = graph
+            self.static_losses.append(self._forward_backward(chunk, self.static_batch, num_microbatches))
+        self.graphs.append(graph)
+
+    def _load(self, batch: dict) -> None:
+        for key, value in batch.items():
+            self.static_batch[key].copy_(value, non_blocking=True)
 
     def __call__(self, *, forward_step_func=None, data_iterator, model, num_microbatches: int,
                  seq_length=None, micro_batch_size=None, forward_only: bool = False):
@@ -78,17 +101,21 @@ class MicrobatchGraph:
             raise ValueError("MicrobatchGraph trains one model chunk (pp == vpp == 1)")
         chunk = model[0]
         batches = data_iterator[0] if isinstance(data_iterator, list) else data_iterator
+        deferral = getattr(chunk, "wgrad_deferral", None)
         losses = []
-        for batch in batches:
+        for index, batch in enumerate(batches):
             if self._steps < self.eager_steps:
                 losses.append(self._forward_backward(chunk, batch, num_microbatches))
                 continue
-            if self.graph is None:
+            which = index if deferral is not None else 0
+            if which == len(self.graphs):
                 self._capture(chunk, batch, num_microbatches)
-            for key, value in batch.items():
-                self.static_batch[key].copy_(value, non_blocking=True)
-            self.graph.replay()
-            losses.append(self.static_loss.clone())
+            else:
+                self._load(batch)
+            self.graphs[which].replay()
+            if deferral is not None:
+                deferral.slot = index  # the replay's baked-in slot; flush reads how many ran
+            losses.append(self.static_losses[which].clone())
         self._steps += 1
         config = get_model_config(chunk)
         if config.finalize_model_grads_func is not None:

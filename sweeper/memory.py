@@ -32,6 +32,12 @@ What megatron-core holds, as assumed here (CUDA, bf16 mixed precision):
   layout.loss="fused" (kernels/fused_ce.py) holds one 4096-token chunk of bf16 logits. Middle stages never exceed stage 0.
 - the peak is whichever is larger: the activations at the turn from forward to
   backward, or the optimizer step's temporaries (activations freed by then).
+- layout.wgrad_defer=step (kernels/wgrad_defer.py, pp = 1): the arenas, allocated once and
+  held through the step, keep every micro-batch's X and dY of the four decoder linears:
+  slots * tokens * sum over linears of (in + out) * element bytes (the `wgrad_arena` term,
+  in both phases); the linears' inputs autograd no longer saves come off the layer's
+  activations (the norms' outputs into QKV and fc1, the SwiGLU product into fc2; the
+  attention output stays, saved by the fused attention itself).
 - overhead: allocator fragmentation and rounding (a fraction: reserved / allocated - 1,
   measured 1.8-4.9% on the H100 sweep), device memory outside the allocator (CUDA
   context, library handles: 2.83 GiB measured there) and NCCL buffers per communicator
@@ -180,6 +186,8 @@ def layer_bytes(sh: Shape, layout: Layout, cpu: bool) -> LayerBytes:
     # product (f). CPU (no fusion): fc1 output, silu output and the product.
     mlp = (4.0 if cpu else 3.0) * e * T * sh.f / tp
     full = norms + linear_inputs + kept + core + proj_input + mlp
+    if getattr(layout, "wgrad_defer", "off") == "step":  # the arena holds them instead
+        full -= linear_inputs + e * T * sh.f / tp + (proj_input if unfused else 0.0)
     return LayerBytes(
         full=full,
         core=core,
@@ -223,6 +231,19 @@ def logits_bytes(sh: Shape, layout: Layout, cpu: bool) -> tuple[float, float]:
     return saved, transient
 
 
+def arena_bytes(sh: Shape, layout: Layout, cpu: bool, microbatches: int) -> float:
+    """kernels/wgrad_defer.py's arenas on one rank: per micro-batch slot and token, the X and
+    dY of QKV (h, (q + 2kv)/tp), the attention output (q/tp, h), fc1 (h, 2f/tp) and fc2
+    (f/tp, h); X is the whole sequence even under SP (the gathered input)."""
+    if getattr(layout, "wgrad_defer", "off") != "step":
+        return 0.0
+    e = 4.0 if cpu else 2.0
+    tp = layout.tp
+    per_token = (4 * sh.h + (sh.q + 2 * sh.kv) / tp + sh.q / tp + 3 * sh.f / tp)
+    layers = sh.L // layout.pp
+    return microbatches * layout.mbs * sh.s / layout.cp * per_token * e * layers
+
+
 def _stage(sh, layout, cal, cpu, stage, dp, microbatches, lb):
     """(terms in bytes before overhead, dynamic bytes, phase) for one stage."""
     pp, cp = layout.pp, layout.cp
@@ -249,6 +270,8 @@ def _stage(sh, layout, cal, cpu, stage, dp, microbatches, lb):
     terms = dict(weights=weight_b * params, grads=grad_b * params, optimizer=opt_b * params / shards,
                  optimizer_step=0.0, activations=0.0, logits=0.0, attention_workspace=0.0,
                  mlp_workspace=0.0, recompute=0.0)
+    if getattr(layout, "wgrad_defer", "off") == "step":  # named only when on, as in the trial name
+        terms["wgrad_arena"] = arena_bytes(sh, layout, cpu, microbatches)
     if phase == "optimizer":
         terms["optimizer_step"] = step_temp
         return terms, 0.0, phase

@@ -22,6 +22,8 @@ from core.choices import (
 )
 from core.config import ClusterConfig, Layout, ModelConfig
 
+CPU_FUSIONS = ("wgrad_defer",)  # fusion axes the CPU trial path runs (the rest need CUDA)
+
 
 def _check_axes(layout: Layout) -> Optional[str]:
     for name in ("tp", "pp", "vpp", "cp", "mbs", "gbs", "recompute_num_layers"):
@@ -130,14 +132,26 @@ def _check_kernels(model: ModelConfig, layout: Layout) -> Optional[str]:
 
 def _check_grad_buffer(layout: Layout, world_size: int) -> Optional[str]:
     """grad_buffer=overwrite: a weight gradient written, not added, is right only when one
-    micro-batch makes the step (a CUDA graph replays the captured overwrite every time)."""
+    micro-batch makes the step (a CUDA graph replays the captured overwrite every time), or
+    with wgrad_defer=step, whose flush writes the decoder's gradients once per step (beta 0)
+    and whose per-slot graphs bake the overwrite into slot 0's only."""
     if layout.grad_buffer != "overwrite":
         return None
     if layout.pp > 1:
         return "grad_buffer=overwrite needs pp = 1 (one micro-batch per step)"
-    if layout.num_microbatches(world_size) != 1:
+    if layout.num_microbatches(world_size) != 1 and layout.wgrad_defer != "step":
         return (f"grad_buffer=overwrite needs one micro-batch per step (gbs = mbs * dp), got "
                 f"{layout.num_microbatches(world_size)}")
+    return None
+
+
+def _check_wgrad_defer(layout: Layout) -> Optional[str]:
+    """wgrad_defer=step keeps slot i for micro-batch i from its forward to the step's flush:
+    the no-pipelining schedule only (forward i, backward i, then the next). The DP reduction
+    is never overlapped with it (launch.steps.overlap_grad_reduce: the buckets would reduce
+    before the flush wrote them), so that is no reason to refuse."""
+    if layout.wgrad_defer == "step" and layout.pp > 1:
+        return "wgrad_defer=step needs pp = 1 (one chunk, each backward right after its forward)"
     return None
 
 
@@ -152,6 +166,7 @@ def invalid_reason(model: ModelConfig, layout: Layout, world_size: int) -> Optio
         or _check_recompute(model, layout)
         or _check_kernels(model, layout)
         or _check_grad_buffer(layout, world_size)
+        or _check_wgrad_defer(layout)
     )
 
 
@@ -179,8 +194,9 @@ def unsupported_reason(cluster: ClusterConfig, layout: Layout) -> Optional[str]:
     if layout.attention in ("flash_attn", "sdpa_flash", "sdpa_cudnn", "megatron"):
         needs.append(f"attention={layout.attention}")
     # The fusions of issue 17: Triton kernels on GPU tensors, and megatron's optimizer.
+    # wgrad_defer runs on CPU too: its GEMMs are kernels.wgrad's fp32 addmm (launch/cpu_trial.py).
     needs += [f"{axis}={getattr(layout, axis)}" for axis, default in FUSION_DEFAULTS.items()
-              if getattr(layout, axis) != default]
+              if getattr(layout, axis) != default and axis not in CPU_FUSIONS]
     if needs:
         return "needs CUDA: " + ", ".join(needs)
     return None

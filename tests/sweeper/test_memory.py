@@ -304,3 +304,23 @@ def test_fused_loss_keeps_dx_and_one_chunk_of_logits():
     # Negative control: megatron's loss keeps the fp32 softmax and 10 B per logit at its peak.
     m_saved, m_transient = logits_bytes(SH, Layout(mbs=2), cpu=False)
     assert m_saved + m_transient - (saved + transient) == 10 * 64 * 1024 - 2 * 64 * 1024 - 4 * 1024 * 64
+
+
+def test_deferred_wgrad_adds_its_arenas_and_drops_the_saved_linear_inputs():
+    # Four micro-batches of mbs 2 (T = 64 tokens), bf16. Per layer and token the arenas hold
+    # X and dY of QKV (64 + 128), proj (64 + 64), fc1 (64 + 256), fc2 (128 + 64) = 832
+    # elements: 4 slots * 64 tokens * 832 * 2 B * 4 layers.
+    off, on = Layout(mbs=2, gbs=8), Layout(mbs=2, gbs=8, wgrad_defer="step")
+    arena = 4 * 64 * 832 * 2 * 4
+    # Autograd no longer saves the QKV and fc1 inputs (2 * 2 B * 64 * 64) or fc2's (2 B * 64 * 128).
+    freed = 2 * 2 * 64 * 64 + 2 * 64 * 128
+    assert layer_bytes(SH, off, cpu=False).full - layer_bytes(SH, on, cpu=False).full == freed
+    est_off = predict_memory(SMALL, GPU, off, BARE, dp=1)
+    est_on = predict_memory(SMALL, GPU, on, BARE, dp=1)
+    assert "wgrad_arena" not in est_off.terms
+    assert est_on.terms["wgrad_arena"] == pytest.approx(arena / GIB)
+    assert est_off.terms["activations"] - est_on.terms["activations"] == pytest.approx(4 * freed / GIB)
+    assert sum(est_on.terms.values()) == pytest.approx(est_on.peak_gb)
+    # tp 2 splits the out (QKV, fc1) and in (proj, fc2) widths, never the h sides: 256 + 288 / 2.
+    tp2 = predict_memory(SMALL, GPU, dataclasses.replace(on, tp=2), BARE, dp=1)
+    assert tp2.terms["wgrad_arena"] == pytest.approx(4 * 64 * (256 + 576 / 2) * 2 * 4 / GIB)

@@ -168,6 +168,22 @@ def test_overwriting_grad_buffer_needs_one_microbatch_per_step():
     assert reason(grad_buffer="overwrite", pp=2, gbs=4) == "grad_buffer=overwrite needs pp = 1 (one micro-batch per step)"
 
 
+def test_deferred_wgrad_needs_no_pipeline_and_lets_the_buffer_be_overwritten():
+    # 8 ranks of dp at mbs 1, gbs 32: four micro-batches per step.
+    assert reason(wgrad_defer="step", gbs=32) is None
+    assert reason(wgrad_defer="step", gbs=32, tp=2, sequence_parallel=True) is None
+    assert reason(wgrad_defer="step", pp=2, gbs=32) == (
+        "wgrad_defer=step needs pp = 1 (one chunk, each backward right after its forward)")
+    assert reason(wgrad_defer="step", grad_buffer="overwrite", gbs=32) is None  # flush writes, beta 0
+    assert reason(wgrad_defer="off", grad_buffer="overwrite", gbs=32) == (
+        "grad_buffer=overwrite needs one micro-batch per step (gbs = mbs * dp), got 4")
+    assert reason(wgrad_defer="step", grad_buffer="overwrite", pp=2, gbs=32) == (
+        "grad_buffer=overwrite needs pp = 1 (one micro-batch per step)")
+    assert reason(wgrad_defer="always", gbs=8) == "wgrad_defer must be one of off, step, got 'always'"
+    assert Layout(wgrad_defer="step").name.endswith("_defer-step")
+    assert "defer" not in Layout().name
+
+
 def test_fused_embedding_grad_takes_any_split_and_a_typo_is_refused():
     """kernels/embedding.py masks the other ranks' rows as megatron does and leaves the output's
     reduce (or SP reduce-scatter) to megatron; on later pipeline stages there is no embedding.
@@ -212,12 +228,15 @@ def test_each_cuda_only_attention_needs_cuda_and_the_others_do_not():
         assert unsupported_reason(CPU, Layout(attention=attention)) is None
 
 
-def test_each_fusion_off_its_default_needs_cuda():
+def test_each_fusion_off_its_default_needs_cuda_but_the_deferral():
     from core.choices import FUSION_CHOICES
+    from sweeper.validity import CPU_FUSIONS
 
     for axis, choices in FUSION_CHOICES.items():
         for value in choices[1:]:
-            assert unsupported_reason(CPU, Layout(**{axis: value})) == f"needs CUDA: {axis}={value}"
+            expected = None if axis in CPU_FUSIONS else f"needs CUDA: {axis}={value}"
+            assert unsupported_reason(CPU, Layout(**{axis: value})) == expected
+    assert CPU_FUSIONS == ("wgrad_defer",)  # the CPU path runs it through the fp32 addmm
 
 
 def test_cuda_graphs_need_pp_1_on_any_device():
