@@ -173,3 +173,102 @@ def test_a_forward_without_grad_does_not_advance_the_slot():
     with torch.no_grad():
         chunk(_batches(torch.float64)[0])
     assert deferral.slot == -1
+
+
+# -- the real build on gloo: megatron GPTModel, DDP, finalize_model_grads ----------------------
+
+TINY = dict(name="tiny", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+            num_query_groups=2, vocab_size=1000, seq_length=16)
+GLOO_CASES = {  # name: (tp, layout axes); world 2, four micro-batches per step in each
+    "tp1": (1, dict(mbs=2, gbs=16)),
+    "tp2_sp": (2, dict(mbs=2, gbs=8, sequence_parallel=True)),
+    "tp1_overwrite": (1, dict(mbs=2, gbs=16, grad_buffer="overwrite")),
+}
+STALE = 3.0  # what the buffers hold before the step (a previous step's gradients)
+
+
+def _gloo_main_grads(layout, model_cfg) -> tuple[dict, dict]:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from launch import cpu_trial, steps
+    from launch.cpu_shims import device_redirect
+
+    torch.manual_seed(7)
+    trainer = cpu_trial.build(model_cfg, layout, seed=7, lr=1e-3, wgrad_fusion=True)
+    num_micro = layout.num_microbatches(dist.get_world_size())
+    batches = steps.step_batches(_Spec(model_cfg, layout), 0, num_micro, ps.get_data_parallel_rank(),
+                                 device="cpu")
+    for p in trainer.params:
+        p.main_grad.fill_(STALE)
+    overwrite = layout.grad_buffer == "overwrite"
+    with device_redirect():
+        steps.forward_backward(trainer.schedule, trainer.model, batches, num_micro=num_micro,
+                               seq_length=model_cfg.seq_length, mbs=layout.mbs,
+                               zero_buffer=wgrad.zero_grad_buffer_except_overwritten if overwrite else None)
+    deferral = getattr(trainer.model[0], "wgrad_deferral", None)
+    info = {"num_micro": num_micro, "arenas": 0 if deferral is None else len(deferral.arenas),
+            "slot_after": None if deferral is None else deferral.slot}
+    return {n: p.main_grad.clone() for n, p in trainer.model[0].named_parameters()}, info
+
+
+class _Spec:
+    def __init__(self, model, layout):
+        from core.config import TrialConfig
+
+        self.model, self.layout, self.trial = model, layout, TrialConfig(seed=7)
+
+
+def _gloo_compare(rank):
+    import dataclasses
+    from unittest import mock
+
+    from megatron.core import parallel_state as ps
+
+    from core.config import Layout, ModelConfig
+
+    model_cfg = ModelConfig(**TINY)
+    out = {}
+    for control in (False, True):
+        for name, (tp, axes) in GLOO_CASES.items():
+            ps.destroy_model_parallel()
+            ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+            layout = Layout(tp=tp, attention="sdpa", norm="torch", **axes)
+            if layout.grad_buffer == "overwrite":  # the reference: several micro-batches, zeroed
+                reference, _ = _gloo_main_grads(dataclasses.replace(layout, grad_buffer="megatron"), model_cfg)
+            else:
+                reference, _ = _gloo_main_grads(layout, model_cfg)
+            deferred_layout = dataclasses.replace(layout, wgrad_defer="step")
+            if control:  # planted: the flush forgets its GEMMs (slots reset, nothing written)
+                with mock.patch.object(wgrad_defer.Arena, "flush", lambda self, count: None):
+                    deferred, info = _gloo_main_grads(deferred_layout, model_cfg)
+            else:
+                deferred, info = _gloo_main_grads(deferred_layout, model_cfg)
+            info["mismatched"] = sorted(n for n in reference
+                                        if not torch.allclose(deferred[n], reference[n], rtol=1e-5, atol=1e-6))
+            out[(name, control)] = info
+    return out
+
+
+@pytest.fixture(scope="module")
+def gloo_compared():
+    from tests.gloo import run_on_gloo
+
+    return run_on_gloo(_gloo_compare, world_size=2)[0]
+
+
+@pytest.mark.parametrize("case", GLOO_CASES)
+def test_a_gloo_trial_build_defers_with_the_same_main_grad(gloo_compared, case):
+    # fp32 on both sides, one K = 4 * tokens GEMM against four added: 1e-5 relative.
+    info = gloo_compared[(case, False)]
+    assert info["num_micro"] == 4
+    assert info["arenas"] == 4 * TINY["num_layers"]  # QKV, proj, fc1, fc2; not the output layer
+    assert info["slot_after"] == -1  # flushed before finalize_model_grads
+    assert info["mismatched"] == [], info
+
+
+@pytest.mark.parametrize("case", GLOO_CASES)
+def test_a_flush_that_computes_nothing_is_caught(gloo_compared, case):
+    info = gloo_compared[(case, True)]
+    assert len(info["mismatched"]) == 4 * TINY["num_layers"], info
+    assert all("decoder.layers" in name for name in info["mismatched"])
