@@ -160,7 +160,8 @@ import json, sys
 rows = [r for r in json.load(open(sys.argv[1] + "/leaderboard.json"))["rows"] if r.get("status") == "ok"]
 best = max(rows, key=lambda r: r["mfu_palm"])
 axes = ("mbs", "recompute", "distributed_optimizer", "attention", "norm", "cuda_graph",
-        "swiglu", "loss", "optimizer_step", "add_norm", "qkv_grad", "grad_buffer", "embedding_grad")
+        "swiglu", "loss", "optimizer_step", "add_norm", "qkv_grad", "grad_buffer", "embedding_grad",
+        "wgrad_defer")
 print(" ".join(f"layout.{k}={str(best[k]).lower() if isinstance(best[k], bool) else best[k]}"
                for k in axes if best.get(k) is not None))
 PY

@@ -202,3 +202,12 @@ def test_h200_presets_run_the_fused_embedding_with_its_off_runs_at_mbs_1_and_16(
     assert all(dataclasses.replace(lay, embedding_grad="fused") in on for lay in off)
     parity = [lay for lay in _preset_layouts("h200_parity") if lay.qkv_grad == "fused"]
     assert [lay.embedding_grad for lay in parity] == ["fused"]
+
+
+def test_h200_preset_defers_the_wgrad_at_mbs_1_beside_the_same_layouts_without():
+    layouts = _preset_layouts("h200_single")
+    deferred = [lay for lay in layouts if lay.wgrad_defer == "step"]
+    assert sorted(lay.attention for lay in deferred) == ["flash_attn", "sdpa_cudnn"]
+    assert all(lay.mbs == 1 and lay.grad_buffer == "overwrite" for lay in deferred)
+    for lay in deferred:  # its control: the same layout, accumulating per micro-batch
+        assert dataclasses.replace(lay, wgrad_defer="off", grad_buffer="megatron") in layouts
