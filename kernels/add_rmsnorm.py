@@ -24,6 +24,11 @@ fixed order, into main_grad when tagged), host `forward` /
 A weight tagged `fused_main_grad` (kernels.megatron_layer does so under megatron's
 gradient_accumulation_fusion) gets dw added straight into its fp32 `main_grad`: at mbs 1
 that is 47 norms x 16 micro-batches of bf16 dw and DDP add kernels fewer per step.
+
+Output targets (`layout.wgrad_defer=step`, kernels/out_target.py): `y_target` says where y
+goes (the next linear's input arena slot: FC1's, or the next layer's QKV's) and `dh_target`
+where dh goes (the gradient of a and r alike: the attention output linear's or FC2's dY
+slot), both set by kernels/megatron_layer.py from kernels/defer_wiring.py; None allocates.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import triton
 import triton.language as tl
 
 from kernels import main_grad as main_grad_rule
+from kernels import out_target
 
 ROWS = 16  # backward rows per program: dw partials stay 1/16 of the rows' bytes
 MAX_HIDDEN = 16384  # one row lives in registers
@@ -126,8 +132,9 @@ def _warps(block_n: int) -> int:
     return max(4, min(16, block_n // 512))
 
 
-def forward(a: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float):
-    """h = a + r, y = rmsnorm(h) * w (a's shape and dtype), rstd [rows] fp32."""
+def forward(a: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float, y_out: torch.Tensor = None):
+    """h = a + r, y = rmsnorm(h) * w (a's shape and dtype), rstd [rows] fp32; y written into
+    `y_out` (contiguous, a's shape and dtype) when given."""
     if a.shape != r.shape or a.dtype != r.dtype:
         raise ValueError(f"a and r must match, got {tuple(a.shape)} {a.dtype} and {tuple(r.shape)} {r.dtype}")
     n_cols = a.shape[-1]
@@ -136,7 +143,7 @@ def forward(a: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float):
     a2, r2 = _rows(a), _rows(r)
     # Fresh contiguous outputs of a's shape, not views: megatron copies views it returns.
     h = torch.empty(a.shape, dtype=a.dtype, device=a.device)
-    y = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    y = out_target.empty(y_out, a.shape, a.dtype, a.device, "y_out")
     rstd = torch.empty(a2.shape[0], dtype=torch.float32, device=a.device)
     if a2.shape[0]:
         block_n = triton.next_power_of_2(n_cols)
@@ -146,14 +153,14 @@ def forward(a: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float):
 
 
 def backward(dy: torch.Tensor, dh_in, h: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor,
-             *, dw_into: torch.Tensor = None):
-    """dh (h's shape and dtype) and dw from the gradients of y and of h (dh_in None: no
-    gradient reached h from later). dw: a new fp32 tensor, or, with `dw_into` (a weight's
-    fp32 main_grad), added into that buffer and returned."""
+             *, dw_into: torch.Tensor = None, dh_out: torch.Tensor = None):
+    """dh (h's shape and dtype; written into `dh_out` when given) and dw from the gradients
+    of y and of h (dh_in None: no gradient reached h from later). dw: a new fp32 tensor, or,
+    with `dw_into` (a weight's fp32 main_grad), added into that buffer and returned."""
     h2, dy2 = _rows(h), _rows(dy)
     dh_in2 = dy2 if dh_in is None else _rows(dh_in)  # not read when absent (HAS_DH_IN)
     n_rows, n_cols = h2.shape
-    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    dh = out_target.empty(dh_out, h.shape, h.dtype, h.device, "dh_out")
     programs = triton.cdiv(n_rows, ROWS)
     if not n_rows:
         return dh, dw_into if dw_into is not None else torch.zeros(w.shape, dtype=torch.float32, device=w.device)
@@ -169,9 +176,10 @@ def backward(dy: torch.Tensor, dh_in, h: torch.Tensor, w: torch.Tensor, rstd: to
 
 class AddRMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, r, w, eps):
-        h, y, rstd = forward(a, r, w, eps)
+    def forward(ctx, a, r, w, eps, y_target=None, dh_target=None):
+        h, y, rstd = forward(a, r, w, eps, out_target.take(y_target, a.shape, a.dtype, a.device))
         ctx.save_for_backward(h, w, rstd)
+        ctx.dh_target = dh_target
         ctx.set_materialize_grads(False)  # an output without gradient arrives as None, not zeros
         return h, y
 
@@ -179,20 +187,23 @@ class AddRMSNormFunction(torch.autograd.Function):
     def backward(ctx, dh_in, dy):
         h, w, rstd = ctx.saved_tensors
         dy = torch.zeros_like(h) if dy is None else dy  # y unused: never in a trial's layers
+        dh_out = out_target.take(ctx.dh_target, h.shape, h.dtype, h.device)
         if getattr(w, "fused_main_grad", False):
             # As megatron's linears do under gradient_accumulation_fusion: dw goes into DDP's
             # fp32 buffer here, in the reduce of the partials (no bf16 rounding, no add
             # kernel of DDP's per micro-batch), and autograd gets a placeholder, flagged so
             # DDP's hook does not add it.
-            dh, _ = backward(dy, dh_in, h, w, rstd, dw_into=w.main_grad)
-            return dh, dh, main_grad_rule.handed_over(w), None
-        dh, dw = backward(dy, dh_in, h, w, rstd)
-        return dh, dh, dw.to(w.dtype), None
+            dh, _ = backward(dy, dh_in, h, w, rstd, dw_into=w.main_grad, dh_out=dh_out)
+            return dh, dh, main_grad_rule.handed_over(w), None, None, None
+        dh, dw = backward(dy, dh_in, h, w, rstd, dh_out=dh_out)
+        return dh, dh, dw.to(w.dtype), None, None, None
 
 
-def add_rms_norm(a: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-5):
-    """(h, y): h = a + r and y = RMSNorm(h) * weight; differentiable in a, r and weight."""
-    return AddRMSNormFunction.apply(a, r, weight, eps)
+def add_rms_norm(a: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-5,
+                 y_target: out_target.Target = None, dh_target: out_target.Target = None):
+    """(h, y): h = a + r and y = RMSNorm(h) * weight; differentiable in a, r and weight.
+    y_target / dh_target: where y and dh (the gradient of a and of r) go (kernels.out_target)."""
+    return AddRMSNormFunction.apply(a, r, weight, eps, y_target, dh_target)
 
 
 def reference(a, r, weight, eps: float = 1e-5):

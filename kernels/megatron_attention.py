@@ -45,6 +45,8 @@ class _CoreAttention(MegatronModule):
     dv straight into one gradient of the fused QKV projection (kernels.rope.apply_rope_qkv),
     so megatron's split of that projection never concatenates them; where q, k, v are not
     plain views of it (GQA with several query heads per group, recompute) it does nothing.
+    `dqkv_target` (None unless kernels/defer_wiring.py sets it, layout.wgrad_defer=step):
+    where that gradient goes, the QKV linear's dY arena slot.
     """
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType,
@@ -70,6 +72,7 @@ class _CoreAttention(MegatronModule):
         if fused_qkv_grad and not rope:
             raise ValueError("fused_qkv_grad is the RoPE backward's: it needs rope=True")
         self.fused_qkv_grad = fused_qkv_grad
+        self.dqkv_target = None
 
     def _prepare(self, query, key, value, attention_mask, attn_mask_type, attention_bias,
                  packed_seq_params):
@@ -79,7 +82,8 @@ class _CoreAttention(MegatronModule):
         self._check_unsupported(attention_bias, packed_seq_params)
         causal = self._is_causal(attention_mask, attn_mask_type)
         if self.rope and self.fused_qkv_grad:
-            query, key, value = apply_rope_qkv(query, key, value, base=self.rope_base)
+            query, key, value = apply_rope_qkv(query, key, value, base=self.rope_base,
+                                               dqkv_target=self.dqkv_target)
         elif self.rope:
             query, key = apply_rope(query, key, base=self.rope_base)
         return query, key, value, causal

@@ -17,6 +17,11 @@ Anything else (evaluation, inference, cross-attention, dropout, norm recompute o
 offloading, biases) runs megatron's own forward.
 
 Needs a norm module with `weight` and `eps` (this project's Triton or torch RMSNorm).
+
+Output targets (`layout.wgrad_defer=step`, set by kernels/defer_wiring.py, None otherwise):
+`pre_mlp_targets` = (y_target, dh_target) of the attention's add+norm (y is FC1's input, dh
+the gradient of the attention output: the attention output linear's dY), `next_norm_targets`
+likewise for the MLP's add+norm (y is the next layer's QKV input, dh FC2's dY).
 """
 
 from __future__ import annotations
@@ -37,11 +42,17 @@ class FusedAddNormLayer(TransformerLayer):
         for norm in (self.input_layernorm, self.pre_mlp_layernorm):
             if hasattr(norm, "weight"):
                 norm.weight.fused_main_grad = fused
+        self.pre_mlp_targets = self.next_norm_targets = (None, None)
 
     def _fusable(self, context, inference_context) -> bool:
-        config = self.config
         return (self.training and context is None and inference_context is None
-                and config.hidden_dropout == 0.0 and not config.add_bias_linear
+                and self.fuses_in_training())
+
+    def fuses_in_training(self) -> bool:
+        """Whether a training forward (no cross-attention, no inference) runs the fused path:
+        the build's part of `_fusable`."""
+        config = self.config
+        return (config.hidden_dropout == 0.0 and not config.add_bias_linear
                 and not self.recompute_input_layernorm and not self.recompute_pre_mlp_layernorm
                 and not self.recompute_mlp and not self.offload_attn_norm
                 and not self.offload_mlp_norm and not self.is_moe_layer
@@ -69,7 +80,9 @@ class FusedAddNormLayer(TransformerLayer):
         if attention_bias_out is not None:
             raise ValueError("add_norm=fused takes no attention output bias")
         norm = self.pre_mlp_layernorm
-        residual, mlp_input = add_rms_norm(attention_output, hidden_states, norm.weight, eps=norm.eps)
+        y_target, dh_target = self.pre_mlp_targets
+        residual, mlp_input = add_rms_norm(attention_output, hidden_states, norm.weight, eps=norm.eps,
+                                           y_target=y_target, dh_target=dh_target)
         mlp_output, mlp_bias = self.mlp(mlp_input, padding_mask=padding_mask)
         if mlp_bias is not None:
             raise ValueError("add_norm=fused takes no MLP output bias")
@@ -78,7 +91,9 @@ class FusedAddNormLayer(TransformerLayer):
             output = mlp_output + residual
         else:
             following = successor.input_layernorm
-            output, normed = add_rms_norm(mlp_output, residual, following.weight, eps=following.eps)
+            y_target, dh_target = self.next_norm_targets
+            output, normed = add_rms_norm(mlp_output, residual, following.weight, eps=following.eps,
+                                          y_target=y_target, dh_target=dh_target)
             successor._handoff = (output, normed)
         # As megatron's layer returns it: a tensor that is not a view (pipeline deallocation).
         output = make_viewless_tensor(inp=output, requires_grad=output.requires_grad, keep_graph=True)
@@ -95,10 +110,16 @@ class FusedAddNormLayer(TransformerLayer):
 
     def _successor(self):
         """The next layer of this chunk, if linked, fusable, and no recompute is configured."""
+        successor = self.linked_successor()
+        return successor if successor is not None and successor.training else None
+
+    def linked_successor(self):
+        """The next layer whose input norm this layer's training forward runs (`_successor`
+        without the successor's training mode), or None."""
         successor = getattr(self, "_next_layer", [None])[0]
         if successor is None or self.config.recompute_granularity is not None:
             return None
-        if not isinstance(successor, FusedAddNormLayer) or not successor._fusable(None, None):
+        if not isinstance(successor, FusedAddNormLayer) or not successor.fuses_in_training():
             return None
         if not (hasattr(successor.input_layernorm, "weight") and hasattr(successor.input_layernorm, "eps")):
             return None

@@ -56,14 +56,19 @@ class TritonRMSNorm(_RMSNormBase):
     With kernels.wgrad's fusion (`wgrad_fusion`, a layer spec param) or megatron's
     (config.gradient_accumulation_fusion) the weight is tagged `fused_main_grad`: its dw
     goes straight into DDP's fp32 `main_grad` (kernels.rmsnorm.RMSNormFunction), as the
-    linears' weight gradients do."""
+    linears' weight gradients do.
+
+    `y_target` / `dx_target` (None unless kernels/defer_wiring.py sets them,
+    layout.wgrad_defer=step): where y (the next linear's input) and dx go, e.g. the QKV
+    linear's input arena slot. Not under megatron's norm recompute, which frees y's storage."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, wgrad_fusion: bool = False):
         super().__init__(config, hidden_size, eps)
         self.weight.fused_main_grad = bool(wgrad_fusion or getattr(config, "gradient_accumulation_fusion", False))
+        self.y_target = self.dx_target = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, eps=self.eps)
+        return rms_norm(x, self.weight, eps=self.eps, y_target=self.y_target, dx_target=self.dx_target)
 
 
 class TorchRMSNorm(_RMSNormBase):

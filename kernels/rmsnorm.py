@@ -52,6 +52,7 @@ import torch
 import triton
 
 from kernels import main_grad as main_grad_rule
+from kernels import out_target
 from kernels.fast_launch import CachedLaunch, aligned, device_index
 from kernels.rmsnorm_configs import (DW_REDUCE_ROWS, BackwardConfig, ForwardConfig,
                                      backward_config, chunks, column_blocks, forward_config,
@@ -110,7 +111,9 @@ def _forward_plan(n_cols: int, cfg: ForwardConfig) -> tuple:
     if uses_chunked_forward(cfg):
         chunk, n_chunks = chunks(n_cols, cfg.chunk)
         return _FORWARD_CHUNKED, dict(BLOCK_M=cfg.block_m, CHUNK=chunk, N_CHUNKS=n_chunks,
-                                      PERSISTENT=cfg.programs_per_sm > 0)
+                                      PERSISTENT=cfg.programs_per_sm > 0,
+                                      EVICT_FIRST=cfg.evict_first, PACKED=cfg.packed,
+                                      STORE_CS=cfg.stream_store)
     block_n, block_t = column_blocks(n_cols, cfg.split)
     return _FORWARD, dict(BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_T=block_t)
 
@@ -120,10 +123,11 @@ def _backward_plan(n_cols: int, cfg: BackwardConfig) -> tuple:
     if cfg.chunk > 0:
         chunk, n_chunks = chunks(n_cols, cfg.chunk)
         return _BACKWARD_CHUNKED, dict(BLOCK_M=cfg.block_m, CHUNK=chunk, N_CHUNKS=n_chunks,
-                                       PREFETCH=cfg.prefetch, W_IN_REGS=cfg.weight_in_registers)
+                                       PREFETCH=cfg.prefetch, W_IN_REGS=cfg.weight_in_registers,
+                                       EVICT_FIRST=cfg.evict_first)
     block_n, block_t = column_blocks(n_cols, cfg.split)
     return _BACKWARD, dict(BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_T=block_t,
-                           PREFETCH=cfg.prefetch)
+                           PREFETCH=cfg.prefetch, EVICT_FIRST=cfg.evict_first)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -138,14 +142,16 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
-            config: Optional[ForwardConfig] = None) -> torch.Tensor:
-    """x [..., H], weight [H] -> y (x's shape and dtype, contiguous)."""
+            config: Optional[ForwardConfig] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [..., H], weight [H] -> y (x's shape and dtype, contiguous); written into `out`
+    (kernels.out_target: contiguous, aligned, y's shape and dtype) when given."""
     n_cols = x.shape[-1]
     if x.is_contiguous():  # the hot path: no reshape, y laid out as x
-        x2, stride, y = x, n_cols, torch.empty_like(x)
+        x2, stride = x, n_cols
+        y = torch.empty_like(x) if out is None else out_target.empty(out, x.shape, x.dtype, x.device, "y")
     else:
         x2, stride = _rows(x, n_cols)
-        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        y = out_target.empty(out, x.shape, x.dtype, x.device, "y")
     n_rows = x2.numel() // n_cols if n_cols else 0
     if n_rows == 0:
         return y
@@ -177,23 +183,25 @@ def _partials(device: int, programs: int, n_cols: int) -> torch.Tensor:
 
 
 def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
-             config: Optional[BackwardConfig] = None, main_grad: Optional[torch.Tensor] = None):
+             config: Optional[BackwardConfig] = None, main_grad: Optional[torch.Tensor] = None,
+             out: Optional[torch.Tensor] = None):
     """dy, x [..., H] (x contiguous or [M, H] rows; dy any layout of x's shape), weight [H]
     -> dx (dy's shape, x's dtype, contiguous), dw [H] (weight's dtype).
 
     main_grad (a contiguous [H] buffer, fp32 or 16-bit): dw is added into it instead, by the
     same reduction kernel (its fp32 sum plus the buffer, one rounding to the buffer's
-    dtype), and None is returned for dw."""
+    dtype), and None is returned for dw. out: where dx goes (kernels.out_target), else fresh."""
     if main_grad is not None and (main_grad.shape != weight.shape or not main_grad.is_contiguous()):
         raise ValueError(f"main_grad must be a contiguous {tuple(weight.shape)} tensor, got "
                          f"{tuple(main_grad.shape)} with strides {main_grad.stride()}")
     n_cols = x.shape[-1]
     if dy.is_contiguous() and x.is_contiguous() and dy.dtype == x.dtype:  # the hot path
-        dy2, x2, stride_dy, stride_x, dx = dy, x, n_cols, n_cols, torch.empty_like(dy)
+        dy2, x2, stride_dy, stride_x = dy, x, n_cols, n_cols
+        dx = torch.empty_like(dy) if out is None else out_target.empty(out, dy.shape, x.dtype, x.device, "dx")
     else:
         dy2, stride_dy = _rows(dy, n_cols)
         x2, stride_x = _rows(x, n_cols)
-        dx = torch.empty(dy.shape, dtype=x.dtype, device=x.device)
+        dx = out_target.empty(out, dy.shape, x.dtype, x.device, "dx")
     n_rows = x2.numel() // n_cols if n_cols else 0
     if n_rows == 0:
         return dx, None if main_grad is not None else torch.zeros_like(weight)
@@ -233,28 +241,35 @@ class RMSNormFunction(torch.autograd.Function):
     placeholder (zeros under `zero_out_wgrad`, whose DDP hook adds it anyway), so DDP's
     hook fires, for overlapped reduction, without adding dw twice. Why: at mbs 1 that saves
     a bf16 dw and DDP's add kernel per norm per micro-batch, and dw's bf16 rounding.
+
+    y_target / dx_target (kernels.out_target.Target): where y and dx go (layout.wgrad_defer).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, eps, fwd_config=None, bwd_config=None):
-        y = forward(x, weight, eps, fwd_config)
+    def forward(ctx, x, weight, eps, fwd_config=None, bwd_config=None, y_target=None, dx_target=None):
+        out = None if y_target is None else out_target.take(y_target, x.shape, x.dtype, x.device)
+        y = forward(x, weight, eps, fwd_config, out)
         ctx.save_for_backward(x, weight)
         ctx.eps = eps
         ctx.bwd_config = bwd_config
+        ctx.dx_target = dx_target
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         main_grad = getattr(weight, "main_grad", None) if getattr(weight, "fused_main_grad", False) else None
-        dx, dw = backward(dy, x, weight, ctx.eps, ctx.bwd_config, main_grad)
+        out = None if ctx.dx_target is None else out_target.take(ctx.dx_target, dy.shape, x.dtype, x.device)
+        dx, dw = backward(dy, x, weight, ctx.eps, ctx.bwd_config, main_grad, out)
         if main_grad is not None:
             dw = main_grad_rule.handed_over(weight)
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-5) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-5,
+             y_target: out_target.Target = None, dx_target: out_target.Target = None) -> torch.Tensor:
     """RMSNorm over the last dim of x ([..., H]) with weight [H]; autograd-aware.
+    y_target / dx_target: where y and dx go (kernels.out_target; None: fresh tensors).
 
     Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1.
     """
@@ -265,7 +280,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-5) -> tor
         raise ValueError(f"hidden size {n_cols} exceeds {MAX_HIDDEN}, the widest row kept in registers")
     if x.get_device() != weight.get_device():
         raise ValueError(f"x on {x.device} but weight on {weight.device}")
-    return RMSNormFunction.apply(x, weight, float(eps))
+    if y_target is None and dx_target is None:  # the common call, as short as before
+        return RMSNormFunction.apply(x, weight, float(eps))
+    return RMSNormFunction.apply(x, weight, float(eps), None, None, y_target, dx_target)
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

@@ -27,6 +27,10 @@ Layers: `_rope_kernel` / `_rotate_heads` (@triton.jit); `rotate` (host launcher)
 `RoPEFunction` (autograd) and `apply_rope` (entry point, picking Triton on CUDA or under
 TRITON_INTERPRET=1, else `torch_rope`, the same formula in torch, also the pure-torch
 reference the kernel is tested against).
+
+Output target (`layout.wgrad_defer=step`, kernels/out_target.py): `apply_rope_qkv`'s
+`dqkv_target` says where the one gradient of the fused QKV output goes (the QKV linear's
+dY arena slot, set by kernels/defer_wiring.py); None allocates it.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+
+from kernels import out_target
 
 DEFAULT_BASE = 10000.0  # LLaMA's, and megatron GPTModel's rotary_base default
 IMPLS = ("triton", "torch")
@@ -222,24 +228,31 @@ class RoPEQKVFunction(torch.autograd.Function):
     of dq, dk, dv into a new buffer: CatArrayBatchedCopy, 4.9 ms of an H200 step at mbs 16,
     2026-12-01). The backward allocates that buffer once and writes into it directly: the
     rotated-back dq and dk from the RoPE kernel, dv with one strided copy. v is returned as
-    the view of qkv it was (no copy); nothing is saved but geometry."""
+    the view of qkv it was (no copy); nothing is saved but geometry. `dqkv_target`
+    (kernels.out_target.Target) may offer that buffer instead."""
 
     @staticmethod
-    def forward(ctx, qkv, views, base, config=None):
+    def forward(ctx, qkv, views, base, config=None, dqkv_target=None):
         q, k, v = (qkv.as_strided(*view) for view in views)
         origin = qkv.storage_offset()
         ctx.views = [(shape, stride, offset - origin) for shape, stride, offset in views]
         ctx.qkv_shape, ctx.base, ctx.config = qkv.shape, base, config
+        ctx.dqkv_target = dqkv_target
         q_rot, k_rot = rotate(q, k, base=base, config=config)
         return q_rot, k_rot, v
 
     @staticmethod
     def backward(ctx, dq_rot, dk_rot, dv):
-        d_qkv = torch.empty(ctx.qkv_shape, dtype=dq_rot.dtype, device=dq_rot.device)
-        dq, dk, dv_out = (d_qkv.as_strided(*view) for view in ctx.views)
+        shape, dtype, device = ctx.qkv_shape, dq_rot.dtype, dq_rot.device
+        d_qkv = out_target.take(ctx.dqkv_target, shape, dtype, device)
+        if d_qkv is None:
+            d_qkv = torch.empty(shape, dtype=dtype, device=device)
+        # The views' offsets are relative to qkv's start: a target may start inside its storage.
+        origin = d_qkv.storage_offset()
+        dq, dk, dv_out = (d_qkv.as_strided(shape, stride, origin + offset) for shape, stride, offset in ctx.views)
         rotate(dq_rot, dk_rot, base=ctx.base, inverse=True, config=ctx.config, out=(dq, dk))
         dv_out.copy_(dv)
-        return d_qkv, None, None, None
+        return d_qkv, None, None, None, None
 
 
 def fused_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> Optional[torch.Tensor]:
@@ -266,15 +279,17 @@ def fused_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> Op
 
 
 def apply_rope_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
-                   base: float = DEFAULT_BASE):
+                   base: float = DEFAULT_BASE, dqkv_target: out_target.Target = None):
     """apply_rope for megatron's split q, k, v views, returning (q_rot, k_rot, v): their
-    gradients go into one buffer of the fused QKV output (RoPEQKVFunction) when the views
-    allow it and the Triton kernel runs; otherwise apply_rope, and v as it came."""
+    gradients go into one buffer of the fused QKV output (RoPEQKVFunction; `dqkv_target`
+    may offer it) when the views allow it and the Triton kernel runs; otherwise apply_rope,
+    and v as it came."""
     _check_inputs(query, key)
     qkv = fused_qkv(query, key, value) if default_impl(query) == "triton" else None
     if qkv is None:
         return (*apply_rope(query, key, base=base), value)
-    return RoPEQKVFunction.apply(qkv, [_geometry(t) for t in (query, key, value)], float(base))
+    return RoPEQKVFunction.apply(qkv, [_geometry(t) for t in (query, key, value)], float(base),
+                                 None, dqkv_target)
 
 
 def torch_rope(q: torch.Tensor, k: torch.Tensor, *, base: float = DEFAULT_BASE):

@@ -23,6 +23,11 @@ Layers, as in the project's other kernels: `_swiglu_fwd_kernel` / `_swiglu_bwd_k
 `SwiGLUFunction` (autograd) and `swiglu`; `TritonSwiGLU` is the module megatron's MLP
 builds as its activation (`MLPSubmodules.activation_func`, `use_te_activation_func`).
 `reference` is the float64 formula the tests compare with.
+
+Output targets (`layout.wgrad_defer=step`, kernels/out_target.py): `forward`'s `out` and
+`backward`'s `out` are tensors to write y and dx into (None: fresh ones); `swiglu` takes
+`y_target` / `dx_target` callables asked at allocation time, which kernels/defer_wiring.py
+sets on `TritonSwiGLU` so y lands in FC2's input arena slot and dx in FC1's dY slot.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kernels import out_target
 
 BLOCK = 1024  # columns per program: 8 bf16 elements per thread at 4 warps
 
@@ -69,44 +76,59 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]) if x.stride(-1) == 1 else x.contiguous().reshape(-1, x.shape[-1])
 
 
-def forward(x: torch.Tensor) -> torch.Tensor:
-    """y = silu(a) * b for x = [a, b] along the last dimension."""
+def out_shape(x: torch.Tensor) -> tuple:
+    """y's shape for an input x [..., 2F]: [..., F]."""
+    return (*x.shape[:-1], x.shape[-1] // 2)
+
+
+def forward(x: torch.Tensor, out: torch.Tensor = None) -> torch.Tensor:
+    """y = silu(a) * b for x = [a, b] along the last dimension; written into `out` (a
+    contiguous tensor of y's shape and x's dtype) when given, and `out` returned."""
     x2 = _rows(x)
     n_rows, n_cols = x2.shape[0], x2.shape[1] // 2
-    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    y = out_target.empty(out, out_shape(x), x.dtype, x.device)
+    y2 = y.view(n_rows, n_cols)
     if n_rows:
         _swiglu_fwd_kernel[(n_rows, triton.cdiv(n_cols, BLOCK))](
-            x2, y, n_cols, x2.stride(0), y.stride(0), BLOCK=BLOCK, num_warps=4)
-    return y.view(*x.shape[:-1], n_cols)
+            x2, y2, n_cols, x2.stride(0), y2.stride(0), BLOCK=BLOCK, num_warps=4)
+    return y
 
 
-def backward(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """dx = [da, db] (x's shape and dtype) from dy [..., F] and the saved input x [..., 2F]."""
+def backward(dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor = None) -> torch.Tensor:
+    """dx = [da, db] (x's shape and dtype) from dy [..., F] and the saved input x [..., 2F];
+    written into `out` (contiguous, x's shape and dtype) when given, and `out` returned."""
     x2 = _rows(x)
     n_rows, n_cols = x2.shape[0], x2.shape[1] // 2
     dy2 = dy.reshape(n_rows, n_cols) if dy.stride(-1) == 1 else dy.contiguous().reshape(n_rows, n_cols)
-    dx = torch.empty_like(x2)
+    dx = out_target.empty(out, x.shape, x.dtype, x.device, "dx")
+    dx2 = dx.view(n_rows, 2 * n_cols)
     if n_rows:
         _swiglu_bwd_kernel[(n_rows, triton.cdiv(n_cols, BLOCK))](
-            dy2, x2, dx, n_cols, dy2.stride(0), x2.stride(0), dx.stride(0), BLOCK=BLOCK, num_warps=4)
-    return dx.view(x.shape)
+            dy2, x2, dx2, n_cols, dy2.stride(0), x2.stride(0), dx2.stride(0), BLOCK=BLOCK, num_warps=4)
+    return dx
 
 
 class SwiGLUFunction(torch.autograd.Function):
+    """y = swiglu(x); `y_target` / `dx_target` (kernels.out_target.Target, or None) say
+    where y and dx go."""
+
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, y_target=None, dx_target=None):
         ctx.save_for_backward(x)
-        return forward(x)
+        ctx.dx_target = dx_target
+        return forward(x, out_target.take(y_target, out_shape(x), x.dtype, x.device))
 
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        return backward(dy, x)
+        return backward(dy, x, out_target.take(ctx.dx_target, x.shape, x.dtype, x.device)), None, None
 
 
-def swiglu(x: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * linear for megatron's packed [..., 2F] fc1 output; differentiable."""
-    return SwiGLUFunction.apply(x)
+def swiglu(x: torch.Tensor, *, y_target: out_target.Target = None,
+           dx_target: out_target.Target = None) -> torch.Tensor:
+    """silu(gate) * linear for megatron's packed [..., 2F] fc1 output; differentiable.
+    y_target / dx_target: where y and its input gradient go (kernels.out_target)."""
+    return SwiGLUFunction.apply(x, y_target, dx_target)
 
 
 def reference(x: torch.Tensor) -> torch.Tensor:
@@ -117,6 +139,9 @@ def reference(x: torch.Tensor) -> torch.Tensor:
 
 class TritonSwiGLU(torch.nn.Module):
     """megatron MLP's activation module: [s, b, 2F] -> [s, b, F] through `swiglu`.
+
+    `y_target` / `dx_target` (None unless kernels/defer_wiring.py sets them): where y (FC2's
+    input) and dx (the gradient of FC1's output) go.
 
     megatron-core 0.16.1 builds `MLPSubmodules.activation_func` and calls it on the whole
     fc1 output only when `config.use_te_activation_func` is set (the name is historical:
@@ -130,6 +155,7 @@ class TritonSwiGLU(torch.nn.Module):
                 raise ValueError("TritonSwiGLU is SwiGLU: it needs gated_linear_unit and silu")
             if config.add_bias_linear:
                 raise ValueError("TritonSwiGLU takes no fc1 bias (add_bias_linear must be off)")
+        self.y_target = self.dx_target = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x)
+        return swiglu(x, y_target=self.y_target, dx_target=self.dx_target)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kernels.add_rmsnorm import ROWS, add_rms_norm, reference
+from tests.kernels.slots import Slots, tap
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _BF16_U = 2.0**-8
@@ -159,3 +160,55 @@ def test_dw_reduce_over_several_tiles_of_partials(accumulate):
     bf16 = _reduce_dw(partial, start.to(torch.bfloat16), accumulate=accumulate)
     assert bf16.dtype == torch.bfloat16 and _relerr(bf16, expected) <= 2 * _BF16_U
     assert _relerr(_reduce_dw(partial[:128], start.clone(), accumulate=accumulate), expected) > 0.1  # control
+
+
+def _targets_run(a, r, w, dh_in, dy, **targets):
+    """h, y and the gradient tensors reaching a and r (the same tensor: dh)."""
+    seen_a, seen_r = [], []
+    a, r = (tap(t.detach().clone().requires_grad_(), seen) for t, seen in ((a, seen_a), (r, seen_r)))
+    w = w.detach().clone().requires_grad_()
+    h, y = add_rms_norm(a, r, w, **targets)
+    torch.autograd.backward([h, y], [dh_in, dy])
+    return h, y, seen_a[0], seen_r[0], w.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_targets_receive_y_and_dh_unchanged(dtype):
+    """layout.wgrad_defer: y (FC1's or the next QKV's input) and dh (the attention output
+    linear's or FC2's dY, also the residual's gradient) written into the slots offered,
+    bit-identical to the default path's, whose fresh tensors lie outside them (control)."""
+    a, r, w, dh_in, dy = _case(2 * ROWS + 3, 64, dtype, seed=9)
+    a, r, dh_in, dy = (t.view(5, 7, 64) for t in (a, r, dh_in, dy))
+    plain = _targets_run(a, r, w, dh_in, dy)
+    ys, dhs = Slots(a.shape, dtype, DEVICE), Slots(a.shape, dtype, DEVICE)
+    ours = _targets_run(a, r, w, dh_in, dy, y_target=ys.target, dh_target=dhs.target)
+    for name, out, expected in zip(("h", "y", "da", "dr", "dw"), ours, plain):
+        assert torch.equal(out, expected), name
+    assert ys.holds(ours[1]) and dhs.holds(ours[2]) and dhs.holds(ours[3])
+    assert ys.untouched_elsewhere() and dhs.untouched_elsewhere()
+    assert ys.asked == dhs.asked == [((5, 7, 64), dtype)]
+    assert not ys.holds(plain[1]) and not dhs.holds(plain[2])
+
+
+def test_unusable_targets_are_ignored_and_a_wrong_out_refused():
+    from kernels import add_rmsnorm
+
+    a, r, w, dh_in, dy = _case(6, 64, torch.float32, seed=10)
+    plain = _targets_run(a, r, w, dh_in, dy)
+    wrong = Slots((6, 32), torch.float32, DEVICE)
+    ours = _targets_run(a, r, w, dh_in, dy, y_target=wrong.target, dh_target=wrong.target)
+    assert all(torch.equal(o, p) for o, p in zip(ours, plain)) and wrong.buffer.isnan().all()
+    with pytest.raises(ValueError, match="y_out must be"):
+        add_rmsnorm.forward(a, r, w, 1e-5, y_out=torch.empty(6, 64, dtype=torch.bfloat16, device=DEVICE))
+
+
+@pytest.mark.cuda
+def test_targets_at_training_size_on_gpu():
+    """llama_1b3 at mbs 1 ([2048, 1, 2048] bf16): the same bits with and without slots."""
+    a, r, w, dh_in, dy = (t.view(2048, 1, -1) if t.dim() == 2 else t
+                          for t in _case(2048, 2048, torch.bfloat16, seed=11))
+    plain = _targets_run(a, r, w, dh_in, dy)
+    ys, dhs = Slots(a.shape, torch.bfloat16, "cuda"), Slots(a.shape, torch.bfloat16, "cuda")
+    ours = _targets_run(a, r, w, dh_in, dy, y_target=ys.target, dh_target=dhs.target)
+    assert all(torch.equal(o, p) for o, p in zip(ours, plain))
+    assert ys.holds(ours[1]) and dhs.holds(ours[2]) and ys.untouched_elsewhere() and dhs.untouched_elsewhere()

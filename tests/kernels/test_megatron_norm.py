@@ -300,3 +300,74 @@ def test_a_double_add_under_ddp_is_caught(ddp_results):
     untagged, doubled = ddp_results["untagged"][0], ddp_results["double_add"][0]
     assert not torch.allclose(doubled, untagged, rtol=1e-3)
     torch.testing.assert_close(doubled, 2 * untagged, rtol=1e-5, atol=1e-5)
+
+
+def _norm_run(norm, x, dy):
+    from tests.kernels.slots import tap
+
+    seen = []
+    xr = tap(x.clone().requires_grad_(), seen)
+    norm.weight.grad = None
+    y = norm(xr)
+    y.backward(dy)
+    return y, seen[0], norm.weight.grad
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_triton_norm_writes_y_and_dx_into_targets(contiguous):
+    """layout.wgrad_defer: TritonRMSNorm's y (QKV's or FC1's input) and dx (the final norm's:
+    the last FC2's dY) land in the slots offered (kernels.rmsnorm's launchers, both their hot
+    and their strided paths), bit-identical to fresh tensors, which lie outside them (control)."""
+    from kernels.megatron_norm import TritonRMSNorm
+    from tests.kernels.slots import Slots
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    norm = TritonRMSNorm(_config(), 96).to(device)
+    gen = torch.Generator().manual_seed(1)
+    norm.weight.data.copy_(torch.rand(96, generator=gen) + 0.5)
+    x = torch.randn(5, 3, 96, generator=gen).to(device)
+    dy = torch.randn(5, 3, 96, generator=gen).to(device)
+    if not contiguous:
+        x = torch.randn(3, 5, 96, generator=gen).to(device).transpose(0, 1)
+        dy = torch.randn(3, 5, 96, generator=gen).to(device).transpose(0, 1)
+    plain = _norm_run(norm, x, dy)
+    ys, dxs = Slots(x.shape, x.dtype, device), Slots(x.shape, x.dtype, device)
+    norm.y_target, norm.dx_target = ys.target, dxs.target
+    ours = _norm_run(norm, x, dy)
+    for name, out, expected in zip(("y", "dx", "dw"), ours, plain):
+        assert torch.equal(out, expected), name
+    assert ys.holds(ours[0]) and dxs.holds(ours[1]) and ys.untouched_elsewhere() and dxs.untouched_elsewhere()
+    assert not ys.holds(plain[0]) and not dxs.holds(plain[1])
+    norm.y_target = norm.dx_target = Slots((5, 3, 95), x.dtype, device).target  # another shape: ignored
+    assert all(torch.equal(o, p) for o, p in zip(_norm_run(norm, x, dy), plain))
+
+
+def test_rmsnorm_launchers_refuse_a_wrong_out():
+    from kernels import rmsnorm
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, w = torch.randn(4, 64, device=device), torch.ones(64, device=device)
+    with pytest.raises(ValueError, match="y must be"):
+        rmsnorm.forward(x, w, 1e-5, out=torch.empty(4, 64, dtype=torch.bfloat16, device=device))
+    with pytest.raises(ValueError, match="dx must be"):
+        rmsnorm.backward(x, x, w, 1e-5, out=torch.empty(64, 4, device=device).t())
+
+
+@pytest.mark.cuda
+def test_triton_norm_targets_through_the_cached_launch_on_gpu():
+    """On CUDA the second call of a shape launches the cached compiled kernel directly
+    (kernels.fast_launch): a slot must get the same bits as the fresh output of the first
+    (llama_1b3 at mbs 1: [2048, 1, 2048] bf16, and the 2 x 2048 slot views' alignment)."""
+    from kernels.megatron_norm import TritonRMSNorm
+    from tests.kernels.slots import Slots
+
+    norm = TritonRMSNorm(_config(params_dtype=torch.bfloat16), 2048).cuda()
+    norm.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2048, 1, 2048, device="cuda").to(torch.bfloat16)
+    dy = torch.randn(2048, 1, 2048, device="cuda").to(torch.bfloat16)
+    plain = _norm_run(norm, x, dy)
+    ys, dxs = Slots(x.shape, x.dtype, "cuda"), Slots(x.shape, x.dtype, "cuda")
+    norm.y_target, norm.dx_target = ys.target, dxs.target
+    ours = _norm_run(norm, x, dy)
+    assert all(torch.equal(o, p) for o, p in zip(ours, plain))
+    assert ys.holds(ours[0]) and dxs.holds(ours[1]) and ys.untouched_elsewhere() and dxs.untouched_elsewhere()

@@ -14,6 +14,7 @@ import torch
 from kernels import rope
 from kernels.rope import apply_rope, launch_config, rotate
 from tests.gloo import run_on_gloo
+from tests.kernels.slots import Slots, tap
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = ("triton", "torch")
@@ -348,3 +349,42 @@ def test_gpu_triton_matches_torch_bf16(mbs):
     for a, b in zip(outs["triton"], outs["torch"]):
         assert _relerr(a, b.double()) <= 2 * 2.0**-8
     assert _relerr(grads["triton"], grads["torch"].double()) <= 2 * 2.0**-8
+
+
+# ------------------------------------------------------- output target (wgrad_defer)
+
+
+def _qkv_grad(mixed, dqkv_target=None):
+    """The gradient reaching the fused QKV output through apply_rope_qkv (MHA views)."""
+    seen = []
+    mixed = tap(mixed.detach().clone().requires_grad_(), seen)
+    query, key, value = torch.split(mixed, [mixed.shape[-1] // 3] * 3, dim=3)
+    outs = rope.apply_rope_qkv(query, key, value, dqkv_target=dqkv_target)
+    gen = torch.Generator().manual_seed(3)
+    torch.autograd.backward(outs, [torch.randn(o.shape, generator=gen).to(o) for o in outs])
+    return seen[0]
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
+def test_fused_qkv_gradient_goes_into_a_target(dtype):
+    """qkv_grad=fused with layout.wgrad_defer: dq, dk (rotated back) and dv land in the slot
+    offered (the QKV linear's dY; a view inside a larger buffer), bit-identical to the fresh
+    buffer of the default path, which lies outside it (control)."""
+    mixed = torch.randn(7, 2, 3, 3 * 16, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+    plain = _qkv_grad(mixed)
+    slots = Slots(mixed.shape, dtype, DEVICE)
+    ours = _qkv_grad(mixed, slots.target)
+    assert torch.equal(ours, plain) and slots.holds(ours) and not slots.holds(plain)
+    assert slots.asked == [(tuple(mixed.shape), dtype)] and slots.untouched_elsewhere()
+    wrong = Slots((7, 2, 3 * 3 * 16), dtype, DEVICE)  # the linear's shape before megatron's view
+    assert torch.equal(_qkv_grad(mixed, wrong.target), plain) and wrong.buffer.isnan().all()
+
+
+@pytest.mark.cuda
+def test_gpu_fused_qkv_gradient_into_a_target_at_training_size():
+    """llama_1b3 (MHA, 16 heads of 128) at mbs 1 in bf16: the same bits with and without a slot."""
+    mixed = torch.randn(2048, 1, 16, 3 * 128, device="cuda").to(torch.bfloat16)
+    plain = _qkv_grad(mixed)
+    slots = Slots(mixed.shape, torch.bfloat16, "cuda")
+    ours = _qkv_grad(mixed, slots.target)
+    assert torch.equal(ours, plain) and slots.holds(ours) and slots.untouched_elsewhere()

@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from kernels.swiglu import TritonSwiGLU, reference, swiglu
+from kernels.swiglu import backward as swiglu_backward
+from kernels.swiglu import forward as swiglu_forward
+from tests.kernels.slots import Slots, tap
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _BF16_U = 2.0**-8
@@ -96,3 +99,44 @@ def test_matches_megatron_compiled_swiglu_at_training_size():
     y2.backward(dy)
     assert _relerr(y1, y2.double()) <= 2 * _BF16_U
     assert _relerr(x1.grad, x2.grad.double()) <= 2 * _BF16_U
+
+
+def _swiglu_run(x, dy, **targets):
+    seen = []
+    x = tap(x.detach().clone().requires_grad_(), seen)
+    y = swiglu(x, **targets)
+    y.backward(dy)
+    return y, seen[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_targets_receive_y_and_dx_unchanged(dtype):
+    """layout.wgrad_defer: y (FC2's input) and dx (FC1's dY) written into the slots offered,
+    bit-identical to the default path's fresh tensors, which lie outside them (control)."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(4, 3, 2 * 40, generator=gen) * 3).to(dtype).to(DEVICE)
+    dy = torch.randn(4, 3, 40, generator=gen).to(dtype).to(DEVICE)
+    plain_y, plain_dx = _swiglu_run(x, dy)
+    ys, dxs = Slots((4, 3, 40), dtype, DEVICE), Slots(x.shape, dtype, DEVICE)
+    y, dx = _swiglu_run(x, dy, y_target=ys.target, dx_target=dxs.target)
+    assert torch.equal(y, plain_y) and torch.equal(dx, plain_dx)
+    assert ys.holds(y) and dxs.holds(dx) and ys.untouched_elsewhere() and dxs.untouched_elsewhere()
+    assert ys.asked == [((4, 3, 40), dtype)] and dxs.asked == [(tuple(x.shape), dtype)]
+    assert not ys.holds(plain_y) and not dxs.holds(plain_dx)
+
+
+def test_unusable_targets_are_ignored_and_a_wrong_out_refused():
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 2 * 40, generator=gen).to(DEVICE)
+    dy = torch.randn(4, 40, generator=gen).to(DEVICE)
+    plain_y, plain_dx = _swiglu_run(x, dy)
+    wrong = [Slots((4, 41), torch.float32, DEVICE), Slots((4, 40), torch.bfloat16, DEVICE)]
+    strided = torch.zeros(4, 80, device=DEVICE)[:, ::2]
+    for target in [w.target for w in wrong] + [lambda shape, dtype: strided, lambda shape, dtype: None]:
+        y, dx = _swiglu_run(x, dy, y_target=target, dx_target=target)
+        assert torch.equal(y, plain_y) and torch.equal(dx, plain_dx)
+    assert all(w.buffer.isnan().all() for w in wrong)
+    with pytest.raises(ValueError, match="contiguous"):
+        swiglu_forward(x, out=strided)
+    with pytest.raises(ValueError, match="dx must be"):
+        swiglu_backward(dy, x, out=torch.empty(4, 80, dtype=torch.bfloat16, device=DEVICE))
