@@ -111,9 +111,7 @@ def _forward_plan(n_cols: int, cfg: ForwardConfig) -> tuple:
     if uses_chunked_forward(cfg):
         chunk, n_chunks = chunks(n_cols, cfg.chunk)
         return _FORWARD_CHUNKED, dict(BLOCK_M=cfg.block_m, CHUNK=chunk, N_CHUNKS=n_chunks,
-                                      PERSISTENT=cfg.programs_per_sm > 0,
-                                      EVICT_FIRST=cfg.evict_first, PACKED=cfg.packed,
-                                      STORE_CS=cfg.stream_store)
+                                      PERSISTENT=cfg.programs_per_sm > 0)
     block_n, block_t = column_blocks(n_cols, cfg.split)
     return _FORWARD, dict(BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_T=block_t)
 
@@ -123,11 +121,10 @@ def _backward_plan(n_cols: int, cfg: BackwardConfig) -> tuple:
     if cfg.chunk > 0:
         chunk, n_chunks = chunks(n_cols, cfg.chunk)
         return _BACKWARD_CHUNKED, dict(BLOCK_M=cfg.block_m, CHUNK=chunk, N_CHUNKS=n_chunks,
-                                       PREFETCH=cfg.prefetch, W_IN_REGS=cfg.weight_in_registers,
-                                       EVICT_FIRST=cfg.evict_first)
+                                       PREFETCH=cfg.prefetch, W_IN_REGS=cfg.weight_in_registers)
     block_n, block_t = column_blocks(n_cols, cfg.split)
     return _BACKWARD, dict(BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_T=block_t,
-                           PREFETCH=cfg.prefetch, EVICT_FIRST=cfg.evict_first)
+                           PREFETCH=cfg.prefetch)
 
 
 def _cdiv(a: int, b: int) -> int:
