@@ -103,6 +103,7 @@ class Deferral:
             raise ValueError(f"wgrad_defer needs at least one slot, got {slots}")
         self.slots = slots
         self.slot = -1
+        self.begun = 0  # micro-batches run through Python (eager, or captured): the copies' count
         self.arenas: dict[torch.Tensor, Arena] = {}  # weight -> Arena (tensors hash by id)
 
     def current(self) -> int:
@@ -116,6 +117,7 @@ class Deferral:
             raise RuntimeError(f"wgrad_defer: micro-batch {self.slot + 2} of a step with "
                                f"{self.slots} slots (flush() was not called after the last one)")
         self.slot += 1
+        self.begun += 1
 
     def flush(self) -> None:
         """Every arena's weight gradient, once, for the micro-batches run; then slot reset."""
@@ -127,6 +129,14 @@ class Deferral:
 
     def nbytes(self) -> int:
         return sum(arena.nbytes() for arena in self.arenas.values())
+
+    def report(self) -> dict:
+        """For a trial record: the arenas' size (GiB) and the fallback copies per micro-batch
+        that ran through Python, summed over the linears (0 for a kind every producer writes)."""
+        per = max(1, self.begun)
+        return {"linears": len(self.arenas), "arena_gib": round(self.nbytes() / 2**30, 3),
+                "x_copies_per_microbatch": sum(a.copies["x"] for a in self.arenas.values()) / per,
+                "dy_copies_per_microbatch": sum(a.copies["dy"] for a in self.arenas.values()) / per}
 
 
 def _target(weight, shape, dtype, which: str) -> torch.Tensor | None:

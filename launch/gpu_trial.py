@@ -172,9 +172,13 @@ def parts(spec: TrialSpec, world: int, setup: Timeline) -> StepParts:
         _, grad_norm, _ = megatron_step()  # the norm is reduced over every rank of the model
         return grad_norm
 
+    def memory() -> dict:  # read after the last step, when the deferral's copy counts are final
+        deferral = getattr(model[0], "wgrad_deferral", None)
+        return {**_memory(), **({"wgrad_defer": deferral.report()} if deferral is not None else {})}
+
     return StepParts(model=model, guard=guard, device="cuda", barrier=barrier,
                      synchronize=torch.cuda.synchronize, forward_backward=forward_backward,
-                     optimizer_step=optimizer_step, memory=_memory,
+                     optimizer_step=optimizer_step, memory=memory,
                      fields={"trial_path": PATH, "wgrad_fusion": wgrad_fusion})
 
 

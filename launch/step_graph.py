@@ -101,7 +101,7 @@ class MicrobatchGraph:
             raise ValueError("MicrobatchGraph trains one model chunk (pp == vpp == 1)")
         chunk = model[0]
         batches = data_iterator[0] if isinstance(data_iterator, list) else data_iterator
-        deferral = getattr(chunk, "wgrad_deferral", None)
+        deferral = _deferral(chunk)
         losses = []
         for index, batch in enumerate(batches):
             if self._steps < self.eager_steps:
@@ -121,3 +121,8 @@ class MicrobatchGraph:
         if config.finalize_model_grads_func is not None:
             config.finalize_model_grads_func(model, None)
         return [{"loss": loss} for loss in losses]
+
+
+def _deferral(chunk):
+    """The chunk's kernels.wgrad_defer.Deferral (one graph per slot), or None (one graph)."""
+    return getattr(chunk, "wgrad_deferral", None)

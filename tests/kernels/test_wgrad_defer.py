@@ -69,14 +69,17 @@ class _Decoder(torch.nn.Module):
 
 
 class _Chunk(torch.nn.Module):
-    def __init__(self, dtype, *, producer=False):
+    def __init__(self, dtype, *, producer=False, device="cpu"):
         super().__init__()
         gen = torch.Generator().manual_seed(0)
-        self.decoder = _Decoder(torch.randn(HID, IN, generator=gen, dtype=dtype),
-                                torch.randn(OUT, HID, generator=gen, dtype=dtype), producer=producer)
+        self.decoder = _Decoder(torch.randn(HID, IN, generator=gen, dtype=dtype).to(device),
+                                torch.randn(OUT, HID, generator=gen, dtype=dtype).to(device),
+                                producer=producer)
         self.hook_adds = 0
+        # 16-bit weights: fp32 buffers, as megatron DDP's grad_reduce_in_fp32.
+        grad_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
         for p in self.parameters():  # megatron DDP's buffers and backward hook, in miniature
-            p.main_grad = torch.zeros_like(p)
+            p.main_grad = torch.zeros_like(p, dtype=grad_dtype)
             p.grad_added_to_main_grad = False
             p.register_post_accumulate_grad_hook(self._ddp_hook)
 
@@ -90,9 +93,9 @@ class _Chunk(torch.nn.Module):
         return self.decoder(x)
 
 
-def _batches(dtype):
-    gen = torch.Generator().manual_seed(1)
-    return [torch.randn(S, B, IN, generator=gen, dtype=dtype) for _ in range(MICRO)]
+def _batches(dtype, device="cpu", seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(S, B, IN, generator=gen, dtype=dtype).to(device) for _ in range(MICRO)]
 
 
 def _step(chunk, batches, deferral=None):
@@ -124,6 +127,30 @@ def test_deferred_step_matches_per_microbatch_accumulation(dtype, producer):
     else:
         assert arena2.copies["x"] == MICRO and arena1.copies["dy"] == MICRO
     assert arena1.copies["x"] == MICRO and arena2.copies["dy"] == MICRO
+    report = deferral.report()  # what a GPU trial records
+    assert report["linears"] == 2 and report["x_copies_per_microbatch"] == (1 if producer else 2)
+    assert report["dy_copies_per_microbatch"] == report["x_copies_per_microbatch"]
+
+
+def test_the_microbatch_graph_eager_step_flushes_before_finalize():
+    """launch.step_graph's eager steps (step 0 of a graphed trial) through the same flush hook."""
+    from launch.step_graph import MicrobatchGraph
+
+    chunk = _Chunk(torch.float64)
+    finalized = []
+    chunk.config = type("Config", (), {})()
+    chunk.config.finalize_model_grads_func = lambda model, _: finalized.append(
+        [p.main_grad.clone() for p in model[0].parameters()])
+    wgrad_defer.attach(chunk, slots=MICRO, tokens_shape=(S, B))
+    wgrad_defer.flush_before_finalize(chunk.config)
+    wgrad_defer.flush_before_finalize(chunk.config)  # idempotent: one flush per step
+    chunk.forward = lambda tokens, position_ids, mask, labels: chunk.decoder(tokens)
+    batches = [{"tokens": x, "position_ids": None, "labels": None} for x in _batches(torch.float64)]
+    MicrobatchGraph(loss_func=lambda out: ((out ** 2).sum(), {}), eager_steps=1)(
+        data_iterator=[iter(batches)], model=[chunk], num_microbatches=1)
+    assert len(finalized) == 1  # finalize saw the flushed gradients
+    for g, r in zip(finalized[0], _reference(torch.float64)):
+        torch.testing.assert_close(g, r, **TOL[torch.float64])
 
 
 def test_a_slot_not_advanced_loses_microbatches():
@@ -272,3 +299,77 @@ def test_a_flush_that_computes_nothing_is_caught(gloo_compared, case):
     info = gloo_compared[(case, True)]
     assert len(info["mismatched"]) == 4 * TINY["num_layers"], info
     assert all("decoder.layers" in name for name in info["mismatched"])
+
+
+# -- CUDA: bf16 into fp32 buffers, eager and under launch.step_graph's per-slot graphs ----------
+
+# bf16 inputs, fp32 accumulation on both sides (bf16 products are exact in fp32): only the
+# summation order differs, so 1e-4 relative (K = 40 tokens here) holds with a wide margin.
+CUDA_TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+class _GraphChunk(_Chunk):
+    """The toy chunk called as MicrobatchGraph calls GPTModel; its per-token loss is [b, s]."""
+
+    def __init__(self, **kwargs):
+        super().__init__(torch.bfloat16, device="cuda", **kwargs)
+        self.config = type("Config", (), {"finalize_model_grads_func": staticmethod(lambda model, _: None)})()
+
+    def forward(self, tokens, position_ids, attention_mask, labels):
+        return (self.decoder(tokens).float() ** 2).sum(-1).t()
+
+
+def _graph_steps(chunk, steps: int, *, single_graph=False) -> list[list[torch.Tensor]]:
+    from unittest import mock
+
+    from launch import step_graph
+
+    schedule = step_graph.MicrobatchGraph(loss_func=lambda out: (out.mean(), {}), eager_steps=1)
+    grads = []
+    stream = torch.cuda.Stream()  # captures need a side stream, as launch.gpu_trial runs them
+    with torch.cuda.stream(stream), mock.patch.object(
+            step_graph, "_deferral", (lambda c: None) if single_graph else step_graph._deferral):
+        for step in range(steps):
+            for p in chunk.parameters():
+                p.main_grad.zero_()
+            unused = torch.zeros(1, device="cuda")  # the graph's static inputs are all tensors
+            batches = [{"tokens": x, "position_ids": unused, "labels": unused}
+                       for x in _batches(torch.bfloat16, "cuda", seed=step)]
+            schedule(data_iterator=[iter(batches)], model=[chunk], num_microbatches=MICRO)
+            torch.cuda.synchronize()
+            grads.append([p.main_grad.clone() for p in chunk.parameters()])
+    return grads
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("producer", [False, True], ids=["copy", "zero_copy"])
+def test_cuda_eager_deferral_matches_accumulation(producer):
+    chunk = _Chunk(torch.bfloat16, producer=producer, device="cuda")
+    deferral = wgrad_defer.attach(chunk, slots=MICRO, tokens_shape=(S, B))
+    got = _step(chunk, _batches(torch.bfloat16, "cuda"), deferral)
+    want = _step(_Chunk(torch.bfloat16, device="cuda"), _batches(torch.bfloat16, "cuda"))
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, **CUDA_TOL)
+    assert chunk.hook_adds == 0
+
+
+@pytest.mark.cuda
+def test_cuda_per_slot_graphs_train_like_eager_and_one_graph_would_not():
+    from kernels import wgrad_defer as defer
+
+    reference = _graph_steps(_GraphChunk(), 3)  # no deferral: one graph, accumulating GEMMs
+    for producer in (False, True):
+        chunk = _GraphChunk(producer=producer)
+        defer.attach(chunk, slots=MICRO, tokens_shape=(S, B))
+        defer.flush_before_finalize(chunk.config)
+        graphed = _graph_steps(chunk, 3)  # step 0 eager, 1 captures a graph per slot, 2 replays
+        for step, (g_step, r_step) in enumerate(zip(graphed, reference)):
+            for g, r in zip(g_step, r_step):
+                torch.testing.assert_close(g, r, **CUDA_TOL, msg=lambda m: f"step {step}: {m}")
+        assert chunk.wgrad_deferral.slot == -1
+    # Negative control: one graph for every micro-batch replays slot 0's views.
+    chunk = _GraphChunk()
+    defer.attach(chunk, slots=MICRO, tokens_shape=(S, B))
+    defer.flush_before_finalize(chunk.config)
+    wrong = _graph_steps(chunk, 3, single_graph=True)
+    assert not torch.allclose(wrong[2][0], reference[2][0], rtol=1e-2, atol=1e-2)

@@ -80,3 +80,20 @@ def test_cuda_graph_trial_trains_like_the_schedule(tmp_path):
     # bf16 model: rounding differs between eager and captured kernels at most.
     for step, (a, b) in enumerate(zip(eager["losses"], graphed["losses"])):
         assert abs(a - b) <= 2.0**-7 * abs(a), (step, eager["losses"], graphed["losses"])
+
+
+@pytest.mark.cuda
+def test_deferred_wgrad_trial_with_per_slot_graphs_trains_like_the_accumulating_one(tmp_path):
+    """layout.wgrad_defer=step (4 micro-batches, one graph per slot, the flush overwriting the
+    buffers) against the same graphed trial accumulating per micro-batch, with the producers
+    that write into the arenas (Triton norms, SwiGLU, fused add+norm and QKV gradient)."""
+    axes = dict(mbs=2, cuda_graph=True, attention="sdpa_cudnn", norm="triton", swiglu="triton",
+                add_norm="fused", qkv_grad="fused")
+    base = _gpu_trial(tmp_path / "base", steps=6, **axes)
+    deferred = _gpu_trial(tmp_path / "defer", steps=6, wgrad_defer="step", grad_buffer="overwrite", **axes)
+    assert base["status"] == "ok" and deferred["status"] == "ok", (base.get("reason"), deferred.get("reason"))
+    assert deferred["layout"]["wgrad_defer"] == "step"
+    # bf16 model, fp32 gradients summed in another order: the losses within bf16 rounding.
+    for step, (a, b) in enumerate(zip(base["losses"], deferred["losses"])):
+        assert abs(a - b) <= 2.0**-7 * abs(a), (step, base["losses"], deferred["losses"])
+    assert base["losses"][-1] < base["losses"][0]  # it trains: the comparison is not of constants
