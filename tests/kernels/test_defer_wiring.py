@@ -1,0 +1,162 @@
+"""kernels.defer_wiring on a real megatron-core GPTModel (CPU, fp32, gloo, one rank, megatron
+DDP, two micro-batches a step): with `layout.wgrad_defer=step` every wired producer's output
+reaches its linear in the arena slot (the linear makes no copy: `Arena.copies`), the
+linears no producer feeds copy, and main_grad matches the undeferred model's.
+
+Tolerances: deferred vs undeferred differ in summation order only (one K = 2 * tokens GEMM
+against two K = tokens GEMMs added, fp32): 1e-5 relative. Wired vs unwired deferral (every
+linear copies) hold the same arena contents and run the same flush: bitwise equal. Without a
+Deferral, wire changes nothing: bitwise equal to a model it never saw.
+Negative controls: unwired producers show up as copies; a producer that writes the next
+micro-batch's slot (the wrap-around clobbers a slot already stored) fails the parity.
+"""
+
+import pytest
+import torch
+
+from tests.gloo import run_on_gloo
+
+TINY = dict(name="tiny", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+            num_query_groups=4, vocab_size=1000, seq_length=16)  # MHA: qkv_grad=fused applies
+# Every producer kind: Triton norms, SwiGLU, RoPE's fused QKV gradient, the add+norm fusions.
+FUSED = dict(attention="sdpa", norm="triton", swiglu="triton", qkv_grad="fused", add_norm="fused",
+             mbs=2, gbs=4)
+STOCK_LAYER = dict(FUSED, add_norm="megatron")  # megatron's TransformerLayer with our norms
+LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+FP32_TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def _step(layout_kwargs, *, wire=True, call_wire=True, shift_slot=False):
+    """One step of the tiny model: (main_grads, arena copies per linear, wire's links,
+    losses). The trial build wires a deferred chunk itself (launch.steps.defer_wgrad);
+    call_wire calls wire once more after the build, for its report (idempotent), or on a
+    chunk without a Deferral. wire=False: the build's wiring is a no-op."""
+    from unittest import mock
+
+    from core.config import Layout, ModelConfig
+    from kernels import defer_wiring, wgrad_defer
+    from launch import cpu_trial
+    from launch.data import microbatch
+
+    model_cfg = ModelConfig(**TINY)
+    layout = Layout(**layout_kwargs)
+    patches = []
+    if not wire:  # the control: attach without the wiring, every linear copies
+        patches.append(mock.patch.object(defer_wiring, "wire", lambda chunk: []))
+    if shift_slot:  # planted: producers write the NEXT micro-batch's slot (wrapping around)
+        def next_slot(weight, shape, dtype, which):
+            arena = getattr(weight, wgrad_defer.ATTR)
+            deferral = arena.deferral
+            view = (arena.x if which == "x" else arena.dy)[(deferral.current() + 1) % deferral.slots]
+            return view if tuple(view.shape) == tuple(shape) and view.dtype == dtype else None
+
+        patches.append(mock.patch.object(wgrad_defer, "_target", next_slot))
+    for patch in patches:
+        patch.start()
+    try:
+        torch.manual_seed(7)
+        trainer = cpu_trial.build(model_cfg, layout, seed=7, lr=1e-3, wgrad_fusion=True)
+        chunk = trainer.model[0]
+        links = defer_wiring.wire(chunk) if call_wire else []
+        batches = [microbatch(seed=7, step=0, first=2 * i, mbs=2, seq_length=model_cfg.seq_length,
+                              vocab_size=model_cfg.vocab_size, device="cpu") for i in range(2)]
+        losses = cpu_trial.forward_backward(trainer, batches, seq_length=model_cfg.seq_length, mbs=2)
+    finally:
+        for patch in patches:
+            patch.stop()
+    deferral = getattr(chunk, "wgrad_deferral", None)
+    copies = {}
+    for name, module in chunk.named_modules():
+        arena = getattr(getattr(module, "weight", None), wgrad_defer.ATTR, None)
+        if deferral is not None and arena is not None:
+            copies[name.split("decoder.")[-1]] = dict(arena.copies)
+    # numpy arrays: tensors would cross the process boundary as shared memory of an exited rank
+    grads = {name: p.main_grad.numpy().copy() for name, p in chunk.named_parameters()}
+    return grads, copies, links, [float(d["loss"]) for d in losses]
+
+
+def _all(rank):
+    out = {}
+    for name, kwargs in (("fused", FUSED), ("stock_layer", STOCK_LAYER)):
+        out[name, "off"] = _step(kwargs, call_wire=False)
+        out[name, "wired"] = _step(dict(kwargs, wgrad_defer="step"))
+        out[name, "unwired"] = _step(dict(kwargs, wgrad_defer="step"), wire=False)
+    out["fused", "shifted"] = _step(dict(FUSED, wgrad_defer="step"), shift_slot=True)
+    out["fused", "off_wired"] = _step(FUSED)  # wire called on a chunk without a Deferral
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return run_on_gloo(_all, world_size=1)[0]
+
+
+def _copies(runs, case, which):
+    return runs[case, which][1]
+
+
+def test_every_wired_producer_writes_into_its_slot(runs):
+    """Fused layers: only the attention output (proj's X) is copied, once per micro-batch;
+    every other X and dY (8 of a layer's 8 tensors less that one) arrived in its slot."""
+    copies = _copies(runs, "fused", "wired")
+    assert sorted(copies) == sorted(f"layers.{i}.{part}.{linear}" for i in range(2)
+                                    for part, linear in (("self_attention", "linear_qkv"),
+                                                         ("self_attention", "linear_proj"),
+                                                         ("mlp", "linear_fc1"), ("mlp", "linear_fc2")))
+    for name, count in copies.items():
+        expected = {"x": 2, "dy": 0} if name.endswith("linear_proj") else {"x": 0, "dy": 0}
+        assert count == expected, name
+    # 7 tensors a layer; layer 1's QKV input twice: the handed-over norm and, where the hand-over
+    # is not taken, its own input norm (both write the same slot).
+    links = runs["fused", "wired"][2]
+    consumers = [consumer for _, consumer in links]
+    assert len(set(consumers)) == 2 * 7 and len(consumers) == 2 * 7 + 1
+    assert sorted(p for p, c in links if c.endswith("layers.1.linear_qkv.x")) == [
+        "module.decoder.layers.0.next_add_norm.y", "module.decoder.layers.1.input_layernorm.y"]
+
+
+def test_the_stock_layer_copies_what_megatron_adds(runs):
+    """megatron's own layer: the bias-dropout-add and autograd's residual sum make proj's and
+    FC2's dY new tensors (copied); the norms, SwiGLU and RoPE still write their slots."""
+    for name, count in _copies(runs, "stock_layer", "wired").items():
+        expected_x = 2 if name.endswith("linear_proj") else 0
+        expected_dy = 2 if name.endswith(("linear_proj", "linear_fc2")) else 0
+        assert count == {"x": expected_x, "dy": expected_dy}, name
+
+
+def test_unwired_producers_show_up_as_copies(runs):
+    """Negative control of the counts: without the wiring every X and dY is copied."""
+    for case in ("fused", "stock_layer"):
+        copies = _copies(runs, case, "unwired")
+        assert len(copies) == 8 and all(count == {"x": 2, "dy": 2} for count in copies.values()), case
+
+
+@pytest.mark.parametrize("case", ["fused", "stock_layer"])
+def test_deferred_main_grad_matches_the_undeferred_model(runs, case):
+    off, wired, unwired = (runs[case, which][0] for which in ("off", "wired", "unwired"))
+    assert off.keys() == wired.keys()
+    for name, grad in off.items():
+        grad = torch.from_numpy(grad)
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(torch.from_numpy(wired[name]), grad, **FP32_TOL, msg=name)
+        # The same arena contents by copy or by producer, the same flush: the same bits.
+        assert (wired[name] == unwired[name]).all(), name
+    assert runs[case, "wired"][3] == runs[case, "off"][3]  # the forward is unchanged: same losses
+
+
+def test_a_producer_writing_another_slot_fails_the_parity(runs):
+    """Negative control of the parity: producers writing the next micro-batch's slot clobber
+    the first micro-batch's tensors (the last one wraps around onto slot 0): every decoder
+    linear has a producer, each one's main_grad is off; nothing else is."""
+    off, shifted = runs["fused", "off"][0], runs["fused", "shifted"][0]
+    mismatched = sorted(name for name, grad in off.items()
+                        if not torch.allclose(torch.from_numpy(shifted[name]), torch.from_numpy(grad), **FP32_TOL))
+    assert len(mismatched) == 8 and all(name.split(".")[-2] in LINEARS for name in mismatched), mismatched
+
+
+def test_wire_without_a_deferral_changes_nothing(runs):
+    grads, copies, links, losses = runs["fused", "off_wired"]
+    assert links == [] and copies == {}
+    off = runs["fused", "off"]
+    assert losses == off[3]
+    assert all((grads[name] == grad).all() for name, grad in off[0].items())
