@@ -8,6 +8,7 @@
 #   benchmarks/run_gpu_sweep.sh h200-check   # H200: CUDA tests of the fusions, 4 profiled trials (~3 min)
 #   benchmarks/run_gpu_sweep.sh h200-extras  # H200: CUDA tests of the new kernels, the peer, 20-step parity (~3 min)
 #   benchmarks/run_gpu_sweep.sh h200         # H200: the h200_single sweep (~7 min), the peer, ceilings, profile
+#   benchmarks/run_gpu_sweep.sh h200-defer   # H200: CUDA tests of wgrad_defer, mbs 1 with and without it (~4 min)
 #
 # On the device tool, source benchmarks/gpu_env.sh first (the carried wheels; flash-attn-4
 # takes two calls: `fa4-1` in the h200-extras call, `fa4-2` in the h200 call right after).
@@ -25,7 +26,7 @@ MODE=${1:-sweep}
 BUDGET_S=${BUDGET_S:-540}
 OUT=${OUT:-benchmarks/results}
 TAG=${TAG:-gpu_sweep_$(date +%Y-%m-%d)}
-case "$MODE" in extras|h200-check|h200-extras) TAG=${TAG}_${MODE#h200-} ;; esac
+case "$MODE" in extras|h200-check|h200-extras|h200-defer) TAG=${TAG}_${MODE#h200-} ;; esac
 case "$MODE" in h200*) TAG=${TAG/gpu_sweep/h200_sweep} ;; esac
 mkdir -p "$OUT"
 exec > >(tee "$OUT/$TAG.log") 2>&1
@@ -142,6 +143,17 @@ sys.exit(0 if runs and all(s == "ok" for s in runs) else 1)
 PY
   [ -f /tmp/h200_overrides ] && echo "== overrides for the h200 call: $(cat /tmp/h200_overrides)"
   python3 benchmarks/gpu_sweep_report.py --sweep $P --parity $P --out "$OUT" --tag "$TAG"
+elif [ "$MODE" = h200-defer ]; then
+  # issue 17: the CUDA tests of layout.wgrad_defer=step and its producers (DEFER_CUDA_TESTS),
+  # then h200_single's mbs-1 cuDNN layout without and with the deferral (its flush
+  # overwriting the fp32 gradients), the deferred one profiled (an extra, untimed step).
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda ${DEFER_CUDA_TESTS:-tests/kernels/test_wgrad_defer.py \
+    tests/launch/test_step_graph.py tests/kernels/test_defer_wiring.py} || echo "== CUDA tests failed"
+  D=sweeps/h200_defer/llama_1b3-local_h200
+  ONE="sweep=h200_profile sweep.name=h200_defer layout.mbs=1 layout.attention=sdpa_cudnn trial.measure_steps=4"
+  sweep 60 $ONE trial.profile=false
+  sweep 60 $ONE layout.wgrad_defer=step layout.grad_buffer=overwrite trial.timeout_s=200
+  [ -d $D ] && python3 benchmarks/gpu_sweep_report.py --sweep $D --out "$OUT" --tag "$TAG"
 elif [ "$MODE" = h200 ]; then
   # The sweep: one command (conf/sweep/h200_single.yaml, at most SWEEP_TIMEOUT_S), its
   # report with the peer from h200-extras; then the matmul/copy ceilings at the best

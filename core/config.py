@@ -263,6 +263,8 @@ def _check(kind, value: Any, key: str, where: str) -> Any:
         return {k: _check(item, v, f"{key}.{k}", where) for k, v in value.items()}
     if typing.get_origin(kind) is Literal:
         choices = typing.get_args(kind)
+        if value is False and "off" in choices:  # YAML and Hydra read a bare `off` as false
+            return "off"
         if isinstance(value, bool) or value not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
         return value

@@ -162,6 +162,11 @@ def test_check_value_takes_what_yaml_and_hydra_write():
     assert check_value(SweepConfig, "name", 2024, "k") == "2024"  # sweep.name=2024
     assert check_value(SweepConfig, "max_trials", None, "k") is None  # Optional
     assert check_value(TrialConfig, "plant", "nan_weights", "k") == "nan_weights"
+    assert check_value(Layout, "wgrad_defer", False, "k") == "off"  # layout.wgrad_defer=off
+    with pytest.raises(ConfigError, match="must be one of off, step, got True"):
+        check_value(Layout, "wgrad_defer", True, "k")
+    with pytest.raises(ConfigError, match="got False"):  # only where "off" is a choice
+        check_value(Layout, "attention", False, "k")
 
 
 def test_dataclass_conversion_rejects_bad_values():
