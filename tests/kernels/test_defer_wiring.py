@@ -160,3 +160,38 @@ def test_wire_without_a_deferral_changes_nothing(runs):
     off = runs["fused", "off"]
     assert losses == off[3]
     assert all((grads[name] == grad).all() for name, grad in off[0].items())
+
+
+# -- CUDA: a whole GPU trial (bf16, megatron DDP, cuDNN attention), copies from its record ------
+
+def _gpu_trial(tmp_path, **axes):
+    from core.config import ClusterConfig, Layout, ModelConfig, TrialConfig
+    from core.spec import TrialSpec
+    from launch.trial import run_local
+
+    layout = Layout(gbs=8, mbs=2, attention="sdpa_cudnn", wgrad_defer="step", grad_buffer="overwrite", **axes)
+    spec = TrialSpec(
+        model=ModelConfig(num_query_groups=4),  # tiny (4 layers, hidden 128), MHA: qkv_grad=fused applies
+        cluster=ClusterConfig(name="one_gpu", device="cuda", gpus_per_node=1, gpu_memory_gb=70.0,
+                              peak_tflops=989.4),
+        layout=layout,
+        trial=TrialConfig(warmup_steps=2, measure_steps=2, timeout_s=300),
+        trial_dir=str(tmp_path / layout.name),
+    )
+    return run_local(spec)
+
+
+@pytest.mark.cuda
+def test_gpu_trial_producers_fill_every_slot_but_the_attention_output(tmp_path):
+    """bf16 on the GPU, fused layers under per-slot CUDA graphs (the copies counted where Python
+    runs: eager step 0 and each slot's capture): per micro-batch only the 4 layers' proj X are
+    copied. Control in the same test: megatron's own layer (eager) also copies proj's and FC2's
+    dY, 8 a micro-batch, so the count can fail."""
+    fused = _gpu_trial(tmp_path / "fused", cuda_graph=True, **{k: v for k, v in FUSED.items()
+                                                               if k not in ("mbs", "gbs", "attention")})
+    stock = _gpu_trial(tmp_path / "stock", **{k: v for k, v in STOCK_LAYER.items()
+                                              if k not in ("mbs", "gbs", "attention")})
+    assert fused["status"] == "ok" and stock["status"] == "ok", (fused.get("reason"), stock.get("reason"))
+    reports = [record["ranks"][0]["wgrad_defer"] for record in (fused, stock)]
+    assert [r["linears"] for r in reports] == [16, 16]
+    assert [(r["x_copies_per_microbatch"], r["dy_copies_per_microbatch"]) for r in reports] == [(4, 0), (4, 8)]
