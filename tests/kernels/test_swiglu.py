@@ -140,3 +140,15 @@ def test_unusable_targets_are_ignored_and_a_wrong_out_refused():
         swiglu_forward(x, out=strided)
     with pytest.raises(ValueError, match="dx must be"):
         swiglu_backward(dy, x, out=torch.empty(4, 80, dtype=torch.bfloat16, device=DEVICE))
+
+
+@pytest.mark.cuda
+def test_targets_at_training_size_on_gpu():
+    """llama_1b3 at mbs 1 ([2048, 1, 2 * 5632] bf16): the same bits with and without slots."""
+    x = torch.randn(2048, 1, 2 * 5632, device="cuda").to(torch.bfloat16)
+    dy = torch.randn(2048, 1, 5632, device="cuda").to(torch.bfloat16)
+    plain_y, plain_dx = _swiglu_run(x, dy)
+    ys, dxs = Slots(dy.shape, torch.bfloat16, "cuda"), Slots(x.shape, torch.bfloat16, "cuda")
+    y, dx = _swiglu_run(x, dy, y_target=ys.target, dx_target=dxs.target)
+    assert torch.equal(y, plain_y) and torch.equal(dx, plain_dx)
+    assert ys.holds(y) and dxs.holds(dx) and ys.untouched_elsewhere() and dxs.untouched_elsewhere()
