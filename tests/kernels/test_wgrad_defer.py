@@ -202,6 +202,16 @@ def test_a_forward_without_grad_does_not_advance_the_slot():
     assert deferral.slot == -1
 
 
+def test_the_dp_reduction_never_overlaps_a_deferred_backward():
+    from core.config import Layout
+    from launch.steps import overlap_grad_reduce
+
+    assert overlap_grad_reduce(Layout(), 2, device="cuda")
+    assert not overlap_grad_reduce(Layout(wgrad_defer="step"), 2, device="cuda")  # buckets wait for flush
+    assert not overlap_grad_reduce(Layout(cuda_graph=True), 2, device="cuda")
+    assert not overlap_grad_reduce(Layout(), 1, device="cuda") and not overlap_grad_reduce(Layout(), 2, device="cpu")
+
+
 # -- the real build on gloo: megatron GPTModel, DDP, finalize_model_grads ----------------------
 
 TINY = dict(name="tiny", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
