@@ -7,11 +7,13 @@ Candidates: around the default (rows per program, warps, the row split or not, t
 prefetch or Triton's pipelining, programs per SM), plus, new on 2026-12-01, chunked rows
 (5120 = 5 x 1024) forward and backward and a persistent forward with the next tile's
 load issued before the current tile's math (kernels/rmsnorm_configs.py says what each
-field means).
+field means); new after that run, the cache hints (no evict_first on the loads, y stored
+.cs), the forward's packed row, one row a warp, and the TMA forward.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -86,7 +88,40 @@ def forward_candidates(n_cols):
             for programs_per_sm in (2, 4):
                 seen.add(ours.ForwardConfig(block_m, warps, chunk=widths[0] if widths else 0,
                                             programs_per_sm=programs_per_sm))
-    return sorted(seen)
+    return sorted(seen | hinted_forward_candidates(n_cols))
+
+
+# (evict_first, stream_store, packed) beside the plain (True, False, False)
+FORWARD_HINTS = ((False, False, False), (False, True, False), (True, True, False),
+                 (True, False, True), (False, False, True), (False, True, True))
+
+
+def hinted_forward_candidates(n_cols) -> set:
+    """The cache hints and the packed row (kernels/rmsnorm_configs.py) on the default and
+    the one-row 4- and 8-warp configs (chunked where chunks divide the row), and one row a
+    warp or two (no cross-warp reduction or none but one; packed: 141 and 69 registers at
+    5120, offline sm_90 compile)."""
+    widths = _chunk_widths(n_cols)
+    chunk = widths[0] if widths else 0
+    F = ours.ForwardConfig
+    out = set()
+    for base in {ours.forward_config(n_cols), F(1, 4, chunk=chunk), F(1, 8, chunk=chunk)}:
+        for evict_first, stream_store, packed in FORWARD_HINTS:
+            out.add(base._replace(evict_first=evict_first, stream_store=stream_store,
+                                  packed=packed))
+    for warps in (1, 2):
+        if n_cols <= 160 * 32 * warps:  # at most 160 values a lane
+            out |= {F(1, warps, chunk=chunk, packed=True),
+                    F(1, warps, chunk=chunk, packed=True, evict_first=False)}
+    # TMA: programs per SM x pipeline depth (shared memory per program about
+    # stages x the tile: 5120 at 3 stages 43 KB); RMSNORM_SWEEP_NO_TMA=1 (set by
+    # rmsnorm_device.sh when the TMA CUDA test failed) leaves them out
+    warps = 4 if n_cols <= 5120 else 8
+    for programs_per_sm in () if os.environ.get("RMSNORM_SWEEP_NO_TMA") else (1, 2, 4):
+        for stages in (2, 3, 4):
+            out.add(F(1, warps, chunk=chunk, programs_per_sm=programs_per_sm,
+                      tma_stages=stages))
+    return out
 
 
 def backward_candidates(n_cols):
@@ -124,6 +159,7 @@ def backward_candidates(n_cols):
                  B(1, 8, 2, False, chunk=chunk, weight_in_registers=False),
                  B(1, 4, 3, False, chunk=chunk, weight_in_registers=False),
                  B(1, 4, 4, False, chunk=chunk, weight_in_registers=False)}
+    seen.add(default._replace(evict_first=False))  # the loads without their evict_first hint
     return sorted(seen)
 
 
@@ -236,7 +272,10 @@ def precompile(part: int, parts: int, shapes) -> None:
         partial = torch.zeros(programs, n, device=DEVICE)
         dw = torch.empty(n, device=DEVICE, dtype=DTYPE)
         jobs += [(_dw_reduce_call(partial, dw, programs, n, rows), ()) for rows in DW_REDUCE_ROWS]
-    for fn, args in jobs[part::parts]:
+    # TMA launches last in each worker: a fault there loses only what is left after it
+    mine = sorted(jobs[part::parts],
+                  key=lambda job: bool(job[1] and getattr(job[1][-1], "tma_stages", 0)))
+    for fn, args in mine:
         try:
             fn(*args)
         except Exception as e:  # noqa: BLE001 - the timed run records it

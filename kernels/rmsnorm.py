@@ -58,7 +58,8 @@ from kernels.rmsnorm_configs import (DW_REDUCE_ROWS, BackwardConfig, ForwardConf
                                      backward_config, chunks, column_blocks, forward_config,
                                      uses_chunked_forward)
 from kernels.rmsnorm_kernels import (_backward_chunked_kernel, _backward_kernel,
-                                     _dw_reduce_kernel, _forward_chunked_kernel, _forward_kernel)
+                                     _dw_reduce_kernel, _forward_chunked_kernel, _forward_kernel,
+                                     _forward_tma_kernel)
 
 MAX_HIDDEN = 65536  # one row lives in registers; wider rows would spill
 
@@ -87,6 +88,7 @@ def _rows(t: torch.Tensor, n_cols: int):
 _FORWARD = CachedLaunch(_forward_kernel)
 _BACKWARD = CachedLaunch(_backward_kernel)
 _FORWARD_CHUNKED = CachedLaunch(_forward_chunked_kernel)
+_FORWARD_TMA = CachedLaunch(_forward_tma_kernel)
 _BACKWARD_CHUNKED = CachedLaunch(_backward_chunked_kernel)
 _DW_REDUCE = CachedLaunch(_dw_reduce_kernel)
 _PARTIALS: dict = {}  # (device index, programs, n_cols) -> fp32 [programs, n_cols] scratch
@@ -108,10 +110,16 @@ def dw_reduce_plan(programs: int, accumulate: bool, rows: int = 0) -> tuple:
 @functools.lru_cache(maxsize=None)
 def _forward_plan(n_cols: int, cfg: ForwardConfig) -> tuple:
     """(the kernel's CachedLaunch, its constexprs) for this config: one cached look-up a call."""
+    if cfg.tma_stages:
+        chunk, n_chunks = chunks(n_cols, cfg.chunk)
+        return _FORWARD_TMA, dict(BLOCK_M=cfg.block_m, CHUNK=chunk, N_CHUNKS=n_chunks,
+                                  STAGES=cfg.tma_stages)
     if uses_chunked_forward(cfg):
         chunk, n_chunks = chunks(n_cols, cfg.chunk)
         return _FORWARD_CHUNKED, dict(BLOCK_M=cfg.block_m, CHUNK=chunk, N_CHUNKS=n_chunks,
-                                      PERSISTENT=cfg.programs_per_sm > 0)
+                                      PERSISTENT=cfg.programs_per_sm > 0,
+                                      EVICT_FIRST=cfg.evict_first, PACKED=cfg.packed,
+                                      STORE_CS=cfg.stream_store)
     block_n, block_t = column_blocks(n_cols, cfg.split)
     return _FORWARD, dict(BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_T=block_t)
 
@@ -121,10 +129,11 @@ def _backward_plan(n_cols: int, cfg: BackwardConfig) -> tuple:
     if cfg.chunk > 0:
         chunk, n_chunks = chunks(n_cols, cfg.chunk)
         return _BACKWARD_CHUNKED, dict(BLOCK_M=cfg.block_m, CHUNK=chunk, N_CHUNKS=n_chunks,
-                                       PREFETCH=cfg.prefetch, W_IN_REGS=cfg.weight_in_registers)
+                                       PREFETCH=cfg.prefetch, W_IN_REGS=cfg.weight_in_registers,
+                                       EVICT_FIRST=cfg.evict_first)
     block_n, block_t = column_blocks(n_cols, cfg.split)
     return _BACKWARD, dict(BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_T=block_t,
-                           PREFETCH=cfg.prefetch)
+                           PREFETCH=cfg.prefetch, EVICT_FIRST=cfg.evict_first)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -154,6 +163,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
         return y
     cfg = config or forward_config(n_cols)
     device = device_index(x)
+    if cfg.tma_stages and not _tma_ready(x2, stride, y):
+        cfg = cfg._replace(tma_stages=0)  # the chunked kernel, persistent as configured
     kernel, constexprs = _forward_plan(n_cols, cfg)
     programs = _cdiv(n_rows, cfg.block_m)
     if cfg.programs_per_sm:  # persistent: each program walks several row tiles
@@ -163,6 +174,25 @@ def forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
         (programs,), (x2, weight, y, n_rows, n_cols, stride, n_cols, eps),
         constexprs, num_warps=cfg.num_warps)
     return y
+
+
+def _tma_ready(x2: torch.Tensor, stride: int, y: torch.Tensor) -> bool:
+    """What the TMA forward needs: 16-byte aligned rows of x and y; on a GPU, an allocator
+    for its device-side descriptors' scratch (Triton's, per thread context), set here to a
+    torch allocation where none is."""
+    size = x2.element_size()
+    if (stride * size) % 16 or (y.shape[-1] * size) % 16 or not (aligned(x2) and aligned(y)):
+        return False
+    if x2.is_cuda:
+        from triton.runtime import _allocation
+
+        if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            triton.set_allocator(_scratch)
+    return True
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _partials(device: int, programs: int, n_cols: int) -> torch.Tensor:

@@ -11,6 +11,18 @@ A row of H columns is held in registers in one of three ways:
 `programs_per_sm` > 0 in a ForwardConfig makes the forward persistent (SMs x that many
 programs walk row tiles, each loading the next tile before working on the current one);
 0 is one program per row tile. Both new forms run the chunked kernels.
+
+Cache hints and packed rows (new after rmsnorm_h200_2026-12-01_chunked.json, where every
+kernel loaded with evict_first, never timed against no hint): `evict_first=False` loads
+without an eviction hint; a forward's `stream_store` writes y with .cs (streaming);
+a forward's `packed` keeps the loaded 16-bit row across the reduction instead of its fp32
+copy (offline sm_90 compile, Triton 3.6, 5120 as 5 x 1024 at 4 warps: 40 registers
+instead of 61, so 12 programs fit an SM instead of 8). A forward with any of them runs the
+chunked kernel (chunk 0: the row as one power-of-two chunk). `tma_stages` > 0 runs the
+TMA forward (kernels/rmsnorm_kernels.py: row tiles by tensor descriptors into shared
+memory, pipelined that many stages deep, persistent over `programs_per_sm`; offline sm_90
+compile at 5120, 4 warps, 3 stages: 71 registers, 43 KB shared); rows whose stride is not
+16-byte aligned fall back to the chunked kernel with the same other fields.
 """
 
 from __future__ import annotations
@@ -27,6 +39,10 @@ class ForwardConfig(NamedTuple):
     split: bool = True  # a row as BLOCK_N + a tail where one power of two wastes >= 1/4
     chunk: int = 0  # > 0: the row as chunks of this many columns (chunked kernel)
     programs_per_sm: int = 0  # > 0: persistent grid, next tile prefetched (chunked kernel)
+    evict_first: bool = True  # x loaded with the evict_first hint, else with none
+    stream_store: bool = False  # y stored with .cs (streaming) instead of the default .wb
+    packed: bool = False  # the row held in its 16-bit form from the load to the store
+    tma_stages: int = 0  # > 0: the TMA kernel, loads pipelined this many stages deep
 
 
 class BackwardConfig(NamedTuple):
@@ -38,10 +54,12 @@ class BackwardConfig(NamedTuple):
     split: bool = False  # the forward's split; slower here at 5120 (see BACKWARD_TABLE)
     chunk: int = 0  # > 0: the row as chunks of this many columns (chunked kernel)
     weight_in_registers: bool = True  # chunked kernel: w held across rows, else reloaded (L1)
+    evict_first: bool = True  # dy, x loaded with the evict_first hint, else with none
 
 
 def uses_chunked_forward(cfg: ForwardConfig) -> bool:
-    return cfg.chunk > 0 or cfg.programs_per_sm > 0
+    return (cfg.chunk > 0 or cfg.programs_per_sm > 0 or not cfg.evict_first
+            or cfg.stream_store or cfg.packed or cfg.tma_stages > 0)
 
 
 def _pow2_at_most(n: int) -> int:

@@ -107,13 +107,22 @@ def test_every_launch_variant_matches_float64(hidden):
                 # chunked rows (5120: 5 x 1024 exact; 1000, 2500: the last chunk masked),
                 # one tile per program or persistent with the next tile prefetched
                 F(1, 4, chunk=1024), F(2, 4, chunk=512, programs_per_sm=1),
-                F(1, 4, programs_per_sm=2)):
+                F(1, 4, programs_per_sm=2),
+                # cache hints, the packed row (one row a warp, persistent, one chunk)
+                F(1, 1, chunk=1024, packed=True, evict_first=False),
+                F(2, 4, chunk=512, programs_per_sm=1, packed=True, stream_store=True),
+                F(4, 8, packed=True),
+                # TMA (2500: rows of 5000 bytes, not 16-byte aligned: the chunked fallback)
+                F(1, 4, chunk=1024, programs_per_sm=1, tma_stages=3),
+                F(2, 4, chunk=512, programs_per_sm=2, tma_stages=2)):
         assert _relerr(rmsnorm.forward(x, w, 1e-5, cfg), y64) <= tol, cfg
     for cfg in (B(1, 4, 1, prefetch=True), B(2, 4, 1, prefetch=False, split=False),
                 B(2, 4, 2, prefetch=True, split=False), B(4, 8, 1, num_stages=2),
                 B(1, 4, 1, prefetch=True, chunk=1024),
                 B(2, 4, 1, prefetch=False, chunk=512, weight_in_registers=False),
-                B(1, 4, 2, prefetch=True, chunk=256, weight_in_registers=False)):
+                B(1, 4, 2, prefetch=True, chunk=256, weight_in_registers=False),
+                B(2, 4, 2, prefetch=True, split=False, evict_first=False),
+                B(1, 4, 1, prefetch=False, chunk=1024, evict_first=False)):
         dx, dw = rmsnorm.backward(dy, x, w, 1e-5, cfg)
         assert _relerr(dx, x64.grad) <= tol and _relerr(dw, w64.grad) <= tol, cfg
 
@@ -262,6 +271,43 @@ def test_zero_out_wgrad_gets_a_zero_placeholder_and_16_bit_buffers_work():
     assert _relerr(tagged.main_grad, expected) <= TOLERANCE[torch.bfloat16]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_and_hinted_forward_is_bitwise_the_plain_one(dtype):
+    """The packed row is widened a second time for the store (bf16 by a bit shift, which
+    no CSE merges with the reduction's conversion): the same fp32 arithmetic as the
+    unpacked kernel, so y must be bitwise equal, as with cache hints (which change no
+    value) and the TMA kernel (the same sums in the same order, rows by descriptors).
+    Negative control: a different eps changes y."""
+    torch.manual_seed(11)
+    x = (torch.randn(7, 1000, device=DEVICE) * 3).to(dtype)
+    w = (1 + 0.5 * torch.randn(1000, device=DEVICE)).to(dtype)
+    F = rmsnorm.ForwardConfig
+    plain = rmsnorm.forward(x, w, 1e-5, F(2, 4, chunk=256))
+    for cfg in (F(2, 4, chunk=256, packed=True), F(2, 4, chunk=256, evict_first=False,
+                                                   stream_store=True, packed=True),
+                F(1, 4, chunk=256, programs_per_sm=1, packed=True),
+                F(2, 4, chunk=256, programs_per_sm=1, tma_stages=2)):
+        assert torch.equal(rmsnorm.forward(x, w, 1e-5, cfg), plain), cfg
+    assert not torch.equal(rmsnorm.forward(x, w, 1e-1, F(2, 4, chunk=256, packed=True)), plain)
+
+
+def test_plans_pass_every_constexpr_in_signature_order():
+    """kernels.fast_launch launches directly only when the constexprs follow the runtime
+    arguments in signature order (else it raises on a GPU; the interpreter never checks):
+    every plan of every sweep candidate gives the kernel's trailing parameters, in order."""
+    from benchmarks.rmsnorm_sweep import backward_candidates, forward_candidates
+
+    plans = []
+    for n in (4096, 5120, 8192):
+        plans += [rmsnorm._forward_plan(n, cfg) for cfg in forward_candidates(n)]
+        plans += [rmsnorm._backward_plan(n, cfg) for cfg in backward_candidates(n)]
+    # all five: block, chunked and TMA forward; block and chunked backward
+    assert len({id(launch.kernel) for launch, _ in plans}) == 5
+    for launch, constexprs in plans:
+        names = list(launch.kernel.arg_names)
+        assert names[len(names) - len(constexprs):] == list(constexprs), names
+
+
 def test_backward_refuses_a_main_grad_it_cannot_add_into():
     x = torch.randn(3, 64, device=DEVICE)
     w = torch.ones(64, device=DEVICE)
@@ -281,6 +327,11 @@ _F, _B = rmsnorm.ForwardConfig, rmsnorm.BackwardConfig
     ((8192, 5120), _B(1, 8, 1, True, chunk=1024)),
     ((8192, 5120), _B(1, 8, 2, True, chunk=1024, weight_in_registers=False)),
     ((3001, 5120), _B(1, 4, 3, False, chunk=1024, weight_in_registers=False)),
+    ((8192, 5120), _F(1, 4, chunk=1024, packed=True, evict_first=False, stream_store=True)),
+    ((3001, 5120), _F(1, 1, chunk=1024, packed=True)),
+    ((16384, 4096), _F(4, 16, packed=True)),
+    ((3001, 8192), _F(1, 8, packed=True, programs_per_sm=2)),
+    ((3001, 8192), _B(1, 16, 1, True, evict_first=False)),
 ])
 def test_chunked_and_persistent_kernels_match_float64_on_gpu(shape, cfg):
     """The compiled chunked and persistent kernels (the interpreter runs them above) at
@@ -298,6 +349,25 @@ def test_chunked_and_persistent_kernels_match_float64_on_gpu(shape, cfg):
     y64.backward(dy.double())
     dx, dw = rmsnorm.backward(dy, x, w, 1e-5, cfg)
     assert _relerr(dx, x64.grad) <= tol and _relerr(dw, w64.grad) <= tol
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape,cfg", [
+    ((8192, 5120), _F(1, 4, chunk=1024, programs_per_sm=2, tma_stages=3)),
+    ((3001, 5120), _F(1, 4, chunk=1024, programs_per_sm=1, tma_stages=4)),
+    ((16384, 4096), _F(1, 4, programs_per_sm=4, tma_stages=2)),
+    ((3001, 8192), _F(1, 8, programs_per_sm=2, tma_stages=3)),
+])
+def test_tma_forward_matches_float64_on_gpu(shape, cfg):
+    """The TMA forward compiled (descriptors made on the device, scratch from the allocator
+    the launcher sets), odd row counts included (zero-filled loads, clipped stores), within
+    bf16's unit roundoff; bitwise the chunked persistent kernel (same sums, same order)."""
+    torch.manual_seed(6)
+    x = torch.randn(shape, device="cuda").to(torch.bfloat16)
+    w = (1 + 0.5 * torch.randn(shape[-1], device="cuda")).to(torch.bfloat16)
+    y = rmsnorm.forward(x, w, 1e-5, cfg)
+    assert _relerr(y, reference(x.double(), w.double())) <= TOLERANCE[torch.bfloat16]
+    assert torch.equal(y, rmsnorm.forward(x, w, 1e-5, cfg._replace(tma_stages=0)))
 
 
 @pytest.mark.cuda
