@@ -41,6 +41,22 @@ t=$(( $(left) - 5 ))
 timeout "$t" python -m benchmarks.bench_rmsnorm --quick --tune --out "$OUT/$name" > "$OUT/rmsnorm.log" 2>&1
 echo "rmsnorm rc=$? (limit ${t} s) at $(( $(date +%s) - start )) s"
 grep -E "^summary|^host|TABLE|sweep [0-9]+s" "$OUT/rmsnorm.log" | cut -c1-600
+# what the copy bar runs (dst.copy_(x) of the same bytes): its kernels and their times
+timeout 15 python - > "$OUT/copy_kernels.log" 2>&1 <<'PY'
+import torch
+from torch.profiler import ProfilerActivity, profile
+for m, n in ((8192, 5120), (16384, 4096)):
+    x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(x)
+    dst.copy_(x)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            dst.copy_(x)
+        torch.cuda.synchronize()
+    print(m, n, prof.key_averages().table(sort_by="self_device_time_total", row_limit=4,
+                                          max_name_column_width=70))
+PY
+grep -iE "memcpy|copy|kernel" "$OUT/copy_kernels.log" | cut -c1-150 | head -6
 t=$(( $(left) - 2 ))
 if [ "$t" -gt 5 ]; then
   env -u TRITON_ALLOW_NON_CONSTEXPR_GLOBALS timeout "$t" python -m pytest -q -p no:cacheprovider \
