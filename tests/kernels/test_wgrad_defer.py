@@ -332,8 +332,11 @@ class _GraphChunk(_Chunk):
 def _graph_steps(chunk, steps: int, *, single_graph=False) -> list[list[torch.Tensor]]:
     from unittest import mock
 
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
     from launch import step_graph
 
+    get_cuda_rng_tracker()  # the capture registers the tracker's generators: it must exist
     schedule = step_graph.MicrobatchGraph(loss_func=lambda out: (out.mean(), {}), eager_steps=1)
     grads = []
     stream = torch.cuda.Stream()  # captures need a side stream, as launch.gpu_trial runs them
