@@ -85,7 +85,8 @@ class Arena:
 def _store(slot_view: torch.Tensor, value: torch.Tensor, copies: dict, key: str) -> None:
     if same_memory(slot_view, value):
         return
-    slot_view.copy_(value.view(slot_view.shape))
+    # copy_ takes any strides; a [tokens, features] flattening of the same shape is reshaped.
+    slot_view.copy_(value if value.shape == slot_view.shape else value.reshape(slot_view.shape))
     copies[key] += 1
 
 

@@ -386,3 +386,16 @@ def test_cuda_per_slot_graphs_train_like_eager_and_one_graph_would_not():
     defer.flush_before_finalize(chunk.config)
     wrong = _graph_steps(chunk, 3, single_graph=True)
     assert not torch.allclose(wrong[2][0], reference[2][0], rtol=1e-2, atol=1e-2)
+
+
+def test_a_strided_input_is_copied_into_its_slot():
+    chunk = _Chunk(torch.float64)
+    deferral = wgrad_defer.attach(chunk, slots=MICRO, tokens_shape=(S, B))
+    deferral.begin_microbatch()
+    arena = deferral.arenas[chunk.decoder.fc1.weight]
+    strided = torch.randn(B, S, IN, dtype=torch.float64).transpose(0, 1)  # [s, b, in], not contiguous
+    assert arena.store_input(strided) == 0 and arena.copies["x"] == 1
+    assert torch.equal(arena.x[0], strided)
+    flat = torch.randn(S * B, HID, dtype=torch.float64)
+    deferral.arenas[chunk.decoder.fc2.weight].store_input(flat)
+    assert torch.equal(deferral.arenas[chunk.decoder.fc2.weight].x[0].reshape(S * B, HID), flat)
