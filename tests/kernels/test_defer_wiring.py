@@ -80,7 +80,7 @@ def _all(rank):
     for name, kwargs in (("fused", FUSED), ("stock_layer", STOCK_LAYER)):
         out[name, "off"] = _step(kwargs, call_wire=False)
         out[name, "wired"] = _step(dict(kwargs, wgrad_defer="step"))
-        out[name, "unwired"] = _step(dict(kwargs, wgrad_defer="step"), wire=False)
+    out["fused", "unwired"] = _step(dict(FUSED, wgrad_defer="step"), wire=False)
     out["fused", "shifted"] = _step(dict(FUSED, wgrad_defer="step"), shift_slot=True)
     out["fused", "off_wired"] = _step(FUSED)  # wire called on a chunk without a Deferral
     return out
@@ -126,21 +126,21 @@ def test_the_stock_layer_copies_what_megatron_adds(runs):
 
 def test_unwired_producers_show_up_as_copies(runs):
     """Negative control of the counts: without the wiring every X and dY is copied."""
-    for case in ("fused", "stock_layer"):
-        copies = _copies(runs, case, "unwired")
-        assert len(copies) == 8 and all(count == {"x": 2, "dy": 2} for count in copies.values()), case
+    copies = _copies(runs, "fused", "unwired")
+    assert len(copies) == 8 and all(count == {"x": 2, "dy": 2} for count in copies.values())
 
 
 @pytest.mark.parametrize("case", ["fused", "stock_layer"])
 def test_deferred_main_grad_matches_the_undeferred_model(runs, case):
-    off, wired, unwired = (runs[case, which][0] for which in ("off", "wired", "unwired"))
+    off, wired = runs[case, "off"][0], runs[case, "wired"][0]
+    unwired = runs["fused", "unwired"][0] if case == "fused" else None
     assert off.keys() == wired.keys()
     for name, grad in off.items():
         grad = torch.from_numpy(grad)
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(torch.from_numpy(wired[name]), grad, **FP32_TOL, msg=name)
         # The same arena contents by copy or by producer, the same flush: the same bits.
-        assert (wired[name] == unwired[name]).all(), name
+        assert unwired is None or (wired[name] == unwired[name]).all(), name
     assert runs[case, "wired"][3] == runs[case, "off"][3]  # the forward is unchanged: same losses
 
 
