@@ -18,9 +18,10 @@ from tests.gloo import run_on_gloo
 
 TINY = dict(name="tiny", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
             num_query_groups=4, vocab_size=1000, seq_length=16)  # MHA: qkv_grad=fused applies
-# Every producer kind: Triton norms, SwiGLU, RoPE's fused QKV gradient, the add+norm fusions.
+# Every producer kind: Triton norms, SwiGLU, RoPE's fused QKV gradient, the add+norm fusions;
+# with the other fusions of the H200 sweep's deferred mbs-1 layout (conf/sweep/h200_single.yaml).
 FUSED = dict(attention="sdpa", norm="triton", swiglu="triton", qkv_grad="fused", add_norm="fused",
-             mbs=2, gbs=4)
+             loss="fused", embedding_grad="fused", mbs=2, gbs=4)
 STOCK_LAYER = dict(FUSED, add_norm="megatron")  # megatron's TransformerLayer with our norms
 LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 FP32_TOL = dict(rtol=1e-5, atol=1e-6)
