@@ -16,13 +16,15 @@ rstd recomputed in the backward from x (which it reads anyway) instead of stored
 dw partial buffer kept between calls (not while a CUDA graph is being captured): a call
 allocates only its outputs (y forward; dx and dw backward).
 
-H200, bf16 (benchmarks/results/rmsnorm_h200_2026-12-01_chunked.json, commit 3a2a2f2;
-shapes 16384x4096, 32768x8192, 8192x5120): GPU time fwd 0.95/0.96/0.94x a copy of x,
-fwd+bwd 0.92/0.93/0.90x, 1.17/1.13/1.45x the best peer (torch.compile, liger, liger); host
-included (do_bench) fwd+bwd 1.65/2.06/1.33x F.rms_norm. The backward is bound by bytes in
-flight: each program holds its tile and the prefetched next one in registers (0.87-0.91x
-copy); at 5120 the row as five 1024-column chunks frees the registers an 8192-lane block
-wastes, so two programs fit per SM.
+H200, bf16 (benchmarks/results/rmsnorm_h200_2026-12-01_v6.json, commit 5699fec; shapes
+16384x4096, 32768x8192, 8192x5120): GPU time fwd 0.97/0.99/0.99x a copy of x (the driver's
+cudaMemcpyAsync device to device, same bytes), fwd+bwd 0.94/0.97/0.92x, 1.21/1.19/1.47x
+the best peer (torch.compile, liger, liger); host included (do_bench) fwd+bwd
+1.73/2.16/1.93x F.rms_norm. The forward gained from loads without the evict_first hint
+and, at 5120, from the row kept packed in 16 bits (fewer registers, more rows in flight).
+The backward is bound by bytes in flight: each program holds its tile and the prefetched
+next one in registers (0.88-0.96x copy); at 5120 the row as five 1024-column chunks frees
+the registers an 8192-lane block wastes, so two programs fit per SM.
 
 Three layers, as in Liger-Kernel and the Triton layer-norm tutorial:
   * private @triton.jit kernels in kernels/rmsnorm_kernels.py (row tiles forward; a

@@ -89,27 +89,32 @@ def chunks(n_cols: int, chunk: int) -> tuple:
 
 
 # Tuned launch configurations: the winners of the launch sweep of bench_rmsnorm --tune on
-# the H200, bf16 (benchmarks/results/rmsnorm_h200_2026-12-01_chunked.json, commit 3a2a2f2,
-# GPU time, TB/s of the bytes a fused kernel must move), which timed them as the defaults.
-# Forward: the top configs at each size lie within 1-2% (4096: (4, 16) 3.71, (4, 4) 3.66;
-# 8192: (1, 16) 4.02, (1, 4) 3.99); no persistent forward won anywhere (8192: 3.66 against
-# 4.02). Backward at 5120: the 1024-wide chunks (243 registers at 4 warps, 2 programs per
-# SM, w reloaded) 3.30 against 3.06 for the 8192-lane block (255 registers, 8 warps).
-# Other sizes use the heuristics below.
+# the H200, bf16 (benchmarks/results/rmsnorm_h200_2026-12-01_v6.json, commit 5699fec, GPU
+# time, TB/s of the bytes a fused kernel must move, L2 flushed), which timed them as the
+# defaults. Forward: dropping the loads' evict_first hint gained at every size (5120
+# chunked 3.58 -> 3.69, 4096 (4, 16) 3.71 -> 3.84, 8192 (1, 16) 4.01 -> 4.09), the packed
+# row on top at 5120 (3.75: 40 registers instead of 61, 12 programs an SM instead of 8) and
+# by a hair elsewhere; at 4096 one row a warp (no cross-warp reduction, 154 registers)
+# 3.88 against 3.84. Neither the .cs stores nor the TMA forward won anywhere (TMA best
+# 3.33 / 3.49 / 3.83 at 5120 / 4096 / 8192). Backward: no hint at 8192 4.01 against 3.80
+# with it, 4096 3.58 against 3.52; at 5120 the chunked one (243 registers at 4 warps, 2
+# programs per SM, w reloaded) keeps its hint (3.35 against 3.34 without).
+# Other sizes use the heuristics below (unchanged: they keep the evict_first hint).
 FORWARD_TABLE = {
-    4096: ForwardConfig(4, 16),
-    5120: ForwardConfig(1, 4, chunk=1024),  # 5 x 1024: 3.55; split 4096 + 1024: 3.51
-    8192: ForwardConfig(1, 16),
+    4096: ForwardConfig(1, 1, evict_first=False, packed=True),  # (4, 16), no hint: 3.84
+    5120: ForwardConfig(1, 4, chunk=1024, evict_first=False, packed=True),  # 5 x 1024
+    8192: ForwardConfig(1, 16, evict_first=False, packed=True),  # unpacked 4.09
 }
 BACKWARD_TABLE = {
-    4096: BackwardConfig(2, 16, 1, prefetch=True),  # 3.53
+    4096: BackwardConfig(2, 16, 1, prefetch=True, evict_first=False),  # 3.58
     5120: BackwardConfig(1, 4, 2, prefetch=True, chunk=1024, weight_in_registers=False),
-    8192: BackwardConfig(1, 16, 1, prefetch=True),  # 3.80
+    8192: BackwardConfig(1, 16, 1, prefetch=True, evict_first=False),  # 4.01
 }
 
-# dw reduction (kernels.rmsnorm.dw_reduce_plan): partial rows summed per pass. Same run,
-# the reduction alone over 132 partials (L2 flushed): 256 rows 6.5-7.4 us, 32 rows (the
-# plan before) 8.6-9.5 us, at H = 4096, 5120, 8192.
+# dw reduction (kernels.rmsnorm.dw_reduce_plan): partial rows summed per pass. The
+# reduction alone over 132 partials (L2 flushed; rmsnorm_h200_2026-12-01_chunked.json, and
+# again in _v6.json): 256 rows 6.5-7.4 us (v6: 6.5-8.2), 32 rows (the plan before) 8.6-9.5
+# us (v6: 8.4-12.9), at H = 4096, 5120, 8192.
 DW_REDUCE_ROWS = 256
 
 
