@@ -103,8 +103,9 @@ def _wire_layer(links: _Links, name: str, layer, successor, successor_name: str)
 
 
 def _wire_block(links: _Links, name: str, block: TransformerBlock) -> None:
-    if block.config.recompute_granularity is not None:
-        return  # full or selective recompute: see the module docstring
+    config = block.config
+    if config.recompute_granularity is not None or config.cpu_offloading:
+        return  # recompute or activation offloading: see the module docstring
     layers = list(block.layers)
     names = [f"{name}.layers.{index}" for index in range(len(layers))]
     for index, layer in enumerate(layers):
