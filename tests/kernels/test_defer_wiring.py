@@ -84,6 +84,8 @@ def _all(rank):
     out["fused", "unwired"] = _step(dict(FUSED, wgrad_defer="step"), wire=False)
     out["fused", "shifted"] = _step(dict(FUSED, wgrad_defer="step"), shift_slot=True)
     out["fused", "off_wired"] = _step(FUSED)  # wire called on a chunk without a Deferral
+    out["recomputed", "off"] = _step(dict(FUSED, recompute="full"), call_wire=False)
+    out["recomputed", "wired"] = _step(dict(FUSED, recompute="full", wgrad_defer="step"))
     return out
 
 
@@ -153,6 +155,16 @@ def test_a_producer_writing_another_slot_fails_the_parity(runs):
     mismatched = sorted(name for name, grad in off.items()
                         if not torch.allclose(torch.from_numpy(shifted[name]), torch.from_numpy(grad), **FP32_TOL))
     assert len(mismatched) == 8 and all(name.split(".")[-2] in LINEARS for name in mismatched), mismatched
+
+
+def test_nothing_is_wired_under_recompute_and_the_copies_stay_correct(runs):
+    """Full recompute runs each layer's forward twice (without autograd, then in the backward):
+    wire links nothing, every linear copies (X at both forwards), main_grad as undeferred."""
+    grads, copies, links, _ = runs["recomputed", "wired"]
+    assert links == [] and len(copies) == 8
+    assert all(count == {"x": 4, "dy": 2} for count in copies.values()), copies
+    for name, grad in runs["recomputed", "off"][0].items():
+        torch.testing.assert_close(torch.from_numpy(grads[name]), torch.from_numpy(grad), **FP32_TOL, msg=name)
 
 
 def test_wire_without_a_deferral_changes_nothing(runs):
