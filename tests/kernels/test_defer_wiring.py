@@ -9,6 +9,8 @@ linear copies) hold the same arena contents and run the same flush: bitwise equa
 Deferral, wire changes nothing: bitwise equal to a model it never saw.
 Negative controls: unwired producers show up as copies; a producer that writes the next
 micro-batch's slot (the wrap-around clobbers a slot already stored) fails the parity.
+Under full recompute nothing is wired (every linear copies, main_grad still matches). The
+CUDA test reads the same counts from two whole GPU trials' records.
 """
 
 import pytest
