@@ -11,9 +11,10 @@ kernels/defer_wiring.py; None (the default everywhere) allocates as before.
 `take` applies the rules every launcher needs: the target must have exactly the output's
 shape and dtype, be contiguous, on the output's device, and 16-byte aligned (the
 alignment Triton specializes pointers on, and kernels.fast_launch's cached launches assume
-of fresh outputs); anything else is ignored and the output allocated as usual, so a wrong
-target only costs the consumer's copy, never a wrong result. A launcher given an explicit
-`out` (`empty`) refuses an unusable one instead.
+of fresh outputs); anything else is ignored and the output allocated as usual (the consumer
+then copies it). A launcher given an explicit `out` (`empty`) refuses an unusable one.
+Which target a producer may take is the wiring's rule (kernels/defer_wiring.py): only where
+its very output reaches the consumer, whose copy into the slot would otherwise overwrite it.
 """
 
 from __future__ import annotations
