@@ -15,7 +15,10 @@ backward, the norm reads 2 and writes 1 and autograd's gradient sum reads 2 and 
 Fused: forward reads 2, writes 2; backward reads 3, writes 1 (all [tokens, hidden] bf16).
 The backward also runs a grid of many short programs (16 rows each, dw partial per
 program) where the H200 profile (2026-12-01, llama_1b3, hidden 2048) showed the
-persistent-grid RMSNorm backward at 1.5 TB/s.
+persistent-grid RMSNorm backward at 1.5 TB/s. Fewer rows per program where 16 would leave
+the GPU with under 3 programs per SM (`rows_per_program`): each program runs its rows back
+to back, so at mbs 1 (2048 rows) 128 programs of 16 rows took 30 us a call, 752 calls and
+22.9 ms a step (h200_sweep_2026-12-01_defer, the profiled mbs-1 trial).
 
 Layers: `_add_norm_fwd_kernel` (one row per program), `_add_norm_bwd_kernel` (ROWS rows
 per program, a [programs, H] fp32 dw partial), `_dw_reduce_kernel` (the partials summed in a
@@ -33,6 +36,8 @@ slot), both set by kernels/megatron_layer.py from kernels/defer_wiring.py; None 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -41,6 +46,7 @@ from kernels import main_grad as main_grad_rule
 from kernels import out_target
 
 ROWS = 16  # backward rows per program: dw partials stay 1/16 of the rows' bytes
+MIN_PROGRAMS_PER_SM = 3  # below this, a program's rows run in sequence with nothing to overlap them
 MAX_HIDDEN = 16384  # one row lives in registers
 
 
@@ -124,6 +130,23 @@ def _reduce_dw(partial: torch.Tensor, out: torch.Tensor, *, accumulate: bool) ->
     return out
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the CPU interpreter: any grid will do
+
+
+def rows_per_program(n_rows: int, sms: int) -> int:
+    """ROWS, halved (down to 1) while the backward's grid would have fewer than
+    MIN_PROGRAMS_PER_SM programs per SM: 16 at mbs 16 (32768 rows on 132 SMs), 4 at mbs 1
+    (2048 rows: 512 programs, dw partials 1/4 of the rows' fp32 bytes)."""
+    rows = ROWS
+    while rows > 1 and triton.cdiv(n_rows, rows) < MIN_PROGRAMS_PER_SM * sms:
+        rows //= 2
+    return rows
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]) if t.is_contiguous() else t.contiguous().reshape(-1, t.shape[-1])
 
@@ -161,13 +184,14 @@ def backward(dy: torch.Tensor, dh_in, h: torch.Tensor, w: torch.Tensor, rstd: to
     dh_in2 = dy2 if dh_in is None else _rows(dh_in)  # not read when absent (HAS_DH_IN)
     n_rows, n_cols = h2.shape
     dh = out_target.empty(dh_out, h.shape, h.dtype, h.device, "dh_out")
-    programs = triton.cdiv(n_rows, ROWS)
+    rows = rows_per_program(n_rows, _sm_count(h.device))
+    programs = triton.cdiv(n_rows, rows)
     if not n_rows:
         return dh, dw_into if dw_into is not None else torch.zeros(w.shape, dtype=torch.float32, device=w.device)
     partial = torch.empty((programs, n_cols), dtype=torch.float32, device=h.device)
     block_n = triton.next_power_of_2(n_cols)
     _add_norm_bwd_kernel[(programs,)](dy2, dh_in2, h2, w, rstd, dh, partial, n_rows, n_cols,
-                                      HAS_DH_IN=dh_in is not None, ROWS=ROWS, BLOCK_N=block_n,
+                                      HAS_DH_IN=dh_in is not None, ROWS=rows, BLOCK_N=block_n,
                                       num_warps=_warps(block_n))
     if dw_into is not None:
         return dh, _reduce_dw(partial, dw_into, accumulate=True)

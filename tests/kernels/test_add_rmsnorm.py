@@ -52,6 +52,32 @@ def test_matches_float64(rows, hidden, dtype):
         assert _relerr(out, expected.detach().double()) <= TOL[dtype] * (4 if name == "dw" else 1), name
 
 
+def test_rows_per_program_keeps_three_programs_per_sm():
+    from kernels.add_rmsnorm import rows_per_program
+
+    assert rows_per_program(32768, 132) == ROWS  # mbs 16 on an H200: unchanged
+    assert rows_per_program(2048, 132) == 4  # mbs 1: 512 programs, not 128
+    assert rows_per_program(4096, 132) == 8
+    assert rows_per_program(5, 132) == 1
+    assert rows_per_program(2048, 1) == ROWS
+
+
+@pytest.mark.parametrize("sms", [8, 1000])  # 37 rows: 4 rows a program, then 1
+def test_fewer_rows_per_program_match_float64(sms, monkeypatch):
+    from kernels import add_rmsnorm
+
+    monkeypatch.setattr(add_rmsnorm, "_sm_count", lambda device: sms)
+    a, r, w, dh_in, dy = _case(2 * ROWS + 5, 64, torch.float32, seed=4)
+    ours = _run(lambda a, r, w: add_rms_norm(a, r, w, eps=1e-5), a, r, w, dh_in, dy)
+    ref = _run(lambda a, r, w: reference(a.double(), r.double(), w.double()),
+               a.double(), r.double(), w.double(), dh_in.double(), dy.double())
+    errors = {name: _relerr(out, expected.detach().double())
+              for name, out, expected in zip(("h", "y", "da", "dr", "dw"), ours, ref)}
+    assert all(err <= TOL[torch.float32] * 4 for err in errors.values()), errors
+    dropped = _run(lambda a, r, w: add_rms_norm(a, r, w, eps=1e-5), a, r, w, torch.zeros_like(dh_in), dy)
+    assert _relerr(dropped[2], ref[2].detach().double()) > 0.1  # control: dh_in left out
+
+
 def test_a_dropped_residual_gradient_fails_the_same_check():
     """Negative control: dh without the gradient arriving at h (dh_in) is told apart."""
     a, r, w, dh_in, dy = _case(20, 64, torch.float32, seed=1)
