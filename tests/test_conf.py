@@ -206,7 +206,10 @@ def test_h200_presets_run_the_fused_embedding_with_its_off_runs_at_mbs_1_and_16(
     assert sorted(lay.mbs for lay in off) == [1, 16]
     assert all(dataclasses.replace(lay, embedding_grad="fused") in on for lay in off)
     parity = [lay for lay in _preset_layouts("h200_parity") if lay.qkv_grad == "fused"]
-    assert [lay.embedding_grad for lay in parity] == ["fused"]
+    assert [lay.embedding_grad for lay in parity] == ["fused", "fused"]
+    # 20 steps of every fusion, and of every fusion with the weight-gradient deferral (mbs 1:
+    # 4 micro-batches of gbs 4), against the stock spec.
+    assert sorted((lay.wgrad_defer, lay.mbs) for lay in parity) == [("off", 2), ("step", 1)]
 
 
 def test_h200_preset_defers_the_wgrad_at_mbs_1_beside_the_same_layouts_without():
