@@ -194,9 +194,7 @@ def _active_arena(weight):
     """The weight's Arena when a micro-batch slot is current (kernels/wgrad_defer.py), else
     None: a forward outside a training step (no slot) takes the accumulating path."""
     arena = getattr(weight, ARENA_ATTR, None)
-    if arena is None or not 0 <= arena.deferral.slot < arena.deferral.slots:
-        return None
-    return arena
+    return arena if arena is not None and arena.deferral.in_step() else None
 
 
 def _deferred_backward(ctx, grad_output):

@@ -107,8 +107,12 @@ class Deferral:
         self.begun = 0  # micro-batches run through Python (eager, or captured): the copies' count
         self.arenas: dict[torch.Tensor, Arena] = {}  # weight -> Arena (tensors hash by id)
 
+    def in_step(self) -> bool:
+        """Whether a micro-batch slot is current (a training forward or its backward)."""
+        return 0 <= self.slot < self.slots
+
     def current(self) -> int:
-        if not 0 <= self.slot < self.slots:
+        if not self.in_step():
             raise RuntimeError(f"wgrad_defer: slot {self.slot} outside 0..{self.slots - 1} "
                                "(a forward outside begin_microbatch, or flush missing)")
         return self.slot
@@ -142,7 +146,7 @@ class Deferral:
 
 def _target(weight, shape, dtype, which: str) -> torch.Tensor | None:
     arena = getattr(weight, ATTR, None) if weight is not None else None
-    if arena is None or not 0 <= arena.deferral.slot < arena.deferral.slots:
+    if arena is None or not arena.deferral.in_step():
         return None
     view = arena.x_slot() if which == "x" else arena.dy_slot()
     if tuple(view.shape) != tuple(shape) or view.dtype != dtype:

@@ -18,7 +18,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed import finalize_model_grads
 
 from core.config import Layout
-from kernels import wgrad_defer
+from kernels import defer_wiring, wgrad_defer
 from launch.data import first_sequence, microbatch
 
 
@@ -95,20 +95,12 @@ def overlap_grad_reduce(layout: Layout, dp: int, *, device: str) -> bool:
 
 def defer_wgrad(model: list, config, layout: Layout, *, seq_length: int, num_micro: int) -> None:
     """layout.wgrad_defer=step: arenas of `num_micro` slots on every chunk (after the DDP wrap:
-    they need main_grad), the producers linked to them (kernels/defer_wiring.py, where it
-    exists) and the flush in front of finalize_model_grads (after sync_config set it)."""
+    they need main_grad), the producers linked to them (kernels/defer_wiring.py) and the flush in front of finalize_model_grads (after sync_config set it)."""
     if layout.wgrad_defer != "step":
         return
-    try:
-        from kernels import defer_wiring
-    except ModuleNotFoundError as error:  # only the module's own absence: the linears copy
-        if error.name != "kernels.defer_wiring":
-            raise
-        defer_wiring = None
     for chunk in model:
         wgrad_defer.attach(chunk, slots=num_micro, tokens_shape=(seq_length // layout.cp, layout.mbs))
-        if defer_wiring is not None:
-            defer_wiring.wire(chunk)
+        defer_wiring.wire(chunk)
     wgrad_defer.flush_before_finalize(config)
 
 
