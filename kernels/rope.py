@@ -23,7 +23,7 @@ reaches s - 1 radians and tl.cos/tl.sin may lower to the hardware approximations
 error grows outside [-pi, pi]. The CPU interpreter has no libdevice; it uses tl.cos/tl.sin
 (numpy, exact to fp32 rounding).
 
-Layers: `_rope_kernel` / `_rotate_heads` (@triton.jit); `rotate` (host launcher);
+Layers: `_rope_kernel` / `_rotate_heads` / `_copy_heads` (@triton.jit); `rotate` (host launcher);
 `RoPEFunction` (autograd) and `apply_rope` (entry point, picking Triton on CUDA or under
 TRITON_INTERPRET=1, else `torch_rope`, the same formula in torch, also the pure-torch
 reference the kernel is tested against).
@@ -77,13 +77,31 @@ def _rotate_heads(src_ptr, dst_ptr, src_tok, dst_tok, tok_ok, heads, stride_h, s
 
 
 @triton.jit
+def _copy_heads(src_ptr, dst_ptr, src_tok, dst_tok, tok_ok, heads, stride_h, stride_d,
+                dst_stride_h, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Copy all heads of a block of tokens, unchanged (no conversion: the same bits):
+    src (strided) -> dst (strided heads, unit d). The backward's dv."""
+    h = tl.arange(0, BLOCK_H)
+    j = tl.arange(0, BLOCK_D)
+    for h0 in range(0, heads, BLOCK_H):
+        hh = h0 + h
+        mask = tok_ok[:, None, None] & (hh < heads)[None, :, None] & (j < D)[None, None, :]
+        src = (src_ptr + src_tok[:, None, None] + (hh * stride_h)[None, :, None]
+               + (j * stride_d)[None, None, :])
+        dst = dst_ptr + dst_tok[:, None, None] + (hh * dst_stride_h)[None, :, None] + j[None, None, :]
+        tl.store(dst, tl.load(src, mask=mask), mask=mask)
+
+
+@triton.jit
 def _rope_kernel(
-    q_ptr, k_ptr, q_out_ptr, k_out_ptr, inv_freq_ptr,
-    n_tokens, batch, q_heads, k_heads,
+    q_ptr, k_ptr, q_out_ptr, k_out_ptr, v_ptr, v_out_ptr, inv_freq_ptr,
+    n_tokens, batch, q_heads, k_heads, v_heads,
     q_stride_s, q_stride_b, q_stride_h, q_stride_d,
     k_stride_s, k_stride_b, k_stride_h, k_stride_d,
+    v_stride_s, v_stride_b, v_stride_h, v_stride_d,
     qo_stride_s, qo_stride_b, qo_stride_h, ko_stride_s, ko_stride_b, ko_stride_h,
-    INVERSE: tl.constexpr, LIBDEVICE: tl.constexpr, HALF: tl.constexpr,
+    vo_stride_s, vo_stride_b, vo_stride_h,
+    INVERSE: tl.constexpr, LIBDEVICE: tl.constexpr, HALF: tl.constexpr, COPY_V: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
@@ -111,6 +129,10 @@ def _rope_kernel(
     _rotate_heads(k_ptr, k_out_ptr, pos * k_stride_s + b * k_stride_b,
                   pos * ko_stride_s + b * ko_stride_b, tok_ok, k_heads, k_stride_h, k_stride_d,
                   ko_stride_h, cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
+    if COPY_V:  # v has k's heads and head dim (megatron's KV groups)
+        _copy_heads(v_ptr, v_out_ptr, pos * v_stride_s + b * v_stride_b,
+                    pos * vo_stride_s + b * vo_stride_b, tok_ok, v_heads, v_stride_h, v_stride_d,
+                    vo_stride_h, 2 * HALF, BLOCK_HK, 2 * BLOCK_HALF)
 
 
 # --------------------------------------------------------------------------- launcher
@@ -160,12 +182,21 @@ def _device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _check_out(out: torch.Tensor, like: torch.Tensor) -> bool:
+    return out.shape == like.shape and out.stride(3) == 1 and out.dtype == like.dtype
+
+
 def rotate(q: torch.Tensor, k: torch.Tensor, *, base: float, inverse: bool = False,
-           config: Optional[RopeConfig] = None, out: Optional[tuple] = None):
+           config: Optional[RopeConfig] = None, out: Optional[tuple] = None,
+           copy: Optional[tuple] = None):
     """Host launcher: (q_out, k_out) [s, b, h, d], rotated by +theta (or -theta with
     `inverse`, the backward). q, k: [s, b, h, d], any strides. The outputs are fresh
     contiguous tensors, or `out` = (q_out, k_out): tensors of q's and k's shapes and dtype,
-    any strides with a unit last one (e.g. slices of one gradient buffer)."""
+    any strides with a unit last one (e.g. slices of one gradient buffer).
+
+    copy = (v, v_out): also copy v ([s, b, hk, d], k's shape and dtype, any strides) into
+    v_out (unit last stride) unchanged, in the same launch: the RoPE backward's dv, which
+    torch's copy_ into a strided slice does with its slow non-vectorized kernel."""
     s, batch, q_heads, head_dim = q.shape
     k_heads = k.shape[2]
     if out is None:
@@ -173,9 +204,11 @@ def rotate(q: torch.Tensor, k: torch.Tensor, *, base: float, inverse: bool = Fal
         k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     else:
         q_out, k_out = out
-        if (q_out.shape != q.shape or k_out.shape != k.shape or q_out.stride(3) != 1
-                or k_out.stride(3) != 1 or q_out.dtype != q.dtype or k_out.dtype != k.dtype):
+        if not (_check_out(q_out, q) and _check_out(k_out, k)):
             raise ValueError("rotate's out tensors need q's and k's shapes and dtype and a unit last stride")
+    v, v_out = copy if copy is not None else (k, k_out)  # unused placeholders without copy
+    if copy is not None and not (v.shape == k.shape and v.dtype == k.dtype and _check_out(v_out, v)):
+        raise ValueError("rotate's copy needs (v, v_out) of k's shape and dtype, v_out with a unit last stride")
     n_tokens = s * batch
     if n_tokens == 0:
         return q_out, k_out
@@ -183,12 +216,13 @@ def rotate(q: torch.Tensor, k: torch.Tensor, *, base: float, inverse: bool = Fal
     cfg = config or launch_config(q_heads, k_heads, head_dim, tile_elements=tile)
     with _device(q):
         _rope_kernel[(triton.cdiv(n_tokens, cfg.block_t),)](
-            q, k, q_out, k_out, _cached_inv_freq(head_dim, float(base), q.device),
-            n_tokens, batch, q_heads, k_heads, *q.stride(), *k.stride(),
-            *q_out.stride()[:3], *k_out.stride()[:3],
+            q, k, q_out, k_out, v, v_out, _cached_inv_freq(head_dim, float(base), q.device),
+            n_tokens, batch, q_heads, k_heads, v.shape[2], *q.stride(), *k.stride(), *v.stride(),
+            *q_out.stride()[:3], *k_out.stride()[:3], *v_out.stride()[:3],
             INVERSE=inverse, LIBDEVICE=not _interpreting(), HALF=head_dim // 2,
-            BLOCK_T=cfg.block_t, BLOCK_HQ=cfg.block_hq, BLOCK_HK=cfg.block_hk,
-            BLOCK_HALF=triton.next_power_of_2(head_dim // 2), num_warps=cfg.num_warps,
+            COPY_V=copy is not None, BLOCK_T=cfg.block_t, BLOCK_HQ=cfg.block_hq,
+            BLOCK_HK=cfg.block_hk, BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+            num_warps=cfg.num_warps,
         )
     return q_out, k_out
 
@@ -227,7 +261,9 @@ class RoPEQKVFunction(torch.autograd.Function):
     Function takes qkv itself, so autograd never runs the split's backward (a concatenation
     of dq, dk, dv into a new buffer: CatArrayBatchedCopy, 4.9 ms of an H200 step at mbs 16,
     2026-12-01). The backward allocates that buffer once and writes into it directly: the
-    rotated-back dq and dk from the RoPE kernel, dv with one strided copy. v is returned as
+    rotated-back dq and dk from the RoPE kernel and, in the same launch, dv copied unchanged
+(torch's `dv_out.copy_(dv)` into the strided slice was a non-vectorized elementwise kernel:
+177 us a layer at mbs 16 on an H200, ~1.5 TB/s, 2026-12-01 profile). v is returned as
     the view of qkv it was (no copy); nothing is saved but geometry. `dqkv_target`
     (kernels.out_target.Target) may offer that buffer instead."""
 
@@ -250,8 +286,8 @@ class RoPEQKVFunction(torch.autograd.Function):
         # The views' offsets are relative to qkv's start: a target may start inside its storage.
         origin = d_qkv.storage_offset()
         dq, dk, dv_out = (d_qkv.as_strided(shape, stride, origin + offset) for shape, stride, offset in ctx.views)
-        rotate(dq_rot, dk_rot, base=ctx.base, inverse=True, config=ctx.config, out=(dq, dk))
-        dv_out.copy_(dv)
+        rotate(dq_rot, dk_rot, base=ctx.base, inverse=True, config=ctx.config, out=(dq, dk),
+               copy=(dv, dv_out))
         return d_qkv, None, None, None, None
 
 

@@ -201,6 +201,56 @@ def test_rotate_writes_into_strided_outputs_and_checks_them():
         rope.rotate(q, k, base=rope.DEFAULT_BASE, out=(q_out.transpose(2, 3), k_out))
 
 
+def _bits(t):
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+def _specials(shape, dtype, seed):
+    """Random values with -0.0, +-inf, NaN and a subnormal mixed in: a copy that converts
+    (fp32 math, a rounding, NaN canonicalisation) would change some bits."""
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    flat = t.view(-1)
+    flat[::7] = -0.0
+    flat[1::11] = float("inf")
+    flat[2::13] = float("nan")
+    flat[3::17] = torch.finfo(dtype).tiny / 4
+    return t.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tile", (16, rope.INTERPRETER_TILE_ELEMENTS), ids=("small", "big"))
+def test_rotate_copies_v_in_the_same_launch_bit_for_bit(dtype, tile):
+    """copy=(dv, dv_out): dv lands unchanged (the same bits) in a strided slice of a QKV-shaped
+    buffer, dq and dk as without it; dv itself strided (head dim stride 2), odd token count,
+    ragged head blocks (small tiles). Control: the same launch without copy leaves the slice
+    as it was, which the bitwise check catches."""
+    s, b, hq, hk, d = 7, 3, 6, 3, 16
+    gen = torch.Generator().manual_seed(11)
+    q, k = (torch.randn(s, b, h, d, generator=gen).to(DEVICE, dtype) for h in (hq, hk))
+    dv = _specials((s, b, hk, 2 * d), dtype, 12).to(DEVICE)[..., ::2]
+    cfg = launch_config(hq, hk, d, tile_elements=tile)
+
+    def launch(copy: bool):
+        buffer = torch.full((s, b, (hq + 2 * hk) * d), 7.0, dtype=dtype, device=DEVICE)
+        q_out = buffer[..., :hq * d].view(s, b, hq, d)
+        k_out = buffer[..., hq * d:(hq + hk) * d].view(s, b, hk, d)
+        v_out = buffer[..., (hq + hk) * d:].view(s, b, hk, d)
+        rotate(q, k, base=BASE, inverse=True, config=cfg, out=(q_out, k_out),
+               copy=(dv, v_out) if copy else None)
+        return q_out, k_out, v_out
+
+    q_out, k_out, v_out = launch(copy=True)
+    q_ref, k_ref = rotate(q, k, base=BASE, inverse=True, config=cfg)
+    assert torch.equal(_bits(q_out), _bits(q_ref)) and torch.equal(_bits(k_out), _bits(k_ref))
+    assert torch.equal(_bits(v_out), _bits(dv))
+    skipped = launch(copy=False)[2]
+    assert not torch.equal(_bits(skipped), _bits(dv)) and (skipped == 7.0).all()
+    with pytest.raises(ValueError, match="copy needs"):
+        rotate(q, k, base=BASE, copy=(dv, v_out.transpose(2, 3)))
+    with pytest.raises(ValueError, match="copy needs"):
+        rotate(q, k, base=BASE, copy=(dv[:, :, :1], v_out[:, :, :1]))
+
+
 def test_fused_qkv_recognises_only_megatrons_split_views():
     mixed = torch.randn(4, 2, 2, 3 * 8, requires_grad=True)
     q, k, v = torch.split(mixed, [8, 8, 8], dim=3)
