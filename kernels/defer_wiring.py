@@ -9,6 +9,7 @@ very tensor they return is what reaches the linear (same memory, megatron-core 0
     producer (module)                                  writes              consumer
     input norm (TritonRMSNorm) forward y               QKV's X             layer's linear_qkv
     RoPE backward's fused QKV gradient (core attn.)    QKV's dY            layer's linear_qkv
+    flash-attn-4 core attention forward output         proj's X            layer's linear_proj
     pre-MLP add+norm (FusedAddNormLayer) forward y     FC1's X             layer's linear_fc1
         backward dh (= the attention output's grad)    proj's dY           layer's linear_proj
     pre-MLP norm (TritonRMSNorm, stock layer) y        FC1's X             layer's linear_fc1
@@ -18,8 +19,10 @@ very tensor they return is what reaches the linear (same memory, megatron-core 0
         backward dh (= the MLP output's gradient)      FC2's dY            layer's linear_fc2
     final norm (TritonRMSNorm) backward dx             last FC2's dY       last layer's linear_fc2
 
-Only the attention output (proj's X) is always copied. What is not wired, and why (the
-linear then copies, correctly): the stock layer's residual adds (megatron's bias-dropout-add
+The attention output (proj's X) is copied unless flash-attn-4 writes it (SDPA's and our
+Triton kernel's outputs are their own allocations), and not where megatron changes it on
+the way (an output gate, fine-grained offloading, a checkpointed core attention). What
+else is not wired, and why (the linear then copies, correctly): the stock layer's residual adds (megatron's bias-dropout-add
 and autograd's sum of the residual gradients make new tensors: proj's and FC2's dY), RoPE's
 unfused backward (megatron's split concatenates dq, dk, dv), torch norms, and anything under
 recompute or activation offloading (megatron's norm recompute frees the norm output's
@@ -39,7 +42,7 @@ import functools
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from kernels import wgrad_defer
-from kernels.megatron_attention import _CoreAttention
+from kernels.megatron_attention import FlashAttn4CoreAttention, _CoreAttention
 from kernels.megatron_layer import FusedAddNormLayer
 from kernels.megatron_norm import TritonRMSNorm
 from kernels.swiglu import TritonSwiGLU
@@ -73,6 +76,15 @@ def _norm_ok(norm, recomputed: bool, offloaded: bool) -> bool:
     return isinstance(norm, TritonRMSNorm) and not recomputed and not offloaded
 
 
+def _reaches_proj(attention) -> bool:
+    """megatron-core 0.16.1 SelfAttention.forward hands core_attention's output to linear_proj
+    as it is, unless it checkpoints the core attention, offloads it or the projection's
+    input, or applies an output gate."""
+    return not (attention.checkpoint_core_attention or getattr(attention, "offload_core_attention", False)
+                or getattr(attention, "offload_attn_proj", False)
+                or getattr(attention.config, "attention_output_gate", False))
+
+
 def _wire_layer(links: _Links, name: str, layer, successor, successor_name: str) -> None:
     attention, mlp = layer.self_attention, layer.mlp
     qkv, proj = attention.linear_qkv.weight, attention.linear_proj.weight
@@ -83,6 +95,8 @@ def _wire_layer(links: _Links, name: str, layer, successor, successor_name: str)
     core = attention.core_attention
     if isinstance(core, _CoreAttention) and core.rope and core.fused_qkv_grad:
         links.set(core, "dqkv_target", _into(qkv, "dy"), (f"{name}.core_attention.dqkv", f"{name}.linear_qkv.dy"))
+    if isinstance(core, FlashAttn4CoreAttention) and core.writes_output_in_place() and _reaches_proj(attention):
+        links.set(core, "out_target", _into(proj, "x"), (f"{name}.core_attention.out", f"{name}.linear_proj.x"))
     fused = isinstance(layer, FusedAddNormLayer) and layer.fuses_in_training()
     if fused:
         links.set(layer, "pre_mlp_targets", (_into(fc1, "x"), _into(proj, "dy")),

@@ -138,10 +138,13 @@ class TritonCoreAttention(_CoreAttention):
 
 
 class FlashAttn4CoreAttention(_CoreAttention):
-    """Core attention through flash-attn-4 (`flash_attn.cute.flash_attn_func`), imported
-    when the module is built: a missing package fails the build with one line, never a
-    silent fallback. GQA goes in as is (no KV repeat); q, k, v are passed as strided
-    [b, s, h, d] views (unit last stride, 16-byte aligned: flash-attn-4 copies nothing)."""
+    """Core attention through flash-attn-4 (kernels.attention_fa4.SeqFirstAttention),
+    imported when the module is built: a missing package fails the build with one line,
+    never a silent fallback. GQA goes in as is (no KV repeat); q, k, v are passed as strided
+    [b, s, h, d] views (unit last stride, 16-byte aligned: flash-attn-4 copies nothing), and
+    the kernel writes its output straight into [s, b, hq * d] memory (no copy), or into
+    `out_target` (None unless kernels/defer_wiring.py sets it, layout.wgrad_defer=step):
+    the attention output linear's input slot."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -149,19 +152,20 @@ class FlashAttn4CoreAttention(_CoreAttention):
         reason = attention_fa4.head_dim_reason(self.config.kv_channels)
         if reason:
             raise ValueError(reason)
-        self._attend = attention_fa4.flash_attn_func()
+        self._attend = attention_fa4.SeqFirstAttention()
+        self.out_target = None
+
+    def writes_output_in_place(self) -> bool:
+        """Whether `out_target` is honoured (the installed flash-attn-4 takes `out=`)."""
+        return self._attend.writes_in_place
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         """query [s, b, np, hn], key/value [s, b, ng, hn] -> [s, b, np * hn]."""
         query, key, value, causal = self._prepare(query, key, value, attention_mask, attn_mask_type,
                                                   attention_bias, packed_seq_params)
-        s, b, heads, head_dim = query.shape
-        out, _ = self._attend(query.permute(1, 0, 2, 3), key.permute(1, 0, 2, 3),
-                              value.permute(1, 0, 2, 3), softmax_scale=self.softmax_scale,
-                              causal=causal)
-        # flash-attn-4 returns a contiguous [b, s, h, d]: one copy into [s, b, h * d].
-        return out.permute(1, 0, 2, 3).reshape(s, b, heads * head_dim)
+        return self._attend(query, key, value, softmax_scale=self.softmax_scale, causal=causal,
+                            target=self.out_target)
 
 
 class SDPACoreAttention(_CoreAttention):

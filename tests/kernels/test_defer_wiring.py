@@ -177,6 +177,38 @@ def test_wire_without_a_deferral_changes_nothing(runs):
     assert all((grads[name] == grad).all() for name, grad in off[0].items())
 
 
+def _fa4_runs(rank):
+    """attention=flash_attn on CPU through tests/kernels/test_flash_attn.py's FakeFA4 (torch
+    stand-ins for flash-attn-4's interface): the direct path (FA4Function writes the output
+    where it is told) and an interface without `out=` (flash_attn_func and a copy)."""
+    from tests.kernels.test_flash_attn import FakeFA4
+
+    out = {}
+    for name, without in (("direct", ()), ("fallback", ("out",))):
+        FakeFA4(without=without).install_in_process()
+        kwargs = dict(FUSED, attention="flash_attn")
+        out[name, "off"] = _step(kwargs, call_wire=False)
+        out[name, "wired"] = _step(dict(kwargs, wgrad_defer="step"))
+    return out
+
+
+def test_flash_attn_4_writes_the_attention_output_into_projs_slot():
+    """With flash-attn-4 writing in place, proj's X arrives in its slot too: no copy left of
+    a layer's 8 tensors, main_grad as undeferred. Control: the fallback (an interface without
+    `out=`) is not wired and copies proj's X once per micro-batch, as SDPA does."""
+    runs = run_on_gloo(_fa4_runs, world_size=1)[0]
+    for name, proj_x in (("direct", 0), ("fallback", 2)):
+        grads, copies, links, losses = runs[name, "wired"]
+        assert len(copies) == 8 and all(
+            count == {"x": proj_x if n.endswith("linear_proj") else 0, "dy": 0} for n, count in copies.items()), name
+        wired_out = [p for p, _ in links if p.endswith("core_attention.out")]
+        assert len(wired_out) == (2 if proj_x == 0 else 0), name
+        off_grads, _, _, off_losses = runs[name, "off"]
+        assert losses == off_losses
+        for key, grad in off_grads.items():
+            torch.testing.assert_close(torch.from_numpy(grads[key]), torch.from_numpy(grad), **FP32_TOL, msg=key)
+
+
 # -- CUDA: a whole GPU trial (bf16, megatron DDP, cuDNN attention), copies from its record ------
 
 def _gpu_trial(tmp_path, **axes):
