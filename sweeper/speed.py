@@ -24,6 +24,8 @@ PP point-to-point per micro-batch and model chunk, the DP gradient reduction (fp
 all-reduce; reduce-scatter + bf16 all-gather with the distributed optimizer, over
 dp*cp), and the optimizer step as bytes at memory bandwidth. A group whose ranks fit
 in one node uses the intra-node bandwidth, else the inter-node one.
+layout.wgrad_defer=step (kernels/wgrad_defer.py, pp = 1): see `_deferral`; the per-micro-batch
+part is in the GPU time, the flush's main_grad traffic is the `wgrad_flush` term.
 MFU: PaLM's and Megatron's conventions from core.flops (recompute not counted).
 """
 
@@ -61,6 +63,12 @@ UNFUSED_ATTENTION_FORWARD_SHARE = 0.45
 # launch time: the checkpoint's RNG-state save/restore and the re-run forward. H100 sweep
 # (2026-11-23, eager mbs 2, 2 micro-batches): selective +1.6 ms, full +2.6 ms per layer.
 RECOMPUTE_HOST_SHARE = {"none": 0.0, "selective": 0.4, "full": 0.6}
+# fp32 main_grad traffic per decoder-linear weight element (layout.wgrad_defer): a beta-1
+# weight-gradient GEMM reads and writes it (4 + 4), a beta-0 one (grad_buffer=overwrite)
+# only writes it; megatron's zero_grad_buffer writes zeros over it once per step.
+MAIN_GRAD_ACCUMULATE_BYTES = 8.0
+MAIN_GRAD_WRITE_BYTES = 4.0
+MAIN_GRAD_ZERO_BYTES = 4.0
 
 
 @dataclass
@@ -69,7 +77,7 @@ class SpeedEstimate:
     mfu: float  # PaLM convention, fraction of peak
     mfu_megatron: float
     tokens_per_s: float
-    terms: dict  # seconds: compute, launch, tp_comm, cp_comm, bubble, pp_comm, dp_comm, optimizer
+    terms: dict  # seconds: compute, launch, tp_comm, cp_comm, bubble, pp_comm, dp_comm, optimizer, wgrad_flush
 
 
 def _gemm_efficiency(cal: Calibration, tokens: float, width: float) -> float:
@@ -129,6 +137,72 @@ def _recompute_share(layout: Layout, layers: int, attention: float, layer: float
     return full
 
 
+def decoder_linear_params(sh: Shape, layout: Layout, layers: int) -> float:
+    """Weight elements of the decoder linears (QKV, attention output, fc1, fc2) on one rank."""
+    return layers * sh.layer_matrix_params / layout.tp
+
+
+def arena_copy_elements(sh: Shape, layout: Layout, layers: int) -> float:
+    """Elements per token that the deferred linears of `layers` layers copy into their arenas per
+    micro-batch: the X and dY that no producer writes into the slot (kernels/defer_wiring.py).
+    The attention output (proj's X) is always copied; the rest only where its producer is not
+    ours: QKV's X without our input norm (a fused add+norm still writes layers 2.., the first
+    one's comes from the input norm), QKV's dY without the fused RoPE gradient, proj's and
+    fc2's dY without the fused add+norm (fc2's last one also needs our final norm), fc1's X
+    without our pre-MLP norm, fc1's dY and fc2's X without our SwiGLU. Under recompute nothing
+    is wired: everything is copied."""
+    tp = layout.tp
+    qkv_x, qkv_dy, proj_x, proj_dy = sh.h, (sh.q + 2 * sh.kv) / tp, sh.q / tp, sh.h
+    fc1_x, fc1_dy, fc2_x, fc2_dy = sh.h, 2 * sh.f / tp, sh.f / tp, sh.h
+    if layout.recompute != "none":
+        return layers * (qkv_x + qkv_dy + proj_x + proj_dy + fc1_x + fc1_dy + fc2_x + fc2_dy)
+    fused_add = getattr(layout, "add_norm", "megatron") == "fused"
+    ours_norm = layout.norm == "triton"
+    triton_swiglu = getattr(layout, "swiglu", "megatron") == "triton"
+    per_layer = proj_x
+    per_layer += 0.0 if getattr(layout, "qkv_grad", "megatron") == "fused" else qkv_dy
+    per_layer += 0.0 if fused_add else proj_dy + fc2_dy
+    per_layer += 0.0 if fused_add or ours_norm else fc1_x
+    per_layer += 0.0 if triton_swiglu else fc1_dy + fc2_x
+    copies = layers * per_layer
+    if not ours_norm:
+        copies += qkv_x * (1 if fused_add else layers)
+        copies += fc2_dy if fused_add else 0.0
+    return copies
+
+
+def _deferral(sh: Shape, layout: Layout, cal: Calibration, layers: int, cpu: bool) -> tuple[float, float]:
+    """(seconds per micro-batch, seconds per step) that layout.wgrad_defer=step changes.
+
+    Without deferral every micro-batch's weight-gradient GEMM of each decoder linear adds into
+    the fp32 main_grad (beta 1): MAIN_GRAD_ACCUMULATE_BYTES per weight element per micro-batch,
+    which the GEMM term above already carries: its small-GEMM fall-off is a fixed cost per
+    micro-batch and weight element, 6 * gemm_half_tokens / (peak * efficiency) = 1.59 ps at the
+    H200 preset, and the H200 profiles locate it in the accumulating weight-gradient GEMMs alone
+    (1.58 ps more per call at mbs 1 than at mbs 16; the forward and data-gradient GEMMs none:
+    benchmarks/results/profile_diff_mbs1_mbs16_h200_2026-12-01.json), i.e. that read-modify-write
+    (8 B at 4.25 TB/s: 1.88 ps). Deferred, that traffic leaves the micro-batch; the step's one
+    GEMM per weight (K = all its tokens: the FLOPs the GEMM term counts, at the large-K rate, the
+    profile's 715 TFLOP/s) writes main_grad once at the flush: beta 0 under grad_buffer=overwrite
+    (and the zeroing of those gradients skipped), else beta 1 after the usual zeroing. What is
+    added is the copies into the arenas (`arena_copy_elements`: read and written, at memory
+    bandwidth; the H200 profile's 384 attention-output copies took 1.58 ms of a step).
+    Both figures are relative to the undeferred step; (0, 0) when off."""
+    if getattr(layout, "wgrad_defer", "off") != "step":
+        return 0.0, 0.0
+    e = 4.0 if cpu else 2.0
+    T = layout.mbs * sh.s / layout.cp
+    params = decoder_linear_params(sh, layout, layers)
+    bw = cal.memory_bytes_per_s
+    per_microbatch = (2 * e * T * arena_copy_elements(sh, layout, layers)
+                      - MAIN_GRAD_ACCUMULATE_BYTES * params) / bw
+    if getattr(layout, "grad_buffer", "megatron") == "overwrite":
+        flush = MAIN_GRAD_WRITE_BYTES - MAIN_GRAD_ZERO_BYTES  # written once; zeroing skipped
+    else:
+        flush = MAIN_GRAD_ACCUMULATE_BYTES  # the one accumulate, after the same zeroing
+    return per_microbatch, flush * params / bw
+
+
 class _Net:
     """Bandwidths of the groups a layout forms, in bytes/s."""
 
@@ -168,6 +242,7 @@ def _stage_microbatch(sh, layout, cal, cluster, net, peak, stage) -> dict:
         gpu += 6.0 * T * sh.h * vocab / (peak * _gemm_efficiency(cal, T, sh.h / tp))
         fused = getattr(layout, "loss", "megatron") == "fused"
         gpu += (FUSED_CE_BYTES_PER_LOGIT if fused else CE_BYTES_PER_LOGIT) * T * vocab / cal.memory_bytes_per_s
+    gpu += _deferral(sh, layout, cal, layers, cluster.device == "cpu")[0]
     gpu = (gpu + cal.microbatch_idle_s) * cal.compute_scale.get(layout.attention, 1.0)
     if layout.cuda_graph:  # one replay per micro-batch: the host no longer paces the GPU
         host = 0.0
@@ -245,6 +320,7 @@ def predict_speed(model: ModelConfig, cluster: ClusterConfig, layout: Layout,
         pp_comm=pp_comm,
         dp_comm=dp_comm,
         optimizer=optimizer,
+        wgrad_flush=_deferral(sh, layout, cal, -(-sh.L // layout.pp), cluster.device == "cpu")[1],
     )
     step = sum(terms.values())
     tokens_per_s = layout.gbs * model.seq_length / step
