@@ -10,7 +10,10 @@ Each input line is one object:
                 "recompute_num_layers" (1), "sequence_parallel" (false),
                 "distributed_optimizer" (false), "attention" ("fused" | "unfused", or a
                 kernel name of core.choices; "fused"), "norm" ("fused" | "torch", or a
-                kernel name; "fused"), "cuda_graph" (false)},
+                kernel name; "fused"), "cuda_graph" (false), and each fusion axis of
+                core.choices.FUSION_CHOICES ("swiglu", "loss", "optimizer_step", "add_norm",
+                "qkv_grad", "grad_buffer", "embedding_grad", "wgrad_defer": "off" | "step";
+                each defaults to its first choice, megatron-core's own path)},
      "cluster": {"gpu_memory_gb", "peak_tflops", "gpus_per_node", and optionally
                  "intra_node_bw_gbps", "inter_node_bw_gbps", "device" ("cuda")}}
 Each output line, in input order: {"line": n, "peak_memory_gb", "fits", "step_time_s",
@@ -33,7 +36,7 @@ import json
 import sys
 from typing import Optional
 
-from core.choices import ATTENTION_KERNELS, NORM_KERNELS, RECOMPUTE, RECOMPUTE_METHODS
+from core.choices import ATTENTION_KERNELS, FUSION_CHOICES, NORM_KERNELS, RECOMPUTE, RECOMPUTE_METHODS
 from core.config import ClusterConfig, Layout, ModelConfig
 from sweeper.constants import Calibration, load_calibration
 from sweeper.memory import predict_memory
@@ -124,6 +127,7 @@ def parse_layout(data: dict) -> tuple[Layout, int]:
         attention=_choice(d, "layout", "attention", ATTENTION, "fused"),
         norm=_choice(d, "layout", "norm", NORM, "fused"),
         cuda_graph=_bool(d, "layout", "cuda_graph"),
+        **{axis: _choice(d, "layout", axis, choices, choices[0]) for axis, choices in FUSION_CHOICES.items()},
     )
     dp = _int(d, "layout", "dp")
     if layout.gbs % (layout.mbs * dp):

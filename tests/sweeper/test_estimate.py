@@ -14,6 +14,9 @@ ROOT = Path(__file__).resolve().parents[2]
 MODEL = {"num_layers": 24, "hidden_size": 2048, "ffn_hidden_size": 5632, "num_attention_heads": 16,
          "num_query_groups": 16, "vocab_size": 32000, "seq_length": 2048}
 CLUSTER = {"gpu_memory_gb": 79.1, "peak_tflops": 989.4, "gpus_per_node": 8}
+# What the command makes of CLUSTER (the H100 preset's bandwidths by default).
+API_CLUSTER = ClusterConfig(device="cuda", gpus_per_node=8, nodes=1, gpu_memory_gb=79.1,
+                            peak_tflops=989.4, intra_node_bw_gbps=450.0, inter_node_bw_gbps=50.0)
 
 
 def _line(**layout) -> dict:
@@ -41,8 +44,7 @@ def test_every_line_gets_an_estimate_in_order():
         assert o["fits"] is True and 0 < o["mfu"] < 1 and o["step_time_s"] > 0
     # The command reports what the API predicts for the same layout.
     model = ModelConfig(name="m", **MODEL)
-    cluster = ClusterConfig(device="cuda", gpus_per_node=8, nodes=1, gpu_memory_gb=79.1,
-                            peak_tflops=989.4, intra_node_bw_gbps=450.0, inter_node_bw_gbps=50.0)
+    cluster = API_CLUSTER
     layout = Layout(mbs=4, gbs=16, attention="sdpa_flash", norm="torch")
     assert abs(out[0]["peak_memory_gb"] - predict_memory(model, cluster, layout, dp=1).peak_gb) < 1e-3
     assert abs(out[0]["step_time_s"] - predict_speed(model, cluster, layout, dp=1).step_time_s) < 1e-5
@@ -143,6 +145,22 @@ def test_cuda_graph_is_an_optional_layout_field():
                          json.dumps(_line(mbs=1, gbs=16, cuda_graph="yes"))])
     assert out[1]["step_time_s"] < out[0]["step_time_s"] / 2  # eager mbs 1 is host-bound
     assert "layout.cuda_graph" in out[2]["error"] and code == 1
+
+
+def test_fusion_axes_are_optional_layout_fields():
+    # wgrad_defer=step at mbs 1 (16 micro-batches) saves the per-micro-batch main_grad
+    # read-modify-write (sweeper.speed); an unknown choice and a rule of sweeper.validity
+    # (the deferral needs pp = 1) are errors of their own lines.
+    base = dict(mbs=1, gbs=16, cuda_graph=True, norm="triton")
+    code, out, _ = _run([json.dumps(_line(**base)), json.dumps(_line(**base, wgrad_defer="step")),
+                         json.dumps(_line(**base, wgrad_defer="always")),
+                         json.dumps(_line(**base, wgrad_defer="step", pp=2))])
+    assert out[1]["step_time_s"] < out[0]["step_time_s"]
+    layout = Layout(mbs=1, gbs=16, cuda_graph=True, norm="triton", attention="sdpa_flash", wgrad_defer="step")
+    expected = predict_speed(ModelConfig(**MODEL), API_CLUSTER, layout, dp=1)
+    assert out[1]["step_time_s"] == round(expected.step_time_s, 6)
+    assert "layout.wgrad_defer: must be one of off, step" in out[2]["error"]
+    assert "wgrad_defer=step needs pp = 1" in out[3]["error"] and code == 1
 
 
 def test_megatron_lm_layouts_outside_the_trial_path_still_get_estimates():
