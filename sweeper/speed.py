@@ -137,11 +137,6 @@ def _recompute_share(layout: Layout, layers: int, attention: float, layer: float
     return full
 
 
-def decoder_linear_params(sh: Shape, layout: Layout, layers: int) -> float:
-    """Weight elements of the decoder linears (QKV, attention output, fc1, fc2) on one rank."""
-    return layers * sh.layer_matrix_params / layout.tp
-
-
 def arena_copy_elements(sh: Shape, layout: Layout, layers: int) -> float:
     """Elements per token that the deferred linears of `layers` layers copy into their arenas per
     micro-batch: the X and dY that no producer writes into the slot (kernels/defer_wiring.py).
@@ -177,30 +172,32 @@ def _deferral(sh: Shape, layout: Layout, cal: Calibration, layers: int, cpu: boo
     Without deferral every micro-batch's weight-gradient GEMM of each decoder linear adds into
     the fp32 main_grad (beta 1): MAIN_GRAD_ACCUMULATE_BYTES per weight element per micro-batch,
     which the GEMM term above already carries: its small-GEMM fall-off is a fixed cost per
-    micro-batch and weight element, 6 * gemm_half_tokens / (peak * efficiency) = 1.59 ps at the
-    H200 preset, and the H200 profiles locate it in the accumulating weight-gradient GEMMs alone
-    (1.58 ps more per call at mbs 1 than at mbs 16; the forward and data-gradient GEMMs none:
-    benchmarks/results/profile_diff_mbs1_mbs16_h200_2026-12-01.json), i.e. that read-modify-write
-    (8 B at 4.25 TB/s: 1.88 ps). Deferred, that traffic leaves the micro-batch; the step's one
-    GEMM per weight (K = all its tokens: the FLOPs the GEMM term counts, at the large-K rate, the
-    profile's 715 TFLOP/s) writes main_grad once at the flush: beta 0 under grad_buffer=overwrite
-    (and the zeroing of those gradients skipped), else beta 1 after the usual zeroing. What is
-    added is the copies into the arenas (`arena_copy_elements`: read and written, at memory
-    bandwidth; the H200 profile's 384 attention-output copies took 1.58 ms of a step).
-    Both figures are relative to the undeferred step; (0, 0) when off."""
+    micro-batch and weight element, 6 * gemm_half_tokens / (peak * large-GEMM efficiency) =
+    1.59 ps at llama_1b3's width on the H200 preset, and the H200 profiles put it in the
+    accumulating weight-gradient GEMMs alone (1.58 ps more per call at mbs 1 than at mbs 16,
+    the forward and data-gradient GEMMs none: profile_diff_mbs1_mbs16_h200_2026-12-01.json):
+    that read-modify-write, 8 B at 4.25 TB/s = 1.88 ps. Deferred, it leaves the micro-batch;
+    the one GEMM per weight and step (K = all the step's tokens; its FLOPs are those the GEMM
+    term counts, at the large-GEMM rate: 715 TFLOP/s in the deferred step's profile) writes
+    main_grad once at the flush: beta 0 under grad_buffer=overwrite, with the zeroing of those
+    gradients skipped, else one beta-1 accumulate after the usual zeroing. Added: the copies
+    into the arenas that no producer writes (`arena_copy_elements`, read and written at memory
+    bandwidth; the profile's 384 attention-output copies: 1.58 ms of the step). On the H200
+    (v4 sweep, mbs 1, 16 micro-batches) deferral with overwrite took 37.5 and 36.7 ms off a
+    step; this gives 37.1 - 1.5 = 35.6 ms. Both figures are relative to the undeferred step."""
     if getattr(layout, "wgrad_defer", "off") != "step":
         return 0.0, 0.0
     e = 4.0 if cpu else 2.0
     T = layout.mbs * sh.s / layout.cp
-    params = decoder_linear_params(sh, layout, layers)
+    params = layers * sh.layer_matrix_params / layout.tp  # the decoder linears' weights on a rank
     bw = cal.memory_bytes_per_s
     per_microbatch = (2 * e * T * arena_copy_elements(sh, layout, layers)
                       - MAIN_GRAD_ACCUMULATE_BYTES * params) / bw
     if getattr(layout, "grad_buffer", "megatron") == "overwrite":
-        flush = MAIN_GRAD_WRITE_BYTES - MAIN_GRAD_ZERO_BYTES  # written once; zeroing skipped
+        flush_bytes = MAIN_GRAD_WRITE_BYTES - MAIN_GRAD_ZERO_BYTES  # written once, never zeroed
     else:
-        flush = MAIN_GRAD_ACCUMULATE_BYTES  # the one accumulate, after the same zeroing
-    return per_microbatch, flush * params / bw
+        flush_bytes = MAIN_GRAD_ACCUMULATE_BYTES  # one accumulate, after the zeroing off has too
+    return per_microbatch, flush_bytes * params / bw
 
 
 class _Net:
