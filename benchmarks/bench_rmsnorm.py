@@ -17,7 +17,11 @@ What it does, all in one process so the numbers compare:
      launch latency included where it exceeds the GPU work) and `cpu_us` (host time);
   4. `host_us`: host time per call of the pieces an eager fwd+bwd pays (an allocation,
      our launchers alone, an autograd Function that launches nothing, F.rms_norm);
-  5. a torch.profiler kernel table of our forward+backward at the first shape.
+  5. a torch.profiler kernel table of our forward+backward at the first shape;
+  6. `hidden_2048` (first, before the shapes above): llama_1b3's hidden size, the fused
+     add+norm forward and backward sweep (benchmarks/add_rmsnorm_sweep.py) at 32768 and
+     2048 rows, and the launch sweep of the plain norm at NORM_2048, each with the
+     configuration in use when the run started ("old"/"default") timed beside the others.
 
 Effective bandwidth counts the bytes a fused kernel must move, in bf16:
   forward  = read x + write y                      = 2 * M * H * 2 bytes
@@ -44,6 +48,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from benchmarks import add_rmsnorm_sweep as add_norm
 from benchmarks.common import commit, cpu_us, kernel_table, relerr, time_all, write_json
 from benchmarks.rmsnorm_sweep import (BACKWARD_CACHES, DTYPE, EPS, FORWARD_CACHES, blocks,
                                       inputs, precompile, resources, sweep_shape)
@@ -52,6 +57,7 @@ from kernels import rmsnorm_configs as configs
 
 SHAPES = ((16384, 4096), (32768, 8192), (8192, 5120))
 SWEEP_ONLY = ((8192, 16384), (16384, 6656))
+NORM_2048 = ((32768, 2048),)  # llama_1b3's input and final norms at mbs 16: launch sweep only
 TARGETS = {"fwd_over_copy": 0.95, "fwdbwd_over_copy": 0.90, "fwdbwd_over_best_peer": 1.2}
 HOST_TARGET = {"fwdbwd_over_torch_rms_norm_host": 1.0}  # do_bench timing
 
@@ -250,6 +256,22 @@ def summarize(result: dict) -> None:
         result[name] = summary
 
 
+def hidden_2048() -> dict:
+    """llama_1b3's hidden size (issue 17): the add+norm sweep, the plain norm's launch sweep
+    with the defaults' rows picked out."""
+    out = {"add_rmsnorm": {f"{m}x{n}": add_norm.measure(m, n) for m, n in add_norm.SHAPES},
+           "rmsnorm": {}}
+    for m, n in NORM_2048:
+        rows, best = sweep_shape(m, n)
+        defaults = dict(forward=ours.forward_config(n)._asdict(), backward=ours.backward_config(n)._asdict())
+        out["rmsnorm"][f"{m}x{n}"] = dict(
+            sweep=rows, sweep_best={k: v["config"] for k, v in best.items()},
+            best={k: {f: v.get(f) for f in ("ms", "tbs")} for k, v in best.items()},
+            default={k: next((r for r in rows[k] if r["config"] == defaults[k]), None) for k in defaults})
+    torch.cuda.empty_cache()
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     today = datetime.date.today().isoformat()
@@ -265,7 +287,8 @@ def main():
         if not (part.isdigit() and parts.isdigit() and int(part) < int(parts)):
             parser.error(f"--precompile takes I/N with 0 <= I < N, got {args.precompile!r}")
         part, parts = int(part), int(parts)
-        return precompile(part, parts, SHAPES + (() if args.quick else SWEEP_ONLY))
+        add_norm.precompile(part, parts)
+        return precompile(part, parts, SHAPES + NORM_2048 + (() if args.quick else SWEEP_ONLY))
     props = torch.cuda.get_device_properties(0)
     result = dict(
         benchmark="rmsnorm", date=today, git_commit=commit(),
@@ -292,9 +315,12 @@ def main():
     print(f"copy 1 GiB: {result['copy_1gib_tbs']:.2f} TB/s", flush=True)
 
     result["host_us"] = host_costs(*SHAPES[0])
+    result["hidden_2048"] = hidden_2048()
+    write_json(args.out, result)
     result["shapes"] = {}
-    # The shape furthest from its targets first: a run cut short by its time limit keeps it.
-    for m, n in sorted(SHAPES, key=lambda shape: shape != (8192, 5120)):
+    # The shape furthest from its targets first (v6: 32768x8192, the best-peer ratio): a run
+    # cut short by its time limit keeps it.
+    for m, n in sorted(SHAPES, key=lambda shape: shape != (32768, 8192)):
         result["shapes"][f"{m}x{n}"] = measure_shape(m, n, profile=(m, n) == SHAPES[0],
                                                      tune=args.tune)
         summarize(result)

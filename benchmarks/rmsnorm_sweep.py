@@ -8,7 +8,8 @@ prefetch or Triton's pipelining, programs per SM), plus, new on 2026-12-01, chun
 (5120 = 5 x 1024) forward and backward and a persistent forward with the next tile's
 load issued before the current tile's math (kernels/rmsnorm_configs.py says what each
 field means); new after that run, the cache hints (no evict_first on the loads, y stored
-.cs), the forward's packed row, one row a warp, and the TMA forward.
+.cs), the forward's packed row, one row a warp, and the TMA forward; new after
+rmsnorm_h200_2026-12-01_v6.json, two passes over the row, forward and backward.
 """
 
 from __future__ import annotations
@@ -88,7 +89,21 @@ def forward_candidates(n_cols):
             for programs_per_sm in (2, 4):
                 seen.add(ours.ForwardConfig(block_m, warps, chunk=widths[0] if widths else 0,
                                             programs_per_sm=programs_per_sm))
-    return sorted(seen | hinted_forward_candidates(n_cols))
+    return sorted(seen | hinted_forward_candidates(n_cols) | two_pass_forward_candidates(n_cols))
+
+
+def two_pass_forward_candidates(n_cols) -> set:
+    """The row read twice in chunks (kernels/rmsnorm_two_pass.py; inductor's looped
+    reduction, 4.26 TB/s at 8192 in rmsnorm_h200_2026-12-01_v6.json against our 4.11):
+    rows per program x warps x chunk width (offline sm_90 compile at 8192: 32-48 registers,
+    so up to 64 warps an SM)."""
+    F = ours.ForwardConfig
+    out = set()
+    for block_m, warps in ((1, 4), (1, 8), (1, 16), (2, 8)):
+        for chunk in (1024, 2048):
+            if chunk < n_cols and block_m * chunk <= 32 * 32 * warps:  # at most 32 values a lane
+                out.add(F(block_m, warps, chunk=chunk, two_pass=True))
+    return out
 
 
 # (evict_first, stream_store, packed) beside the plain (True, False, False)
@@ -160,6 +175,13 @@ def backward_candidates(n_cols):
                  B(1, 4, 3, False, chunk=chunk, weight_in_registers=False),
                  B(1, 4, 4, False, chunk=chunk, weight_in_registers=False)}
     seen.add(default._replace(evict_first=False))  # the loads without their evict_first hint
+    # Two passes over the row (kernels/rmsnorm_two_pass.py). Offline sm_90 compile (Triton
+    # 3.9) at 8192: 128 registers at 16 warps, 174-187 at 8 (pass 2's unrolled chunks get
+    # their loads hoisted), so no more programs fit than the one-pass kernel's: timed anyway.
+    for warps in (8, 16):
+        for chunk in (1024, 2048):
+            if chunk < n_cols:
+                seen.add(B(1, warps, 1, chunk=chunk, two_pass=True))
     return sorted(seen)
 
 

@@ -37,6 +37,7 @@ slot), both set by kernels/megatron_layer.py from kernels/defer_wiring.py; None 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -44,6 +45,8 @@ import triton.language as tl
 
 from kernels import main_grad as main_grad_rule
 from kernels import out_target
+from kernels.rmsnorm import dw_reduce_plan
+from kernels.rmsnorm_kernels import _dw_reduce_kernel, _load_raw, _load_weight, _store_part
 
 ROWS = 16  # backward rows per program: dw partials stay 1/16 of the rows' bytes
 MIN_PROGRAMS_PER_SM = 3  # below this, a program's rows run in sequence with nothing to overlap them
@@ -95,38 +98,104 @@ def _add_norm_bwd_kernel(dy_ptr, dh_in_ptr, h_ptr, w_ptr, rstd_ptr, dh_ptr, dw_p
     tl.store(dw_partial_ptr + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
 
 
+@triton.jit(do_not_specialize=["n_rows"])
+def _add_norm_bwd_tiles_kernel(dy_ptr, dh_in_ptr, h_ptr, w_ptr, rstd_ptr, dh_ptr, dw_partial_ptr,
+                               n_rows, n_cols, HAS_DH_IN: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr):
+    # Persistent (BackwardConfig.programs_per_sm > 0): program p walks [BLOCK_M, BLOCK_N] row
+    # tiles p, p + P, ... with its fp32 dw partial in registers, so the partials are P rows
+    # (P = SMs x programs_per_sm) instead of one per 16 rows: at 32768 x 2048 that is 528
+    # rows to reduce instead of 2048 (the row-loop kernel's 16.7 MB, whose reduction took 35
+    # us a call in the 2026-12-01 H200 profile). With PREFETCH the next tile's dy, h and
+    # dh_in are loaded before this tile's math, so they are in flight meanwhile.
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    w = _load_weight(w_ptr, 0, n_cols, BLOCK_N)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if PREFETCH:
+        dy_n, h_n, dh_in_n = _bwd_tile_loads(dy_ptr, h_ptr, dh_in_ptr, tl.cast(pid, tl.int64) * BLOCK_M,
+                                             n_rows, n_cols, HAS_DH_IN, BLOCK_M, BLOCK_N)
+    for tile in range(pid, tl.cdiv(n_rows, BLOCK_M), programs):
+        row0 = tl.cast(tile, tl.int64) * BLOCK_M
+        if PREFETCH:
+            dy, h, dh_in = dy_n, h_n, dh_in_n
+            dy_n, h_n, dh_in_n = _bwd_tile_loads(dy_ptr, h_ptr, dh_in_ptr, row0 + programs * BLOCK_M,
+                                                 n_rows, n_cols, HAS_DH_IN, BLOCK_M, BLOCK_N)
+        else:
+            dy, h, dh_in = _bwd_tile_loads(dy_ptr, h_ptr, dh_in_ptr, row0, n_rows, n_cols,
+                                           HAS_DH_IN, BLOCK_M, BLOCK_N)
+        dy, h = dy.to(tl.float32), h.to(tl.float32)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        rstd = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)
+        hhat = h * rstd[:, None]
+        g = dy * w[None, :]
+        c = tl.sum(g * hhat, axis=1) / n_cols
+        dh = (g - hhat * c[:, None]) * rstd[:, None]
+        if HAS_DH_IN:
+            dh += dh_in.to(tl.float32)
+        _store_part(dh_ptr, dh, row0, n_rows, n_cols, 0, n_cols, BLOCK_M, BLOCK_N)
+        dw += tl.sum(dy * hhat, axis=0)
+    cols = tl.arange(0, BLOCK_N)
+    tl.store(dw_partial_ptr + tl.cast(pid, tl.int64) * n_cols + cols, dw, mask=cols < n_cols)
+
+
 @triton.jit
-def _dw_reduce_kernel(partial_ptr, out_ptr, n_programs, n_cols, ACCUMULATE: tl.constexpr,
-                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out[c] (+)= sum over p of partial[p, c]: one program per BLOCK_C columns, reading
-    [BLOCK_P, BLOCK_C] tiles of partials (one tile at mbs 1: 128 partials), summed
-    elementwise tile after tile and then over the tile's rows: a fixed order for a given
-    shape (deterministic), written in out's dtype in the same pass."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < n_cols
-    rows = tl.arange(0, BLOCK_P)
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for start in range(0, n_programs, BLOCK_P):
-        r = start + rows
-        mask = (r < n_programs)[:, None] & col_mask[None, :]
-        acc += tl.load(partial_ptr + r.to(tl.int64)[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
-    total = tl.sum(acc, axis=0)
-    if ACCUMULATE:
-        total += tl.load(out_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=col_mask)
+def _bwd_tile_loads(dy_ptr, h_ptr, dh_in_ptr, row0, n_rows, n_cols, HAS_DH_IN: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(dy, h, dh_in) of rows [row0, row0 + BLOCK_M) in their dtype (widened where used: a
+    prefetched tile stays 16-bit); dh_in is dy (unused) without HAS_DH_IN. No cache hint:
+    each byte is read once (session 6 found the evict_first hint slower for RMSNorm at
+    every size it measured)."""
+    dy = _load_raw(dy_ptr, row0, n_rows, n_cols, 0, n_cols, BLOCK_M, BLOCK_N, False)
+    h = _load_raw(h_ptr, row0, n_rows, n_cols, 0, n_cols, BLOCK_M, BLOCK_N, False)
+    if HAS_DH_IN:
+        dh_in = _load_raw(dh_in_ptr, row0, n_rows, n_cols, 0, n_cols, BLOCK_M, BLOCK_N, False)
+    else:
+        dh_in = dy
+    return dy, h, dh_in
 
 
-def _reduce_dw(partial: torch.Tensor, out: torch.Tensor, *, accumulate: bool) -> torch.Tensor:
+class BackwardConfig(NamedTuple):
+    """How `backward` runs. programs_per_sm 0: the row-loop kernel (block_m rows a program,
+    halved by rows_per_program at small row counts; one dw partial per program); > 0: the
+    persistent tile kernel, block_m rows a tile, min(tiles, SMs x programs_per_sm) programs.
+    reduce_rows: the dw reduction's partial rows a pass (kernels.rmsnorm.dw_reduce_plan),
+    0 its form up to 2026-12-01 (128 rows x 4096 fp32 a pass, 4 warps)."""
+
+    block_m: int
+    num_warps: int
+    programs_per_sm: int = 0
+    prefetch: bool = False
+    reduce_rows: int = 0
+
+
+# Hidden sizes with a measured backward (bench_rmsnorm's add+norm part, H200 bf16); other
+# sizes run the row-loop kernel as before.
+BACKWARD_TABLE: dict = {}
+
+
+def backward_config(n_cols: int) -> BackwardConfig:
+    if n_cols in BACKWARD_TABLE:
+        return BACKWARD_TABLE[n_cols]
+    return BackwardConfig(ROWS, _warps(triton.next_power_of_2(n_cols)))
+
+
+def _reduce_dw(partial: torch.Tensor, out: torch.Tensor, *, accumulate: bool, rows: int = 0) -> torch.Tensor:
     """out = (out +) partial.sum(0) in a fixed order, cast to out's dtype (main_grad's fp32
-    or the weight's own): replaces torch's sum, a cast and DDP's or our add (3 launches).
-    Tiles of 4096 fp32 as kernels/rmsnorm.py's dw reduction (3.4 us a call on the H200 at
-    132 partials, 2026-12-01 profile): all partials of an mbs-1 micro-batch in one pass,
-    64 programs at hidden 2048."""
+    or the weight's own), by kernels/rmsnorm_kernels.py's reduction: replaces torch's sum, a
+    cast and DDP's or our add (3 launches). rows 0: tiles of 128 partials x 4096 fp32 (all
+    partials of an mbs-1 micro-batch in one pass, 64 programs at hidden 2048; at mbs 16, 16
+    passes over 2048 partials: 35 us a call, 2026-12-01 H200 profile); else
+    dw_reduce_plan's tiles of `rows` partials."""
     n_programs, n_cols = partial.shape
-    block_p = min(128, triton.next_power_of_2(n_programs))
-    block_c = max(16, min(64, 4096 // block_p))
-    _dw_reduce_kernel[(triton.cdiv(n_cols, block_c),)](partial, out, n_programs, n_cols, ACCUMULATE=accumulate,
-                                                       BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+    if rows:
+        constexprs, warps = dw_reduce_plan(n_programs, accumulate, rows)
+    else:
+        block_p = min(128, triton.next_power_of_2(n_programs))
+        constexprs = dict(BLOCK_P=block_p, BLOCK_C=max(16, min(64, 4096 // block_p)), ACCUMULATE=accumulate)
+        warps = 4
+    _dw_reduce_kernel[(triton.cdiv(n_cols, constexprs["BLOCK_C"]),)](partial, out, n_programs, n_cols,
+                                                                     **constexprs, num_warps=warps)
     return out
 
 
@@ -137,11 +206,10 @@ def _sm_count(device: torch.device) -> int:
     return 1  # the CPU interpreter: any grid will do
 
 
-def rows_per_program(n_rows: int, sms: int) -> int:
-    """ROWS, halved (down to 1) while the backward's grid would have fewer than
+def rows_per_program(n_rows: int, sms: int, rows: int = ROWS) -> int:
+    """rows (default ROWS), halved (down to 1) while the backward's grid would have fewer than
     MIN_PROGRAMS_PER_SM programs per SM: 16 at mbs 16 (32768 rows on 132 SMs), 4 at mbs 1
     (2048 rows: 512 programs, dw partials 1/4 of the rows' fp32 bytes)."""
-    rows = ROWS
     while rows > 1 and triton.cdiv(n_rows, rows) < MIN_PROGRAMS_PER_SM * sms:
         rows //= 2
     return rows
@@ -176,26 +244,35 @@ def forward(a: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float, y_out
 
 
 def backward(dy: torch.Tensor, dh_in, h: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor,
-             *, dw_into: torch.Tensor = None, dh_out: torch.Tensor = None):
+             *, dw_into: torch.Tensor = None, dh_out: torch.Tensor = None, config: BackwardConfig = None):
     """dh (h's shape and dtype; written into `dh_out` when given) and dw from the gradients
     of y and of h (dh_in None: no gradient reached h from later). dw: a new fp32 tensor, or,
-    with `dw_into` (a weight's fp32 main_grad), added into that buffer and returned."""
+    with `dw_into` (a weight's fp32 main_grad), added into that buffer and returned.
+    config: the launch (default backward_config(hidden))."""
     h2, dy2 = _rows(h), _rows(dy)
     dh_in2 = dy2 if dh_in is None else _rows(dh_in)  # not read when absent (HAS_DH_IN)
     n_rows, n_cols = h2.shape
     dh = out_target.empty(dh_out, h.shape, h.dtype, h.device, "dh_out")
-    rows = rows_per_program(n_rows, _sm_count(h.device))
-    programs = triton.cdiv(n_rows, rows)
     if not n_rows:
         return dh, dw_into if dw_into is not None else torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-    partial = torch.empty((programs, n_cols), dtype=torch.float32, device=h.device)
+    cfg = config or backward_config(n_cols)
     block_n = triton.next_power_of_2(n_cols)
-    _add_norm_bwd_kernel[(programs,)](dy2, dh_in2, h2, w, rstd, dh, partial, n_rows, n_cols,
-                                      HAS_DH_IN=dh_in is not None, ROWS=rows, BLOCK_N=block_n,
-                                      num_warps=_warps(block_n))
-    if dw_into is not None:
-        return dh, _reduce_dw(partial, dw_into, accumulate=True)
-    return dh, _reduce_dw(partial, torch.empty(n_cols, dtype=torch.float32, device=h.device), accumulate=False)
+    has_dh_in = dh_in is not None
+    if cfg.programs_per_sm:
+        programs = min(triton.cdiv(n_rows, cfg.block_m), _sm_count(h.device) * cfg.programs_per_sm)
+        partial = torch.empty((programs, n_cols), dtype=torch.float32, device=h.device)
+        _add_norm_bwd_tiles_kernel[(programs,)](dy2, dh_in2, h2, w, rstd, dh, partial, n_rows, n_cols,
+                                                HAS_DH_IN=has_dh_in, BLOCK_M=cfg.block_m, BLOCK_N=block_n,
+                                                PREFETCH=cfg.prefetch, num_warps=cfg.num_warps)
+    else:
+        rows = rows_per_program(n_rows, _sm_count(h.device), cfg.block_m)
+        programs = triton.cdiv(n_rows, rows)
+        partial = torch.empty((programs, n_cols), dtype=torch.float32, device=h.device)
+        _add_norm_bwd_kernel[(programs,)](dy2, dh_in2, h2, w, rstd, dh, partial, n_rows, n_cols,
+                                          HAS_DH_IN=has_dh_in, ROWS=rows, BLOCK_N=block_n,
+                                          num_warps=cfg.num_warps)
+    out = dw_into if dw_into is not None else torch.empty(n_cols, dtype=torch.float32, device=h.device)
+    return dh, _reduce_dw(partial, out, accumulate=dw_into is not None, rows=cfg.reduce_rows)
 
 
 class AddRMSNormFunction(torch.autograd.Function):

@@ -30,7 +30,8 @@ Three layers, as in Liger-Kernel and the Triton layer-norm tutorial:
   * private @triton.jit kernels in kernels/rmsnorm_kernels.py (row tiles forward; a
     persistent backward keeping each program's fp32 dw partial in registers, written once
     to a [programs, H] buffer; the dw reduction over that buffer in a fixed order; chunked
-    forms of both);
+    forms of both; two-pass forms reading each row twice in chunks, in
+    kernels/rmsnorm_two_pass.py);
   * host launchers `forward` and `backward` here, running the kernel, block, warps and
     grid of a launch config (kernels/rmsnorm_configs.py: types, tuned tables, heuristics);
   * `RMSNormFunction` (autograd) and the keyword-only entry point `rms_norm`.
@@ -58,10 +59,11 @@ from kernels import out_target
 from kernels.fast_launch import CachedLaunch, aligned, device_index
 from kernels.rmsnorm_configs import (DW_REDUCE_ROWS, BackwardConfig, ForwardConfig,
                                      backward_config, chunks, column_blocks, forward_config,
-                                     uses_chunked_forward)
+                                     two_pass_chunks, uses_chunked_forward)
 from kernels.rmsnorm_kernels import (_backward_chunked_kernel, _backward_kernel,
                                      _dw_reduce_kernel, _forward_chunked_kernel, _forward_kernel,
                                      _forward_tma_kernel)
+from kernels.rmsnorm_two_pass import _backward_two_pass_kernel, _forward_two_pass_kernel
 
 MAX_HIDDEN = 65536  # one row lives in registers; wider rows would spill
 
@@ -92,6 +94,8 @@ _BACKWARD = CachedLaunch(_backward_kernel)
 _FORWARD_CHUNKED = CachedLaunch(_forward_chunked_kernel)
 _FORWARD_TMA = CachedLaunch(_forward_tma_kernel)
 _BACKWARD_CHUNKED = CachedLaunch(_backward_chunked_kernel)
+_FORWARD_TWO_PASS = CachedLaunch(_forward_two_pass_kernel)
+_BACKWARD_TWO_PASS = CachedLaunch(_backward_two_pass_kernel)
 _DW_REDUCE = CachedLaunch(_dw_reduce_kernel)
 _PARTIALS: dict = {}  # (device index, programs, n_cols) -> fp32 [programs, n_cols] scratch
 
@@ -112,6 +116,9 @@ def dw_reduce_plan(programs: int, accumulate: bool, rows: int = 0) -> tuple:
 @functools.lru_cache(maxsize=None)
 def _forward_plan(n_cols: int, cfg: ForwardConfig) -> tuple:
     """(the kernel's CachedLaunch, its constexprs) for this config: one cached look-up a call."""
+    if cfg.two_pass:
+        chunk, n_chunks = two_pass_chunks(n_cols, cfg.chunk)
+        return _FORWARD_TWO_PASS, dict(BLOCK_M=cfg.block_m, CHUNK=chunk, N_CHUNKS=n_chunks)
     if cfg.tma_stages:
         chunk, n_chunks = chunks(n_cols, cfg.chunk)
         return _FORWARD_TMA, dict(BLOCK_M=cfg.block_m, CHUNK=chunk, N_CHUNKS=n_chunks,
@@ -128,6 +135,9 @@ def _forward_plan(n_cols: int, cfg: ForwardConfig) -> tuple:
 
 @functools.lru_cache(maxsize=None)
 def _backward_plan(n_cols: int, cfg: BackwardConfig) -> tuple:
+    if cfg.two_pass:
+        chunk, n_chunks = two_pass_chunks(n_cols, cfg.chunk)
+        return _BACKWARD_TWO_PASS, dict(BLOCK_M=cfg.block_m, CHUNK=chunk, N_CHUNKS=n_chunks)
     if cfg.chunk > 0:
         chunk, n_chunks = chunks(n_cols, cfg.chunk)
         return _BACKWARD_CHUNKED, dict(BLOCK_M=cfg.block_m, CHUNK=chunk, N_CHUNKS=n_chunks,
@@ -165,11 +175,11 @@ def forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
         return y
     cfg = config or forward_config(n_cols)
     device = device_index(x)
-    if cfg.tma_stages and not _tma_ready(x2, stride, y):
+    if cfg.tma_stages and not cfg.two_pass and not _tma_ready(x2, stride, y):
         cfg = cfg._replace(tma_stages=0)  # the chunked kernel, persistent as configured
     kernel, constexprs = _forward_plan(n_cols, cfg)
     programs = _cdiv(n_rows, cfg.block_m)
-    if cfg.programs_per_sm:  # persistent: each program walks several row tiles
+    if cfg.programs_per_sm and not cfg.two_pass:  # persistent: programs walk several tiles
         programs = min(programs, _sm_count(device) * cfg.programs_per_sm)
     kernel.launch(
         (device, cfg, n_cols, stride, x.dtype, weight.dtype, aligned(x2), aligned(weight)),

@@ -23,6 +23,10 @@ TMA forward (kernels/rmsnorm_kernels.py: row tiles by tensor descriptors into sh
 memory, pipelined that many stages deep, persistent over `programs_per_sm`; offline sm_90
 compile at 5120, 4 warps, 3 stages: 71 registers, 43 KB shared); rows whose stride is not
 16-byte aligned fall back to the chunked kernel with the same other fields.
+`two_pass` (forward and backward, new after rmsnorm_h200_2026-12-01_v6.json) runs
+kernels/rmsnorm_two_pass.py: the row read twice chunk by chunk (statistics, then output),
+registers holding a chunk instead of the row; the backward one persistent over
+`programs_per_sm`.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class ForwardConfig(NamedTuple):
     stream_store: bool = False  # y stored with .cs (streaming) instead of the default .wb
     packed: bool = False  # the row held in its 16-bit form from the load to the store
     tma_stages: int = 0  # > 0: the TMA kernel, loads pipelined this many stages deep
+    two_pass: bool = False  # the row read twice in chunks of `chunk` (default 1024)
 
 
 class BackwardConfig(NamedTuple):
@@ -55,6 +60,15 @@ class BackwardConfig(NamedTuple):
     chunk: int = 0  # > 0: the row as chunks of this many columns (chunked kernel)
     weight_in_registers: bool = True  # chunked kernel: w held across rows, else reloaded (L1)
     evict_first: bool = True  # dy, x loaded with the evict_first hint, else with none
+    two_pass: bool = False  # the row read twice in chunks of `chunk` (default 1024)
+
+
+TWO_PASS_CHUNK = 1024  # a two-pass config's chunk width where its `chunk` is 0
+
+
+def two_pass_chunks(n_cols: int, chunk: int) -> tuple:
+    """(CHUNK, N_CHUNKS) of the two-pass kernels (kernels/rmsnorm_two_pass.py)."""
+    return chunks(n_cols, min(chunk or TWO_PASS_CHUNK, triton.next_power_of_2(n_cols)))
 
 
 def uses_chunked_forward(cfg: ForwardConfig) -> bool:

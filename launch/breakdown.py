@@ -72,7 +72,8 @@ BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
 TRITON_ATTENTION_KERNELS = ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel", "_delta_kernel")
 TRITON_NORM_KERNELS = ("_forward_kernel", "_backward_kernel", "_dw_reduce_kernel",
                        "_forward_chunked_kernel", "_backward_chunked_kernel", "_forward_tma_kernel",
-                       "_add_norm_fwd_kernel", "_add_norm_bwd_kernel")
+                       "_add_norm_fwd_kernel", "_add_norm_bwd_kernel", "_add_norm_bwd_tiles_kernel",
+                       "_forward_two_pass_kernel", "_backward_two_pass_kernel")
 
 
 def _exactly(names: tuple[str, ...]) -> str:

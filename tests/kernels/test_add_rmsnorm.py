@@ -169,8 +169,9 @@ def test_an_unused_residual_output_needs_no_zero_gradient():
     assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("rows", [0, 64])  # 0: 128-row passes; 64: dw_reduce_plan's
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_dw_reduce_over_several_tiles_of_partials(accumulate):
+def test_dw_reduce_over_several_tiles_of_partials(accumulate, rows):
     """300 partials (three passes of 128, the last ragged) by 70 columns (three blocks, the
     last ragged): the float64 column sum within fp32 summation error, into a bf16 output
     too, the same bits twice; accumulate adds to what the output held."""
@@ -180,12 +181,13 @@ def test_dw_reduce_over_several_tiles_of_partials(accumulate):
     partial = torch.randn(300, 70, generator=gen).to(DEVICE)
     start = torch.randn(70, generator=gen).to(DEVICE)
     expected = partial.double().sum(0) + (start.double() if accumulate else 0)
-    runs = [_reduce_dw(partial, start.clone(), accumulate=accumulate) for _ in range(2)]
+    runs = [_reduce_dw(partial, start.clone(), accumulate=accumulate, rows=rows) for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
     torch.testing.assert_close(runs[0].double(), expected, rtol=1e-6, atol=1e-5)
-    bf16 = _reduce_dw(partial, start.to(torch.bfloat16), accumulate=accumulate)
+    bf16 = _reduce_dw(partial, start.to(torch.bfloat16), accumulate=accumulate, rows=rows)
     assert bf16.dtype == torch.bfloat16 and _relerr(bf16, expected) <= 2 * _BF16_U
-    assert _relerr(_reduce_dw(partial[:128], start.clone(), accumulate=accumulate), expected) > 0.1  # control
+    assert _relerr(_reduce_dw(partial[:128], start.clone(), accumulate=accumulate, rows=rows),
+                   expected) > 0.1  # control
 
 
 def _targets_run(a, r, w, dh_in, dy, **targets):
@@ -238,3 +240,77 @@ def test_targets_at_training_size_on_gpu():
     ours = _targets_run(a, r, w, dh_in, dy, y_target=ys.target, dh_target=dhs.target)
     assert all(torch.equal(o, p) for o, p in zip(ours, plain))
     assert ys.holds(ours[1]) and dhs.holds(ours[2]) and ys.untouched_elsewhere() and dhs.untouched_elsewhere()
+
+
+# The persistent tile backward (BackwardConfig.programs_per_sm > 0): rows per tile x warps x
+# prefetch, 37 rows over 8 "SMs" (several tiles a program, the last tile ragged), hidden 1000
+# (masked lanes), and the shared dw reduction's plans (reduce_rows).
+TILE_CONFIGS = [(1, 4, 1, False, 0), (2, 4, 2, True, 256), (4, 8, 1, True, 32), (8, 4, 3, False, 512)]
+
+
+@pytest.mark.parametrize("cfg", TILE_CONFIGS)
+@pytest.mark.parametrize("with_dh_in", [True, False])
+def test_tile_backward_matches_float64(cfg, with_dh_in, monkeypatch):
+    from kernels import add_rmsnorm
+
+    monkeypatch.setattr(add_rmsnorm, "_sm_count", lambda device: 8)
+    config = add_rmsnorm.BackwardConfig(*cfg)
+    a, r, w, dh_in, dy = _case(37, 1000, torch.float32, seed=12)
+    h, _, rstd = add_rmsnorm.forward(a, r, w, 1e-5)
+    ref = _run(lambda a, r, w: reference(a.double(), r.double(), w.double()),
+               a.double(), r.double(), w.double(),
+               dh_in.double() if with_dh_in else torch.zeros_like(dh_in).double(), dy.double())
+    runs = [add_rmsnorm.backward(dy, dh_in if with_dh_in else None, h, w, rstd, config=config)
+            for _ in range(2)]
+    dh, dw = runs[0]
+    assert _relerr(dh, ref[2].double()) <= TOL[torch.float32]
+    assert _relerr(dw, ref[4].double()) <= 4 * TOL[torch.float32]
+    assert torch.equal(dh, runs[1][0]) and torch.equal(dw, runs[1][1])  # fixed order: same bits
+    # control: the same check catches the residual gradient left out / wrongly added
+    wrong = add_rmsnorm.backward(dy, None if with_dh_in else dh_in, h, w, rstd, config=config)[0]
+    assert _relerr(wrong, ref[2].double()) > 0.1
+
+
+def test_tile_backward_adds_into_main_grad_and_the_table_picks_it(monkeypatch):
+    """A table entry for the hidden size routes add_rms_norm's backward (autograd, main_grad
+    tagged) through the tile kernel: main_grad gets the float64 dw on top of what it held,
+    and a second run the same bits as the first."""
+    from kernels import add_rmsnorm
+
+    monkeypatch.setattr(add_rmsnorm, "_sm_count", lambda device: 4)
+    monkeypatch.setitem(add_rmsnorm.BACKWARD_TABLE, 64, add_rmsnorm.BackwardConfig(2, 4, 2, True, 256))
+    assert add_rmsnorm.backward_config(64).programs_per_sm == 2
+    assert add_rmsnorm.backward_config(128).programs_per_sm == 0  # not in the table: row loop
+    a, r, w, dh_in, dy = _case(29, 64, torch.float32, seed=13)
+    ref_dw = _run(lambda a, r, w: reference(a.double(), r.double(), w.double()),
+                  a.double(), r.double(), w.double(), dh_in.double(), dy.double())[4]
+    grads = []
+    for _ in range(2):
+        tagged = w.clone().requires_grad_()
+        tagged.fused_main_grad, tagged.grad_added_to_main_grad = True, False
+        tagged.main_grad = torch.ones(64, dtype=torch.float32, device=DEVICE)
+        h, y = add_rms_norm(a, r, tagged)
+        torch.autograd.backward([h, y], [dh_in, dy])
+        grads.append(tagged.main_grad.clone())
+    assert _relerr(grads[0] - 1.0, ref_dw.double()) <= 4 * TOL[torch.float32]
+    assert torch.equal(grads[0], grads[1])
+    assert _relerr(grads[0], ref_dw.double()) > 1e-2  # control: the buffer's 1.0 is in there
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows", [16384, 2048])
+@pytest.mark.parametrize("cfg", [(4, 16, 2, True, 256), (1, 4, 4, False, 512)])
+def test_tile_backward_at_training_size_on_gpu(rows, cfg):
+    """The compiled tile backward at llama_1b3's hidden size against the row-loop kernel (the
+    old default): dh within 2 bf16 units (both round once), dw within fp32 summation error
+    (partials grouped differently), the same bits on a second run."""
+    from kernels import add_rmsnorm
+
+    a, r, w, dh_in, dy = _case(rows, 2048, torch.bfloat16, seed=14)
+    h, _, rstd = add_rmsnorm.forward(a, r, w, 1e-5)
+    old = add_rmsnorm.backward(dy, dh_in, h, w, rstd, config=add_rmsnorm.BackwardConfig(ROWS, 4))
+    runs = [add_rmsnorm.backward(dy, dh_in, h, w, rstd, config=add_rmsnorm.BackwardConfig(*cfg))
+            for _ in range(2)]
+    assert _relerr(runs[0][0], old[0].double()) <= 2 * _BF16_U
+    assert _relerr(runs[0][1], old[1].double()) <= 1e-5
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])

@@ -114,7 +114,10 @@ def test_every_launch_variant_matches_float64(hidden):
                 F(4, 8, packed=True),
                 # TMA (2500: rows of 5000 bytes, not 16-byte aligned: the chunked fallback)
                 F(1, 4, chunk=1024, programs_per_sm=1, tma_stages=3),
-                F(2, 4, chunk=512, programs_per_sm=2, tma_stages=2)):
+                F(2, 4, chunk=512, programs_per_sm=2, tma_stages=2),
+                # two passes over the row (1000: the last chunk masked; chunk 0: 1024)
+                F(1, 4, two_pass=True), F(2, 4, chunk=256, two_pass=True),
+                F(1, 8, chunk=512, programs_per_sm=2, two_pass=True)):
         assert _relerr(rmsnorm.forward(x, w, 1e-5, cfg), y64) <= tol, cfg
     for cfg in (B(1, 4, 1, prefetch=True), B(2, 4, 1, prefetch=False, split=False),
                 B(2, 4, 2, prefetch=True, split=False), B(4, 8, 1, num_stages=2),
@@ -122,7 +125,9 @@ def test_every_launch_variant_matches_float64(hidden):
                 B(2, 4, 1, prefetch=False, chunk=512, weight_in_registers=False),
                 B(1, 4, 2, prefetch=True, chunk=256, weight_in_registers=False),
                 B(2, 4, 2, prefetch=True, split=False, evict_first=False),
-                B(1, 4, 1, prefetch=False, chunk=1024, evict_first=False)):
+                B(1, 4, 1, prefetch=False, chunk=1024, evict_first=False),
+                B(1, 4, 2, two_pass=True), B(2, 4, 1, chunk=256, two_pass=True),
+                B(1, 8, 3, chunk=512, two_pass=True)):
         dx, dw = rmsnorm.backward(dy, x, w, 1e-5, cfg)
         assert _relerr(dx, x64.grad) <= tol and _relerr(dw, w64.grad) <= tol, cfg
 
@@ -291,6 +296,25 @@ def test_packed_and_hinted_forward_is_bitwise_the_plain_one(dtype):
     assert not torch.equal(rmsnorm.forward(x, w, 1e-1, F(2, 4, chunk=256, packed=True)), plain)
 
 
+def test_two_pass_kernels_agree_with_the_one_pass_ones():
+    """fp32, 7 rows of 1000 (a ragged last chunk of 256): the two-pass forward and backward
+    against the one-pass kernels within fp32 summation error (the sums regroup by chunk);
+    control: the same comparison with another eps fails."""
+    torch.manual_seed(3)
+    x, dy = torch.randn(7, 1000, device=DEVICE), torch.randn(7, 1000, device=DEVICE)
+    w = 1 + 0.5 * torch.randn(1000, device=DEVICE)
+    fwd, bwd = _F(1, 4, chunk=256, two_pass=True), _B(1, 4, 2, chunk=256, two_pass=True)
+    y = rmsnorm.forward(x, w, 1e-5)
+    dx, dw = rmsnorm.backward(dy, x, w, 1e-5, _B(1, 4, 1))
+    assert _relerr(rmsnorm.forward(x, w, 1e-5, fwd), y.double()) <= 1e-6
+    dx2, dw2 = rmsnorm.backward(dy, x, w, 1e-5, bwd)
+    assert _relerr(dx2, dx.double()) <= 1e-6 and _relerr(dw2, dw.double()) <= 1e-6
+    x_small = x * 1e-2  # where eps matters
+    assert _relerr(rmsnorm.forward(x_small, w, 1e-1, fwd), rmsnorm.forward(x_small, w, 1e-5).double()) > 1e-2
+    assert _relerr(rmsnorm.backward(dy, x_small, w, 1e-1, bwd)[0],
+                   rmsnorm.backward(dy, x_small, w, 1e-5)[0].double()) > 1e-2
+
+
 def test_plans_pass_every_constexpr_in_signature_order():
     """kernels.fast_launch launches directly only when the constexprs follow the runtime
     arguments in signature order (else it raises on a GPU; the interpreter never checks):
@@ -301,8 +325,8 @@ def test_plans_pass_every_constexpr_in_signature_order():
     for n in (4096, 5120, 8192):
         plans += [rmsnorm._forward_plan(n, cfg) for cfg in forward_candidates(n)]
         plans += [rmsnorm._backward_plan(n, cfg) for cfg in backward_candidates(n)]
-    # all five: block, chunked and TMA forward; block and chunked backward
-    assert len({id(launch.kernel) for launch, _ in plans}) == 5
+    # all seven: block, chunked, TMA and two-pass forward; block, chunked and two-pass backward
+    assert len({id(launch.kernel) for launch, _ in plans}) == 7
     for launch, constexprs in plans:
         names = list(launch.kernel.arg_names)
         assert names[len(names) - len(constexprs):] == list(constexprs), names
@@ -332,6 +356,10 @@ _F, _B = rmsnorm.ForwardConfig, rmsnorm.BackwardConfig
     ((16384, 4096), _F(4, 16, packed=True)),
     ((3001, 8192), _F(1, 8, packed=True, programs_per_sm=2)),
     ((3001, 8192), _B(1, 16, 1, True, evict_first=False)),
+    # two passes over the row (kernels/rmsnorm_two_pass.py)
+    ((3001, 8192), _F(1, 8, chunk=1024, two_pass=True)), ((8192, 5120), _F(2, 8, two_pass=True)),
+    ((3001, 8192), _B(1, 8, 2, chunk=1024, two_pass=True)),
+    ((8192, 5120), _B(1, 4, 4, chunk=2048, two_pass=True)),
 ])
 def test_chunked_and_persistent_kernels_match_float64_on_gpu(shape, cfg):
     """The compiled chunked and persistent kernels (the interpreter runs them above) at
