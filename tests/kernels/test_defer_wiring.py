@@ -9,8 +9,11 @@ linear copies) hold the same arena contents and run the same flush: bitwise equa
 Deferral, wire changes nothing: bitwise equal to a model it never saw.
 Negative controls: unwired producers show up as copies; a producer that writes the next
 micro-batch's slot (the wrap-around clobbers a slot already stored) fails the parity.
-Under full recompute nothing is wired (every linear copies, main_grad still matches). The
-CUDA test reads the same counts from two whole GPU trials' records.
+Under full recompute nothing is wired (every linear copies, main_grad still matches).
+attention=flash_attn runs against a torch stand-in of flash-attn-4's interface
+(tests/kernels/test_flash_attn.py FakeFA4): writing in place, it fills proj's X slot too;
+an interface without `out=` is not wired (the control). The CUDA test reads the same
+counts from two whole GPU trials' records.
 """
 
 import pytest
