@@ -31,4 +31,8 @@ if [ -d /tmp/fa4site/flash_attn ]; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor_cache}
+# flash-attn-4 compiles its kernels per process (each trial is one); with its disk cache on, the
+# trials after the first of a shape load them instead (the cache is keyed on the kernel's config).
+export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=${FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED:-1}
+export FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=${FLASH_ATTENTION_CUTE_DSL_CACHE_DIR:-/tmp/fa4_cache}
 export TRITON_ALLOW_NON_CONSTEXPR_GLOBALS=1
