@@ -14,7 +14,9 @@
 # driver's cudaMemcpyAsync device to device; see bench_rmsnorm's copy_basis.)
 # (The compile workers and the first tests got 40 s since the cache-hint, packed-row and
 # TMA candidates, ~90 more compiles, joined the sweep; at 5699fec all precompiled by 27 s,
-# the whole script 114 s with budget 150. A `-k tma` there matched every test, the
+# the whole script 114 s with budget 150; at 5979bbb, with the add+norm sweep and the
+# two-pass candidates, precompiled by 32 s, the bench done at 152 s, 164 s with budget
+# 165 (the older tests got 11 s and were cut). A `-k tma` there matched every test, the
 # device's path holding "tma" somewhere: the TMA test goes by its node id.)
 # Every step has a timeout inside the budget; logs and the JSON land in $OUT.
 set -u

@@ -38,8 +38,8 @@ def inputs(m, n):
 
 
 
-FORWARD_CACHES = (ours._FORWARD, ours._FORWARD_CHUNKED, ours._FORWARD_TMA)
-BACKWARD_CACHES = (ours._BACKWARD, ours._BACKWARD_CHUNKED)
+FORWARD_CACHES = (ours._FORWARD, ours._FORWARD_CHUNKED, ours._FORWARD_TMA, ours._FORWARD_TWO_PASS)
+BACKWARD_CACHES = (ours._BACKWARD, ours._BACKWARD_CHUNKED, ours._BACKWARD_TWO_PASS)
 
 
 def resources(caches, cfg) -> dict:

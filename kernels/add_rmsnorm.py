@@ -21,9 +21,12 @@ to back, so at mbs 1 (2048 rows) 128 programs of 16 rows took 30 us a call, 752 
 22.9 ms a step (h200_sweep_2026-12-01_defer, the profiled mbs-1 trial).
 
 Layers: `_add_norm_fwd_kernel` (one row per program), `_add_norm_bwd_kernel` (ROWS rows
-per program, a [programs, H] fp32 dw partial), `_dw_reduce_kernel` (the partials summed in a
-fixed order, into main_grad when tagged), host `forward` /
-`backward`, `AddRMSNormFunction` and `add_rms_norm`. `reference` is float64.
+per program, a [programs, H] fp32 dw partial), `_add_norm_bwd_tiles_kernel` (persistent,
+row tiles, one partial per program: SMs x programs_per_sm rows; the default where
+BACKWARD_TABLE has the hidden size, 2048 since 2026-12-01 v7: 210 -> 138 us a call at
+32768 rows), kernels/rmsnorm_kernels.py's `_dw_reduce_kernel` (the partials summed in a
+fixed order, into main_grad when tagged), host `forward` / `backward`,
+`AddRMSNormFunction` and `add_rms_norm`. `reference` is float64.
 A weight tagged `fused_main_grad` (kernels.megatron_layer does so under megatron's
 gradient_accumulation_fusion) gets dw added straight into its fp32 `main_grad`: at mbs 1
 that is 47 norms x 16 micro-batches of bf16 dw and DDP add kernels fewer per step.
@@ -169,9 +172,13 @@ class BackwardConfig(NamedTuple):
     reduce_rows: int = 0
 
 
-# Hidden sizes with a measured backward (bench_rmsnorm's add+norm part, H200 bf16); other
+# Hidden sizes with a measured backward (bench_rmsnorm's add+norm part, H200 bf16, GPU time
+# with the dw reduction, L2 flushed; benchmarks/results/rmsnorm_h200_2026-12-01_v7.json,
+# commit 5979bbb): at 2048, 2 rows a tile, 8 warps, 2 programs an SM, prefetch, 512-row
+# reduction passes won at both row counts: 32768 rows (mbs 16) 137.6 us against the row
+# loop's 210.4 (3.90 against 2.55 TB/s), 2048 rows (mbs 1) 18.3 against 24.2 us. Other
 # sizes run the row-loop kernel as before.
-BACKWARD_TABLE: dict = {}
+BACKWARD_TABLE: dict = {2048: BackwardConfig(2, 8, 2, True, 512)}
 
 
 def backward_config(n_cols: int) -> BackwardConfig:

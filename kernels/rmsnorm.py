@@ -16,15 +16,16 @@ rstd recomputed in the backward from x (which it reads anyway) instead of stored
 dw partial buffer kept between calls (not while a CUDA graph is being captured): a call
 allocates only its outputs (y forward; dx and dw backward).
 
-H200, bf16 (benchmarks/results/rmsnorm_h200_2026-12-01_v6.json, commit 5699fec; shapes
-16384x4096, 32768x8192, 8192x5120): GPU time fwd 0.97/0.99/0.99x a copy of x (the driver's
-cudaMemcpyAsync device to device, same bytes), fwd+bwd 0.94/0.97/0.92x, 1.21/1.19/1.47x
-the best peer (torch.compile, liger, liger); host included (do_bench) fwd+bwd
-1.73/2.16/1.93x F.rms_norm. The forward gained from loads without the evict_first hint
-and, at 5120, from the row kept packed in 16 bits (fewer registers, more rows in flight).
-The backward is bound by bytes in flight: each program holds its tile and the prefetched
-next one in registers (0.88-0.96x copy); at 5120 the row as five 1024-column chunks frees
-the registers an 8192-lane block wastes, so two programs fit per SM.
+H200, bf16 (benchmarks/results/rmsnorm_h200_2026-12-01_v7.json, commit 5979bbb; shapes
+32768x8192, 16384x4096, 8192x5120): GPU time fwd 1.02/1.00/1.00x a copy of x (the driver's
+cudaMemcpyAsync device to device, same bytes), fwd+bwd 0.98/0.96/0.94x, 1.205/1.22/1.47x
+the best peer (liger, torch.compile, liger); host included (do_bench) fwd+bwd
+2.19/1.76/1.52x F.rms_norm. The forward reads each row twice in chunks (statistics, then
+y; kernels/rmsnorm_two_pass.py), as inductor does: a chunk in registers instead of the
+row, so many programs per SM (v6, one pass: 0.97-0.99x copy). The backward is bound by
+bytes in flight: each program holds its tile and the prefetched next one in registers
+(0.94-0.98x copy); at 5120 the row as 512-column chunks frees the registers an 8192-lane
+block wastes, so three programs fit per SM.
 
 Three layers, as in Liger-Kernel and the Triton layer-norm tutorial:
   * private @triton.jit kernels in kernels/rmsnorm_kernels.py (row tiles forward; a

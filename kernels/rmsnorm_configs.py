@@ -103,32 +103,37 @@ def chunks(n_cols: int, chunk: int) -> tuple:
 
 
 # Tuned launch configurations: the winners of the launch sweep of bench_rmsnorm --tune on
-# the H200, bf16 (benchmarks/results/rmsnorm_h200_2026-12-01_v6.json, commit 5699fec, GPU
+# the H200, bf16 (benchmarks/results/rmsnorm_h200_2026-12-01_v7.json, commit 5979bbb, GPU
 # time, TB/s of the bytes a fused kernel must move, L2 flushed), which timed them as the
-# defaults. Forward: dropping the loads' evict_first hint gained at every size (5120
-# chunked 3.58 -> 3.69, 4096 (4, 16) 3.71 -> 3.84, 8192 (1, 16) 4.01 -> 4.09), the packed
-# row on top at 5120 (3.75: 40 registers instead of 61, 12 programs an SM instead of 8) and
-# by a hair elsewhere; at 4096 one row a warp (no cross-warp reduction, 154 registers)
-# 3.88 against 3.84. Neither the .cs stores nor the TMA forward won anywhere (TMA best
-# 3.33 / 3.49 / 3.83 at 5120 / 4096 / 8192). Backward: no hint at 8192 4.01 against 3.80
-# with it, 4096 3.58 against 3.52; at 5120 the chunked one (243 registers at 4 warps, 2
-# programs per SM, w reloaded) keeps its hint (3.35 against 3.34 without).
+# defaults. Forward: the two-pass kernel won at every size (8192 252 us = 4.26 TB/s against
+# the one-pass packed row's 261, 1.02x a copy; 4096 67.4 us; 5120 44.5 us; 2048 at 32768
+# rows 67.3 us against the heuristic's 73.3): registers hold a chunk (32-48 offline at
+# sm_90), so SMs hold many programs. Before it (_v6.json, 5699fec): dropping the loads'
+# evict_first hint gained at every size, the packed row at 5120, one row a warp at 4096;
+# neither .cs stores nor the TMA forward won anywhere. Backward: no hint at 8192 (4.02
+# TB/s) and 4096; at 5120 the row as ten 512-column chunks, w reloaded, 3 programs an SM
+# (v6's pick, five 1024 chunks at 2 an SM, came second); at 2048 (llama_1b3's input and
+# final norms, 32768 rows) 4 rows a tile at 8 warps with the prefetch, 115 us against the
+# heuristic's (4, 16) 221 us. The two-pass backward did not win (pass 2's unrolled chunks
+# get their loads hoisted: 128 registers at 16 warps, no more programs an SM).
 # Other sizes use the heuristics below (unchanged: they keep the evict_first hint).
 FORWARD_TABLE = {
-    4096: ForwardConfig(1, 1, evict_first=False, packed=True),  # (4, 16), no hint: 3.84
-    5120: ForwardConfig(1, 4, chunk=1024, evict_first=False, packed=True),  # 5 x 1024
-    8192: ForwardConfig(1, 16, evict_first=False, packed=True),  # unpacked 4.09
+    2048: ForwardConfig(1, 4, chunk=1024, two_pass=True),  # 3.99 TB/s at 32768 rows
+    4096: ForwardConfig(1, 8, chunk=2048, two_pass=True),  # 3.99
+    5120: ForwardConfig(1, 4, chunk=2048, two_pass=True),  # 3.77
+    8192: ForwardConfig(1, 16, chunk=2048, two_pass=True),  # 4.26
 }
 BACKWARD_TABLE = {
-    4096: BackwardConfig(2, 16, 1, prefetch=True, evict_first=False),  # 3.58
-    5120: BackwardConfig(1, 4, 2, prefetch=True, chunk=1024, weight_in_registers=False),
-    8192: BackwardConfig(1, 16, 1, prefetch=True, evict_first=False),  # 4.01
+    2048: BackwardConfig(4, 8, 1, prefetch=True),  # 3.49 (evict_first kept, as measured)
+    4096: BackwardConfig(2, 16, 1, prefetch=True, evict_first=False),  # 3.63
+    5120: BackwardConfig(1, 4, 3, chunk=512, weight_in_registers=False),  # 3.27
+    8192: BackwardConfig(1, 16, 1, prefetch=True, evict_first=False),  # 4.02
 }
 
 # dw reduction (kernels.rmsnorm.dw_reduce_plan): partial rows summed per pass. The
 # reduction alone over 132 partials (L2 flushed; rmsnorm_h200_2026-12-01_chunked.json, and
-# again in _v6.json): 256 rows 6.5-7.4 us (v6: 6.5-8.2), 32 rows (the plan before) 8.6-9.5
-# us (v6: 8.4-12.9), at H = 4096, 5120, 8192.
+# again in _v6.json and _v7.json): 256 rows 6.5-7.4 us (v6: 6.5-8.2, v7: 6.4-8.4), 32 rows
+# (the plan before) 8.6-9.5 us (v6: 8.4-12.9), at H = 4096, 5120, 8192.
 DW_REDUCE_ROWS = 256
 
 
