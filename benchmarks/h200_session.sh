@@ -4,6 +4,8 @@
 #
 #   call 1, carry [".whl", ".fa4a", ".peer"]:
 #     export GIT_COMMIT=<sha> TAG=h200_sweep_<date>_vN && bash benchmarks/h200_session.sh one
+#     (its default budgets: EXTRAS_S=380 for the CUDA tests ~150 s, the peer ~80 s and the
+#     parity ~110 s; MEGATRON_LM_S=200 for Megatron-LM and our trial ~130 s: ~560 s in all)
 #   call 2, the very next (the machine stays warm 30 s), carry [".fa4b"]:
 #     export GIT_COMMIT=<sha> TAG=h200_sweep_<date>_vN && bash benchmarks/h200_session.sh two
 #
@@ -28,10 +30,10 @@ BEST_CUDNN=(--set mbs=16 --set distributed_optimizer=false --set swiglu=triton -
 case "${1:-}" in
   one)
     . benchmarks/gpu_env.sh fa4-1 || exit 1
-    OUT=$R BUDGET_S=${EXTRAS_S:-300} bash benchmarks/run_gpu_sweep.sh h200-extras
-    timeout -k 10 "${MEGATRON_LM_S:-260}" python3 benchmarks/bench_megatron_lm.py --out "$R" \
+    OUT=$R BUDGET_S=${EXTRAS_S:-380} bash benchmarks/run_gpu_sweep.sh h200-extras
+    timeout -k 10 "${MEGATRON_LM_S:-200}" python3 benchmarks/bench_megatron_lm.py --out "$R" \
       --tag "megatron_lm_$DATE" "${BEST_CUDNN[@]}" --parts megatron_lm,trial \
-      --budget-s $(( ${MEGATRON_LM_S:-260} - 20 ))
+      --budget-s $(( ${MEGATRON_LM_S:-200} - 20 ))
     tar czf "$R/${TAG}_extras_trials.tgz" sweeps/h200_parity "$R"/megatron_lm_*_work 2>/dev/null
     rm -rf "$R"/megatron_lm_*_work ;;
   two)

@@ -8,6 +8,7 @@
 #   benchmarks/run_gpu_sweep.sh h200-check   # H200: CUDA tests of the fusions, 4 profiled trials (~3 min)
 #   benchmarks/run_gpu_sweep.sh h200-extras  # H200: CUDA tests of the new kernels, the peer, 20-step parity (~3 min)
 #   benchmarks/run_gpu_sweep.sh h200         # H200: the h200_single sweep (~7 min), the peer, ceilings, profile
+#   benchmarks/run_gpu_sweep.sh h200-parity  # H200: the 20-step loss parity alone (~2 min)
 #   benchmarks/run_gpu_sweep.sh h200-defer   # H200: CUDA tests of wgrad_defer, mbs 1 with and without it (~4 min)
 #
 # On the device tool, source benchmarks/gpu_env.sh first (the carried wheels; flash-attn-4
@@ -26,7 +27,7 @@ MODE=${1:-sweep}
 BUDGET_S=${BUDGET_S:-540}
 OUT=${OUT:-benchmarks/results}
 TAG=${TAG:-gpu_sweep_$(date +%Y-%m-%d)}
-case "$MODE" in extras|h200-check|h200-extras|h200-defer) TAG=${TAG}_${MODE#h200-} ;; esac
+case "$MODE" in extras|h200-check|h200-extras|h200-defer|h200-parity) TAG=${TAG}_${MODE#h200-} ;; esac
 case "$MODE" in h200*) TAG=${TAG/gpu_sweep/h200_sweep} ;; esac
 mkdir -p "$OUT"
 exec > >(tee "$OUT/$TAG.log") 2>&1
@@ -67,6 +68,23 @@ h200_peer() {
   grep '^mcore\|FAILED' /tmp/peer_probe.log
   [ -f /tmp/probe.json ] && cp /tmp/probe.json /tmp/h200_peer.json \
     && cp /tmp/probe.json "$OUT/peer_probe_h200_$(date +%Y-%m-%d).json"
+}
+# 20-step loss parity of every fusion together (and with wgrad_defer=step) against the stock
+# spec, with the check's planted control (conf/sweep/h200_parity.yaml, ~110 s). If it ran and
+# the all-fusions trial failed, the fusions newest on a GPU go off for the h200 call
+# (/tmp/h200_overrides); if it did not run (no time left), nothing is turned off on its account.
+h200_parity() {
+  local P=sweeps/h200_parity/llama_1b3-local_h200
+  sweep 60 sweep=h200_parity  # 6 trials, 20 steps each, one with a planted wrong mask
+  if [ ! -d $P ]; then
+    echo "== 20-step parity did not run: no fusion turned off on its account"; return
+  fi
+  python3 - <<'PY' || echo "layout.add_norm=megatron layout.optimizer_step=megatron layout.qkv_grad=megatron layout.embedding_grad=megatron" >> /tmp/h200_overrides
+import glob, json, sys  # the all-fusions trial must have run: else the fusions newest on a GPU go off
+runs = [json.load(open(p))["status"] for p in glob.glob("sweeps/h200_parity/*/*addnorm-fused*/result.json")]
+sys.exit(0 if runs and all(s == "ok" for s in runs) else 1)
+PY
+  python3 benchmarks/gpu_sweep_report.py --sweep $P --parity $P --out "$OUT" --tag "$TAG"
 }
 # sweep NEED_S PRESET [overrides...]: run one sweep command if NEED_S seconds are left.
 sweep() {
@@ -142,15 +160,11 @@ elif [ "$MODE" = h200-extras ]; then
     esac
   done
   h200_peer
-  P=sweeps/h200_parity/llama_1b3-local_h200
-  sweep 60 sweep=h200_parity  # 5 trials, 20 steps each, one with a planted wrong mask
-  python3 - <<'PY' || echo "layout.add_norm=megatron layout.optimizer_step=megatron layout.qkv_grad=megatron layout.embedding_grad=megatron" >> /tmp/h200_overrides
-import glob, json, sys  # the all-fusions trial must have run: else the fusions newest on a GPU go off
-runs = [json.load(open(p))["status"] for p in glob.glob("sweeps/h200_parity/*/*addnorm-fused*/result.json")]
-sys.exit(0 if runs and all(s == "ok" for s in runs) else 1)
-PY
+  h200_parity
   [ -f /tmp/h200_overrides ] && echo "== overrides for the h200 call: $(cat /tmp/h200_overrides)"
-  python3 benchmarks/gpu_sweep_report.py --sweep $P --parity $P --out "$OUT" --tag "$TAG"
+elif [ "$MODE" = h200-parity ]; then
+  # The 20-step loss parity alone (a call of its own when h200-extras ran out of time).
+  h200_parity
 elif [ "$MODE" = h200-defer ]; then
   # issue 17: the CUDA tests of layout.wgrad_defer=step and its producers (DEFER_CUDA_TESTS),
   # then h200_single's mbs-1 cuDNN layout without and with the deferral (its flush
