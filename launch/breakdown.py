@@ -36,7 +36,8 @@ innermost communication scope around it (dp_comm, pp_comm, tp_comm), else pp_com
 for send/recv, else tp_comm inside the model, else dp_comm; then the innermost
 category scope (attention, norm, optimizer, dp_comm, pp_comm, tp_comm); then the
 innermost name that `name_category` knows (attention, norm, matmul, optimizer);
-then elementwise for an aten op, other for anything else. Backward ops inherit the
+then elementwise for an aten op, other for anything else. The name rules live in
+`launch.categories`. Backward ops inherit the
 scopes of the forward op that created their autograd node (same sequence number).
 
 A kernel's launcher is the CPU op the profiler links it to, else the innermost
@@ -58,43 +59,12 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-CATEGORIES = ("attention", "matmul", "norm", "elementwise", "optimizer",
-              "tp_comm", "dp_comm", "pp_comm", "other", "idle")
-COMM = ("tp_comm", "dp_comm", "pp_comm")
+from launch.categories import (BACKWARD_PREFIX, CATEGORIES, COMM, is_barrier, is_comm, is_op, is_p2p,
+                               kernel_category, name_category)
+
 STEP_SCOPE = "train_step"
 MODEL_SCOPE = "model"
 CATEGORY_SCOPES = ("attention", "norm", "optimizer", "dp_comm", "pp_comm", "tp_comm")
-BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
-
-# Our Triton kernels (kernels/attention_fwd.py, attention_bwd.py, rmsnorm_kernels.py,
-# add_rmsnorm.py) by their @triton.jit names, which are their CUDA names (older Triton
-# appends a signature: _0d1d2de). The residual add fused into RMSNorm counts as norm time.
-TRITON_ATTENTION_KERNELS = ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel", "_delta_kernel")
-TRITON_NORM_KERNELS = ("_forward_kernel", "_backward_kernel", "_dw_reduce_kernel",
-                       "_forward_chunked_kernel", "_backward_chunked_kernel", "_forward_tma_kernel",
-                       "_add_norm_fwd_kernel", "_add_norm_bwd_kernel", "_add_norm_bwd_tiles_kernel",
-                       "_forward_two_pass_kernel", "_backward_two_pass_kernel")
-
-
-def _exactly(names: tuple[str, ...]) -> str:
-    return r"^(" + "|".join(names) + r")(_\d\w*)?$"
-
-
-_ATTENTION = re.compile(r"scaled_dot_product|flash_attention|efficient_attention|cudnn_attention"
-                        r"|attn|attention|fmha|flash|sdpa|scaleddotproduct|masked_softmax|"
-                        + _exactly(TRITON_ATTENTION_KERNELS), re.I)
-_NORM = re.compile(r"rms_?norm|layer_?norm|fusedrms|gammabeta|"
-                   r"^triton_(red|per)_fused_\w*(mean|var)\w*rsqrt|" + _exactly(TRITON_NORM_KERNELS), re.I)
-_MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul",
-               "aten::linear", "aten::_addmm_activation", "aten::addbmm", "aten::einsum"}
-_MATMUL = re.compile(r"^(mm|addmm|bmm|baddbmm|linear|matmul)backward|linearwithgradaccumulation"
-                     r"|gemm|gemv|cublas|cutlass|sm\d+_xmma|nvjet|^triton_tem_fused_(\w*_)?(mm|addmm|bmm)(_|$)",
-                     re.I)
-# Adam, torch's fused optimizers, and the multi-tensor norms of gradient clipping (_foreach_norm)
-_OPTIMIZER = re.compile(r"adam|fusedoptimizer|multi_tensor_apply_kernel.*(l2|lp)normfunctor|lpnorm_cleanup", re.I)
-_COMM = re.compile(r"^(c10d::|gloo:|nccl:|record_param_comms)|nccl(dev)?kernel", re.I)
-_P2P = re.compile(r"send|recv", re.I)
-_BARRIER = re.compile(r"barrier", re.I)
 
 
 @dataclass(frozen=True)
@@ -119,39 +89,6 @@ class Event:
     id: int = 0
     link: int = 0
     runtime: bool = False
-
-
-def is_comm(name: str) -> bool:
-    return bool(_COMM.search(name))
-
-
-def is_op(name: str) -> bool:
-    """An operator whose self time is work, not Python or waiting."""
-    return name.startswith(("aten::", "c10d::", "gloo:", "nccl:"))
-
-
-def name_category(name: str) -> Optional[str]:
-    """attention, norm, matmul or optimizer from an op or kernel name alone; None otherwise."""
-    if _ATTENTION.search(name):
-        return "attention"
-    if _NORM.search(name):
-        return "norm"
-    if name in _MATMUL_OPS or _MATMUL.search(name.removeprefix(BACKWARD_PREFIX)):
-        return "matmul"
-    if _OPTIMIZER.search(name):
-        return "optimizer"
-    return None
-
-
-def kernel_category(name: str, launcher: Optional[str]) -> str:
-    """A device event's category from its name and its launcher's category (None: unknown)."""
-    if is_comm(name):
-        if launcher in COMM + ("idle",):
-            return launcher
-        return "pp_comm" if _P2P.search(name) else "tp_comm"
-    if launcher not in (None, "elementwise", "other"):
-        return launcher
-    return name_category(name) or "elementwise"
 
 
 def _ancestors(events: list[Event], index: int) -> list[int]:
@@ -207,13 +144,13 @@ def contexts(events: list[Event]) -> list[list[str]]:
 def classify(chain: list[str]) -> str:
     """The category of an event from its context chain (itself first); see the module doc."""
     name = chain[0]
-    if _BARRIER.search(name) and is_comm(name):
+    if is_barrier(name) and is_comm(name):
         return "idle"
     if is_comm(name):
         scope = next((s for s in chain if s in COMM), None)
         if scope:
             return scope
-        if _P2P.search(name):
+        if is_p2p(name):
             return "pp_comm"
         return "tp_comm" if MODEL_SCOPE in chain else "dp_comm"
     scope = next((s for s in chain if s in CATEGORY_SCOPES), None)
@@ -307,7 +244,7 @@ def cpu_categories(events: list[Event], categories: list[str], root: int) -> dic
     for e, category in zip(events, categories):
         if (e.is_async or e.thread != step.thread) and not e.device and is_comm(e.name):
             k = bisect.bisect_right(starts, e.start)
-            if k and not _BARRIER.search(e.name):
+            if k and not is_barrier(e.name):
                 category = launches[k - 1][1]
             in_flight.append((e.start, e.end, category))
     return paint(step.start, step.end, [busy, in_flight, python], "other")

@@ -3,7 +3,8 @@
 
 import pytest
 
-from launch.breakdown import CATEGORIES, Event, breakdown, classify, contexts, name_category, paint
+from launch.breakdown import CATEGORIES, Event, breakdown, classify, contexts, paint
+from launch.categories import name_category
 
 
 def test_names_alone():

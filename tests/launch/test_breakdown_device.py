@@ -6,16 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.breakdown import (
-    CATEGORIES,
-    TRITON_ATTENTION_KERNELS,
-    TRITON_NORM_KERNELS,
-    Event,
-    breakdown,
-    kernel_category,
-    name_category,
-    short_name,
-)
+from launch.breakdown import CATEGORIES, Event, breakdown, short_name
+from launch.categories import TRITON_ATTENTION_KERNELS, TRITON_NORM_KERNELS, kernel_category, name_category
 
 KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 FUSED_ADAM = ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous "
