@@ -23,7 +23,8 @@ reaches s - 1 radians and tl.cos/tl.sin may lower to the hardware approximations
 error grows outside [-pi, pi]. The CPU interpreter has no libdevice; it uses tl.cos/tl.sin
 (numpy, exact to fp32 rounding).
 
-Layers: `_rope_kernel` / `_rotate_heads` / `_copy_heads` (@triton.jit); `rotate` (host launcher);
+Layers: `_rope_kernel` / `_rotate_heads` / `_copy_heads` / `_head_tile` (@triton.jit);
+`rotate` (host launcher);
 `RoPEFunction` (autograd) and `apply_rope` (entry point, picking Triton on CUDA or under
 TRITON_INTERPRET=1, else `torch_rope`, the same formula in torch, also the pure-torch
 reference the kernel is tested against).
@@ -55,6 +56,17 @@ IMPLS = ("triton", "torch")
 
 
 @triton.jit
+def _head_tile(src_tok, dst_tok, tok_ok, hh, heads, stride_h, stride_d, dst_stride_h, j, width):
+    """Element offsets (src, dst) and mask of a [BLOCK_T, BLOCK_H, BLOCK_D] tile: tokens
+    src_tok/dst_tok ([BLOCK_T] int64), heads hh, columns j < width; src strided, dst with
+    strided heads and unit d."""
+    mask = tok_ok[:, None, None] & (hh < heads)[None, :, None] & (j < width)[None, None, :]
+    src = src_tok[:, None, None] + (hh * stride_h)[None, :, None] + (j * stride_d)[None, None, :]
+    dst = dst_tok[:, None, None] + (hh * dst_stride_h)[None, :, None] + j[None, None, :]
+    return src, dst, mask
+
+
+@triton.jit
 def _rotate_heads(src_ptr, dst_ptr, src_tok, dst_tok, tok_ok, heads, stride_h, stride_d,
                   dst_stride_h, cos, sin, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
                   BLOCK_HALF: tl.constexpr):
@@ -65,15 +77,12 @@ def _rotate_heads(src_ptr, dst_ptr, src_tok, dst_tok, tok_ok, heads, stride_h, s
     h = tl.arange(0, BLOCK_H)
     j = tl.arange(0, BLOCK_HALF)
     for h0 in range(0, heads, BLOCK_H):
-        hh = h0 + h
-        mask = tok_ok[:, None, None] & (hh < heads)[None, :, None] & (j < HALF)[None, None, :]
-        src = (src_ptr + src_tok[:, None, None] + (hh * stride_h)[None, :, None]
-               + (j * stride_d)[None, None, :])
-        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF * stride_d, mask=mask, other=0.0).to(tl.float32)
-        dst = dst_ptr + dst_tok[:, None, None] + (hh * dst_stride_h)[None, :, None] + j[None, None, :]
-        tl.store(dst, (x1 * cos - x2 * sin).to(dst_ptr.dtype.element_ty), mask=mask)
-        tl.store(dst + HALF, (x2 * cos + x1 * sin).to(dst_ptr.dtype.element_ty), mask=mask)
+        src, dst, mask = _head_tile(src_tok, dst_tok, tok_ok, h0 + h, heads, stride_h, stride_d,
+                                    dst_stride_h, j, HALF)
+        x1 = tl.load(src_ptr + src, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src_ptr + src + HALF * stride_d, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dst_ptr + dst, (x1 * cos - x2 * sin).to(dst_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst_ptr + dst + HALF, (x2 * cos + x1 * sin).to(dst_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -84,12 +93,9 @@ def _copy_heads(src_ptr, dst_ptr, src_tok, dst_tok, tok_ok, heads, stride_h, str
     h = tl.arange(0, BLOCK_H)
     j = tl.arange(0, BLOCK_D)
     for h0 in range(0, heads, BLOCK_H):
-        hh = h0 + h
-        mask = tok_ok[:, None, None] & (hh < heads)[None, :, None] & (j < D)[None, None, :]
-        src = (src_ptr + src_tok[:, None, None] + (hh * stride_h)[None, :, None]
-               + (j * stride_d)[None, None, :])
-        dst = dst_ptr + dst_tok[:, None, None] + (hh * dst_stride_h)[None, :, None] + j[None, None, :]
-        tl.store(dst, tl.load(src, mask=mask), mask=mask)
+        src, dst, mask = _head_tile(src_tok, dst_tok, tok_ok, h0 + h, heads, stride_h, stride_d,
+                                    dst_stride_h, j, D)
+        tl.store(dst_ptr + dst, tl.load(src_ptr + src, mask=mask), mask=mask)
 
 
 @triton.jit
@@ -262,8 +268,8 @@ class RoPEQKVFunction(torch.autograd.Function):
     of dq, dk, dv into a new buffer: CatArrayBatchedCopy, 4.9 ms of an H200 step at mbs 16,
     2026-12-01). The backward allocates that buffer once and writes into it directly: the
     rotated-back dq and dk from the RoPE kernel and, in the same launch, dv copied unchanged
-(torch's `dv_out.copy_(dv)` into the strided slice was a non-vectorized elementwise kernel:
-177 us a layer at mbs 16 on an H200, ~1.5 TB/s, 2026-12-01 profile). v is returned as
+    (torch's `dv_out.copy_(dv)` into the strided slice was a non-vectorized elementwise
+    kernel: 177 us a layer at mbs 16 on an H200, ~1.5 TB/s, 2026-12-01 profile). v is returned as
     the view of qkv it was (no copy); nothing is saved but geometry. `dqkv_target`
     (kernels.out_target.Target) may offer that buffer instead."""
 
