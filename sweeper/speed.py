@@ -140,8 +140,9 @@ def _recompute_share(layout: Layout, layers: int, attention: float, layer: float
 def arena_copy_elements(sh: Shape, layout: Layout, layers: int) -> float:
     """Elements per token that the deferred linears of `layers` layers copy into their arenas per
     micro-batch: the X and dY that no producer writes into the slot (kernels/defer_wiring.py).
-    The attention output (proj's X) is always copied; the rest only where its producer is not
-    ours: QKV's X without our input norm (a fused add+norm still writes layers 2.., the first
+    The attention output (proj's X) is copied unless flash-attn-4 writes it into the slot
+    (kernels/attention_fa4.py; SDPA's and our Triton kernel's outputs are their own
+    allocations); the rest only where its producer is not ours: QKV's X without our input norm (a fused add+norm still writes layers 2.., the first
     one's comes from the input norm), QKV's dY without the fused RoPE gradient, proj's and
     fc2's dY without the fused add+norm (fc2's last one also needs our final norm), fc1's X
     without our pre-MLP norm, fc1's dY and fc2's X without our SwiGLU. Under recompute nothing
@@ -154,7 +155,7 @@ def arena_copy_elements(sh: Shape, layout: Layout, layers: int) -> float:
     fused_add = getattr(layout, "add_norm", "megatron") == "fused"
     ours_norm = layout.norm == "triton"
     triton_swiglu = getattr(layout, "swiglu", "megatron") == "triton"
-    per_layer = proj_x
+    per_layer = 0.0 if layout.attention == "flash_attn" else proj_x
     per_layer += 0.0 if getattr(layout, "qkv_grad", "megatron") == "fused" else qkv_dy
     per_layer += 0.0 if fused_add else proj_dy + fc2_dy
     per_layer += 0.0 if fused_add or ours_norm else fc1_x

@@ -48,6 +48,8 @@ def test_deferral_saves_the_main_grad_read_modify_write_by_hand():
 def test_arena_copies_follow_the_producers_that_are_ours():
     sh = model_shape(SMALL)
     assert arena_copy_elements(sh, Layout(**FUSED), 4) == 4 * 64  # proj's X only
+    # flash-attn-4 writes the attention output into proj's X slot itself: nothing is copied.
+    assert arena_copy_elements(sh, Layout(**FUSED, attention="flash_attn"), 4) == 0
     # The stock layer copies everything: per layer QKV 64 + 128, proj 64 + 64, fc1 64 + 256,
     # fc2 128 + 64 = 832 elements per token, the arena's own width (memory.arena_bytes).
     stock = Layout(mbs=2, gbs=8, wgrad_defer="step", norm="megatron")
