@@ -8,14 +8,17 @@
 (Correctness is tests/kernels/test_attention.py's: its `cuda` tests run ours against the
 float64 reference on the GPU; benchmarks/kernels_device.sh runs them beside the tuner.)
 --bench    forward, backward and forward+backward at the issue's four shapes, same process,
-           same inputs: ours (deterministic backward, the default, and deterministic=False),
+           same inputs: ours (deterministic backward, the default, and deterministic=False;
+           kernels.attention's impl="auto", plus impl="triton" as ours_triton),
            flash-attn-4 (flash_attn.cute, when installed), SDPA-flash, SDPA-cuDNN (GQA by
            repeating KV heads, inside the timed region, where it refuses enable_gqa).
 
 `summary`: for each peer, ours' time ratio peer_ms / ours_ms (> 1: ours faster), the
 minimum over the four shapes, for fwd+bwd, fwd and bwd; the same for deterministic=False
-under `summary.nondeterministic`. FLOPs: common.ATTENTION_FLOPS. All times: median of
-triton.testing.do_bench (CUDA events, L2 flushed between runs).
+under `summary.nondeterministic`, the Triton-language kernels' under
+`summary.triton_language`; each row's ours* entries note which kernels ran.
+FLOPs: common.ATTENTION_FLOPS. All times: median of triton.testing.do_bench (CUDA events,
+L2 flushed between runs).
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ from benchmarks import common
 from benchmarks.common import attention_inputs, error_tail
 
 PEERS = ("flash_attn_4", "sdpa_cudnn", "sdpa_flash")
+# Ours: (label, deterministic backward, kernels.attention impl). "auto" is what every caller
+# gets (the Gluon kernels where they run, else Triton-language); "ours_triton" keeps the
+# Triton-language kernels' figures beside them.
+MINE = (("ours", True, "auto"), ("ours_nondeterministic", False, "auto"),
+        ("ours_triton", True, "triton"))
 TARGETS = {"fwdbwd_over_flash_attn_4": 1.0, "fwdbwd_over_sdpa_cudnn": 1.0}
 
 
@@ -58,10 +66,12 @@ def _impls(q, k, v, do, hq, hkv):
     from kernels import attention_fa4
 
     impls, notes = {}, {}
-    for name, det in (("ours", True), ("ours_nondeterministic", False)):
+    for name, det, impl in MINE:
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        impls[name] = (lambda leaves=leaves, det=det: A.flash_attention(
-            *leaves, deterministic=det), leaves, do)
+        impls[name] = (lambda leaves=leaves, det=det, impl=impl: A.flash_attention(
+            *leaves, deterministic=det, impl=impl), leaves, do)
+        notes[name] = "kernels: " + json.dumps(A.attention_impls(q, k, v, deterministic=det,
+                                                                  impl=impl))
     if attention_fa4.installed():
         func = attention_fa4.flash_attn_func()
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -121,7 +131,7 @@ def bench(results):
             print("bench", name, label, json.dumps(row[label]), flush=True)
         for label in set(notes) - set(impls):
             row[label] = dict(note=notes[label])
-        for mine in ("ours", "ours_nondeterministic"):
+        for mine, _, _ in MINE:
             for peer in PEERS:
                 if "fwdbwd_ms" in row.get(peer, {}) and "fwdbwd_ms" in row[mine]:
                     row[f"{mine}_over_{peer}"] = {m: row[peer][f"{m}_ms"] / row[mine][f"{m}_ms"]
@@ -132,6 +142,7 @@ def bench(results):
     results["bench"] = rows
     results["summary"] = dict(device=torch.cuda.get_device_name(), **_ratios(rows, "ours"),
                               nondeterministic=_ratios(rows, "ours_nondeterministic"),
+                              triton_language=_ratios(rows, "ours_triton"),
                               targets=TARGETS)
     results["summary"]["met"] = {k: (results["summary"].get(k) or 0) >= v
                                  for k, v in TARGETS.items()}
@@ -183,7 +194,7 @@ def main():
         common.write_json(args.out, results)
     for row in results.get("bench", []):
         cells = " | ".join(f"{label} f+b {row[label].get('fwdbwd_tflops', 0):4.0f}"
-                           for label in ("ours", "ours_nondeterministic", *PEERS) if label in row)
+                           for label in (*(m for m, _, _ in MINE), *PEERS) if label in row)
         print(f"{row['name']:>18} {cells}")
     print("summary", json.dumps(results.get("summary")))
 

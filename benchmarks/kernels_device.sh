@@ -13,6 +13,8 @@
 #    tuner's compile workers for fwd, dK/dV and dQ (plain and PIPELINE/SUBTILE/DEFER variants,
 #    timed on vs off), then the tuner's timing; winners to /tmp and $OUT.
 # attention-2: flash-attn-4 installed, bench_attention with those winners against it and SDPA.
+# attention-tests (carry .whl .fa4a; then attention-2 with .whl .fa4b): the attention CUDA tests,
+#    Gluon kernels included (tests/kernels/test_attention*.py), flash-attn-4's first part staged.
 # attention-fwd (carry .whl; ~1.5 min): the forward's tuner alone (plain, PIPELINE, SUBTILE and
 #    the no-softmax diagnostic, on vs off), e.g. to time a forward change before a full pair.
 #
@@ -56,6 +58,12 @@ elif [ "$step" = attention-1 ]; then
     --out "$OUT/attention_tune_h200.json" --winners-out /tmp/attention_winners.json >> "$OUT/tune.log" 2>&1
   echo "tune rc=$?"; grep -E "^compiled|^winners" "$OUT/tune.log"
   cp /tmp/attention_winners.json "$OUT/" 2>/dev/null
+elif [ "$step" = attention-tests ]; then
+  . benchmarks/gpu_env.sh fa4-1 || exit 1
+  env -u TRITON_ALLOW_NON_CONSTEXPR_GLOBALS timeout "${TESTS_S:-240}" python -m pytest -q \
+    -p no:cacheprovider -m cuda tests/kernels/test_attention*.py tests/kernels/test_megatron_attention.py \
+    > "$OUT/tests_attention.log" 2>&1
+  echo "tests rc=$?"; grep -E "passed|failed|error" "$OUT/tests_attention.log" | tail -5
 elif [ "$step" = attention-fwd ]; then
   . benchmarks/gpu_env.sh || exit 1
   timeout 90 python -m benchmarks.tune_attention --compile-only --kinds fwd,fwd_nosoftmax \

@@ -134,6 +134,48 @@ def _device(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+IMPLS = ("auto", "gluon", "triton")
+
+
+def _gluon(kind: str):
+    """kernels.attention_gluon_fwd / _bwd, or why it does not import (a str): imported on
+    first use, never with this module."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"kernels.attention_gluon_{kind}")
+    except ImportError as e:
+        return str(e) or type(e).__name__
+
+
+def _pick(impl: str, kind: str, why_not) -> object | None:
+    """The Gluon module to run, or None for the Triton-language kernels.
+
+    impl "auto": Gluon where it runs (sm_90, supported shape), else Triton-language;
+    "gluon": Gluon or a ValueError naming why not; "triton": never Gluon."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl {impl!r} not one of {IMPLS}")
+    if impl == "triton":
+        return None
+    module = _gluon(kind)
+    reason = f"import failed: {module}" if isinstance(module, str) else why_not(module)
+    if reason is None:
+        return module
+    if impl == "gluon":
+        raise ValueError(f"Gluon attention {kind} cannot run: {reason}")
+    return None
+
+
+def attention_impls(q, k, v, *, causal=True, deterministic=True, impl="auto") -> dict:
+    """Which kernels flash_attention runs for these inputs: {"fwd": "gluon" | "triton",
+    "bwd": ...} (benchmarks and trial records name it)."""
+    out = q.new_empty(q.shape)
+    fwd = _pick(impl, "fwd", lambda m: m.gluon_forward_unsupported(q, k, v, out, causal=causal))
+    bwd = _pick(impl, "bwd", lambda m: m.gluon_backward_unsupported(
+        q, k, v, q, causal=causal, deterministic=deterministic))
+    return {"fwd": "triton" if fwd is None else "gluon", "bwd": "triton" if bwd is None else "gluon"}
+
+
 def _check_inputs(q, k, v):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"expected [b, s, h, d] tensors, got {q.shape}, {k.shape}, {v.shape}")
@@ -154,12 +196,14 @@ def _check_inputs(q, k, v):
         raise ValueError("q, k, v must be on one device")
 
 
-def attention_forward(q, k, v, *, causal, softmax_scale, seq_first_out=False, config=None):
+def attention_forward(q, k, v, *, causal, softmax_scale, seq_first_out=False, config=None,
+                      impl="auto"):
     """Host launcher: (out [b, s, hq, d], lse [b, hq, s] fp32, natural log).
 
     `seq_first_out` lays the output out as [s, b, hq, d] in memory (returned as its
     [b, s, hq, d] view), which megatron's adapter then reshapes for free.
-    `config` overrides the tuned block configuration (the benchmark sweep uses it).
+    `config` overrides the tuned block configuration of the Triton-language kernel (the
+    benchmark sweep uses it) and so selects that kernel; `impl` as in `_pick`.
     """
     b, s, hq, d = q.shape
     if seq_first_out:
@@ -167,6 +211,12 @@ def attention_forward(q, k, v, *, causal, softmax_scale, seq_first_out=False, co
     else:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, hq, s), dtype=torch.float32, device=q.device)
+    gluon = None if config is not None else _pick(
+        impl, "fwd", lambda m: m.gluon_forward_unsupported(q, k, v, out, causal=causal))
+    if gluon is not None:
+        with _device(q):
+            gluon.gluon_forward(q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale)
+        return out, lse
     config = config or kernel_configs(d, q.device)[0]
     with _device(q):
         launch_forward(q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale,
@@ -175,11 +225,21 @@ def attention_forward(q, k, v, *, causal, softmax_scale, seq_first_out=False, co
 
 
 def attention_backward(do, q, k, v, out, lse, *, causal, softmax_scale, dkdv_config=None,
-                       dq_config=None, deterministic=True):
+                       dq_config=None, deterministic=True, impl="auto"):
     """Host launcher: (dq, dk, dv), each laid out in its input's dimension order.
 
     deterministic=False: one dK/dV kernel that also adds dQ into an fp32 buffer with atomics
-    (no dQ kernel; the buffer is then scaled and cast into dq)."""
+    (no dQ kernel; the buffer is then scaled and cast into dq). Block configs given select
+    the Triton-language kernels; `impl` as in `_pick`."""
+    if dkdv_config is None and dq_config is None:
+        gluon = _pick(impl, "bwd", lambda m: m.gluon_backward_unsupported(
+            q, k, v, do, causal=causal, deterministic=deterministic))
+        if gluon is not None:
+            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+            with _device(q):
+                gluon.gluon_backward(do, q, k, v, out, lse, dq, dk, dv, causal=causal,
+                                     softmax_scale=softmax_scale, deterministic=deterministic)
+            return dq, dk, dv
     _, dkdv_default, dq_default = kernel_configs(q.shape[-1], q.device,
                                                  deterministic=deterministic)
     dkdv_config, dq_config = dkdv_config or dkdv_default, dq_config or dq_default
@@ -203,13 +263,15 @@ class FlashAttentionFunction(torch.autograd.Function):
     """Autograd wrapper; saves q, k, v, out and the log-sum-exp (no s x s tensor)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, seq_first_out, deterministic=True):
+    def forward(ctx, q, k, v, causal, softmax_scale, seq_first_out, deterministic=True,
+                impl="auto"):
         out, lse = attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                     seq_first_out=seq_first_out)
+                                     seq_first_out=seq_first_out, impl=impl)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal = causal
         ctx.softmax_scale = softmax_scale
         ctx.deterministic = deterministic
+        ctx.impl = impl
         return out
 
     @staticmethod
@@ -219,24 +281,29 @@ class FlashAttentionFunction(torch.autograd.Function):
             dout = dout.contiguous()
         dq, dk, dv = attention_backward(dout, q, k, v, out, lse, causal=ctx.causal,
                                         softmax_scale=ctx.softmax_scale,
-                                        deterministic=ctx.deterministic)
-        return dq, dk, dv, None, None, None, None
+                                        deterministic=ctx.deterministic, impl=ctx.impl)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def flash_attention(q, k, v, *, causal=True, softmax_scale=None, seq_first_out=False,
-                    deterministic=True):
+                    deterministic=True, impl="auto"):
     """Fused attention. q [b, s, hq, d], k, v [b, s, hkv, d] -> out [b, s, hq, d].
 
     softmax_scale defaults to 1/sqrt(d). The output is contiguous, or, with
     `seq_first_out=True`, a [b, s, hq, d] view of a contiguous [s, b, hq, d] buffer.
     deterministic=False: dQ by fp32 atomics in the backward (faster where measured so,
     not bitwise repeatable; see attention_bwd.py).
+    impl: "auto" runs the Gluon kernels (attention_gluon_fwd/_bwd: Hopper, warp-specialized,
+    async wgmma) where they support the inputs and the Triton-language ones elsewhere;
+    "triton" forces the latter, "gluon" the former (ValueError naming why it cannot run).
     """
     _check_inputs(q, k, v)
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl {impl!r} not one of {IMPLS}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     return FlashAttentionFunction.apply(q, k, v, bool(causal), float(softmax_scale),
-                                        bool(seq_first_out), bool(deterministic))
+                                        bool(seq_first_out), bool(deterministic), impl)
 
 
 def attention_reference(q, k, v, *, causal=True, softmax_scale=None):

@@ -13,6 +13,7 @@ from kernels.attention import (
     INTERPRETER_CONFIG,
     attention_backward,
     attention_forward,
+    attention_impls,
     attention_reference,
     flash_attention,
 )
@@ -59,9 +60,9 @@ def _inputs(b, s, hq, hkv, d, dtype, device="cpu", seed=0):
     return q, k, v
 
 
-def _check_against_reference(q, k, v, *, causal, scale, tol, deterministic=True):
+def _check_against_reference(q, k, v, *, causal, scale, tol, deterministic=True, impl="auto"):
     out = flash_attention(q, k, v, causal=causal, softmax_scale=scale,
-                          deterministic=deterministic)
+                          deterministic=deterministic, impl=impl)
     dout = torch.randn_like(out)
     out.backward(dout)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -200,6 +201,19 @@ def test_rejects_bad_shapes(shapes, message):
         flash_attention(q, k, k)
 
 
+def test_impl_choice_on_cpu():
+    """auto and triton both run the Triton-language kernel here (bitwise the same result);
+    gluon names why it cannot run; an unknown impl is refused before any launch."""
+    q, k, v = _inputs(1, 20, 2, 1, 64, torch.float32, seed=3)
+    auto = flash_attention(q, k, v, impl="auto")
+    assert torch.equal(auto, flash_attention(q, k, v, impl="triton"))
+    with pytest.raises(ValueError, match="Gluon attention fwd cannot run: .+"):
+        flash_attention(q, k, v, impl="gluon")
+    with pytest.raises(ValueError, match="not one of"):
+        flash_attention(q, k, v, impl="cudnn")
+    assert attention_impls(q, k, v) == {"fwd": "triton", "bwd": "triton"}
+
+
 # Forward variants (kernels/attention_fwd.py): PIPELINE defers each block's P V so the next
 # block's softmax runs under it; SUBTILE splits the query tile into two halves taken in turn.
 FWD_VARIANTS = [dict(PIPELINE=True), dict(PIPELINE=True, tma=True), dict(SUBTILE=True),
@@ -295,9 +309,10 @@ def test_deferred_backward_matches_float64(causal, s):
     (64, torch.float16, 777, 4, 1, True),
     (64, torch.bfloat16, 1024, 8, 8, True),
 ])
-def test_gpu_tuned_configs_match_float64(d, dtype, s, hq, hkv, causal):
+@pytest.mark.parametrize("impl", ["auto", "triton"])
+def test_gpu_tuned_configs_match_float64(d, dtype, s, hq, hkv, causal, impl):
     q, k, v = _inputs(2, s, hq, hkv, d, dtype, device="cuda", seed=s + d)
-    _check_against_reference(q, k, v, causal=causal, scale=None, tol=TOLERANCE[dtype])
+    _check_against_reference(q, k, v, causal=causal, scale=None, tol=TOLERANCE[dtype], impl=impl)
 
 
 @pytest.mark.cuda
