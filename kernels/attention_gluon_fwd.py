@@ -1,0 +1,249 @@
+"""Causal attention forward in Gluon for Hopper (sm_90a), FA3-style.
+
+Same outputs as kernels/attention_fwd.py: O [b, s, hq, d] and LSE [b, hq, s] fp32, the natural
+log of each row's sum of exp(scale * q.k) (the backward reads it). Base-2 online softmax with
+the scale folded into log2 units (qk2 = scale * log2(e)):
+
+    m_j = max(m_{j-1}, rowmax(S_j));  P_j = exp2(qk2 * (S_j - m_j))
+    l_j = l_{j-1} * alpha_j + rowsum(P_j),  alpha_j = exp2(qk2 * (m_{j-1} - m_j))
+    O = (sum_j P_j V_j, rescaled by each alpha) / l,  LSE = (qk2 * m + log2 l) * ln 2
+
+Why Gluon: Triton-language 3.6 waits on a wgmma whose result is used in the same iteration, so
+the softmax of one key block cannot run under the tensor-core work of another. Here the waits
+are explicit. One CTA owns BLOCK_M query rows of one (batch, head):
+- a 1-warp producer partition loads Q once and streams K_j, V_j through a STAGES-deep ring of
+  shared-memory slots by TMA (separate K and V barriers, so S_j = Q K_j^T starts before V_j
+  lands; an "empty" barrier per slot hands it back);
+- the consumer (num_warps warps; 8 = two warpgroups of 64 rows each) issues S_j asynchronously,
+  then O += P_{j-1} V_{j-1} asynchronously, waits for S_j only, runs block j's softmax while
+  P_{j-1} V_{j-1} is still on the tensor cores, then waits for O and rescales it (Shah et al.,
+  "FlashAttention-3", 2024, sec. 3.2, intra-warpgroup overlap). P stays in registers as
+  wgmma's A operand.
+Key blocks run from the diagonal down, so only the first (the diagonal block, BLOCK_N =
+BLOCK_M) is masked, and its row maxima are finite from the start. CTAs of the longest rows
+launch first (grid axis 1 reversed) so the causal triangle's tail packs the last wave.
+
+Tensors use 4D TMA descriptors over [b, s, h, d] with blocks [1, BLOCK, 1, d]: any strides
+with a unit last stride (megatron's seq-first views included). The sequence length must be a
+multiple of BLOCK_M; gluon_forward_unsupported says when this path cannot run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:  # Gluon's Hopper API as in Triton 3.6; other Triton versions fall back to the Triton kernel
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    _GLUON_ERROR = None
+except (ImportError, AttributeError) as exc:  # pragma: no cover - depends on the installed Triton
+    _GLUON_ERROR = f"triton without gluon hopper ({type(exc).__name__})"
+
+LOG2E = 1.4426950408889634
+
+# Tuned per head dim: (BLOCK_M = BLOCK_N, STAGES, consumer warps, producer registers).
+CONFIGS = {64: dict(block=128, stages=2, num_warps=8, producer_regs=24),
+           128: dict(block=128, stages=2, num_warps=8, producer_regs=24)}
+
+
+if _GLUON_ERROR is None:
+
+    @gluon.jit
+    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                  kv_empty, batch, q_head, kv_head, start_m, n_blocks,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [batch, start_m, q_head, 0], q_bar, q_smem)
+        for i in range(n_blocks):
+            slot = i % STAGES
+            # A fresh barrier counts as having completed the phase before 0, so the first
+            # pass over the ring waits on parity 1 and goes straight through.
+            mbarrier.wait(kv_empty.index(slot), ((i // STAGES) & 1) ^ 1)
+            row = (n_blocks - 1 - i) * BLOCK_N  # from the diagonal block down
+            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [batch, row, kv_head, 0], k_ready.index(slot),
+                                            k_smem.index(slot))
+            mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [batch, row, kv_head, 0], v_ready.index(slot),
+                                            v_smem.index(slot))
+
+    @gluon.jit
+    def _release(kv_empty, slot):
+        # The arrive is issued by one thread: every warp must be past its wgmma wait first.
+        gl.thread_barrier()
+        mbarrier.arrive(kv_empty.index(slot), count=1)
+
+    @gluon.jit
+    def _consumer(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                  batch, q_head, start_m, n_blocks, lse_row0, qk2,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, num_warps: gl.constexpr):
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+        dtype: gl.constexpr = o_desc.dtype
+
+        q = q_smem.reshape([BLOCK_M, HEAD_DIM])
+        mbarrier.wait(q_bar, 0)
+
+        # Block 0 (the diagonal one when causal): S, its mask and its softmax, no P V yet.
+        mbarrier.wait(k_ready.index(0), 0)
+        k = k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+        s = warpgroup_mma(q, k, gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+                          use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        if CAUSAL:
+            rows = gl.arange(0, BLOCK_M, layout=row_layout)
+            cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where(cols[None, :] <= rows[:, None], s, -float("inf"))
+        m = gl.max(s, axis=1)
+        p = gl.exp2(s * qk2 - (m * qk2)[:, None])
+        l = gl.sum(p, axis=1)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        o = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+
+        for i in range(1, n_blocks):
+            slot = i % STAGES
+            prev = (i - 1) % STAGES
+            mbarrier.wait(k_ready.index(slot), (i // STAGES) & 1)
+            k = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+            s_tok = warpgroup_mma(q, k, gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+                                  use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(prev), ((i - 1) // STAGES) & 1)
+            v = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
+            o_tok = warpgroup_mma(p_op, v, o, is_async=True)
+            # S_i done (P_{i-1} V_{i-1} may still run): softmax under the tensor cores.
+            s = warpgroup_mma_wait(1, deps=(s_tok,))
+            m_new = gl.maximum(m, gl.max(s, axis=1))
+            alpha = gl.exp2((m - m_new) * qk2)
+            p = gl.exp2(s * qk2 - (m_new * qk2)[:, None])
+            l = l * alpha + gl.sum(p, axis=1)
+            m = m_new
+            o, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+            _release(kv_empty, prev)
+            o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+        last = (n_blocks - 1) % STAGES
+        mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // STAGES) & 1)
+        v = v_smem.index(last).reshape([BLOCK_N, HEAD_DIM])
+        o_tok = warpgroup_mma(p_op, v, o, is_async=True)
+        o, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+
+        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+        o = o / gl.convert_layout(l, o_rows)[:, None]
+        lse = (m * qk2 + gl.log2(l)) * 0.6931471805599453  # natural log: log2 * ln 2
+        offs = gl.arange(0, BLOCK_M, layout=row_layout)
+        gl.store(lse_ptr + lse_row0 + offs, lse)
+        # Q's buffer is free now: stage O there and write it by TMA.
+        gl.thread_barrier()
+        q.store(o.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+        tma.async_copy_shared_to_global(o_desc, [batch, start_m, q_head, 0], q_smem)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, seqlen, num_q_heads, group, qk2,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                    num_warps: gl.constexpr):
+        bh = gl.program_id(0)
+        m_block = gl.num_programs(1) - 1 - gl.program_id(1)  # longest rows first
+        batch = bh // num_q_heads
+        q_head = bh % num_q_heads
+        kv_head = q_head // group
+        start_m = m_block * BLOCK_M
+        if CAUSAL:
+            n_blocks = (start_m + BLOCK_M) // BLOCK_N
+        else:
+            n_blocks = seqlen // BLOCK_N
+        lse_row0 = bh.to(gl.int64) * seqlen + start_m
+
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=1)
+        fence_async_shared()
+
+        gl.warp_specialize([
+            (_consumer, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                         kv_empty, batch, q_head, start_m, n_blocks, lse_row0, qk2, BLOCK_M,
+                         BLOCK_N, HEAD_DIM, STAGES, CAUSAL, num_warps)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                         kv_empty, batch, q_head, kv_head, start_m, n_blocks, BLOCK_N, STAGES)),
+        ], [1], [PRODUCER_REGS])
+
+
+def gluon_forward_unsupported(q, k, v, out, *, causal) -> str | None:
+    """None when gluon_forward can run on these tensors, else a short reason. Cheap: no launch."""
+    if _GLUON_ERROR is not None:
+        return _GLUON_ERROR
+    if q.device.type != "cuda":
+        return f"tensors on {q.device.type}"
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return "not sm_90"
+    if not causal:
+        return "non-causal (the gluon forward is tuned for causal only)"
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"dtype {q.dtype}"
+    if not (q.dtype == k.dtype == v.dtype == out.dtype):
+        return "mixed dtypes"
+    d = q.shape[-1]
+    if d not in CONFIGS or k.shape[-1] != d or v.shape[-1] != d:
+        return f"head dim {d}"
+    seqlen, block = q.shape[1], CONFIGS[d]["block"]
+    if seqlen % block or k.shape[1] != seqlen or v.shape[1] != seqlen:
+        return f"seq {seqlen} not a multiple of {block} (or k/v of another length)"
+    if q.shape[2] % k.shape[2] or k.shape[2] != v.shape[2]:
+        return "query heads not a multiple of KV heads"
+    for t in (q, k, v, out):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16
+                                                           for st in t.stride()[:-1]):
+            return "a stride or base not 16-byte aligned (TMA)"
+    return None
+
+
+def _descriptor(t, block, d):
+    block_shape = [1, block, 1, d]
+    layout = gl.NVMMASharedLayout.get_default_for(block_shape, gl.float16 if t.dtype == torch.float16
+                                                  else gl.bfloat16)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block_shape, layout)
+
+
+def gluon_forward(q, k, v, out, lse, *, causal, softmax_scale, config=None) -> None:
+    """Fill out [b, s, hq, d] and lse [b, hq, s] (fp32, natural log). `config` overrides
+    CONFIGS[d] (the tuning sweep uses it)."""
+    b, s, hq, d = q.shape
+    cfg = config or CONFIGS[d]
+    block = cfg["block"]
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
+    descs = [_descriptor(t, block, d) for t in (q, k, v, out)]
+    grid = (b * hq, s // block)
+    _fwd_kernel[grid](*descs, lse, s, hq, hq // k.shape[2], scale * LOG2E,
+                      BLOCK_M=block, BLOCK_N=block, HEAD_DIM=d, STAGES=cfg["stages"],
+                      CAUSAL=causal, PRODUCER_REGS=cfg["producer_regs"],
+                      num_warps=cfg["num_warps"])

@@ -1,0 +1,77 @@
+"""kernels.attention_gluon_fwd against the float64 reference (GPU), and its refusals (CPU).
+
+Tolerances are test_attention.py's (relative norm; bf16 2e-2, fp16 3e-3: P is rounded to the
+input dtype before P V, then O once more). The LSE is checked to 1e-3 absolute: it is
+computed in fp32 from bf16/fp16 inputs whose scores are exact in fp32 up to ~1e-6 relative.
+"""
+
+import pytest
+import torch
+
+from kernels.attention import attention_reference
+from kernels.attention_gluon_fwd import gluon_forward, gluon_forward_unsupported
+from tests.kernels.test_attention import TOLERANCE, _fused_qkv_views, _lse_reference, _relerr
+
+
+def _run(q, k, v, *, seq_first=False, scale=None):
+    b, s, hq, d = q.shape
+    if seq_first:
+        out = torch.empty((s, b, hq, d), dtype=q.dtype, device=q.device).permute(1, 0, 2, 3)
+    else:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((b, hq, s), dtype=torch.float32, device=q.device)
+    assert gluon_forward_unsupported(q, k, v, out, causal=True) is None
+    gluon_forward(q, k, v, out, lse, causal=True, softmax_scale=scale)
+    return out, lse
+
+
+def _randn(*shape, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen).to(device="cuda", dtype=dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("b, s, hq, hkv", [(2, 1024, 4, 4), (1, 2048, 8, 2), (2, 384, 4, 1)])
+def test_matches_float64(b, s, hq, hkv, d, dtype):
+    q, k, v = (_randn(b, s, h, d, dtype=dtype, seed=s + d + h) for h in (hq, hkv, hkv))
+    out, lse = _run(q, k, v, scale=0.3 if hkv == 1 else None)
+    scale = 0.3 if hkv == 1 else d ** -0.5
+    ref = attention_reference(q, k, v, causal=True, softmax_scale=scale)
+    assert _relerr(out, ref) < TOLERANCE[dtype]
+    lse_ref = _lse_reference(q, k, causal=True, scale=scale)
+    torch.testing.assert_close(lse.double(), lse_ref, rtol=0, atol=1e-3)
+    # negative control: the same output is far from the non-causal attention
+    assert _relerr(out, attention_reference(q, k, v, causal=False, softmax_scale=scale)) > 0.1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("group", [1, 2])
+def test_megatron_seq_first_views(group):
+    # q/k/v strided views of one [s, b, hkv, (group + 2) * d] buffer; O written seq-first
+    q, k, v = (t.cuda() for t in _fused_qkv_views(s=512, b=2, hkv=2, group=group, d=128,
+                                                 dtype=torch.bfloat16, seed=3))
+    assert not k.is_contiguous()
+    out, lse = _run(q, k, v, seq_first=True)
+    assert out.permute(1, 0, 2, 3).is_contiguous()
+    ref = attention_reference(q, k, v, causal=True)
+    assert _relerr(out, ref) < TOLERANCE[torch.bfloat16]
+    lse_ref = _lse_reference(q, k, causal=True, scale=128 ** -0.5)
+    torch.testing.assert_close(lse.double(), lse_ref, rtol=0, atol=1e-3)
+
+
+@pytest.mark.cuda
+def test_refuses_what_it_cannot_run():
+    q = torch.zeros(1, 1000, 2, 128, dtype=torch.bfloat16, device="cuda")
+    assert "multiple of 128" in gluon_forward_unsupported(q, q, q, q, causal=True)
+    q = torch.zeros(1, 1024, 2, 96, dtype=torch.bfloat16, device="cuda")
+    assert gluon_forward_unsupported(q, q, q, q, causal=True) == "head dim 96"
+    q = torch.zeros(1, 1024, 2, 128, dtype=torch.bfloat16, device="cuda")
+    assert "non-causal" in gluon_forward_unsupported(q, q, q, q, causal=False)
+
+
+def test_cpu_tensors_are_refused_with_a_reason():
+    q = torch.zeros(1, 128, 2, 64, dtype=torch.bfloat16)
+    reason = gluon_forward_unsupported(q, q, q, q, causal=True)
+    assert reason is not None and ("cpu" in reason or "gluon" in reason)
