@@ -10,15 +10,17 @@ the scale folded into log2 units (qk2 = scale * log2(e)):
 
 Why Gluon: Triton-language 3.6 waits on a wgmma whose result is used in the same iteration, so
 the softmax of one key block cannot run under the tensor-core work of another. Here the waits
-are explicit. One CTA owns BLOCK_M query rows of one (batch, head):
-- a 1-warp producer partition loads Q once and streams K_j, V_j through a STAGES-deep ring of
-  shared-memory slots by TMA (separate K and V barriers, so S_j = Q K_j^T starts before V_j
-  lands; an "empty" barrier per slot hands it back);
-- the consumer (num_warps warps; 8 = two warpgroups of 64 rows each) issues S_j asynchronously,
-  then O += P_{j-1} V_{j-1} asynchronously, waits for S_j only, runs block j's softmax while
-  P_{j-1} V_{j-1} is still on the tensor cores, then waits for O and rescales it (Shah et al.,
-  "FlashAttention-3", 2024, sec. 3.2, intra-warpgroup overlap). P stays in registers as
-  wgmma's A operand.
+are explicit. One CTA owns BLOCK_M = 128 query rows of one (batch, head), in three partitions
+(gl.warp_specialize; setmaxnreg gives the consumers 240 registers, the producer 24):
+- a 1-warp producer loads Q (two 64-row halves) and streams K_j, V_j through a STAGES-deep
+  ring of shared-memory slots by TMA (separate K and V barriers, so S_j = Q K_j^T starts before
+  V_j lands; an "empty" barrier per slot, arrived by both consumers, hands it back);
+- two consumer warpgroups, 64 query rows each, take turns issuing their wgmmas (ping-pong,
+  Shah et al., "FlashAttention-3", 2024, sec. 3.1): while one runs its softmax the other's
+  S_j and P_{j-1} V_{j-1} hold the tensor cores. Within a warpgroup, S_j and P_{j-1} V_{j-1}
+  are issued together and the softmax of block j only waits for S_j (sec. 3.2); ptxas 12.x
+  still places the wait for P_{j-1} V_{j-1} before the exp2s (seen in the SASS), so the
+  ping-pong is what hides the softmax. P stays in registers as wgmma's A operand.
 Key blocks run from the diagonal down, so only the first (the diagonal block, BLOCK_N =
 BLOCK_M) is masked, and its row maxima are finite from the start. CTAs of the longest rows
 launch first (grid axis 1 reversed) so the causal triangle's tail packs the last wave.
@@ -34,6 +36,8 @@ import math
 
 import torch
 
+import triton
+
 try:  # Gluon's Hopper API as in Triton 3.6; other Triton versions fall back to the Triton kernel
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -46,15 +50,19 @@ try:  # Gluon's Hopper API as in Triton 3.6; other Triton versions fall back to 
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    _GLUON_ERROR = None
+    # Gluon's API moves between releases (warp_specialize's signature among others): the
+    # kernel is written and checked against 3.6, the device's Triton.
+    _GLUON_ERROR = (None if triton.__version__.startswith("3.6.") else
+                    f"triton {triton.__version__}: the gluon forward is written for 3.6")
 except (ImportError, AttributeError) as exc:  # pragma: no cover - depends on the installed Triton
     _GLUON_ERROR = f"triton without gluon hopper ({type(exc).__name__})"
 
 LOG2E = 1.4426950408889634
 
-# Tuned per head dim: (BLOCK_M = BLOCK_N, STAGES, consumer warps, producer registers).
-CONFIGS = {64: dict(block=128, stages=2, num_warps=8, producer_regs=24),
-           128: dict(block=128, stages=2, num_warps=8, producer_regs=24)}
+# Per head dim: BLOCK_M = BLOCK_N, K/V ring depth, registers per thread of the consumer
+# warpgroups and of the producer warp (setmaxnreg; 2 x 128 x 240 + 128 x 24 <= 64 K).
+CONFIGS = {64: dict(block=128, stages=2, consumer_regs=240, producer_regs=24),
+           128: dict(block=128, stages=2, consumer_regs=240, producer_regs=24)}
 
 
 if _GLUON_ERROR is None:
@@ -63,8 +71,11 @@ if _GLUON_ERROR is None:
     def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
                   kv_empty, batch, q_head, kv_head, start_m, n_blocks,
                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [batch, start_m, q_head, 0], q_bar, q_smem)
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)  # one 64-row half per warpgroup
+        tma.async_copy_global_to_shared(q_desc, [batch, start_m, q_head, 0], q_bar,
+                                        q_smem.index(0))
+        tma.async_copy_global_to_shared(q_desc, [batch, start_m + 64, q_head, 0], q_bar,
+                                        q_smem.index(1))
         for i in range(n_blocks):
             slot = i % STAGES
             # A fresh barrier counts as having completed the phase before 0, so the first
@@ -79,54 +90,64 @@ if _GLUON_ERROR is None:
                                             v_smem.index(slot))
 
     @gluon.jit
-    def _release(kv_empty, slot):
-        # The arrive is issued by one thread: every warp must be past its wgmma wait first.
-        gl.thread_barrier()
-        mbarrier.arrive(kv_empty.index(slot), count=1)
-
-    @gluon.jit
     def _consumer(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-                  batch, q_head, start_m, n_blocks, lse_row0, qk2,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, num_warps: gl.constexpr):
+                  turn, batch, q_head, start_m, n_blocks, lse_row0, qk2,
+                  WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                  STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+        """One warpgroup: query rows [64 * WG, 64 * WG + 64) of the CTA's block."""
+        ROWS: gl.constexpr = 64
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
         dtype: gl.constexpr = o_desc.dtype
 
-        q = q_smem.reshape([BLOCK_M, HEAD_DIM])
+        q_mine = q_smem.index(WG)  # [1, 64, 1, d]
+        q = q_mine.reshape([ROWS, HEAD_DIM])
         mbarrier.wait(q_bar, 0)
 
-        # Block 0 (the diagonal one when causal): S, its mask and its softmax, no P V yet.
+        # Ping-pong (FA3 sec. 3.1): the two warpgroups take turns issuing their wgmmas, so
+        # one's softmax runs while the other's matmuls hold the tensor cores. turn[WG]
+        # completes once per turn the other warpgroup hands over; warpgroup 0 starts (its
+        # barrier was pre-arrived), so turn t of either waits on parity t & 1.
+
+        # Turn 0: S for key block 0 (the diagonal one when causal), its mask and softmax.
+        mbarrier.wait(turn.index(WG), 0)
         mbarrier.wait(k_ready.index(0), 0)
         k = k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-        s = warpgroup_mma(q, k, gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
-                          use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(0, deps=(s,))
+        s_tok = warpgroup_mma(q, k, gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
+                              use_acc=False, is_async=True)
+        mbarrier.arrive(turn.index(1 - WG), count=1)
+        s = warpgroup_mma_wait(0, deps=(s_tok,))
         if CAUSAL:
-            rows = gl.arange(0, BLOCK_M, layout=row_layout)
+            rows = gl.arange(0, ROWS, layout=row_layout) + WG * ROWS
             cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             s = gl.where(cols[None, :] <= rows[:, None], s, -float("inf"))
         m = gl.max(s, axis=1)
         p = gl.exp2(s * qk2 - (m * qk2)[:, None])
         l = gl.sum(p, axis=1)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
-        o = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+        o = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+        alpha = gl.full([ROWS], 1.0, gl.float32, row_layout)
 
         for i in range(1, n_blocks):
             slot = i % STAGES
             prev = (i - 1) % STAGES
             mbarrier.wait(k_ready.index(slot), (i // STAGES) & 1)
+            mbarrier.wait(turn.index(WG), i & 1)
             k = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-            s_tok = warpgroup_mma(q, k, gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+            s_tok = warpgroup_mma(q, k, gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
                                   use_acc=False, is_async=True)
+            # The previous softmax's rescale runs under Q K_i^T.
+            o = o * gl.convert_layout(alpha, o_rows)[:, None]
             mbarrier.wait(v_ready.index(prev), ((i - 1) // STAGES) & 1)
             v = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
             o_tok = warpgroup_mma(p_op, v, o, is_async=True)
-            # S_i done (P_{i-1} V_{i-1} may still run): softmax under the tensor cores.
+            mbarrier.arrive(turn.index(1 - WG), count=1)
+            # S_i done (P_{i-1} V_{i-1} may still run): block i's softmax.
             s = warpgroup_mma_wait(1, deps=(s_tok,))
             m_new = gl.maximum(m, gl.max(s, axis=1))
             alpha = gl.exp2((m - m_new) * qk2)
@@ -134,34 +155,35 @@ if _GLUON_ERROR is None:
             l = l * alpha + gl.sum(p, axis=1)
             m = m_new
             o, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
-            _release(kv_empty, prev)
-            o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            mbarrier.arrive(kv_empty.index(prev), count=1)  # this warpgroup is done with it
             p_op = gl.convert_layout(p.to(dtype), p_layout)
 
+        # Turn n_blocks: the last P V.
+        o = o * gl.convert_layout(alpha, o_rows)[:, None]
         last = (n_blocks - 1) % STAGES
         mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // STAGES) & 1)
+        mbarrier.wait(turn.index(WG), n_blocks & 1)
         v = v_smem.index(last).reshape([BLOCK_N, HEAD_DIM])
         o_tok = warpgroup_mma(p_op, v, o, is_async=True)
+        mbarrier.arrive(turn.index(1 - WG), count=1)
         o, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
 
-        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
         o = o / gl.convert_layout(l, o_rows)[:, None]
         lse = (m * qk2 + gl.log2(l)) * 0.6931471805599453  # natural log: log2 * ln 2
-        offs = gl.arange(0, BLOCK_M, layout=row_layout)
-        gl.store(lse_ptr + lse_row0 + offs, lse)
-        # Q's buffer is free now: stage O there and write it by TMA.
-        gl.thread_barrier()
+        gl.store(lse_ptr + lse_row0 + WG * ROWS + gl.arange(0, ROWS, layout=row_layout), lse)
+        # This warpgroup's rows of Q's buffer are free now: stage O there, write it by TMA.
         q.store(o.to(dtype))
         fence_async_shared()
-        gl.thread_barrier()
-        tma.async_copy_shared_to_global(o_desc, [batch, start_m, q_head, 0], q_smem)
+        tma.async_copy_shared_to_global(o_desc, [batch, start_m + WG * ROWS, q_head, 0], q_mine)
         tma.store_wait(0)
 
     @gluon.jit
     def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, seqlen, num_q_heads, group, qk2,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                    num_warps: gl.constexpr):
+                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                    PRODUCER_REGS: gl.constexpr):
+        gl.static_assert(BLOCK_M == 128, "two consumer warpgroups of 64 rows")
+        gl.static_assert(BLOCK_N == BLOCK_M, "only the first key block is masked")
         bh = gl.program_id(0)
         m_block = gl.num_programs(1) - 1 - gl.program_id(1)  # longest rows first
         batch = bh // num_q_heads
@@ -175,35 +197,42 @@ if _GLUON_ERROR is None:
         lse_row0 = bh.to(gl.int64) * seqlen + start_m
 
         dtype: gl.constexpr = q_desc.dtype
-        q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(kv_empty.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=2)  # one arrive per consumer warpgroup
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
+        mbarrier.arrive(turn.index(0), count=1)  # warpgroup 0 takes the first turn
         fence_async_shared()
 
         gl.warp_specialize([
             (_consumer, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                         kv_empty, batch, q_head, start_m, n_blocks, lse_row0, qk2, BLOCK_M,
-                         BLOCK_N, HEAD_DIM, STAGES, CAUSAL, num_warps)),
+                         kv_empty, turn, batch, q_head, start_m, n_blocks, lse_row0, qk2, 0,
+                         BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
+            (_consumer, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                         kv_empty, turn, batch, q_head, start_m, n_blocks, lse_row0, qk2, 1,
+                         BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
                          kv_empty, batch, q_head, kv_head, start_m, n_blocks, BLOCK_N, STAGES)),
-        ], [1], [PRODUCER_REGS])
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def gluon_forward_unsupported(q, k, v, out, *, causal) -> str | None:
     """None when gluon_forward can run on these tensors, else a short reason. Cheap: no launch."""
-    if _GLUON_ERROR is not None:
-        return _GLUON_ERROR
     if q.device.type != "cuda":
         return f"tensors on {q.device.type}"
+    if _GLUON_ERROR is not None:
+        return _GLUON_ERROR
     if torch.cuda.get_device_capability(q.device) != (9, 0):
         return "not sm_90"
     if not causal:
@@ -227,8 +256,8 @@ def gluon_forward_unsupported(q, k, v, out, *, causal) -> str | None:
     return None
 
 
-def _descriptor(t, block, d):
-    block_shape = [1, block, 1, d]
+def _descriptor(t, rows, d):
+    block_shape = [1, rows, 1, d]
     layout = gl.NVMMASharedLayout.get_default_for(block_shape, gl.float16 if t.dtype == torch.float16
                                                   else gl.bfloat16)
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block_shape, layout)
@@ -241,9 +270,11 @@ def gluon_forward(q, k, v, out, lse, *, causal, softmax_scale, config=None) -> N
     cfg = config or CONFIGS[d]
     block = cfg["block"]
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
-    descs = [_descriptor(t, block, d) for t in (q, k, v, out)]
+    # Q and O move in 64-row halves, one per consumer warpgroup
+    descs = [_descriptor(q, 64, d), _descriptor(k, block, d), _descriptor(v, block, d),
+             _descriptor(out, 64, d)]
     grid = (b * hq, s // block)
     _fwd_kernel[grid](*descs, lse, s, hq, hq // k.shape[2], scale * LOG2E,
                       BLOCK_M=block, BLOCK_N=block, HEAD_DIM=d, STAGES=cfg["stages"],
-                      CAUSAL=causal, PRODUCER_REGS=cfg["producer_regs"],
-                      num_warps=cfg["num_warps"])
+                      CAUSAL=causal, CONSUMER_REGS=cfg["consumer_regs"],
+                      PRODUCER_REGS=cfg["producer_regs"], num_warps=4)
