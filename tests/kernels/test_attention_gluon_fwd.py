@@ -13,6 +13,11 @@ from kernels.attention_gluon_fwd import gluon_forward, gluon_forward_unsupported
 from tests.kernels.test_attention import TOLERANCE, _fused_qkv_views, _lse_reference, _relerr
 
 
+@pytest.fixture(autouse=True)
+def _opt_in(monkeypatch):
+    monkeypatch.setenv("LAYOUT_SWEEP_GLUON_FWD", "1")  # these tests are the device check
+
+
 def _run(q, k, v, *, seq_first=False, scale=None):
     b, s, hq, d = q.shape
     order = (1, 0, 2, 3) if seq_first else (0, 1, 2, 3)  # memory order of O's dimensions
@@ -44,13 +49,20 @@ def test_matches_float64(b, s, hq, hkv, d, dtype):
     assert _relerr(out, attention_reference(q, k, v, causal=False, softmax_scale=scale)) > 0.1
 
 
+def _cuda_keeping_strides(t):
+    """t on the GPU as the same view of a copy of its base (.cuda() would compact a view
+    with gaps, such as megatron's k and v)."""
+    base = t if t._base is None else t._base
+    return torch.as_strided(base.cuda(), t.shape, t.stride(), t.storage_offset())
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("group", [1, 2])
 def test_megatron_seq_first_views(group):
     # q/k/v strided views of one [s, b, hkv, (group + 2) * d] buffer; O written seq-first
-    q, k, v = (t.cuda() for t in _fused_qkv_views(s=512, b=2, hkv=2, group=group, d=128,
-                                                 dtype=torch.bfloat16, seed=3))
-    assert not k.is_contiguous()
+    q, k, v = (_cuda_keeping_strides(t) for t in _fused_qkv_views(
+        s=512, b=2, hkv=2, group=group, d=128, dtype=torch.bfloat16, seed=3))
+    assert not k.is_contiguous() and k.stride(1) > k.stride(0)  # seq-first, with gaps
     out, lse = _run(q, k, v, seq_first=True)
     assert out.permute(1, 0, 2, 3).is_contiguous()
     ref = attention_reference(q, k, v, causal=True)
