@@ -1,0 +1,317 @@
+"""Causal attention backward in Gluon for Hopper (sm_90), FA3-style, deterministic.
+
+One program per (key block of BLOCK_N = 128 rows, batch, KV head); two warpgroups (8 warps)
+each own 64 of the key rows. The program keeps K and V in shared memory and dK, dV in
+registers, and walks the query blocks its keys see under the causal mask (for every query
+head of its KV group, so GQA sums dK/dV without atomics). Per query block of BLOCK_M rows:
+
+    S^T  = K Q^T,  dP^T = V dO^T                       (async wgmma, both in flight)
+    P^T  = exp2(S^T * scale * log2 e - lse * log2 e)   (under dP^T's wgmma)
+    dV  += P^T dO                                      (P^T from registers)
+    dS^T = P^T (dP^T - delta)
+    dK  += dS^T Q                                      (dS^T from registers)
+    dQ_i += dS K                                       (dS^T through shared memory)
+
+Q and dO come in by TMA into a two-stage ring, block i+1 loading under block i.
+delta = rowsum(O * dO) comes from kernels.attention_bwd's pre-kernel.
+
+dQ without float atomics: the key blocks add their share of a query block's dQ into an fp32
+buffer in a fixed order, highest key block first, each waiting on a per-query-block counter
+(acquire/release, gpu scope). Key block 0 adds last and writes dq (scaled, in q's dtype)
+itself, so no conversion kernel runs; the first adder writes without reading, so the buffer
+needs no zeroing. The order is the same every run, so dq is bitwise repeatable. The order
+also makes the wait short under the causal mask: key block j reaches query block i two
+iterations after key block j+1 did. Programs of higher key blocks launch first (lower
+program id), so a program only ever waits on programs that started before it.
+
+Limits (gluon_backward_unsupported names them): sm_90, fp16/bf16, head dim 64 or 128,
+sequence length a multiple of 128, TMA-able strides (16-byte aligned, last stride 1).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import types
+
+import torch
+
+try:  # Triton 3.6's Gluon; the CPU suite's Triton may lack or differ in it
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+    _jit = gluon.jit
+except ImportError:  # pragma: no cover - depends on the installed triton
+    gl = types.SimpleNamespace(constexpr=object)
+    _jit = None
+
+LOG2E = 1.4426950408889634
+BLOCK_N = 128
+# Query rows per block, per head dim: 64 at d=128 keeps dK, dV (64 + 64 fp32 registers per
+# thread), S^T, dP^T (32 + 32) and dQ (32) inside 255 registers; 128 at d=64 (halved dK, dV).
+BLOCK_M = {64: 128, 128: 64}
+NUM_WARPS = 8
+
+
+@(_jit or (lambda f: f))
+def _query_block(i, cnt, dk, dv, q_desc, do_desc, q_smem, do_smem, q_bar, k_smem, v_smem,
+                 ds_smem, lse_ptr, delta_ptr, acc_ptr, sem_ptr, dq_ptr, stride_dqs,
+                 n_mblocks, n_nblocks, jb, start_n, qk_scale2, softmax_scale,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 CAUSAL: gl.constexpr, MASK: gl.constexpr, MMA_T: gl.constexpr,
+                 MMA_KV: gl.constexpr, MMA_Q: gl.constexpr):
+    dtype: gl.constexpr = q_desc.dtype
+    st = cnt % 2
+    # Every warp is past block i-1 (its wgmmas waited): stage 1-st and ds_smem are free.
+    gl.thread_barrier()
+    nxt = i + 1 < n_mblocks
+    mbarrier.expect(q_bar.index(1 - st), 2 * q_desc.block_type.nbytes, pred=nxt)
+    tma.async_copy_global_to_shared(q_desc, [(i + 1) * BLOCK_M, 0], q_bar.index(1 - st),
+                                    q_smem.index(1 - st), pred=nxt)
+    tma.async_copy_global_to_shared(do_desc, [(i + 1) * BLOCK_M, 0], q_bar.index(1 - st),
+                                    do_smem.index(1 - st), pred=nxt)
+    # lse enters as S^T's initial value, -lse2 / (scale log2 e), so it is not kept in
+    # registers across the wgmma (in S^T's column layout a vector costs 16 registers a
+    # thread). (-delta as dP^T's initial value made ptxas serialize the two wgmmas, C7517.)
+    # Both are loaded one per thread, then spread.
+    row_layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    rows = i * BLOCK_M + gl.arange(0, BLOCK_M, row_layout)
+    col_layout: gl.constexpr = gl.SliceLayout(0, MMA_T)
+    # natural log -> base 2, then divided by the exponent's factor
+    neg_lse = gl.convert_layout(gl.load(lse_ptr + rows) * (-1.4426950408889634 / qk_scale2),
+                                col_layout)
+    neg_delta = gl.convert_layout(-gl.load(delta_ptr + rows), col_layout)
+    mbarrier.wait(q_bar.index(st), (cnt // 2) & 1)
+    qs = q_smem.index(st)
+    dos = do_smem.index(st)
+
+    zero_t = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_T)
+    s_t = warpgroup_mma(k_smem, qs.permute((1, 0)), zero_t + neg_lse[None, :], is_async=True)
+    dp_t = warpgroup_mma(v_smem, dos.permute((1, 0)), zero_t, use_acc=False, is_async=True)
+    s_t = warpgroup_mma_wait(num_outstanding=1, deps=[s_t])
+    p_t = gl.exp2(s_t * qk_scale2)
+    if MASK:
+        offs_k = start_n + gl.arange(0, BLOCK_N, gl.SliceLayout(1, MMA_T))
+        offs_q = i * BLOCK_M + gl.arange(0, BLOCK_M, col_layout)
+        p_t = gl.where(offs_q[None, :] >= offs_k[:, None], p_t, 0.0)
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA_KV, k_width=2)
+    p_a = gl.convert_layout(p_t.to(dtype), a_layout)
+    dv = warpgroup_mma(p_a, dos, dv, is_async=True)
+    dp_t = warpgroup_mma_wait(num_outstanding=1, deps=[dp_t])
+    ds_t = (p_t * (dp_t + neg_delta[None, :])).to(dtype)
+    ds_a = gl.convert_layout(ds_t, a_layout)
+    dk = warpgroup_mma(ds_a, qs, dk, is_async=True)
+    ds_smem.store(ds_t)
+    fence_async_shared()
+    gl.thread_barrier()
+    zero_q = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, MMA_Q)
+    dq = warpgroup_mma(ds_smem.permute((1, 0)), k_smem, zero_q, use_acc=False, is_async=True)
+    dq, dv, dk, p_a, ds_a = warpgroup_mma_wait(num_outstanding=0, deps=[dq, dv, dk, p_a, ds_a])
+
+    # This key block's turn at query block i: key blocks jmax .. 0 add in that order.
+    if CAUSAL:
+        jmax = (i * BLOCK_M + BLOCK_M - 1) // BLOCK_N
+    else:
+        jmax = n_nblocks - 1
+    turn = jmax - jb
+    # The fp32 traffic in 16-byte vectors, a few row pointers per thread (in MMA_Q's layout
+    # every element pair had its own 64-bit pointer, and they spilled).
+    io_layout: gl.constexpr = gl.BlockedLayout([1, 4], [128 // HEAD_DIM, HEAD_DIM // 4],
+                                               [gl.num_warps(), 1], [1, 0])
+    dq = gl.convert_layout(dq, io_layout)
+    offs_m = i * BLOCK_M + gl.arange(0, BLOCK_M, gl.SliceLayout(1, io_layout))
+    offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, io_layout))
+    acc_ptrs = acc_ptr + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    if turn > 0:
+        while gl.atomic_add(sem_ptr + i, 0, sem="acquire", scope="gpu") != turn:
+            pass
+        dq += gl.load(acc_ptrs, cache_modifier=".cg")  # .cg: from L2, never a stale L1 line
+    if jb == 0:
+        gl.store(dq_ptr + offs_m[:, None] * stride_dqs + offs_d[None, :],
+                 (dq * softmax_scale).to(dtype))
+    else:
+        gl.store(acc_ptrs, dq, cache_modifier=".cg")
+        gl.thread_barrier()  # every thread's share stored before the counter moves on
+        gl.atomic_xchg(sem_ptr + i, turn + 1, sem="release", scope="gpu")
+    return cnt + 1, dk, dv
+
+
+@(_jit or (lambda f: f))
+def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, DQ_ACC, SEM,
+                stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
+                stride_dqb, stride_dqs, stride_dqh, stride_dkb, stride_dks, stride_dkh,
+                stride_dvb, stride_dvs, stride_dvh,
+                seqlen, num_heads, num_kv_heads, group, softmax_scale, qk_scale2,
+                HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                CAUSAL: gl.constexpr, Q_LAYOUT: gl.constexpr, K_LAYOUT: gl.constexpr,
+                DS_LAYOUT: gl.constexpr, MMA_T: gl.constexpr, MMA_KV: gl.constexpr,
+                MMA_Q: gl.constexpr):
+    n_nblocks = seqlen // BLOCK_N
+    n_mblocks = seqlen // BLOCK_M
+    jb = n_nblocks - 1 - gl.program_id(0)  # higher key blocks first: they add to dQ first
+    bhk = gl.program_id(1)
+    b = (bhk // num_kv_heads).to(gl.int64)
+    hk = (bhk % num_kv_heads).to(gl.int64)
+    start_n = jb * BLOCK_N
+    dtype: gl.constexpr = Q.dtype.element_ty
+
+    k_desc = tma.make_tensor_descriptor(K + b * stride_kb + hk * stride_kh, [seqlen, HEAD_DIM],
+                                        [stride_ks, 1], [BLOCK_N, HEAD_DIM], K_LAYOUT)
+    v_desc = tma.make_tensor_descriptor(V + b * stride_vb + hk * stride_vh, [seqlen, HEAD_DIM],
+                                        [stride_vs, 1], [BLOCK_N, HEAD_DIM], K_LAYOUT)
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], K_LAYOUT)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], K_LAYOUT)
+    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], Q_LAYOUT)
+    do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], Q_LAYOUT)
+    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], DS_LAYOUT)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    mbarrier.init(q_bar.index(0), count=1)
+    mbarrier.init(q_bar.index(1), count=1)
+    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [start_n, 0], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [start_n, 0], kv_bar, v_smem)
+
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, MMA_KV)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, MMA_KV)
+    if CAUSAL:
+        lo = start_n // BLOCK_M
+    else:
+        lo = 0
+    cnt = 0  # query blocks consumed so far: picks the ring stage and the barrier phase
+    for g in range(group):
+        h = hk * group + g
+        bh = b * num_heads + h
+        q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh,
+                                            [seqlen, HEAD_DIM], [stride_qs, 1],
+                                            [BLOCK_M, HEAD_DIM], Q_LAYOUT)
+        do_desc = tma.make_tensor_descriptor(DO + b * stride_ob + h * stride_oh,
+                                             [seqlen, HEAD_DIM], [stride_os, 1],
+                                             [BLOCK_M, HEAD_DIM], Q_LAYOUT)
+        st = cnt % 2
+        mbarrier.expect(q_bar.index(st), 2 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [lo * BLOCK_M, 0], q_bar.index(st),
+                                        q_smem.index(st))
+        tma.async_copy_global_to_shared(do_desc, [lo * BLOCK_M, 0], q_bar.index(st),
+                                        do_smem.index(st))
+        if g == 0:
+            mbarrier.wait(kv_bar, 0)
+        args = (q_desc, do_desc, q_smem, do_smem, q_bar, k_smem, v_smem, ds_smem,
+                LSE + bh * seqlen, DELTA + bh * seqlen, DQ_ACC + bh * seqlen * HEAD_DIM,
+                SEM + bh * n_mblocks, DQ + b * stride_dqb + h * stride_dqh, stride_dqs,
+                n_mblocks, n_nblocks, jb, start_n, qk_scale2, softmax_scale)
+        unmasked_lo = lo
+        if CAUSAL:
+            unmasked_lo = lo + BLOCK_N // BLOCK_M
+            for i in range(lo, unmasked_lo):  # the diagonal: keys past the query masked
+                cnt, dk, dv = _query_block(i, cnt, dk, dv, *args, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                           CAUSAL, True, MMA_T, MMA_KV, MMA_Q)
+        for i in range(unmasked_lo, n_mblocks):
+            cnt, dk, dv = _query_block(i, cnt, dk, dv, *args, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                       CAUSAL, False, MMA_T, MMA_KV, MMA_Q)
+
+    offs_n = start_n + gl.arange(0, BLOCK_N, gl.SliceLayout(1, MMA_KV))
+    offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, MMA_KV))
+    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :]
+    dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :]
+    gl.store(dk_ptrs, (dk * softmax_scale).to(dtype))
+    gl.store(dv_ptrs, dv.to(dtype))
+
+
+def kernel_constexprs(head_dim: int) -> dict:
+    """The layouts and block sizes of one head dim (also what the sm_90a compile check uses)."""
+    block_m = BLOCK_M[head_dim]
+    nvmma = functools.partial(gl.NVMMASharedLayout, element_bitwidth=16, rank=2)
+    mma = functools.partial(gl.NVMMADistributedLayout, version=[3, 0])
+    # dQ [BLOCK_M, d]: a 64-row block splits its columns over the two warpgroups.
+    mma_q = (mma(warps_per_cta=[4, 2], instr_shape=[16, head_dim // 2, 16]) if block_m == 64
+             else mma(warps_per_cta=[8, 1], instr_shape=[16, head_dim, 16]))
+    return dict(
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+        Q_LAYOUT=nvmma(swizzle_byte_width=128), K_LAYOUT=nvmma(swizzle_byte_width=128),
+        DS_LAYOUT=nvmma(swizzle_byte_width=min(128, block_m * 2)),
+        MMA_T=mma(warps_per_cta=[8, 1], instr_shape=[16, block_m, 16]),
+        MMA_KV=mma(warps_per_cta=[8, 1], instr_shape=[16, head_dim, 16]),
+        MMA_Q=mma_q,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _gluon_hopper_missing() -> str | None:
+    if _jit is None:
+        return "triton without gluon hopper"
+    return None
+
+
+def _tma_strides_ok(t: torch.Tensor) -> bool:
+    size = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all((s * size) % 16 == 0 for s in t.stride()[:-1]))
+
+
+def gluon_backward_unsupported(q, k, v, do, *, causal, deterministic) -> str | None:
+    """None when gluon_backward can run these tensors, else a short reason."""
+    missing = _gluon_hopper_missing()
+    if missing:
+        return missing
+    if not q.is_cuda:
+        return "not a CUDA tensor"
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return "not sm_90"
+    if not deterministic:
+        return "only the deterministic backward"
+    d, s = q.shape[-1], q.shape[1]
+    if d not in BLOCK_M:
+        return f"head dim {d}"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype}"
+    if s % BLOCK_N:
+        return f"seq {s} not a multiple of {BLOCK_N}"
+    if q.shape[2] % k.shape[2]:
+        return f"KV heads {k.shape[2]} do not divide query heads {q.shape[2]}"
+    if not all(_tma_strides_ok(t) for t in (q, k, v, do)):
+        return "strides not TMA-able (last stride 1, others and base 16-byte aligned)"
+    return None
+
+
+def gluon_backward(do, q, k, v, out, lse, dq, dk, dv, *, causal, softmax_scale,
+                   deterministic=True) -> None:
+    """dq [b, s, hq, d], dk, dv [b, s, hkv, d] (preallocated, any strides, last stride 1)."""
+    reason = gluon_backward_unsupported(q, k, v, do, causal=causal, deterministic=deterministic)
+    if reason:
+        raise ValueError(f"gluon attention backward: {reason}")
+    import triton
+
+    from kernels.attention import _scratch
+    from kernels.attention_bwd import launch_delta
+
+    b, s, hq, d = q.shape
+    hkv = k.shape[2]
+    consts = kernel_constexprs(d)
+    delta = torch.empty_like(lse)
+    dq_acc = torch.empty((b, hq, s, d), dtype=torch.float32, device=q.device)
+    sem = torch.zeros((b * hq, s // consts["BLOCK_M"]), dtype=torch.int32, device=q.device)
+    with torch.cuda.device(q.device):
+        launch_delta(out, do, delta)
+        triton.set_allocator(_scratch)  # device-side TMA descriptors (see attention._use_tma)
+        _bwd_kernel[(s // BLOCK_N, b * hkv)](
+            q, k, v, do, dq, dk, dv, lse, delta, dq_acc, sem,
+            *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dq), *_bsh(dk), *_bsh(dv),
+            s, hq, hkv, hq // hkv, float(softmax_scale), float(softmax_scale) * LOG2E,
+            CAUSAL=bool(causal), **consts, num_warps=NUM_WARPS,
+        )
+
+
+def _bsh(t: torch.Tensor):
+    """(batch, sequence, head) strides of a [b, s, h, d] tensor."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
