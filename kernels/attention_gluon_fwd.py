@@ -67,8 +67,13 @@ CHECKED_ON_DEVICE = False
 
 # Per head dim: BLOCK_M = BLOCK_N, K/V ring depth, registers per thread of the consumer
 # warpgroups and of the producer warp (setmaxnreg; 2 x 128 x 240 + 128 x 24 <= 64 K).
-CONFIGS = {64: dict(block=128, stages=2, consumer_regs=240, producer_regs=24),
-           128: dict(block=128, stages=2, consumer_regs=240, producer_regs=24)}
+# pingpong=False drops the turn barriers and softmax=False skips the exp2s (P = S): both are
+# diagnostics, to measure what the ping-pong buys and the matmul-bound ceiling.
+# Measured (H200, bf16, causal, TFLOP/s = 2*b*hq*s^2*d / t; dev run of 0fb1da4): d=128 2 -> 3
+# stages 361 -> 418 (8x16x2048), 485 -> 536 (2x16x8192), 468 -> 524 (4x32/8x4096); d=64 (16x32x1024)
+# 230 / 261 / 263 at 2 / 3 / 4 stages.
+CONFIGS = {64: dict(block=128, stages=4, consumer_regs=240, producer_regs=24),
+           128: dict(block=128, stages=3, consumer_regs=240, producer_regs=24)}
 
 
 if _GLUON_ERROR is None:
@@ -99,7 +104,8 @@ if _GLUON_ERROR is None:
     def _consumer(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                   turn, batch, q_head, start_m, n_blocks, lse_row0, qk2,
                   WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+                  SOFTMAX: gl.constexpr):
         """One warpgroup: query rows [64 * WG, 64 * WG + 64) of the CTA's block."""
         ROWS: gl.constexpr = 64
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -121,12 +127,12 @@ if _GLUON_ERROR is None:
         # barrier was pre-arrived), so turn t of either waits on parity t & 1.
 
         # Turn 0: S for key block 0 (the diagonal one when causal), its mask and softmax.
-        mbarrier.wait(turn.index(WG), 0)
+        mbarrier.wait(turn.index(WG), 0, pred=PINGPONG)
         mbarrier.wait(k_ready.index(0), 0)
         k = k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
         s_tok = warpgroup_mma(q, k, gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
                               use_acc=False, is_async=True)
-        mbarrier.arrive(turn.index(1 - WG), count=1)
+        mbarrier.arrive(turn.index(1 - WG), count=1, pred=PINGPONG)
         s = warpgroup_mma_wait(0, deps=(s_tok,))
         if CAUSAL:
             rows = gl.arange(0, ROWS, layout=row_layout) + WG * ROWS
@@ -143,7 +149,7 @@ if _GLUON_ERROR is None:
             slot = i % STAGES
             prev = (i - 1) % STAGES
             mbarrier.wait(k_ready.index(slot), (i // STAGES) & 1)
-            mbarrier.wait(turn.index(WG), i & 1)
+            mbarrier.wait(turn.index(WG), i & 1, pred=PINGPONG)
             k = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
             s_tok = warpgroup_mma(q, k, gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
                                   use_acc=False, is_async=True)
@@ -152,14 +158,17 @@ if _GLUON_ERROR is None:
             mbarrier.wait(v_ready.index(prev), ((i - 1) // STAGES) & 1)
             v = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
             o_tok = warpgroup_mma(p_op, v, o, is_async=True)
-            mbarrier.arrive(turn.index(1 - WG), count=1)
+            mbarrier.arrive(turn.index(1 - WG), count=1, pred=PINGPONG)
             # S_i done (P_{i-1} V_{i-1} may still run): block i's softmax.
             s = warpgroup_mma_wait(1, deps=(s_tok,))
-            m_new = gl.maximum(m, gl.max(s, axis=1))
-            alpha = gl.exp2((m - m_new) * qk2)
-            p = gl.exp2(s * qk2 - (m_new * qk2)[:, None])
-            l = l * alpha + gl.sum(p, axis=1)
-            m = m_new
+            if SOFTMAX:
+                m_new = gl.maximum(m, gl.max(s, axis=1))
+                alpha = gl.exp2((m - m_new) * qk2)
+                p = gl.exp2(s * qk2 - (m_new * qk2)[:, None])
+                l = l * alpha + gl.sum(p, axis=1)
+                m = m_new
+            else:  # diagnostic: the matmuls and the pipeline alone
+                p = s
             o, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
             mbarrier.arrive(kv_empty.index(prev), count=1)  # this warpgroup is done with it
             p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -168,10 +177,10 @@ if _GLUON_ERROR is None:
         o = o * gl.convert_layout(alpha, o_rows)[:, None]
         last = (n_blocks - 1) % STAGES
         mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // STAGES) & 1)
-        mbarrier.wait(turn.index(WG), n_blocks & 1)
+        mbarrier.wait(turn.index(WG), n_blocks & 1, pred=PINGPONG)
         v = v_smem.index(last).reshape([BLOCK_N, HEAD_DIM])
         o_tok = warpgroup_mma(p_op, v, o, is_async=True)
-        mbarrier.arrive(turn.index(1 - WG), count=1)
+        mbarrier.arrive(turn.index(1 - WG), count=1, pred=PINGPONG)
         o, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
 
         o = o / gl.convert_layout(l, o_rows)[:, None]
@@ -186,7 +195,8 @@ if _GLUON_ERROR is None:
     @gluon.jit
     def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, seqlen, num_q_heads, group, qk2,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+                    SOFTMAX: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     PRODUCER_REGS: gl.constexpr):
         gl.static_assert(BLOCK_M == 128, "two consumer warpgroups of 64 rows")
         gl.static_assert(BLOCK_N == BLOCK_M, "only the first key block is masked")
@@ -224,10 +234,10 @@ if _GLUON_ERROR is None:
         gl.warp_specialize([
             (_consumer, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
                          kv_empty, turn, batch, q_head, start_m, n_blocks, lse_row0, qk2, 0,
-                         BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
+                         BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, SOFTMAX)),
             (_consumer, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
                          kv_empty, turn, batch, q_head, start_m, n_blocks, lse_row0, qk2, 1,
-                         BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
+                         BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, SOFTMAX)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
                          kv_empty, batch, q_head, kv_head, start_m, n_blocks, BLOCK_N, STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -285,5 +295,6 @@ def gluon_forward(q, k, v, out, lse, *, causal, softmax_scale, config=None) -> N
     grid = (b * hq, s // block)
     _fwd_kernel[grid](*descs, lse, s, hq, hq // k.shape[2], scale * LOG2E,
                       BLOCK_M=block, BLOCK_N=block, HEAD_DIM=d, STAGES=cfg["stages"],
-                      CAUSAL=causal, CONSUMER_REGS=cfg["consumer_regs"],
+                      CAUSAL=causal, PINGPONG=cfg.get("pingpong", True),
+                      SOFTMAX=cfg.get("softmax", True), CONSUMER_REGS=cfg["consumer_regs"],
                       PRODUCER_REGS=cfg["producer_regs"], num_warps=4)

@@ -38,7 +38,7 @@ def _randn(*shape, dtype, seed):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("b, s, hq, hkv", [(2, 1024, 4, 4), (1, 2048, 8, 2), (2, 384, 4, 1)])
 def test_matches_float64(b, s, hq, hkv, d, dtype):
-    q, k, v = (_randn(b, s, h, d, dtype=dtype, seed=s + d + h) for h in (hq, hkv, hkv))
+    q, k, v = (_randn(b, s, h, d, dtype=dtype, seed=s + d + i) for i, h in enumerate((hq, hkv, hkv)))
     out, lse = _run(q, k, v, scale=0.3 if hkv == 1 else None)
     scale = 0.3 if hkv == 1 else d ** -0.5
     ref = attention_reference(q, k, v, causal=True, softmax_scale=scale)
