@@ -32,6 +32,7 @@ multiple of BLOCK_M; gluon_forward_unsupported says when this path cannot run.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -67,6 +68,7 @@ CHECKED_ON_DEVICE = False
 
 # Per head dim: BLOCK_M = BLOCK_N, K/V ring depth, registers per thread of the consumer
 # warpgroups and of the producer warp (setmaxnreg; 2 x 128 x 240 + 128 x 24 <= 64 K).
+# persistent=True launches one CTA per SM over all tiles, with qbuf (default 2) Q buffers.
 # pingpong=False drops the turn barriers and softmax=False skips the exp2s (P = S): both are
 # diagnostics, to measure what the ping-pong buys and the matmul-bound ceiling.
 # Measured (H200, bf16, causal, TFLOP/s = 2*b*hq*s^2*d / t; dev run of 0fb1da4): d=128 2 -> 3
@@ -79,34 +81,83 @@ CONFIGS = {64: dict(block=128, stages=4, consumer_regs=240, producer_regs=24),
 if _GLUON_ERROR is None:
 
     @gluon.jit
-    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                  kv_empty, batch, q_head, kv_head, start_m, n_blocks,
-                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)  # one 64-row half per warpgroup
-        tma.async_copy_global_to_shared(q_desc, [batch, start_m, q_head, 0], q_bar,
-                                        q_smem.index(0))
-        tma.async_copy_global_to_shared(q_desc, [batch, start_m + 64, q_head, 0], q_bar,
-                                        q_smem.index(1))
-        for i in range(n_blocks):
-            slot = i % STAGES
-            # A fresh barrier counts as having completed the phase before 0, so the first
-            # pass over the ring waits on parity 1 and goes straight through.
-            mbarrier.wait(kv_empty.index(slot), ((i // STAGES) & 1) ^ 1)
-            row = (n_blocks - 1 - i) * BLOCK_N  # from the diagonal block down
-            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [batch, row, kv_head, 0], k_ready.index(slot),
-                                            k_smem.index(slot))
-            mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [batch, row, kv_head, 0], v_ready.index(slot),
-                                            v_smem.index(slot))
+    def _tile(tile, n_bh, num_q_heads, group, seqlen, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+        """(batch, q_head, kv_head, start_m, n_blocks, bh) of tile `tile`: all (batch, head)
+        pairs' last query block first, then the one before, ... (longest rows first)."""
+        bh = tile % n_bh
+        start_m = (seqlen // BLOCK_M - 1 - tile // n_bh) * BLOCK_M
+        q_head = bh % num_q_heads
+        if CAUSAL:
+            n_blocks = (start_m + BLOCK_M) // BLOCK_N
+        else:
+            n_blocks = seqlen // BLOCK_N
+        return bh // num_q_heads, q_head, q_head // group, start_m, n_blocks, bh
 
     @gluon.jit
-    def _consumer(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-                  turn, batch, q_head, start_m, n_blocks, lse_row0, qk2,
-                  WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-                  SOFTMAX: gl.constexpr):
-        """One warpgroup: query rows [64 * WG, 64 * WG + 64) of the CTA's block."""
+    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
+                  v_ready, kv_empty, n_tiles, n_bh, num_q_heads, group, seqlen,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                  QBUF: gl.constexpr, CAUSAL: gl.constexpr):
+        c = 0  # K/V blocks loaded so far: ring slot c % STAGES
+        j = 0  # tiles so far: Q buffer j % QBUF
+        for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            batch, q_head, kv_head, start_m, n_blocks, bh = _tile(
+                tile, n_bh, num_q_heads, group, seqlen, BLOCK_M, BLOCK_N, CAUSAL)
+            qb = j % QBUF
+            # A fresh barrier counts as having completed the phase before 0, so the first
+            # pass over a ring waits on parity 1 and goes straight through.
+            mbarrier.wait(q_empty.index(qb), ((j // QBUF) & 1) ^ 1)
+            mbarrier.expect(q_ready.index(qb), 2 * q_desc.block_type.nbytes)  # 2 halves
+            tma.async_copy_global_to_shared(q_desc, [batch, start_m, q_head, 0],
+                                            q_ready.index(qb), q_smem.index(2 * qb))
+            tma.async_copy_global_to_shared(q_desc, [batch, start_m + 64, q_head, 0],
+                                            q_ready.index(qb), q_smem.index(2 * qb + 1))
+            for i in range(n_blocks):
+                slot = c % STAGES
+                mbarrier.wait(kv_empty.index(slot), ((c // STAGES) & 1) ^ 1)
+                row = (n_blocks - 1 - i) * BLOCK_N  # from the diagonal block down
+                mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(k_desc, [batch, row, kv_head, 0],
+                                                k_ready.index(slot), k_smem.index(slot))
+                mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(v_desc, [batch, row, kv_head, 0],
+                                                v_ready.index(slot), v_smem.index(slot))
+                c += 1
+            j += 1
+
+    @gluon.jit
+    def _consumer(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
+                  kv_empty, turn, n_tiles, n_bh, num_q_heads, group, seqlen, qk2,
+                  WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, QBUF: gl.constexpr,
+                  CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, SOFTMAX: gl.constexpr):
+        """One warpgroup: query rows [64 * WG, 64 * WG + 64) of each of the CTA's tiles."""
+        c = 0  # K/V blocks consumed so far (the producer's count)
+        t = 0  # turns taken so far
+        j = 0  # tiles so far
+        for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            batch, q_head, kv_head, start_m, n_blocks, bh = _tile(
+                tile, n_bh, num_q_heads, group, seqlen, BLOCK_M, BLOCK_N, CAUSAL)
+            qb = j % QBUF
+            mbarrier.wait(q_ready.index(qb), (j // QBUF) & 1)
+            _attend_tile(o_desc, lse_ptr, q_smem.index(2 * qb + WG), k_smem, v_smem, k_ready,
+                         v_ready, kv_empty, turn, batch, q_head, start_m, n_blocks,
+                         bh.to(gl.int64) * seqlen + start_m, qk2, c, t, WG, BLOCK_N, HEAD_DIM,
+                         STAGES, CAUSAL, PINGPONG, SOFTMAX)
+            mbarrier.arrive(q_empty.index(qb), count=1)  # O is out of this buffer too
+            c += n_blocks
+            t += n_blocks + 1
+            j += 1
+
+    @gluon.jit
+    def _attend_tile(o_desc, lse_ptr, q_mine, k_smem, v_smem, k_ready, v_ready, kv_empty, turn,
+                     batch, q_head, start_m, n_blocks, lse_row0, qk2, c, t,
+                     WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+                     SOFTMAX: gl.constexpr):
+        """This warpgroup's 64 rows of one tile; its Q is in q_mine. Key block i is the
+        producer's block c + i, and turn u of the tile is this warpgroup's turn t + u."""
         ROWS: gl.constexpr = 64
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
@@ -116,10 +167,7 @@ if _GLUON_ERROR is None:
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
         o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
         dtype: gl.constexpr = o_desc.dtype
-
-        q_mine = q_smem.index(WG)  # [1, 64, 1, d]
         q = q_mine.reshape([ROWS, HEAD_DIM])
-        mbarrier.wait(q_bar, 0)
 
         # Ping-pong (FA3 sec. 3.1): the two warpgroups take turns issuing their wgmmas, so
         # one's softmax runs while the other's matmuls hold the tensor cores. turn[WG]
@@ -127,9 +175,9 @@ if _GLUON_ERROR is None:
         # barrier was pre-arrived), so turn t of either waits on parity t & 1.
 
         # Turn 0: S for key block 0 (the diagonal one when causal), its mask and softmax.
-        mbarrier.wait(turn.index(WG), 0, pred=PINGPONG)
-        mbarrier.wait(k_ready.index(0), 0)
-        k = k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+        mbarrier.wait(turn.index(WG), t & 1, pred=PINGPONG)
+        mbarrier.wait(k_ready.index(c % STAGES), (c // STAGES) & 1)
+        k = k_smem.index(c % STAGES).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
         s_tok = warpgroup_mma(q, k, gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
                               use_acc=False, is_async=True)
         mbarrier.arrive(turn.index(1 - WG), count=1, pred=PINGPONG)
@@ -146,16 +194,16 @@ if _GLUON_ERROR is None:
         alpha = gl.full([ROWS], 1.0, gl.float32, row_layout)
 
         for i in range(1, n_blocks):
-            slot = i % STAGES
-            prev = (i - 1) % STAGES
-            mbarrier.wait(k_ready.index(slot), (i // STAGES) & 1)
-            mbarrier.wait(turn.index(WG), i & 1, pred=PINGPONG)
+            slot = (c + i) % STAGES
+            prev = (c + i - 1) % STAGES
+            mbarrier.wait(k_ready.index(slot), ((c + i) // STAGES) & 1)
+            mbarrier.wait(turn.index(WG), (t + i) & 1, pred=PINGPONG)
             k = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
             s_tok = warpgroup_mma(q, k, gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
                                   use_acc=False, is_async=True)
             # The previous softmax's rescale runs under Q K_i^T.
             o = o * gl.convert_layout(alpha, o_rows)[:, None]
-            mbarrier.wait(v_ready.index(prev), ((i - 1) // STAGES) & 1)
+            mbarrier.wait(v_ready.index(prev), ((c + i - 1) // STAGES) & 1)
             v = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
             o_tok = warpgroup_mma(p_op, v, o, is_async=True)
             mbarrier.arrive(turn.index(1 - WG), count=1, pred=PINGPONG)
@@ -175,13 +223,14 @@ if _GLUON_ERROR is None:
 
         # Turn n_blocks: the last P V.
         o = o * gl.convert_layout(alpha, o_rows)[:, None]
-        last = (n_blocks - 1) % STAGES
-        mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // STAGES) & 1)
-        mbarrier.wait(turn.index(WG), n_blocks & 1, pred=PINGPONG)
+        last = (c + n_blocks - 1) % STAGES
+        mbarrier.wait(v_ready.index(last), ((c + n_blocks - 1) // STAGES) & 1)
+        mbarrier.wait(turn.index(WG), (t + n_blocks) & 1, pred=PINGPONG)
         v = v_smem.index(last).reshape([BLOCK_N, HEAD_DIM])
         o_tok = warpgroup_mma(p_op, v, o, is_async=True)
         mbarrier.arrive(turn.index(1 - WG), count=1, pred=PINGPONG)
         o, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+        mbarrier.arrive(kv_empty.index(last), count=1)
 
         o = o / gl.convert_layout(l, o_rows)[:, None]
         lse = (m * qk2 + gl.log2(l)) * 0.6931471805599453  # natural log: log2 * ln 2
@@ -194,52 +243,45 @@ if _GLUON_ERROR is None:
 
     @gluon.jit
     def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, seqlen, num_q_heads, group, qk2,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-                    SOFTMAX: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                    PRODUCER_REGS: gl.constexpr):
+                    n_tiles, n_bh, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, QBUF: gl.constexpr,
+                    CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, SOFTMAX: gl.constexpr,
+                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         gl.static_assert(BLOCK_M == 128, "two consumer warpgroups of 64 rows")
         gl.static_assert(BLOCK_N == BLOCK_M, "only the first key block is masked")
-        bh = gl.program_id(0)
-        m_block = gl.num_programs(1) - 1 - gl.program_id(1)  # longest rows first
-        batch = bh // num_q_heads
-        q_head = bh % num_q_heads
-        kv_head = q_head // group
-        start_m = m_block * BLOCK_M
-        if CAUSAL:
-            n_blocks = (start_m + BLOCK_M) // BLOCK_N
-        else:
-            n_blocks = seqlen // BLOCK_N
-        lse_row0 = bh.to(gl.int64) * seqlen + start_m
-
         dtype: gl.constexpr = q_desc.dtype
-        q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [2 * QBUF] + q_desc.block_type.shape,
+                                           q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [QBUF, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [QBUF, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(QBUF):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=2)  # one arrive per consumer warpgroup
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(kv_empty.index(i), count=2)  # one arrive per consumer warpgroup
+            mbarrier.init(kv_empty.index(i), count=2)
         mbarrier.init(turn.index(0), count=1)
         mbarrier.init(turn.index(1), count=1)
         mbarrier.arrive(turn.index(0), count=1)  # warpgroup 0 takes the first turn
         fence_async_shared()
 
         gl.warp_specialize([
-            (_consumer, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                         kv_empty, turn, batch, q_head, start_m, n_blocks, lse_row0, qk2, 0,
-                         BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, SOFTMAX)),
-            (_consumer, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                         kv_empty, turn, batch, q_head, start_m, n_blocks, lse_row0, qk2, 1,
-                         BLOCK_N, HEAD_DIM, STAGES, CAUSAL, PINGPONG, SOFTMAX)),
-            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                         kv_empty, batch, q_head, kv_head, start_m, n_blocks, BLOCK_N, STAGES)),
+            (_consumer, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
+                         v_ready, kv_empty, turn, n_tiles, n_bh, num_q_heads, group, seqlen, qk2,
+                         0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, QBUF, CAUSAL, PINGPONG, SOFTMAX)),
+            (_consumer, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
+                         v_ready, kv_empty, turn, n_tiles, n_bh, num_q_heads, group, seqlen, qk2,
+                         1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, QBUF, CAUSAL, PINGPONG, SOFTMAX)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty,
+                         k_ready, v_ready, kv_empty, n_tiles, n_bh, num_q_heads, group, seqlen,
+                         BLOCK_M, BLOCK_N, STAGES, QBUF, CAUSAL)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -292,9 +334,19 @@ def gluon_forward(q, k, v, out, lse, *, causal, softmax_scale, config=None) -> N
     # Q and O move in 64-row halves, one per consumer warpgroup
     descs = [_descriptor(q, 64, d), _descriptor(k, block, d), _descriptor(v, block, d),
              _descriptor(out, 64, d)]
-    grid = (b * hq, s // block)
-    _fwd_kernel[grid](*descs, lse, s, hq, hq // k.shape[2], scale * LOG2E,
-                      BLOCK_M=block, BLOCK_N=block, HEAD_DIM=d, STAGES=cfg["stages"],
-                      CAUSAL=causal, PINGPONG=cfg.get("pingpong", True),
-                      SOFTMAX=cfg.get("softmax", True), CONSUMER_REGS=cfg["consumer_regs"],
-                      PRODUCER_REGS=cfg["producer_regs"], num_warps=4)
+    n_tiles = b * hq * (s // block)
+    # persistent: one CTA per SM walks tiles pid, pid + grid, ... (longest rows first), so the
+    # producer loads the next tile's Q and K/V while the consumers finish the current one
+    ctas = cfg.get("max_ctas") or _sm_count(q.device)  # max_ctas: tests walk many tiles
+    grid = min(n_tiles, ctas) if cfg.get("persistent") else n_tiles
+    _fwd_kernel[(grid,)](*descs, lse, s, hq, hq // k.shape[2], scale * LOG2E, n_tiles, b * hq,
+                         BLOCK_M=block, BLOCK_N=block, HEAD_DIM=d, STAGES=cfg["stages"],
+                         QBUF=cfg.get("qbuf", 2 if cfg.get("persistent") else 1), CAUSAL=causal,
+                         PINGPONG=cfg.get("pingpong", True), SOFTMAX=cfg.get("softmax", True),
+                         CONSUMER_REGS=cfg["consumer_regs"], PRODUCER_REGS=cfg["producer_regs"],
+                         num_warps=4)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count

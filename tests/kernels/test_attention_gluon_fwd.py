@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernels.attention import attention_reference
-from kernels.attention_gluon_fwd import gluon_forward, gluon_forward_unsupported
+from kernels.attention_gluon_fwd import CONFIGS, gluon_forward, gluon_forward_unsupported
 from tests.kernels.test_attention import TOLERANCE, _fused_qkv_views, _lse_reference, _relerr
 
 
@@ -18,13 +18,13 @@ def _opt_in(monkeypatch):
     monkeypatch.setenv("LAYOUT_SWEEP_GLUON_FWD", "1")  # these tests are the device check
 
 
-def _run(q, k, v, *, seq_first=False, scale=None):
+def _run(q, k, v, *, seq_first=False, scale=None, config=None):
     b, s, hq, d = q.shape
     order = (1, 0, 2, 3) if seq_first else (0, 1, 2, 3)  # memory order of O's dimensions
     out = q.new_empty([q.shape[i] for i in order]).permute(order)
     lse = q.new_empty((b, hq, s), dtype=torch.float32)
     assert gluon_forward_unsupported(q, k, v, out, causal=True) is None
-    gluon_forward(q, k, v, out, lse, causal=True, softmax_scale=scale)
+    gluon_forward(q, k, v, out, lse, causal=True, softmax_scale=scale, config=config)
     return out, lse
 
 
@@ -37,9 +37,13 @@ def _randn(*shape, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("b, s, hq, hkv", [(2, 1024, 4, 4), (1, 2048, 8, 2), (2, 384, 4, 1)])
-def test_matches_float64(b, s, hq, hkv, d, dtype):
+@pytest.mark.parametrize("persistent", [False, True])
+def test_matches_float64(b, s, hq, hkv, d, dtype, persistent):
     q, k, v = (_randn(b, s, h, d, dtype=dtype, seed=s + d + i) for i, h in enumerate((hq, hkv, hkv)))
-    out, lse = _run(q, k, v, scale=0.3 if hkv == 1 else None)
+    # persistent: 2 stages (two Q buffers leave room for no more at d=128), 5 CTAs, so each
+    # walks several tiles of different lengths and the rings wrap across tiles
+    config = dict(CONFIGS[d], persistent=True, stages=2, max_ctas=5) if persistent else None
+    out, lse = _run(q, k, v, scale=0.3 if hkv == 1 else None, config=config)
     scale = 0.3 if hkv == 1 else d ** -0.5
     ref = attention_reference(q, k, v, causal=True, softmax_scale=scale)
     assert _relerr(out, ref) < TOLERANCE[dtype]
