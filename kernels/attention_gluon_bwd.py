@@ -31,7 +31,7 @@ sequence length a multiple of 128, TMA-able strides (16-byte aligned, last strid
 from __future__ import annotations
 
 import functools
-import math
+import os
 import types
 
 import torch
@@ -58,15 +58,66 @@ BLOCK_N = 128
 # thread), S^T, dP^T (32 + 32) and dQ (32) inside 255 registers; 128 at d=64 (halved dK, dV).
 BLOCK_M = {64: 128, 128: 64}
 NUM_WARPS = 8
+# H200, 2026-12-01 (tree 0fb1da4 + the deferred dQ add; TFLOP/s, bwd = 2.5 x 2*b*hq*s^2*d,
+# the issue's four shapes): 205/235/158/205, against the Triton-language backward's
+# 295/368/234/353 in the same call. So "auto" keeps Triton unless LAYOUT_SWEEP_GLUON_BWD=1.
+SLOWER_THAN_TRITON = True
 
 
 @(_jit or (lambda f: f))
-def _query_block(i, cnt, dk, dv, q_desc, do_desc, q_smem, do_smem, q_bar, k_smem, v_smem,
-                 ds_smem, lse_ptr, delta_ptr, acc_ptr, sem_ptr, dq_ptr, stride_dqs,
-                 n_mblocks, n_nblocks, jb, start_n, qk_scale2, softmax_scale,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 CAUSAL: gl.constexpr, MASK: gl.constexpr, MMA_T: gl.constexpr,
-                 MMA_KV: gl.constexpr, MMA_Q: gl.constexpr):
+def _add_dq(p, dq_smem, acc_ptr, sem_ptr, dq_ptr, stride_dqs, n_nblocks, jb, softmax_scale,
+            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+            CAUSAL: gl.constexpr, DQ_MODE: gl.constexpr):
+    """Add this key block's share of query block p's dQ (staged in dq_smem, unscaled fp32)
+    into the fp32 buffer at its turn: key blocks jmax .. 0 add in that order; key block 0
+    writes dq instead. In two row halves, 16-byte vectors, so few registers are live."""
+    if CAUSAL:
+        jmax = (p * BLOCK_M + BLOCK_M - 1) // BLOCK_N
+    else:
+        jmax = n_nblocks - 1
+    turn = jmax - jb
+    io: gl.constexpr = gl.BlockedLayout([1, 4], [128 // HEAD_DIM, HEAD_DIM // 4],
+                                        [gl.num_warps(), 1], [1, 0])
+    HALF: gl.constexpr = BLOCK_M // 2
+    offs_r = gl.arange(0, HALF, gl.SliceLayout(1, io))
+    offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, io))
+    if DQ_MODE == 0:
+        if turn > 0:
+            while gl.atomic_add(sem_ptr + p, 0, sem="acquire", scope="gpu") != turn:
+                pass
+    for c in gl.static_range(2):
+        rows = p * BLOCK_M + c * HALF + offs_r
+        ptrs = acc_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :]
+        x = dq_smem.slice(c * HALF, HALF, dim=0).load(io)
+        if DQ_MODE == 1:  # deterministic=False: fp32 atomics into a zeroed buffer
+            gl.atomic_add(ptrs, x, sem="relaxed")
+        elif DQ_MODE == 2:  # timing probe only (wrong dq): the store, no order, no read
+            gl.store(ptrs, x)
+        else:
+            if turn > 0:
+                x += gl.load(ptrs, cache_modifier=".cg")  # .cg: L2, never a stale L1 line
+            if jb == 0:
+                gl.store(dq_ptr + rows[:, None] * stride_dqs + offs_d[None, :],
+                         (x * softmax_scale).to(dq_ptr.dtype.element_ty))
+            else:
+                gl.store(ptrs, x, cache_modifier=".cg")
+    if DQ_MODE == 0:
+        if jb != 0:
+            gl.thread_barrier()  # every thread's share stored before the counter moves on
+            gl.atomic_xchg(sem_ptr + p, turn + 1, sem="release", scope="gpu")
+
+
+@(_jit or (lambda f: f))
+def _query_block(i, cnt, pend, dk, dv, lse_n, delta_n, q_desc, do_desc, q_smem, do_smem,
+                 q_bar, k_smem, v_smem, ds_smem, dq_smem, lse_ptr, delta_ptr, acc_ptr,
+                 sem_ptr, dq_ptr, stride_dqs, n_mblocks, n_nblocks, jb, start_n, qk_scale2,
+                 softmax_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, MASK: gl.constexpr,
+                 MMA_T: gl.constexpr, MMA_KV: gl.constexpr, MMA_Q: gl.constexpr,
+                 DQ_MODE: gl.constexpr):
+    """Query block i. Adds block `pend`'s dQ (staged in dq_smem; none when -1) under this
+    block's first two wgmmas, and leaves block i's dQ staged there. lse_n, delta_n: block i's
+    rows, loaded one block ahead; returns block i+1's."""
     dtype: gl.constexpr = q_desc.dtype
     st = cnt % 2
     # Every warp is past block i-1 (its wgmmas waited): stage 1-st and ds_smem are free.
@@ -80,14 +131,12 @@ def _query_block(i, cnt, dk, dv, q_desc, do_desc, q_smem, do_smem, q_bar, k_smem
     # lse enters as S^T's initial value, -lse2 / (scale log2 e), so it is not kept in
     # registers across the wgmma (in S^T's column layout a vector costs 16 registers a
     # thread). (-delta as dP^T's initial value made ptxas serialize the two wgmmas, C7517.)
-    # Both are loaded one per thread, then spread.
-    row_layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-    rows = i * BLOCK_M + gl.arange(0, BLOCK_M, row_layout)
     col_layout: gl.constexpr = gl.SliceLayout(0, MMA_T)
-    # natural log -> base 2, then divided by the exponent's factor
-    neg_lse = gl.convert_layout(gl.load(lse_ptr + rows) * (-1.4426950408889634 / qk_scale2),
-                                col_layout)
-    neg_delta = gl.convert_layout(-gl.load(delta_ptr + rows), col_layout)
+    neg_lse = gl.convert_layout(lse_n * (-1.4426950408889634 / qk_scale2), col_layout)
+    neg_delta = gl.convert_layout(-delta_n, col_layout)
+    rows_n = gl.minimum(i + 1, n_mblocks - 1) * BLOCK_M + gl.arange(0, BLOCK_M, lse_n.type.layout)
+    lse_n = gl.load(lse_ptr + rows_n)
+    delta_n = gl.load(delta_ptr + rows_n)
     mbarrier.wait(q_bar.index(st), (cnt // 2) & 1)
     qs = q_smem.index(st)
     dos = do_smem.index(st)
@@ -95,6 +144,9 @@ def _query_block(i, cnt, dk, dv, q_desc, do_desc, q_smem, do_smem, q_bar, k_smem
     zero_t = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA_T)
     s_t = warpgroup_mma(k_smem, qs.permute((1, 0)), zero_t + neg_lse[None, :], is_async=True)
     dp_t = warpgroup_mma(v_smem, dos.permute((1, 0)), zero_t, use_acc=False, is_async=True)
+    if pend >= 0:
+        _add_dq(pend, dq_smem, acc_ptr, sem_ptr, dq_ptr, stride_dqs, n_nblocks, jb,
+                softmax_scale, BLOCK_M, BLOCK_N, HEAD_DIM, CAUSAL, DQ_MODE)
     s_t = warpgroup_mma_wait(num_outstanding=1, deps=[s_t])
     p_t = gl.exp2(s_t * qk_scale2)
     if MASK:
@@ -110,37 +162,12 @@ def _query_block(i, cnt, dk, dv, q_desc, do_desc, q_smem, do_smem, q_bar, k_smem
     dk = warpgroup_mma(ds_a, qs, dk, is_async=True)
     ds_smem.store(ds_t)
     fence_async_shared()
-    gl.thread_barrier()
+    gl.thread_barrier()  # also: every thread's read of dq_smem (the add above) is done
     zero_q = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, MMA_Q)
     dq = warpgroup_mma(ds_smem.permute((1, 0)), k_smem, zero_q, use_acc=False, is_async=True)
     dq, dv, dk, p_a, ds_a = warpgroup_mma_wait(num_outstanding=0, deps=[dq, dv, dk, p_a, ds_a])
-
-    # This key block's turn at query block i: key blocks jmax .. 0 add in that order.
-    if CAUSAL:
-        jmax = (i * BLOCK_M + BLOCK_M - 1) // BLOCK_N
-    else:
-        jmax = n_nblocks - 1
-    turn = jmax - jb
-    # The fp32 traffic in 16-byte vectors, a few row pointers per thread (in MMA_Q's layout
-    # every element pair had its own 64-bit pointer, and they spilled).
-    io_layout: gl.constexpr = gl.BlockedLayout([1, 4], [128 // HEAD_DIM, HEAD_DIM // 4],
-                                               [gl.num_warps(), 1], [1, 0])
-    dq = gl.convert_layout(dq, io_layout)
-    offs_m = i * BLOCK_M + gl.arange(0, BLOCK_M, gl.SliceLayout(1, io_layout))
-    offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, io_layout))
-    acc_ptrs = acc_ptr + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    if turn > 0:
-        while gl.atomic_add(sem_ptr + i, 0, sem="acquire", scope="gpu") != turn:
-            pass
-        dq += gl.load(acc_ptrs, cache_modifier=".cg")  # .cg: from L2, never a stale L1 line
-    if jb == 0:
-        gl.store(dq_ptr + offs_m[:, None] * stride_dqs + offs_d[None, :],
-                 (dq * softmax_scale).to(dtype))
-    else:
-        gl.store(acc_ptrs, dq, cache_modifier=".cg")
-        gl.thread_barrier()  # every thread's share stored before the counter moves on
-        gl.atomic_xchg(sem_ptr + i, turn + 1, sem="release", scope="gpu")
-    return cnt + 1, dk, dv
+    dq_smem.store(dq)
+    return cnt + 1, i, dk, dv, lse_n, delta_n
 
 
 @(_jit or (lambda f: f))
@@ -153,7 +180,8 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, DQ_ACC, SEM,
                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                 CAUSAL: gl.constexpr, Q_LAYOUT: gl.constexpr, K_LAYOUT: gl.constexpr,
                 DS_LAYOUT: gl.constexpr, MMA_T: gl.constexpr, MMA_KV: gl.constexpr,
-                MMA_Q: gl.constexpr):
+                MMA_Q: gl.constexpr, DQ_MODE: gl.constexpr):
+    # DQ_MODE 0: dQ summed in key-block order (deterministic); 1: fp32 atomics; 2: probe.
     n_nblocks = seqlen // BLOCK_N
     n_mblocks = seqlen // BLOCK_M
     jb = n_nblocks - 1 - gl.program_id(0)  # higher key blocks first: they add to dQ first
@@ -172,6 +200,8 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, DQ_ACC, SEM,
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], Q_LAYOUT)
     do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], Q_LAYOUT)
     ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], DS_LAYOUT)
+    dq_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, HEAD_DIM],
+                                        gl.SwizzledSharedLayout(4, 1, 8, [1, 0]))
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
@@ -187,6 +217,7 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, DQ_ACC, SEM,
         lo = start_n // BLOCK_M
     else:
         lo = 0
+    row_layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
     cnt = 0  # query blocks consumed so far: picks the ring stage and the barrier phase
     for g in range(group):
         h = hk * group + g
@@ -205,19 +236,30 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, DQ_ACC, SEM,
                                         do_smem.index(st))
         if g == 0:
             mbarrier.wait(kv_bar, 0)
-        args = (q_desc, do_desc, q_smem, do_smem, q_bar, k_smem, v_smem, ds_smem,
-                LSE + bh * seqlen, DELTA + bh * seqlen, DQ_ACC + bh * seqlen * HEAD_DIM,
-                SEM + bh * n_mblocks, DQ + b * stride_dqb + h * stride_dqh, stride_dqs,
+        acc_ptr = DQ_ACC + bh * seqlen * HEAD_DIM
+        sem_ptr = SEM + bh * n_mblocks
+        dq_ptr = DQ + b * stride_dqb + h * stride_dqh
+        args = (q_desc, do_desc, q_smem, do_smem, q_bar, k_smem, v_smem, ds_smem, dq_smem,
+                LSE + bh * seqlen, DELTA + bh * seqlen, acc_ptr, sem_ptr, dq_ptr, stride_dqs,
                 n_mblocks, n_nblocks, jb, start_n, qk_scale2, softmax_scale)
+        rows = lo * BLOCK_M + gl.arange(0, BLOCK_M, row_layout)
+        lse_n = gl.load(LSE + bh * seqlen + rows)
+        delta_n = gl.load(DELTA + bh * seqlen + rows)
+        pend = -1
         unmasked_lo = lo
         if CAUSAL:
             unmasked_lo = lo + BLOCK_N // BLOCK_M
             for i in range(lo, unmasked_lo):  # the diagonal: keys past the query masked
-                cnt, dk, dv = _query_block(i, cnt, dk, dv, *args, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                           CAUSAL, True, MMA_T, MMA_KV, MMA_Q)
+                cnt, pend, dk, dv, lse_n, delta_n = _query_block(
+                    i, cnt, pend, dk, dv, lse_n, delta_n, *args, BLOCK_M, BLOCK_N, HEAD_DIM,
+                    CAUSAL, True, MMA_T, MMA_KV, MMA_Q, DQ_MODE)
         for i in range(unmasked_lo, n_mblocks):
-            cnt, dk, dv = _query_block(i, cnt, dk, dv, *args, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                       CAUSAL, False, MMA_T, MMA_KV, MMA_Q)
+            cnt, pend, dk, dv, lse_n, delta_n = _query_block(
+                i, cnt, pend, dk, dv, lse_n, delta_n, *args, BLOCK_M, BLOCK_N, HEAD_DIM,
+                CAUSAL, False, MMA_T, MMA_KV, MMA_Q, DQ_MODE)
+        gl.thread_barrier()  # the last block's dQ, staged by every thread
+        _add_dq(pend, dq_smem, acc_ptr, sem_ptr, dq_ptr, stride_dqs, n_nblocks, jb,
+                softmax_scale, BLOCK_M, BLOCK_N, HEAD_DIM, CAUSAL, DQ_MODE)
 
     offs_n = start_n + gl.arange(0, BLOCK_N, gl.SliceLayout(1, MMA_KV))
     offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, MMA_KV))
@@ -258,17 +300,8 @@ def _tma_strides_ok(t: torch.Tensor) -> bool:
             and all((s * size) % 16 == 0 for s in t.stride()[:-1]))
 
 
-def gluon_backward_unsupported(q, k, v, do, *, causal, deterministic) -> str | None:
-    """None when gluon_backward can run these tensors, else a short reason."""
-    missing = _gluon_hopper_missing()
-    if missing:
-        return missing
-    if not q.is_cuda:
-        return "not a CUDA tensor"
-    if torch.cuda.get_device_capability(q.device) != (9, 0):
-        return "not sm_90"
-    if not deterministic:
-        return "only the deterministic backward"
+def shape_unsupported(q, k) -> str | None:
+    """Why these shapes and dtypes cannot run (device aside), or None."""
     d, s = q.shape[-1], q.shape[1]
     if d not in BLOCK_M:
         return f"head dim {d}"
@@ -278,15 +311,41 @@ def gluon_backward_unsupported(q, k, v, do, *, causal, deterministic) -> str | N
         return f"seq {s} not a multiple of {BLOCK_N}"
     if q.shape[2] % k.shape[2]:
         return f"KV heads {k.shape[2]} do not divide query heads {q.shape[2]}"
+    return None
+
+
+def gluon_backward_unsupported(q, k, v, do, *, causal, deterministic) -> str | None:
+    """None when "auto" should run gluon_backward on these tensors, else a short reason.
+    Both dQ modes run (deterministic=False: fp32 atomics)."""
+    reason = _cannot_run(q, k, v, do)
+    if reason is None and SLOWER_THAN_TRITON and os.environ.get("LAYOUT_SWEEP_GLUON_BWD") != "1":
+        return "slower than the Triton-language backward on H200 (LAYOUT_SWEEP_GLUON_BWD=1 opts in)"
+    return reason
+
+
+def _cannot_run(q, k, v, do) -> str | None:
+    missing = _gluon_hopper_missing()
+    if missing:
+        return missing
+    if not q.is_cuda:
+        return "not a CUDA tensor"
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return "not sm_90"
+    reason = shape_unsupported(q, k)
+    if reason:
+        return reason
     if not all(_tma_strides_ok(t) for t in (q, k, v, do)):
         return "strides not TMA-able (last stride 1, others and base 16-byte aligned)"
     return None
 
 
 def gluon_backward(do, q, k, v, out, lse, dq, dk, dv, *, causal, softmax_scale,
-                   deterministic=True) -> None:
-    """dq [b, s, hq, d], dk, dv [b, s, hkv, d] (preallocated, any strides, last stride 1)."""
-    reason = gluon_backward_unsupported(q, k, v, do, causal=causal, deterministic=deterministic)
+                   deterministic=True, _dq_mode=None) -> None:
+    """dq [b, s, hq, d], dk, dv [b, s, hkv, d] (preallocated, any strides, last stride 1).
+
+    deterministic=False: dQ by fp32 atomics into a zeroed buffer, then scaled into dq (the
+    summation order, hence dq's last bits, vary run to run)."""
+    reason = _cannot_run(q, k, v, do)
     if reason:
         raise ValueError(f"gluon attention backward: {reason}")
     import triton
@@ -297,8 +356,10 @@ def gluon_backward(do, q, k, v, out, lse, dq, dk, dv, *, causal, softmax_scale,
     b, s, hq, d = q.shape
     hkv = k.shape[2]
     consts = kernel_constexprs(d)
+    mode = _dq_mode if _dq_mode is not None else (0 if deterministic else 1)
     delta = torch.empty_like(lse)
-    dq_acc = torch.empty((b, hq, s, d), dtype=torch.float32, device=q.device)
+    alloc = torch.zeros if mode == 1 else torch.empty  # the ordered sum's first adder writes
+    dq_acc = alloc((b, hq, s, d), dtype=torch.float32, device=q.device)
     sem = torch.zeros((b * hq, s // consts["BLOCK_M"]), dtype=torch.int32, device=q.device)
     with torch.cuda.device(q.device):
         launch_delta(out, do, delta)
@@ -307,8 +368,10 @@ def gluon_backward(do, q, k, v, out, lse, dq, dk, dv, *, causal, softmax_scale,
             q, k, v, do, dq, dk, dv, lse, delta, dq_acc, sem,
             *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dq), *_bsh(dk), *_bsh(dv),
             s, hq, hkv, hq // hkv, float(softmax_scale), float(softmax_scale) * LOG2E,
-            CAUSAL=bool(causal), **consts, num_warps=NUM_WARPS,
+            CAUSAL=bool(causal), DQ_MODE=mode, **consts, num_warps=NUM_WARPS,
         )
+        if mode == 1:
+            dq.copy_(dq_acc.mul_(softmax_scale).transpose(1, 2))
 
 
 def _bsh(t: torch.Tensor):
