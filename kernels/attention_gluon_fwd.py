@@ -74,7 +74,8 @@ CHECKED_ON_DEVICE = False
 # Measured (H200, bf16, causal, TFLOP/s = 2*b*hq*s^2*d / t; dev run of 0fb1da4): d=128 2 -> 3
 # stages 361 -> 418 (8x16x2048), 485 -> 536 (2x16x8192), 468 -> 524 (4x32/8x4096); d=64 (16x32x1024)
 # 230 / 261 / 263 at 2 / 3 / 4 stages.
-CONFIGS = {64: dict(block=128, stages=4, consumer_regs=240, producer_regs=24),
+# d=64 persistent (two Q buffers, 4 stages): 255 -> 332 (8ad8986).
+CONFIGS = {64: dict(block=128, stages=4, consumer_regs=240, producer_regs=24, persistent=True),
            128: dict(block=128, stages=3, consumer_regs=240, producer_regs=24)}
 
 
@@ -95,8 +96,19 @@ if _GLUON_ERROR is None:
         return bh // num_q_heads, q_head, q_head // group, start_m, n_blocks, bh
 
     @gluon.jit
+    def _load_block(desc, smem, ready, empty, c, batch, row, kv_head, STAGES: gl.constexpr):
+        """Key or value rows [row, row + BLOCK_N) into ring slot c % STAGES (the c-th block
+        this CTA loads). A fresh barrier counts as having completed the phase before 0, so
+        the first pass over a ring waits on parity 1 and goes straight through."""
+        slot = c % STAGES
+        mbarrier.wait(empty.index(slot), ((c // STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(slot), desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc, [batch, row, kv_head, 0], ready.index(slot),
+                                        smem.index(slot))
+
+    @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
-                  v_ready, kv_empty, n_tiles, n_bh, num_q_heads, group, seqlen,
+                  v_ready, k_empty, v_empty, n_tiles, n_bh, num_q_heads, group, seqlen,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                   QBUF: gl.constexpr, CAUSAL: gl.constexpr):
         c = 0  # K/V blocks loaded so far: ring slot c % STAGES
@@ -105,30 +117,28 @@ if _GLUON_ERROR is None:
             batch, q_head, kv_head, start_m, n_blocks, bh = _tile(
                 tile, n_bh, num_q_heads, group, seqlen, BLOCK_M, BLOCK_N, CAUSAL)
             qb = j % QBUF
-            # A fresh barrier counts as having completed the phase before 0, so the first
-            # pass over a ring waits on parity 1 and goes straight through.
-            mbarrier.wait(q_empty.index(qb), ((j // QBUF) & 1) ^ 1)
+            mbarrier.wait(q_empty.index(qb), ((j // QBUF) & 1) ^ 1)  # see _load_block
             mbarrier.expect(q_ready.index(qb), 2 * q_desc.block_type.nbytes)  # 2 halves
             tma.async_copy_global_to_shared(q_desc, [batch, start_m, q_head, 0],
                                             q_ready.index(qb), q_smem.index(2 * qb))
             tma.async_copy_global_to_shared(q_desc, [batch, start_m + 64, q_head, 0],
                                             q_ready.index(qb), q_smem.index(2 * qb + 1))
+            # K runs one block ahead of V: S_{i+1} is issued before P_i V_i, and K_i's slot
+            # comes back as soon as S_i is done (FA3's separate K and V pipelines).
+            _load_block(k_desc, k_smem, k_ready, k_empty, c, batch, (n_blocks - 1) * BLOCK_N,
+                        kv_head, STAGES)
             for i in range(n_blocks):
-                slot = c % STAGES
-                mbarrier.wait(kv_empty.index(slot), ((c // STAGES) & 1) ^ 1)
-                row = (n_blocks - 1 - i) * BLOCK_N  # from the diagonal block down
-                mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(k_desc, [batch, row, kv_head, 0],
-                                                k_ready.index(slot), k_smem.index(slot))
-                mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(v_desc, [batch, row, kv_head, 0],
-                                                v_ready.index(slot), v_smem.index(slot))
-                c += 1
+                if i + 1 < n_blocks:
+                    _load_block(k_desc, k_smem, k_ready, k_empty, c + i + 1, batch,
+                                (n_blocks - 2 - i) * BLOCK_N, kv_head, STAGES)
+                _load_block(v_desc, v_smem, v_ready, v_empty, c + i, batch,
+                            (n_blocks - 1 - i) * BLOCK_N, kv_head, STAGES)
+            c += n_blocks
             j += 1
 
     @gluon.jit
     def _consumer(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                  kv_empty, turn, n_tiles, n_bh, num_q_heads, group, seqlen, qk2,
+                  k_empty, v_empty, turn, n_tiles, n_bh, num_q_heads, group, seqlen, qk2,
                   WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, QBUF: gl.constexpr,
                   CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, SOFTMAX: gl.constexpr):
@@ -142,7 +152,7 @@ if _GLUON_ERROR is None:
             qb = j % QBUF
             mbarrier.wait(q_ready.index(qb), (j // QBUF) & 1)
             _attend_tile(o_desc, lse_ptr, q_smem.index(2 * qb + WG), k_smem, v_smem, k_ready,
-                         v_ready, kv_empty, turn, batch, q_head, start_m, n_blocks,
+                         v_ready, k_empty, v_empty, turn, batch, q_head, start_m, n_blocks,
                          bh.to(gl.int64) * seqlen + start_m, qk2, c, t, WG, BLOCK_N, HEAD_DIM,
                          STAGES, CAUSAL, PINGPONG, SOFTMAX)
             mbarrier.arrive(q_empty.index(qb), count=1)  # O is out of this buffer too
@@ -151,7 +161,8 @@ if _GLUON_ERROR is None:
             j += 1
 
     @gluon.jit
-    def _attend_tile(o_desc, lse_ptr, q_mine, k_smem, v_smem, k_ready, v_ready, kv_empty, turn,
+    def _attend_tile(o_desc, lse_ptr, q_mine, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                     turn,
                      batch, q_head, start_m, n_blocks, lse_row0, qk2, c, t,
                      WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
@@ -182,6 +193,7 @@ if _GLUON_ERROR is None:
                               use_acc=False, is_async=True)
         mbarrier.arrive(turn.index(1 - WG), count=1, pred=PINGPONG)
         s = warpgroup_mma_wait(0, deps=(s_tok,))
+        mbarrier.arrive(k_empty.index(c % STAGES), count=1)  # this warpgroup is done with K_0
         if CAUSAL:
             rows = gl.arange(0, ROWS, layout=row_layout) + WG * ROWS
             cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -209,6 +221,7 @@ if _GLUON_ERROR is None:
             mbarrier.arrive(turn.index(1 - WG), count=1, pred=PINGPONG)
             # S_i done (P_{i-1} V_{i-1} may still run): block i's softmax.
             s = warpgroup_mma_wait(1, deps=(s_tok,))
+            mbarrier.arrive(k_empty.index(slot), count=1)
             if SOFTMAX:
                 m_new = gl.maximum(m, gl.max(s, axis=1))
                 alpha = gl.exp2((m - m_new) * qk2)
@@ -218,7 +231,7 @@ if _GLUON_ERROR is None:
             else:  # diagnostic: the matmuls and the pipeline alone
                 p = s
             o, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
-            mbarrier.arrive(kv_empty.index(prev), count=1)  # this warpgroup is done with it
+            mbarrier.arrive(v_empty.index(prev), count=1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
 
         # Turn n_blocks: the last P V.
@@ -230,7 +243,7 @@ if _GLUON_ERROR is None:
         o_tok = warpgroup_mma(p_op, v, o, is_async=True)
         mbarrier.arrive(turn.index(1 - WG), count=1, pred=PINGPONG)
         o, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
-        mbarrier.arrive(kv_empty.index(last), count=1)
+        mbarrier.arrive(v_empty.index(last), count=1)
 
         o = o / gl.convert_layout(l, o_rows)[:, None]
         lse = (m * qk2 + gl.log2(l)) * 0.6931471805599453  # natural log: log2 * ln 2
@@ -258,7 +271,8 @@ if _GLUON_ERROR is None:
         q_empty = gl.allocate_shared_memory(gl.int64, [QBUF, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(QBUF):
             mbarrier.init(q_ready.index(i), count=1)
@@ -266,7 +280,8 @@ if _GLUON_ERROR is None:
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(kv_empty.index(i), count=2)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
         mbarrier.init(turn.index(0), count=1)
         mbarrier.init(turn.index(1), count=1)
         mbarrier.arrive(turn.index(0), count=1)  # warpgroup 0 takes the first turn
@@ -274,13 +289,16 @@ if _GLUON_ERROR is None:
 
         gl.warp_specialize([
             (_consumer, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
-                         v_ready, kv_empty, turn, n_tiles, n_bh, num_q_heads, group, seqlen, qk2,
+                         v_ready, k_empty, v_empty, turn, n_tiles, n_bh, num_q_heads, group,
+                         seqlen, qk2,
                          0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, QBUF, CAUSAL, PINGPONG, SOFTMAX)),
             (_consumer, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
-                         v_ready, kv_empty, turn, n_tiles, n_bh, num_q_heads, group, seqlen, qk2,
+                         v_ready, k_empty, v_empty, turn, n_tiles, n_bh, num_q_heads, group,
+                         seqlen, qk2,
                          1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, QBUF, CAUSAL, PINGPONG, SOFTMAX)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty,
-                         k_ready, v_ready, kv_empty, n_tiles, n_bh, num_q_heads, group, seqlen,
+                         k_ready, v_ready, k_empty, v_empty, n_tiles, n_bh, num_q_heads, group,
+                         seqlen,
                          BLOCK_M, BLOCK_N, STAGES, QBUF, CAUSAL)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
