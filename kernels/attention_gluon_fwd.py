@@ -12,18 +12,22 @@ Why Gluon: Triton-language 3.6 waits on a wgmma whose result is used in the same
 the softmax of one key block cannot run under the tensor-core work of another. Here the waits
 are explicit. One CTA owns BLOCK_M = 128 query rows of one (batch, head), in three partitions
 (gl.warp_specialize; setmaxnreg gives the consumers 240 registers, the producer 24):
-- a 1-warp producer loads Q (two 64-row halves) and streams K_j, V_j through a STAGES-deep
-  ring of shared-memory slots by TMA (separate K and V barriers, so S_j = Q K_j^T starts before
-  V_j lands; an "empty" barrier per slot, arrived by both consumers, hands it back);
+- a 1-warp producer loads Q (two 64-row halves) and streams K_j, V_j through STAGES-deep
+  rings of shared-memory slots by TMA, K one block ahead of V; each slot has a ready and an
+  empty barrier (the empty one arrived by both consumers), so K_j's slot comes back as soon
+  as S_j = Q K_j^T is done and V_j's after P_j V_j (FA3's separate K and V pipelines);
 - two consumer warpgroups, 64 query rows each, take turns issuing their wgmmas (ping-pong,
   Shah et al., "FlashAttention-3", 2024, sec. 3.1): while one runs its softmax the other's
   S_j and P_{j-1} V_{j-1} hold the tensor cores. Within a warpgroup, S_j and P_{j-1} V_{j-1}
-  are issued together and the softmax of block j only waits for S_j (sec. 3.2); ptxas 12.x
-  still places the wait for P_{j-1} V_{j-1} before the exp2s (seen in the SASS), so the
-  ping-pong is what hides the softmax. P stays in registers as wgmma's A operand.
+  are issued together and the softmax of block j only waits for S_j (sec. 3.2); ptxas 12.8
+  still places the wait for P_{j-1} V_{j-1} before the exp2s (seen in the SASS; deferring
+  that wait past S_{j+1} makes ptxas serialize every wgmma, C7514). Measured, the ping-pong
+  buys 1-3% (CONFIGS). P stays in registers as wgmma's A operand.
 Key blocks run from the diagonal down, so only the first (the diagonal block, BLOCK_N =
-BLOCK_M) is masked, and its row maxima are finite from the start. CTAs of the longest rows
-launch first (grid axis 1 reversed) so the causal triangle's tail packs the last wave.
+BLOCK_M) is masked, and its row maxima are finite from the start. Tiles (batch, head, query
+block) run longest rows first; `persistent` launches one CTA per SM that walks the tiles
+(two Q buffers; the rings and turns count on across tiles), so the producer loads the next
+tile while the consumers finish the current one.
 
 Tensors use 4D TMA descriptors over [b, s, h, d] with blocks [1, BLOCK, 1, d]: any strides
 with a unit last stride (megatron's seq-first views included). The sequence length must be a
@@ -34,7 +38,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
@@ -61,22 +64,24 @@ except (ImportError, AttributeError) as exc:  # pragma: no cover - depends on th
 
 LOG2E = 1.4426950408889634
 
-# Written and compiled for sm_90a (ptxas: no spills, no serialized wgmma) but not yet run on a
-# GPU: until a device run passes tests/kernels/test_attention_gluon_fwd.py, "auto" keeps the
-# Triton-language forward unless LAYOUT_SWEEP_GLUON_FWD=1 opts in. Set True once it passes.
-CHECKED_ON_DEVICE = False
-
 # Per head dim: BLOCK_M = BLOCK_N, K/V ring depth, registers per thread of the consumer
 # warpgroups and of the producer warp (setmaxnreg; 2 x 128 x 240 + 128 x 24 <= 64 K).
 # persistent=True launches one CTA per SM over all tiles, with qbuf (default 2) Q buffers.
 # pingpong=False drops the turn barriers and softmax=False skips the exp2s (P = S): both are
 # diagnostics, to measure what the ping-pong buys and the matmul-bound ceiling.
-# Measured (H200, bf16, causal, TFLOP/s = 2*b*hq*s^2*d / t; dev run of 0fb1da4): d=128 2 -> 3
-# stages 361 -> 418 (8x16x2048), 485 -> 536 (2x16x8192), 468 -> 524 (4x32/8x4096); d=64 (16x32x1024)
-# 230 / 261 / 263 at 2 / 3 / 4 stages.
-# d=64 persistent (two Q buffers, 4 stages): 255 -> 332 (8ad8986).
+# Measured (H200, bf16, causal, TFLOP/s = 2*b*hq*s^2*d / median do_bench time, the device runs
+# of 0fb1da4 / 8ad8986 / 45ade86): d=128 2 -> 3 stages 361 -> 418 (8x16x2048), 485 -> 536
+# (2x16x8192), 468 -> 524 (4x32/8x4096); persistent with 2 stages at 45ade86: 456 vs 436
+# (8x16x2048), 521 vs 545 (2x16x8192), 571 vs 577 (4x32/8x4096), hence persistent only up to
+# 2048 rows; d=64 (16x32x1024) persistent with 4 stages 328 vs 256.
 CONFIGS = {64: dict(block=128, stages=4, consumer_regs=240, producer_regs=24, persistent=True),
            128: dict(block=128, stages=3, consumer_regs=240, producer_regs=24)}
+SHORT_SEQ_CONFIGS = {128: dict(CONFIGS[128], stages=2, persistent=True)}  # seqlen <= 2048
+
+
+def tuned_config(d: int, seqlen: int) -> dict:
+    """The measured best configuration for head dim d at this sequence length."""
+    return SHORT_SEQ_CONFIGS[d] if seqlen <= 2048 and d in SHORT_SEQ_CONFIGS else CONFIGS[d]
 
 
 if _GLUON_ERROR is None:
@@ -309,8 +314,6 @@ def gluon_forward_unsupported(q, k, v, out, *, causal) -> str | None:
         return f"tensors on {q.device.type}"
     if _GLUON_ERROR is not None:
         return _GLUON_ERROR
-    if not CHECKED_ON_DEVICE and os.environ.get("LAYOUT_SWEEP_GLUON_FWD") != "1":
-        return "not yet checked on a GPU (LAYOUT_SWEEP_GLUON_FWD=1 opts in)"
     if torch.cuda.get_device_capability(q.device) != (9, 0):
         return "not sm_90"
     if not causal:
@@ -343,10 +346,10 @@ def _descriptor(t, rows, d):
 
 def gluon_forward(q, k, v, out, lse, *, causal, softmax_scale, config=None) -> None:
     """Fill out [b, s, hq, d] and lse [b, hq, s] (fp32, natural log). `config` overrides
-    CONFIGS[d] (the tuning sweep uses it)."""
+    tuned_config(d, s) (the tuning sweep uses it)."""
     b, s, hq, d = q.shape
     assert lse.is_contiguous() and lse.shape == (b, hq, s) and lse.dtype == torch.float32
-    cfg = config or CONFIGS[d]
+    cfg = config or tuned_config(d, s)
     block = cfg["block"]
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
     # Q and O move in 64-row halves, one per consumer warpgroup

@@ -13,11 +13,6 @@ from kernels.attention_gluon_fwd import CONFIGS, gluon_forward, gluon_forward_un
 from tests.kernels.test_attention import TOLERANCE, _fused_qkv_views, _lse_reference, _relerr
 
 
-@pytest.fixture(autouse=True)
-def _opt_in(monkeypatch):
-    monkeypatch.setenv("LAYOUT_SWEEP_GLUON_FWD", "1")  # these tests are the device check
-
-
 def _run(q, k, v, *, seq_first=False, scale=None, config=None):
     b, s, hq, d = q.shape
     order = (1, 0, 2, 3) if seq_first else (0, 1, 2, 3)  # memory order of O's dimensions
