@@ -24,6 +24,17 @@ also makes the wait short under the causal mask: key block j reaches query block
 iterations after key block j+1 did. Programs of higher key blocks launch first (lower
 program id), so a program only ever waits on programs that started before it.
 
+Measured (H200, 2026-12-01, Triton 3.6; TFLOP/s with bwd = 2.5 x 2*b*hq*s^2*d; the issue's
+four shapes 8x16/16x2048x128, 2x16/16x8192x128, 16x32/32x1024x64, 4x32/8x4096x128): this
+kernel 205/235/158/205; deterministic=False (fp32 atomics) 242/331/160/229; a probe that
+stores dQ without order or read 316/396/204/268, which bounds this design; the Triton-language
+backward 295/368/234/353 and SDPA-cuDNN 410/529/249/435 in the same call (flash-attn-4's
+figures: 456/546/318/499). So the in-order dQ sum costs a third (each block pays an acquire
+round trip, the fp32 read, and the release's wait for the stores), and the compute core sits
+at 255 registers with 400-560 bytes of spills (ptxas, sm_90a). A variant with the sum in a
+one-warp writer partition (warp_specialize; TMA load of the running sum under the turn, TMA
+store, release) held the compute warps to setmaxnreg 240: 1 KB of spills, 191/211/126/154.
+
 Limits (gluon_backward_unsupported names them): sm_90, fp16/bf16, head dim 64 or 128,
 sequence length a multiple of 128, TMA-able strides (16-byte aligned, last stride 1).
 """
