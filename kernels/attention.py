@@ -10,8 +10,16 @@ atomics); `deterministic=False` adds dQ with fp32 atomics instead (5 block matmu
 dQ's last bits then vary from run to run).
 
 Layers: `attention_fwd.py` / `attention_bwd.py` hold the @triton.jit kernels and
-their launchers; here are the block configurations, the autograd.Function and
-the keyword-only entry point `flash_attention`, plus a float64 reference.
+their launchers; `attention_gluon_fwd.py` / `attention_gluon_bwd.py` the Gluon ones (sm_90,
+Triton 3.6: warp-specialized, TMA, async wgmma); here are the block configurations, the
+choice between the two (`impl`), the autograd.Function and the keyword-only entry point
+`flash_attention`, plus a float64 reference.
+
+As every caller gets it (impl="auto"; H200, 2026-12-01, tree bb60683,
+benchmarks/results/attention_h200_2026-12-01_v3.json): the Gluon forward 468/566/333/540
+TFLOP/s at the issue's four shapes (0.875x flash-attn-4 at the minimum), the Triton-language
+backward (the Gluon one, correct but slower, stays opt-in): fwd+bwd 0.754x flash-attn-4,
+0.834x SDPA-cuDNN. The figures below are the Triton-language kernels'.
 
 H200, bf16, causal, the issue's four shapes (benchmarks/results/attention_h200_2026-12-01.json;
 bf16 matmul ceiling 701 TFLOP/s in that run): forward+backward 343/391/241/378 TFLOP/s,
