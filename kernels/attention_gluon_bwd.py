@@ -182,7 +182,7 @@ def _query_block(i, cnt, pend, dk, dv, lse_n, delta_n, q_desc, do_desc, q_smem, 
 
 
 @(_jit or (lambda f: f))
-def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, DQ_ACC, SEM,
+def _gluon_attn_bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, DQ_ACC, SEM,
                 stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                 stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
                 stride_dqb, stride_dqs, stride_dqh, stride_dkb, stride_dks, stride_dkh,
@@ -375,7 +375,7 @@ def gluon_backward(do, q, k, v, out, lse, dq, dk, dv, *, causal, softmax_scale,
     with torch.cuda.device(q.device):
         launch_delta(out, do, delta)
         triton.set_allocator(_scratch)  # device-side TMA descriptors (see attention._use_tma)
-        _bwd_kernel[(s // BLOCK_N, b * hkv)](
+        _gluon_attn_bwd_kernel[(s // BLOCK_N, b * hkv)](
             q, k, v, do, dq, dk, dv, lse, delta, dq_acc, sem,
             *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dq), *_bsh(dk), *_bsh(dv),
             s, hq, hkv, hq // hkv, float(softmax_scale), float(softmax_scale) * LOG2E,

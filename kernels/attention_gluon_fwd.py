@@ -260,7 +260,7 @@ if _GLUON_ERROR is None:
         tma.store_wait(0)
 
     @gluon.jit
-    def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, seqlen, num_q_heads, group, qk2,
+    def _gluon_attn_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, seqlen, num_q_heads, group, qk2,
                     n_tiles, n_bh, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                     HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, QBUF: gl.constexpr,
                     CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, SOFTMAX: gl.constexpr,
@@ -360,7 +360,7 @@ def gluon_forward(q, k, v, out, lse, *, causal, softmax_scale, config=None) -> N
     # producer loads the next tile's Q and K/V while the consumers finish the current one
     ctas = cfg.get("max_ctas") or _sm_count(q.device)  # max_ctas: tests walk many tiles
     grid = min(n_tiles, ctas) if cfg.get("persistent") else n_tiles
-    _fwd_kernel[(grid,)](*descs, lse, s, hq, hq // k.shape[2], scale * LOG2E, n_tiles, b * hq,
+    _gluon_attn_fwd_kernel[(grid,)](*descs, lse, s, hq, hq // k.shape[2], scale * LOG2E, n_tiles, b * hq,
                          BLOCK_M=block, BLOCK_N=block, HEAD_DIM=d, STAGES=cfg["stages"],
                          QBUF=cfg.get("qbuf", 2 if cfg.get("persistent") else 1), CAUSAL=causal,
                          PINGPONG=cfg.get("pingpong", True), SOFTMAX=cfg.get("softmax", True),
