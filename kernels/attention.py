@@ -58,7 +58,7 @@ import triton
 
 from core.choices import TRITON_HEAD_DIMS as HEAD_DIMS  # the sweeper's validity reads the same tuple
 from kernels.attention_bwd import launch_delta, launch_dkdv, launch_dq
-from kernels.attention_fwd import launch_forward
+from kernels.attention_fwd import launch_forward, tma_aligned
 
 # Block configurations per head dim, winners of the H200 sweep of benchmarks/tune_attention.py
 # (bf16, causal; benchmarks/results/attention_tune_h200_2026-12-01.json). "tma": load tiles
@@ -115,13 +115,7 @@ def tma_ok(*tensors: torch.Tensor) -> bool:
             return False
     elif torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
         return False
-    for t in tensors:
-        size = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16:
-            return False
-        if any((stride * size) % 16 for stride in t.stride()[:-1]):
-            return False
-    return True
+    return all(tma_aligned(t) for t in tensors)
 
 
 def _scratch(size: int, alignment: int, stream):
@@ -156,14 +150,20 @@ def _gluon(kind: str):
         return str(e) or type(e).__name__
 
 
+def _auto_takes_gluon(kind: str) -> bool:
+    """The Gluon backward is correct but slower than the Triton-language one on the H200
+    (kernels/attention_gluon_bwd.py's figures): "auto" takes it only when asked to."""
+    return kind == "fwd" or os.environ.get("LAYOUT_SWEEP_GLUON_BWD") == "1"
+
+
 def _pick(impl: str, kind: str, why_not) -> object | None:
     """The Gluon module to run, or None for the Triton-language kernels.
 
-    impl "auto": Gluon where it runs (sm_90, supported shape), else Triton-language;
-    "gluon": Gluon or a ValueError naming why not; "triton": never Gluon."""
+    impl "auto": Gluon where it runs (sm_90, supported shape) and is the faster, else
+    Triton-language; "gluon": Gluon or a ValueError naming why not; "triton": never Gluon."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r} not one of {IMPLS}")
-    if impl == "triton":
+    if impl == "triton" or (impl == "auto" and not _auto_takes_gluon(kind)):
         return None
     module = _gluon(kind)
     reason = f"import failed: {module}" if isinstance(module, str) else why_not(module)
@@ -174,13 +174,20 @@ def _pick(impl: str, kind: str, why_not) -> object | None:
     return None
 
 
+def _gluon_forward(impl, q, k, v, out, causal):
+    return _pick(impl, "fwd", lambda m: m.gluon_forward_unsupported(q, k, v, out, causal=causal))
+
+
+def _gluon_backward(impl, q, k, v, do, causal, deterministic):
+    return _pick(impl, "bwd", lambda m: m.gluon_backward_unsupported(
+        q, k, v, do, causal=causal, deterministic=deterministic))
+
+
 def attention_impls(q, k, v, *, causal=True, deterministic=True, impl="auto") -> dict:
     """Which kernels flash_attention runs for these inputs: {"fwd": "gluon" | "triton",
     "bwd": ...} (benchmarks and trial records name it)."""
-    out = q.new_empty(q.shape)
-    fwd = _pick(impl, "fwd", lambda m: m.gluon_forward_unsupported(q, k, v, out, causal=causal))
-    bwd = _pick(impl, "bwd", lambda m: m.gluon_backward_unsupported(
-        q, k, v, q, causal=causal, deterministic=deterministic))
+    fwd = _gluon_forward(impl, q, k, v, q.new_empty(q.shape), causal)
+    bwd = _gluon_backward(impl, q, k, v, q, causal, deterministic)
     return {"fwd": "triton" if fwd is None else "gluon", "bwd": "triton" if bwd is None else "gluon"}
 
 
@@ -219,8 +226,7 @@ def attention_forward(q, k, v, *, causal, softmax_scale, seq_first_out=False, co
     else:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, hq, s), dtype=torch.float32, device=q.device)
-    gluon = None if config is not None else _pick(
-        impl, "fwd", lambda m: m.gluon_forward_unsupported(q, k, v, out, causal=causal))
+    gluon = None if config is not None else _gluon_forward(impl, q, k, v, out, causal)
     if gluon is not None:
         with _device(q):
             gluon.gluon_forward(q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale)
@@ -240,8 +246,7 @@ def attention_backward(do, q, k, v, out, lse, *, causal, softmax_scale, dkdv_con
     (no dQ kernel; the buffer is then scaled and cast into dq). Block configs given select
     the Triton-language kernels; `impl` as in `_pick`."""
     if dkdv_config is None and dq_config is None:
-        gluon = _pick(impl, "bwd", lambda m: m.gluon_backward_unsupported(
-            q, k, v, do, causal=causal, deterministic=deterministic))
+        gluon = _gluon_backward(impl, q, k, v, do, causal, deterministic)
         if gluon is not None:
             dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
             with _device(q):
@@ -306,8 +311,6 @@ def flash_attention(q, k, v, *, causal=True, softmax_scale=None, seq_first_out=F
     "triton" forces the latter, "gluon" the former (ValueError naming why it cannot run).
     """
     _check_inputs(q, k, v)
-    if impl not in IMPLS:
-        raise ValueError(f"attention impl {impl!r} not one of {IMPLS}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     return FlashAttentionFunction.apply(q, k, v, bool(causal), float(softmax_scale),

@@ -302,6 +302,13 @@ def _fwd_kernel(Q, K, V, O, LSE,
                     HEAD_DIM, EVEN)
 
 
+def tma_aligned(t) -> bool:
+    """TMA's layout rule for one tensor: unit last stride, 16-byte aligned base and strides."""
+    size = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all((stride * size) % 16 == 0 for stride in t.stride()[:-1]))
+
+
 def dot_f32(q) -> bool:
     """Upcast dot operands: bf16 under the CPU interpreter only (see `_dot`)."""
     return q.device.type != "cuda" and q.dtype.is_floating_point and q.element_size() == 2

@@ -42,10 +42,11 @@ sequence length a multiple of 128, TMA-able strides (16-byte aligned, last strid
 from __future__ import annotations
 
 import functools
-import os
 import types
 
 import torch
+
+from kernels.attention_fwd import tma_aligned
 
 try:  # Triton 3.6's Gluon; the CPU suite's Triton may lack or differ in it
     from triton.experimental import gluon
@@ -71,8 +72,8 @@ BLOCK_M = {64: 128, 128: 64}
 NUM_WARPS = 8
 # H200, 2026-12-01 (tree 0fb1da4 + the deferred dQ add; TFLOP/s, bwd = 2.5 x 2*b*hq*s^2*d,
 # the issue's four shapes): 205/235/158/205, against the Triton-language backward's
-# 295/368/234/353 in the same call. So "auto" keeps Triton unless LAYOUT_SWEEP_GLUON_BWD=1.
-SLOWER_THAN_TRITON = True
+# 295/368/234/353 in the same call. So kernels/attention.py's "auto" keeps the Triton-language
+# backward unless LAYOUT_SWEEP_GLUON_BWD=1.
 
 
 @(_jit or (lambda f: f))
@@ -305,12 +306,6 @@ def _gluon_hopper_missing() -> str | None:
     return None
 
 
-def _tma_strides_ok(t: torch.Tensor) -> bool:
-    size = t.element_size()
-    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all((s * size) % 16 == 0 for s in t.stride()[:-1]))
-
-
 def shape_unsupported(q, k) -> str | None:
     """Why these shapes and dtypes cannot run (device aside), or None."""
     d, s = q.shape[-1], q.shape[1]
@@ -326,12 +321,9 @@ def shape_unsupported(q, k) -> str | None:
 
 
 def gluon_backward_unsupported(q, k, v, do, *, causal, deterministic) -> str | None:
-    """None when "auto" should run gluon_backward on these tensors, else a short reason.
+    """None when gluon_backward can run on these tensors, else a short reason.
     Both dQ modes run (deterministic=False: fp32 atomics)."""
-    reason = _cannot_run(q, k, v, do)
-    if reason is None and SLOWER_THAN_TRITON and os.environ.get("LAYOUT_SWEEP_GLUON_BWD") != "1":
-        return "slower than the Triton-language backward on H200 (LAYOUT_SWEEP_GLUON_BWD=1 opts in)"
-    return reason
+    return _cannot_run(q, k, v, do)
 
 
 def _cannot_run(q, k, v, do) -> str | None:
@@ -345,7 +337,7 @@ def _cannot_run(q, k, v, do) -> str | None:
     reason = shape_unsupported(q, k)
     if reason:
         return reason
-    if not all(_tma_strides_ok(t) for t in (q, k, v, do)):
+    if not all(tma_aligned(t) for t in (q, k, v, do)):
         return "strides not TMA-able (last stride 1, others and base 16-byte aligned)"
     return None
 

@@ -43,6 +43,8 @@ import torch
 
 import triton
 
+from kernels.attention_fwd import tma_aligned
+
 try:  # Gluon's Hopper API as in Triton 3.6; other Triton versions fall back to the Triton kernel
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -330,10 +332,8 @@ def gluon_forward_unsupported(q, k, v, out, *, causal) -> str | None:
         return f"seq {seqlen} not a multiple of {block} (or k/v of another length)"
     if q.shape[2] % k.shape[2] or k.shape[2] != v.shape[2]:
         return "query heads not a multiple of KV heads"
-    for t in (q, k, v, out):
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16
-                                                           for st in t.stride()[:-1]):
-            return "a stride or base not 16-byte aligned (TMA)"
+    if not all(tma_aligned(t) for t in (q, k, v, out)):
+        return "a stride or base not 16-byte aligned (TMA)"
     return None
 
 

@@ -54,8 +54,7 @@ def _errors(q, k, v, do, grads, *, causal):
     (2, 768, 4, 2, torch.bfloat16, True, True),     # megatron's [s, b, h, d] views
     (1, 384, 2, 2, torch.bfloat16, False, False),   # non-causal
 ])
-def test_gradients_match_float64(d, b, s, hq, hkv, dtype, causal, seq_first, monkeypatch):
-    monkeypatch.setenv("LAYOUT_SWEEP_GLUON_BWD", "1")  # "auto"'s opt-in (it is slower)
+def test_gradients_match_float64(d, b, s, hq, hkv, dtype, causal, seq_first):
     q, k, v, do = _inputs(b, s, hq, hkv, d, dtype, seq_first=seq_first, seed=s + d)
     assert gluon_backward_unsupported(q, k, v, do, causal=causal, deterministic=True) is None
     grads = _grads(q, k, v, do, causal=causal)
