@@ -5,13 +5,14 @@
 #   call 2 (carry .whl .fa4b):  bash benchmarks/kernels_device.sh 2 <commit>
 #   later (carry .whl):         bash benchmarks/kernels_device.sh 3 <commit>
 #   RMSNorm alone (carry .whl): bash benchmarks/kernels_device.sh rmsnorm <commit>
-#   attention alone, two back-to-back calls (carry .whl .fa4a, then .whl .fa4b):
+#   attention alone, two back-to-back calls (carry .whl .fa4a, then .fa4b alone: 64 MiB):
 #       bash benchmarks/kernels_device.sh attention-1 <commit>   (~3.5 min)
 #       bash benchmarks/kernels_device.sh attention-2 <commit>   (~1.5 min)
 #
 # attention-1: the attention CUDA tests (every kernel variant against float64) beside the
 #    tuner's compile workers for fwd, dK/dV and dQ (plain and PIPELINE/SUBTILE/DEFER variants,
-#    timed on vs off), then the tuner's timing; winners to /tmp and $OUT.
+#    timed on vs off), then the tuner's timing; winners to /tmp and $OUT. KINDS (the tuner's
+#    --kinds), COMPILE_S and TUNE_S (their time limits) override the defaults.
 # attention-2: flash-attn-4 installed, bench_attention with those winners against it and SDPA.
 # attention-tests (carry .whl .fa4a; then attention-2 with .whl .fa4b): the attention CUDA tests,
 #    Gluon kernels included (tests/kernels/test_attention*.py), flash-attn-4's first part staged.
@@ -46,15 +47,15 @@ if [ "$step" = 1 ]; then
   echo "rmsnorm rc=$?"; grep -E "^summary" "$OUT/rmsnorm.log"
 elif [ "$step" = attention-1 ]; then
   . benchmarks/gpu_env.sh fa4-1 || exit 1
-  kinds=fwd,fwd_nosoftmax,dkdv,dq
+  kinds=${KINDS:-fwd,fwd_nosoftmax,dkdv,dq}
   env -u TRITON_ALLOW_NON_CONSTEXPR_GLOBALS timeout 150 python -m pytest -q -p no:cacheprovider \
     -m cuda tests/kernels/test_attention.py > "$OUT/tests_attention.log" 2>&1 &
   tests=$!
-  timeout 120 python -m benchmarks.tune_attention --compile-only --kinds $kinds --workers 12 \
-    --out /tmp/tune_compiled.json > "$OUT/tune.log" 2>&1
+  timeout "${COMPILE_S:-120}" python -m benchmarks.tune_attention --compile-only --kinds $kinds \
+    --workers 12 --out /tmp/tune_compiled.json > "$OUT/tune.log" 2>&1
   echo "compile rc=$?"
-  wait $tests; echo "tests rc=$?"; tail -3 "$OUT/tests_attention.log"
-  timeout 80 python -m benchmarks.tune_attention --compiled /tmp/tune_compiled.json --kinds $kinds \
+  wait $tests; echo "tests rc=$?"; grep -E "passed|failed|Error" "$OUT/tests_attention.log" | tail -8
+  timeout "${TUNE_S:-80}" python -m benchmarks.tune_attention --compiled /tmp/tune_compiled.json --kinds $kinds \
     --out "$OUT/attention_tune_h200.json" --winners-out /tmp/attention_winners.json >> "$OUT/tune.log" 2>&1
   echo "tune rc=$?"; grep -E "^compiled|^winners" "$OUT/tune.log"
   cp /tmp/attention_winners.json "$OUT/" 2>/dev/null

@@ -4,8 +4,9 @@
         --winners-out /tmp/attention_winners.json [--compile-only]
 
 Each candidate (block sizes, warps, stages, tensor-descriptor loads, warp specialization) of
-each kernel (forward, dK/dV, dQ, and the dK/dV kernel that adds dQ atomically for
-deterministic=False) is first compiled in its own worker process: a compiler abort then
+each kernel (forward, dK/dV, dQ, and the dK/dV kernels that also sum dQ: with element-wise
+atomics or bulk tensor reduce-adds for deterministic=False, in a fixed order for the
+deterministic default) is first compiled in its own worker process: a compiler abort then
 costs that config only, and Triton's on-disk cache serves the timing process. The worker
 reports the compiled kernel's registers and spills (Triton's n_regs, n_spills). Then each
 config that compiled is timed (bf16, causal, do_bench median) at the tune shapes, checked
@@ -15,7 +16,9 @@ times without compiling again.
 bench_attention.py --configs FILE installs the winners before it measures.
 
 TFLOP/s per kernel: forward counts 2*b*hq*s^2*d (causal); dK/dV and dQ count half the
-backward's 2.5x each; the atomic dK/dV kernel counts the whole 2.5x.
+backward's 2.5x each; the dK/dV kernels that sum dQ count the whole 2.5x.
+Of those that sum dQ, the faster of atomics and reduce-adds wins deterministic=False's
+slot; the ordered one replaces the dK/dV + dQ pair only where it beats the pair's total.
 """
 
 from __future__ import annotations
@@ -43,9 +46,9 @@ from benchmarks.common import (
 
 TUNE_SHAPES = {128: [(8, 16, 16, 2048, 128), (4, 32, 8, 4096, 128)],
                64: [(16, 32, 32, 1024, 64)]}
-KINDS = ("fwd", "dkdv", "dq", "dkdv_atomic", "fwd_nosoftmax")
+KINDS = ("fwd", "dkdv", "dq", "dkdv_atomic", "dkdv_tma", "dkdv_ordered", "fwd_nosoftmax")
 WORK = {"fwd": 1.0, "dkdv": 1.25, "dq": 1.25, "dkdv_atomic": 2.5,  # x forward FLOPs
-        "fwd_nosoftmax": 1.0}
+        "dkdv_tma": 2.5, "dkdv_ordered": 2.5, "fwd_nosoftmax": 1.0}
 # A diagnostic, never a winner: the forward's loads and two matmuls without the online
 # softmax between them (NO_SOFTMAX), the ceiling of this kernel's pipeline as it is.
 DIAGNOSTIC = {"fwd_nosoftmax"}
@@ -60,6 +63,8 @@ def _cfg(bm, bn, w, s, tma, ws=False, extra=None):
 # under block j's softmax), S = SUBTILE (two query half-tiles in turn); maxnreg caps registers.
 # The backward's: D = DEFER (each block's dK or dQ matmul issued one iteration late).
 P, S, D = dict(PIPELINE=True), dict(SUBTILE=True), dict(DEFER=True)
+# How the dK/dV kernel sums dQ: R = bulk tensor reduce-add (TMA), O = in a fixed order.
+R, O = dict(DQ_TMA=True), dict(DQ_ORDERED=True)
 
 
 def candidates(kind, d):
@@ -83,6 +88,13 @@ def candidates(kind, d):
         ("dkdv_atomic", 128): [(64, 128, 8, 3, True), (32, 64, 4, 3, True), (32, 64, 4, 3, False),
                                (32, 128, 8, 3, True), (16, 64, 4, 3, True),
                                (64, 128, 8, 2, True)],
+        ("dkdv_tma", 128): [(32, 128, 8, 3, True, False, R), (64, 128, 8, 3, True, False, R),
+                            (64, 128, 8, 2, True, False, R), (32, 128, 8, 4, True, False, R),
+                            (32, 64, 4, 3, True, False, R), (16, 64, 4, 3, True, False, R)],
+        ("dkdv_ordered", 128): [(32, 128, 8, 3, True, False, O), (32, 128, 8, 3, False, False, O),
+                                (64, 128, 8, 2, True, False, O), (64, 128, 8, 3, True, False, O),
+                                (32, 64, 4, 3, False, False, O), (32, 64, 4, 3, True, False, O),
+                                (16, 64, 4, 3, True, False, O)],
         ("fwd_nosoftmax", 128): [(128, 64, 8, 3, False), (128, 64, 8, 3, False, False, P)],
         ("fwd_nosoftmax", 64): [(128, 64, 8, 4, False)],
         ("fwd", 64): [(128, 64, 8, 4, False), (128, 64, 8, 3, False),
@@ -96,6 +108,11 @@ def candidates(kind, d):
                      (128, 64, 8, 3, False, False, D), (128, 32, 8, 3, False, False, D)],
         ("dkdv_atomic", 64): [(32, 128, 4, 3, False), (64, 128, 8, 3, False),
                               (32, 64, 4, 3, False), (64, 128, 8, 3, True)],
+        ("dkdv_tma", 64): [(32, 128, 4, 3, True, False, R), (64, 128, 8, 3, True, False, R),
+                           (32, 64, 4, 3, True, False, R), (64, 128, 8, 2, True, False, R)],
+        ("dkdv_ordered", 64): [(32, 128, 4, 3, False, False, O), (64, 128, 8, 3, False, False, O),
+                               (32, 64, 4, 3, False, False, O), (32, 128, 4, 3, True, False, O),
+                               (64, 128, 8, 3, True, False, O)],
     }
     return [_cfg(*c) for c in table[(kind, d)]]
 
@@ -123,7 +140,7 @@ class KernelRun:
 
     def fn(self, kind, cfg):
         from kernels import attention as A
-        from kernels.attention_bwd import launch_dkdv, launch_dq
+        from kernels.attention_bwd import DQ_ORDERED, DQ_TMA, launch_dkdv, launch_dq
 
         if kind in ("fwd", "fwd_nosoftmax"):
             cfg = dict(cfg, NO_SOFTMAX=kind == "fwd_nosoftmax")
@@ -137,15 +154,23 @@ class KernelRun:
         if kind == "dq":
             return lambda: launch_dq(*common, self.dq, **kw)
 
+        if kind == "dkdv_ordered":  # what deterministic=True runs after the delta kernel
+            return lambda: launch_dkdv(*common, self.dk, self.dv, dq_acc=self.dq_acc,
+                                       dq=self.dq, mode=DQ_ORDERED, **kw)
+        if kind == "dkdv_tma" and not tma:
+            raise ValueError("dkdv_tma needs a config with tma=True")
+
         def atomic():  # what deterministic=False runs after the delta kernel
             self.dq_acc.zero_()
-            launch_dkdv(*common, self.dk, self.dv, dq_acc=self.dq_acc, **kw)
+            launch_dkdv(*common, self.dk, self.dv, dq_acc=self.dq_acc,
+                        mode=DQ_TMA if kind == "dkdv_tma" else None, **kw)
             self.dq.copy_(self.dq_acc.mul_(self.scale))
         return atomic
 
     def outputs(self, kind):
         return {"fwd": [], "fwd_nosoftmax": [], "dkdv": ["dk", "dv"], "dq": ["dq"],
-                "dkdv_atomic": ["dk", "dv", "dq"]}[kind]
+                "dkdv_atomic": ["dk", "dv", "dq"], "dkdv_tma": ["dk", "dv", "dq"],
+                "dkdv_ordered": ["dk", "dv", "dq"]}[kind]
 
 
 def _kernel_of(kind):
@@ -210,6 +235,7 @@ def time_configs(compiled, kinds=KINDS):
 
     table, winners = [], {}
     for d, shapes in TUNE_SHAPES.items():
+        totals = {}
         runs = [KernelRun(shape) for shape in shapes]
         refs = [_sdpa_reference(run) for run in runs]
         for kind in kinds:
@@ -242,9 +268,25 @@ def time_configs(compiled, kinds=KINDS):
                 print("tune", json.dumps(row), flush=True)
             if best is not None:
                 winners.setdefault(str(d), {})[kind] = best[1]
+                totals[kind] = best[0]
+        resolve(winners.get(str(d), {}), totals)
         del runs, refs
         torch.cuda.empty_cache()
     return table, winners
+
+
+def resolve(kinds: dict, totals: dict) -> None:
+    """One winner per slot: deterministic=False takes the faster of atomics ("dkdv_atomic")
+    and reduce-adds ("dkdv_tma"), left under "dkdv_atomic"; "dkdv_ordered" stays only if it
+    beats the dK/dV + dQ pair (sums of the tune shapes' median times)."""
+    if "dkdv_tma" in kinds:
+        tma = kinds.pop("dkdv_tma")
+        if totals["dkdv_tma"] < totals.get("dkdv_atomic", float("inf")):
+            kinds["dkdv_atomic"] = tma
+    if "dkdv_ordered" in kinds:
+        pair = totals.get("dkdv", float("inf")) + totals.get("dq", float("inf"))
+        if totals["dkdv_ordered"] >= pair:
+            del kinds["dkdv_ordered"]
 
 
 def install(winners: dict) -> None:
@@ -252,7 +294,7 @@ def install(winners: dict) -> None:
     from kernels import attention as A
 
     tables = {"fwd": A.FWD_CONFIGS, "dkdv": A.DKDV_CONFIGS, "dq": A.DQ_CONFIGS,
-              "dkdv_atomic": A.DKDV_ATOMIC_CONFIGS}
+              "dkdv_atomic": A.DKDV_ATOMIC_CONFIGS, "dkdv_ordered": A.DKDV_ORDERED_CONFIGS}
     for d, kinds in winners.items():
         for kind, cfg in kinds.items():
             tables[kind][int(d)] = cfg
@@ -282,7 +324,7 @@ def main():
         compiled = precompile(args.workers, kinds)
     results = dict(provenance(), compiled=compiled, shapes=TUNE_SHAPES,
                    flops="per kernel: fwd 2*b*hq*s^2*d (causal); dkdv, dq 1.25x; "
-                         "dkdv_atomic 2.5x")
+                         "dkdv_atomic, dkdv_tma, dkdv_ordered 2.5x")
     if not args.compile_only:
         results["table"], results["winners"] = time_configs(compiled, kinds)
         print("winners", json.dumps(results["winners"]), flush=True)

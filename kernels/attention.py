@@ -57,7 +57,14 @@ import torch
 import triton
 
 from core.choices import TRITON_HEAD_DIMS as HEAD_DIMS  # the sweeper's validity reads the same tuple
-from kernels.attention_bwd import launch_delta, launch_dkdv, launch_dq
+from kernels.attention_bwd import (
+    DQ_NONE,
+    DQ_ORDERED,
+    dq_mode,
+    launch_delta,
+    launch_dkdv,
+    launch_dq,
+)
 from kernels.attention_fwd import launch_forward, tma_aligned
 
 # Block configurations per head dim, winners of the H200 sweep of benchmarks/tune_attention.py
@@ -83,11 +90,15 @@ DQ_CONFIGS = {
     64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma=False),
     128: dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3, tma=True, WARP_SPEC=True),
 }
-# The dK/dV kernel that also adds dQ with atomics (deterministic=False).
+# The dK/dV kernel that also adds dQ (deterministic=False): element-wise atomics, or with
+# "DQ_TMA" one bulk tensor reduce-add per tile.
 DKDV_ATOMIC_CONFIGS = {
     64: dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3, tma=False),
     128: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3, tma=True),
 }
+# The deterministic dK/dV kernel that also sums dQ in a fixed order ("DQ_ORDERED"), used
+# instead of the dK/dV + dQ pair at the head dims listed here.
+DKDV_ORDERED_CONFIGS: dict[int, dict] = {}
 # Untuned head dims get small blocks. The CPU interpreter simulates every program
 # in numpy: few, small tiles keep the tests fast there.
 SMALL_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, tma=False)
@@ -100,8 +111,11 @@ def kernel_configs(head_dim: int, device: torch.device, *, deterministic: bool =
     if device.type != "cuda":
         return INTERPRETER_CONFIG, INTERPRETER_CONFIG, INTERPRETER_CONFIG
     if head_dim in FWD_CONFIGS:
-        dkdv = DKDV_CONFIGS if deterministic else DKDV_ATOMIC_CONFIGS
-        return FWD_CONFIGS[head_dim], dkdv[head_dim], DQ_CONFIGS[head_dim]
+        if not deterministic:
+            dkdv = DKDV_ATOMIC_CONFIGS[head_dim]
+        else:
+            dkdv = DKDV_ORDERED_CONFIGS.get(head_dim) or DKDV_CONFIGS[head_dim]
+        return FWD_CONFIGS[head_dim], dkdv, DQ_CONFIGS[head_dim]
     return SMALL_CONFIG, SMALL_CONFIG, SMALL_CONFIG
 
 
@@ -242,9 +256,10 @@ def attention_backward(do, q, k, v, out, lse, *, causal, softmax_scale, dkdv_con
                        dq_config=None, deterministic=True, impl="auto"):
     """Host launcher: (dq, dk, dv), each laid out in its input's dimension order.
 
-    deterministic=False: one dK/dV kernel that also adds dQ into an fp32 buffer with atomics
-    (no dQ kernel; the buffer is then scaled and cast into dq). Block configs given select
-    the Triton-language kernels; `impl` as in `_pick`."""
+    deterministic=False: one dK/dV kernel that also adds dQ into an fp32 buffer (atomics or
+    bulk reduce-adds; no dQ kernel; the buffer is then scaled and cast into dq). A dK/dV
+    config with "DQ_ORDERED" (deterministic) sums dQ in a fixed order and writes dq itself.
+    Block configs given select the Triton-language kernels; `impl` as in `_pick`."""
     if dkdv_config is None and dq_config is None:
         gluon = _gluon_backward(impl, q, k, v, do, causal, deterministic)
         if gluon is not None:
@@ -259,15 +274,21 @@ def attention_backward(do, q, k, v, out, lse, *, causal, softmax_scale, dkdv_con
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
     kw = dict(causal=causal, softmax_scale=softmax_scale)
-    dq_acc = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     with _device(q):
+        use_tma = _use_tma(dkdv_config, q, k, v, do)
+        mode = dq_mode(dkdv_config, deterministic=deterministic, use_tma=use_tma,
+                       on_gpu=q.is_cuda)
+        dq_acc = None
+        if mode != DQ_NONE:
+            new = torch.empty if mode == DQ_ORDERED else torch.zeros
+            dq_acc = new(q.shape, dtype=torch.float32, device=q.device)
         launch_delta(out, do, delta)
-        launch_dkdv(q, k, v, do, lse, delta, dk, dv, config=dkdv_config,
-                    use_tma=_use_tma(dkdv_config, q, k, v, do), dq_acc=dq_acc, **kw)
-        if deterministic:
+        launch_dkdv(q, k, v, do, lse, delta, dk, dv, config=dkdv_config, use_tma=use_tma,
+                    dq_acc=dq_acc, dq=dq, mode=mode, **kw)
+        if mode == DQ_NONE:
             launch_dq(q, k, v, do, lse, delta, dq, config=dq_config,
                       use_tma=_use_tma(dq_config, q, k, v, do), **kw)
-        else:
+        elif mode != DQ_ORDERED:
             dq.copy_(dq_acc.mul_(softmax_scale))
     return dq, dk, dv
 

@@ -16,10 +16,19 @@ Each output block is owned by exactly one program and summed in a fixed order,
 so results are bitwise reproducible run to run. The price is recomputing
 Q K^T and dO V^T in both kernels: 7 block matmuls instead of 5.
 
-`deterministic=False` (DQ_ATOMIC) takes the 5: the dK/dV kernel also forms each block's
-dQ_i += scale * dS_ij K_j and adds it into an fp32 [b, s, hq, d] buffer with atomics (as
-FlashAttention-2 does), so no dQ kernel runs; the order of those fp32 additions varies from
-run to run, hence so do dQ's last bits. Reference: Dao, "FlashAttention-2" (2023), Algorithm 2.
+The dK/dV kernel can also form each block's dQ_i += scale * dS_ij K_j itself (5 block matmuls, no
+dQ kernel), summed into an fp32 [b, s, hq, d] buffer; DQ_MODE says how:
+- DQ_ATOMIC: element-wise fp32 atomics (FlashAttention-2, Algorithm 2);
+- DQ_TMA: the whole [BLOCK_M, d] tile with one bulk tensor reduce-add (TMA, sm_90+), as
+  FlashAttention-3 does;
+  both add in whatever order the programs reach a block, so dQ's last bits vary run to run;
+- DQ_ORDERED, deterministic: the key blocks add into query block i in a fixed order (the
+  highest key block first, key block 0 last), each waiting on a per-block counter for its
+  turn (acquire) and bumping it once its sum is stored (release); the first adder stores
+  without reading and the last writes scaled dQ in the output dtype, so the buffer needs no
+  zeroing and no cast kernel runs. Programs take (KV head, key block) from a ticket counter
+  in the order the waits need (high key blocks first), so a program only ever waits on one
+  that started before it: no deadlock whatever order the GPU starts programs in.
 
 DEFER (a config flag of either kernel, deterministic path only) issues each unmasked block's
 dK += dS^T Q (or dQ += dS K) one iteration late, after the next block's S dot, so that wgmma
@@ -62,12 +71,70 @@ def _delta_kernel(O, DO, DELTA,
     tl.store(DELTA + bh.to(tl.int64) * seqlen + rows, delta, mask=rows < seqlen)
 
 
+# How the dK/dV kernel sums dQ (DQ_MODE); DQ_NONE: a separate dQ kernel does.
+DQ_NONE, DQ_ATOMIC, DQ_TMA, DQ_ORDERED = 0, 1, 2, 3
+
+
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dq_ptr, offs_n, lo, hi,
-                seqlen, stride_qs, stride_qd, stride_gs, stride_gd, stride_dqs, qk_scale2,
-                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
+def _add_dq(dq, dq_dst, dq_out, lock_ptr, start_m, key_block, last_key_block, seqlen,
+            stride_dqs, stride_os, stride_od, softmax_scale, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+            EVEN: tl.constexpr, DQ_MODE: tl.constexpr):
+    """Add this key block's share of dQ rows [start_m, start_m + BLOCK_M) (unscaled fp32).
+
+    dq_dst: the fp32 buffer (a tensor descriptor for DQ_TMA); dq_out, lock_ptr: DQ_ORDERED's
+    output rows and this head's counters (one per query block)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, HEAD_DIM)
+    rows_ok = offs_m[:, None] < seqlen
+    if DQ_MODE == 2:
+        dq_dst.atomic_add([start_m, 0], dq)  # rows past the end are dropped by the TMA unit
+    elif DQ_MODE == 1:
+        ptrs = dq_dst + offs_m[:, None] * stride_dqs + cols[None, :]
+        if EVEN:
+            tl.atomic_add(ptrs, dq, sem="relaxed")
+        else:
+            tl.atomic_add(ptrs, dq, mask=rows_ok, sem="relaxed")
+    else:
+        # Key blocks add into this query block from the highest that sees it down to 0.
+        if CAUSAL:
+            first = start_m // BLOCK_N  # the block holding key start_m (BLOCK_N % BLOCK_M == 0)
+        else:
+            first = last_key_block
+        turn = first - key_block
+        lock = lock_ptr + start_m // BLOCK_M
+        ptrs = dq_dst + offs_m[:, None] * stride_dqs + cols[None, :]
+        if turn > 0:
+            while tl.atomic_add(lock, 0, sem="acquire") < turn:
+                pass
+            if EVEN:
+                dq += tl.load(ptrs, cache_modifier=".cg")
+            else:
+                dq += tl.load(ptrs, mask=rows_ok, other=0.0, cache_modifier=".cg")
+        if key_block == 0:
+            out = dq_out + offs_m[:, None] * stride_os + cols[None, :] * stride_od
+            val = (dq * softmax_scale).to(dq_out.dtype.element_ty)
+            if EVEN:
+                tl.store(out, val)
+            else:
+                tl.store(out, val, mask=rows_ok)
+        else:
+            if EVEN:
+                tl.store(ptrs, dq)
+            else:
+                tl.store(ptrs, dq, mask=rows_ok)
+            tl.debug_barrier()  # every thread's rows stored before the counter says so
+            tl.atomic_add(lock, 1, sem="release")
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dq_dst, dq_out, lock_ptr,
+                offs_n, lo, hi, key_block, last_key_block, seqlen, stride_qs, stride_qd,
+                stride_gs, stride_gd, stride_dqs, stride_os, stride_od, softmax_scale,
+                qk_scale2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HEAD_DIM: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
                 EVEN: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-                DOT_F32: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+                DOT_F32: tl.constexpr, DQ_MODE: tl.constexpr):
     for start_m in tl.range(lo, hi, BLOCK_M, warp_specialize=WARP_SPEC):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -85,13 +152,11 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dq_ptr, offs_n,
         dp_t = _dot(v, tl.trans(do), None, DOT_F32)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
         dk = _dot(ds_t, q, dk, DOT_F32)
-        if DQ_ATOMIC:  # this block's share of dQ (unscaled), added into the fp32 buffer
+        if DQ_MODE != 0:  # this block's share of dQ (unscaled)
             dq = _dot(tl.trans(ds_t), k, None, DOT_F32)  # [BLOCK_M, HEAD_DIM]
-            dq_ptrs = dq_ptr + offs_m[:, None] * stride_dqs + tl.arange(0, HEAD_DIM)[None, :]
-            if EVEN:
-                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
-            else:
-                tl.atomic_add(dq_ptrs, dq, mask=offs_m[:, None] < seqlen, sem="relaxed")
+            _add_dq(dq, dq_dst, dq_out, lock_ptr, start_m, key_block, last_key_block, seqlen,
+                    stride_dqs, stride_os, stride_od, softmax_scale, BLOCK_M, BLOCK_N,
+                    HEAD_DIM, CAUSAL, EVEN, DQ_MODE)
     return dk, dv
 
 
@@ -103,7 +168,7 @@ def _dkdv_inner_deferred(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, offs_n
     """The unmasked query blocks [lo, hi) with each block's dK += dS^T Q deferred to the
     next iteration, issued after that block's S^T dot: the wgmma then runs under the exp2 of
     P^T (Triton waits on a dot at once unless only its accumulator is carried; see
-    attention_fwd._fwd_inner_pipelined). Deterministic path only (no DQ_ATOMIC)."""
+    attention_fwd._fwd_inner_pipelined). Only with a separate dQ kernel (DQ_NONE)."""
     if lo < hi:
         last = lo + (tl.cdiv(hi - lo, BLOCK_M) - 1) * BLOCK_M
         ds_t = tl.zeros([offs_n.shape[0], BLOCK_M], tl.float32)
@@ -151,24 +216,36 @@ def _load_delta(delta_ptr, offs_m, seqlen, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, DQ, LOCKS,
                  stride_qb, stride_qs, stride_qh, stride_qd,
                  stride_kb, stride_ks, stride_kh, stride_kd,
                  stride_vb, stride_vs, stride_vh, stride_vd,
                  stride_gb, stride_gs, stride_gh, stride_gd,
                  stride_dkb, stride_dks, stride_dkh, stride_dkd,
                  stride_dvb, stride_dvs, stride_dvh, stride_dvd,
+                 stride_dqb, stride_dqs, stride_dqh, stride_dqd,
                  seqlen, num_heads, num_kv_heads, group, softmax_scale, qk_scale2,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, EVEN: tl.constexpr, USE_TMA: tl.constexpr,
-                 WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+                 WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr, DQ_MODE: tl.constexpr,
                  DEFER: tl.constexpr):
-    # DQ_ACC: fp32 [b, s, hq, HEAD_DIM], contiguous (used only with DQ_ATOMIC).
-    # DEFER: the unmasked query blocks through _dkdv_inner_deferred (not with DQ_ATOMIC).
-    tl.static_assert(not (DEFER and DQ_ATOMIC))
+    # DQ_ACC: fp32 [b, s, hq, HEAD_DIM], contiguous (DQ_MODE != DQ_NONE). DQ, LOCKS
+    # (DQ_ORDERED): dq [b, s, hq, d] any strides; int32 counters [b * hq * query blocks]
+    # and, last, the ticket counter, zeroed.
+    # DEFER: the unmasked query blocks through _dkdv_inner_deferred (DQ_NONE only).
+    tl.static_assert(not (DEFER and DQ_MODE != 0))
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
-    bhk = tl.program_id(0)
-    start_n = tl.program_id(1) * BLOCK_N
+    num_key_blocks = tl.num_programs(1)
+    if DQ_MODE == 3:
+        # Tickets in start order: high key blocks first, KV heads fastest.
+        n_locks = tl.num_programs(0) // num_kv_heads * num_heads * tl.cdiv(seqlen, BLOCK_M)
+        ticket = tl.atomic_add(LOCKS + n_locks, 1)
+        bhk = ticket % tl.num_programs(0)
+        key_block = num_key_blocks - 1 - ticket // tl.num_programs(0)
+    else:
+        bhk = tl.program_id(0)
+        key_block = tl.program_id(1)
+    start_n = key_block * BLOCK_N
     b = (bhk // num_kv_heads).to(tl.int64)
     hk = (bhk % num_kv_heads).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -191,15 +268,23 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
         do_src = _rows_source(DO + b * stride_gb + h * stride_gh, seqlen, stride_gs, BLOCK_M,
                               HEAD_DIM, USE_TMA)
         row = (b * num_heads + h) * seqlen
-        stride_dqs = num_heads * HEAD_DIM
-        dq_ptr = DQ_ACC + (b * seqlen * num_heads + h) * HEAD_DIM
+        stride_acc = num_heads * HEAD_DIM
+        dq_dst = DQ_ACC + (b * seqlen * num_heads + h) * HEAD_DIM
+        if DQ_MODE == 2:
+            dq_dst = tl.make_tensor_descriptor(dq_dst, shape=[seqlen, HEAD_DIM],
+                                               strides=[stride_acc, 1],
+                                               block_shape=[BLOCK_M, HEAD_DIM])
+        dq_out = DQ + b * stride_dqb + h * stride_dqh
+        lock_ptr = LOCKS + (b * num_heads + h) * tl.cdiv(seqlen, BLOCK_M)
         if CAUSAL:
             # Query blocks on the diagonal are masked; those below it are not.
             diag_end = tl.minimum(start_n + BLOCK_N, seqlen)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE + row, DELTA + row, dq_ptr,
-                                 offs_n, start_n, diag_end, seqlen, stride_qs, stride_qd,
-                                 stride_gs, stride_gd, stride_dqs, qk_scale2, BLOCK_M, HEAD_DIM,
-                                 True, EVEN, USE_TMA, WARP_SPEC, DOT_F32, DQ_ATOMIC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE + row, DELTA + row, dq_dst,
+                                 dq_out, lock_ptr, offs_n, start_n, diag_end, key_block,
+                                 num_key_blocks - 1, seqlen, stride_qs, stride_qd, stride_gs,
+                                 stride_gd, stride_acc, stride_dqs, stride_dqd, softmax_scale,
+                                 qk_scale2, BLOCK_M, BLOCK_N, HEAD_DIM, True, CAUSAL, EVEN,
+                                 USE_TMA, WARP_SPEC, DOT_F32, DQ_MODE)
             unmasked_lo = start_n + BLOCK_N
         else:
             unmasked_lo = 0
@@ -209,10 +294,12 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
                                           stride_qd, stride_gs, stride_gd, qk_scale2, BLOCK_M,
                                           HEAD_DIM, EVEN, USE_TMA, DOT_F32)
         else:
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE + row, DELTA + row, dq_ptr,
-                                 offs_n, unmasked_lo, seqlen, seqlen, stride_qs, stride_qd,
-                                 stride_gs, stride_gd, stride_dqs, qk_scale2, BLOCK_M, HEAD_DIM,
-                                 False, EVEN, USE_TMA, WARP_SPEC, DOT_F32, DQ_ATOMIC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE + row, DELTA + row, dq_dst,
+                                 dq_out, lock_ptr, offs_n, unmasked_lo, seqlen, key_block,
+                                 num_key_blocks - 1, seqlen, stride_qs, stride_qd, stride_gs,
+                                 stride_gd, stride_acc, stride_dqs, stride_dqd, softmax_scale,
+                                 qk_scale2, BLOCK_M, BLOCK_N, HEAD_DIM, False, CAUSAL, EVEN,
+                                 USE_TMA, WARP_SPEC, DOT_F32, DQ_MODE)
 
     dk = dk * softmax_scale
     cols = tl.arange(0, HEAD_DIM)
@@ -363,23 +450,44 @@ def launch_delta(o, do, delta):
     )
 
 
+def dq_mode(config, *, deterministic: bool, use_tma: bool, on_gpu: bool) -> int:
+    """How a dK/dV config sums dQ: DQ_ORDERED for a deterministic "DQ_ORDERED" config, else a
+    separate dQ kernel (DQ_NONE) when deterministic; otherwise DQ_TMA for a "DQ_TMA" config
+    on a GPU with tensor descriptors (the CPU interpreter has no bulk reduce), else DQ_ATOMIC."""
+    if deterministic:
+        return DQ_ORDERED if config.get("DQ_ORDERED") else DQ_NONE
+    return DQ_TMA if use_tma and on_gpu and config.get("DQ_TMA") else DQ_ATOMIC
+
+
 def launch_dkdv(q, k, v, do, lse, delta, dk, dv, *, causal, softmax_scale, config, use_tma,
-                dq_acc=None):
-    """dk, dv [b, s, hkv, d]: one program per (key block, batch, KV head). With `dq_acc`
-    (fp32 [b, s, hq, d] contiguous, zeroed) it also adds the unscaled dQ into it (atomics)."""
+                dq_acc=None, dq=None, mode=None):
+    """dk, dv [b, s, hkv, d]: one program per (key block, batch, KV head).
+
+    mode DQ_ATOMIC / DQ_TMA: also adds the unscaled dQ into `dq_acc` (fp32 [b, s, hq, d],
+    contiguous, zeroed); DQ_ORDERED: writes dq (any strides) itself, `dq_acc` (same shape,
+    uninitialized) holding the partial sums. None: DQ_NONE, or DQ_ATOMIC with dq_acc."""
     batch, seqlen, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
-    if dq_acc is not None:
-        assert dq_acc.dtype == torch.float32 and dq_acc.is_contiguous()
+    if mode is None:
+        mode = DQ_NONE if dq_acc is None else DQ_ATOMIC
+    locks = dk  # unused unless DQ_ORDERED
+    if mode != DQ_NONE:
+        assert dq_acc is not None and dq_acc.dtype == torch.float32 and dq_acc.is_contiguous()
+        assert not config.get("DEFER"), "DEFER needs the separate dQ kernel"
+    if mode == DQ_ORDERED:
+        assert dq is not None
+        n_locks = batch * num_heads * triton.cdiv(seqlen, config["BLOCK_M"])
+        locks = torch.zeros(n_locks + 1, dtype=torch.int32, device=q.device)
+    dq = dk if dq is None else dq
     _dkdv_kernel[(batch * num_kv_heads, triton.cdiv(seqlen, config["BLOCK_N"]))](
-        q, k, v, do, lse, delta, dk, dv, dk if dq_acc is None else dq_acc,
+        q, k, v, do, lse, delta, dk, dv, dk if dq_acc is None else dq_acc, dq, locks,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        seqlen, num_heads, num_kv_heads, num_heads // num_kv_heads, softmax_scale,
+        *dq.stride(), seqlen, num_heads, num_kv_heads, num_heads // num_kv_heads, softmax_scale,
         softmax_scale * LOG2E_HOST,
         HEAD_DIM=head_dim, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         CAUSAL=causal, EVEN=seqlen % config["BLOCK_N"] == 0, USE_TMA=use_tma,
         WARP_SPEC=config.get("WARP_SPEC", False), DOT_F32=dot_f32(q),
-        DQ_ATOMIC=dq_acc is not None, DEFER=config.get("DEFER", False),
+        DQ_MODE=mode, DEFER=config.get("DEFER", False),
         num_warps=config["num_warps"], num_stages=config["num_stages"], **launch_extras(config),
     )
 
