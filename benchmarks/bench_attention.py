@@ -116,7 +116,8 @@ def bench(results):
                    configs=dict(fwd=A.FWD_CONFIGS.get(d), dkdv=A.DKDV_CONFIGS.get(d),
                                 dq=A.DQ_CONFIGS.get(d),
                                 dkdv_atomic=A.DKDV_ATOMIC_CONFIGS.get(d),
-                                dkdv_ordered=A.DKDV_ORDERED_CONFIGS.get(d)))
+                                dkdv_stash=A.DKDV_STASH_CONFIGS.get(d),
+                                dq_ds=A.DQ_DS_CONFIGS.get(d)))
         impls, notes = _impls(q, k, v, do, hq, hkv)
         for label, (fwd, inputs, g) in impls.items():
             try:

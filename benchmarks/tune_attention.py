@@ -4,9 +4,9 @@
         --winners-out /tmp/attention_winners.json [--compile-only]
 
 Each candidate (block sizes, warps, stages, tensor-descriptor loads, warp specialization) of
-each kernel (forward, dK/dV, dQ, and the dK/dV kernels that also sum dQ: with element-wise
-atomics or bulk tensor reduce-adds for deterministic=False, in a fixed order for the
-deterministic default) is first compiled in its own worker process: a compiler abort then
+each kernel (forward, dK/dV, dQ, the dK/dV kernel that also adds dQ for deterministic=False
+with element-wise atomics or bulk tensor reduce-adds, and the DQ_STASH pair: the dK/dV
+kernel that stores dS and the dQ = dS K kernel) is first compiled in its own worker process: a compiler abort then
 costs that config only, and Triton's on-disk cache serves the timing process. The worker
 reports the compiled kernel's registers and spills (Triton's n_regs, n_spills). Then each
 config that compiled is timed (bf16, causal, do_bench median) at the tune shapes, checked
@@ -16,9 +16,9 @@ times without compiling again.
 bench_attention.py --configs FILE installs the winners before it measures.
 
 TFLOP/s per kernel: forward counts 2*b*hq*s^2*d (causal); dK/dV and dQ count half the
-backward's 2.5x each; the dK/dV kernels that sum dQ count the whole 2.5x.
-Of those that sum dQ, the faster of atomics and reduce-adds wins deterministic=False's
-slot; the ordered one replaces the dK/dV + dQ pair only where it beats the pair's total.
+backward's 2.5x each (so do the DQ_STASH pair's two); the dK/dV kernels that add dQ count
+the whole 2.5x. The faster of atomics and reduce-adds wins deterministic=False's slot; the
+DQ_STASH pair replaces the dK/dV + dQ pair only where its total is lower.
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ from benchmarks.common import (
 
 TUNE_SHAPES = {128: [(8, 16, 16, 2048, 128), (4, 32, 8, 4096, 128)],
                64: [(16, 32, 32, 1024, 64)]}
-KINDS = ("fwd", "dkdv", "dq", "dkdv_atomic", "dkdv_tma", "dkdv_ordered", "fwd_nosoftmax")
+KINDS = ("fwd", "dkdv", "dq", "dkdv_atomic", "dkdv_tma", "dkdv_stash", "dq_ds",
+         "fwd_nosoftmax")
 WORK = {"fwd": 1.0, "dkdv": 1.25, "dq": 1.25, "dkdv_atomic": 2.5,  # x forward FLOPs
-        "dkdv_tma": 2.5, "dkdv_ordered": 2.5, "fwd_nosoftmax": 1.0}
+        "dkdv_tma": 2.5, "dkdv_stash": 1.25, "dq_ds": 1.25, "fwd_nosoftmax": 1.0}
 # A diagnostic, never a winner: the forward's loads and two matmuls without the online
 # softmax between them (NO_SOFTMAX), the ceiling of this kernel's pipeline as it is.
 DIAGNOSTIC = {"fwd_nosoftmax"}
@@ -63,8 +64,8 @@ def _cfg(bm, bn, w, s, tma, ws=False, extra=None):
 # under block j's softmax), S = SUBTILE (two query half-tiles in turn); maxnreg caps registers.
 # The backward's: D = DEFER (each block's dK or dQ matmul issued one iteration late).
 P, S, D = dict(PIPELINE=True), dict(SUBTILE=True), dict(DEFER=True)
-# How the dK/dV kernel sums dQ: R = bulk tensor reduce-add (TMA), O = in a fixed order.
-R, O = dict(DQ_TMA=True), dict(DQ_ORDERED=True)
+# The dK/dV kernel's part in dQ: R = bulk tensor reduce-add (TMA), Z = stores dS (DQ_STASH).
+R, Z = dict(DQ_TMA=True), dict(DS_STASH=True)
 
 
 def candidates(kind, d):
@@ -91,10 +92,12 @@ def candidates(kind, d):
         ("dkdv_tma", 128): [(32, 128, 8, 3, True, False, R), (64, 128, 8, 3, True, False, R),
                             (64, 128, 8, 2, True, False, R), (32, 128, 8, 4, True, False, R),
                             (32, 64, 4, 3, True, False, R), (16, 64, 4, 3, True, False, R)],
-        ("dkdv_ordered", 128): [(32, 128, 8, 3, True, False, O), (32, 128, 8, 3, False, False, O),
-                                (64, 128, 8, 2, True, False, O), (64, 128, 8, 3, True, False, O),
-                                (32, 64, 4, 3, False, False, O), (32, 64, 4, 3, True, False, O),
-                                (16, 64, 4, 3, True, False, O)],
+        ("dkdv_stash", 128): [(32, 64, 4, 3, False, False, Z), (32, 64, 4, 3, True, False, Z),
+                              (32, 128, 8, 3, True, False, Z), (32, 128, 8, 3, False, False, Z),
+                              (64, 128, 8, 3, True, False, Z), (32, 64, 4, 2, False, False, Z)],
+        ("dq_ds", 128): [(128, 64, 8, 3, True), (128, 64, 8, 4, True), (128, 128, 8, 3, True),
+                         (64, 64, 4, 3, True), (128, 64, 4, 3, True), (128, 32, 8, 4, True),
+                         (128, 64, 8, 3, False)],
         ("fwd_nosoftmax", 128): [(128, 64, 8, 3, False), (128, 64, 8, 3, False, False, P)],
         ("fwd_nosoftmax", 64): [(128, 64, 8, 4, False)],
         ("fwd", 64): [(128, 64, 8, 4, False), (128, 64, 8, 3, False),
@@ -110,9 +113,10 @@ def candidates(kind, d):
                               (32, 64, 4, 3, False), (64, 128, 8, 3, True)],
         ("dkdv_tma", 64): [(32, 128, 4, 3, True, False, R), (64, 128, 8, 3, True, False, R),
                            (32, 64, 4, 3, True, False, R), (64, 128, 8, 2, True, False, R)],
-        ("dkdv_ordered", 64): [(32, 128, 4, 3, False, False, O), (64, 128, 8, 3, False, False, O),
-                               (32, 64, 4, 3, False, False, O), (32, 128, 4, 3, True, False, O),
-                               (64, 128, 8, 3, True, False, O)],
+        ("dkdv_stash", 64): [(32, 128, 4, 3, False, False, Z), (64, 128, 8, 3, False, False, Z),
+                             (32, 64, 4, 3, False, False, Z), (32, 128, 4, 3, True, False, Z)],
+        ("dq_ds", 64): [(128, 64, 8, 3, True), (128, 128, 8, 3, True), (64, 64, 4, 4, True),
+                        (128, 64, 4, 4, True), (128, 128, 8, 4, True)],
     }
     return [_cfg(*c) for c in table[(kind, d)]]
 
@@ -140,7 +144,8 @@ class KernelRun:
 
     def fn(self, kind, cfg):
         from kernels import attention as A
-        from kernels.attention_bwd import DQ_ORDERED, DQ_TMA, launch_dkdv, launch_dq
+        from kernels.attention_bwd import DQ_STASH, DQ_TMA, launch_dkdv, launch_dq
+        from kernels.attention_dq_ds import launch_dq_ds
 
         if kind in ("fwd", "fwd_nosoftmax"):
             cfg = dict(cfg, NO_SOFTMAX=kind == "fwd_nosoftmax")
@@ -154,9 +159,15 @@ class KernelRun:
         if kind == "dq":
             return lambda: launch_dq(*common, self.dq, **kw)
 
-        if kind == "dkdv_ordered":  # what deterministic=True runs after the delta kernel
-            return lambda: launch_dkdv(*common, self.dk, self.dv, dq_acc=self.dq_acc,
-                                       dq=self.dq, mode=DQ_ORDERED, **kw)
+        if kind == "dkdv_stash":
+            return lambda: launch_dkdv(*common, self.dk, self.dv, dq_acc=self.stash(),
+                                       mode=DQ_STASH, **kw)
+        if kind == "dq_ds":
+            ds = self.stash(filled=True)
+            tma = A._use_tma(cfg, self.q, self.k, ds)
+            return lambda: launch_dq_ds(ds, self.k, self.dq, heads=(0, ds.shape[0]),
+                                        causal=True, softmax_scale=self.scale, config=cfg,
+                                        use_tma=tma)
         if kind == "dkdv_tma" and not tma:
             raise ValueError("dkdv_tma needs a config with tma=True")
 
@@ -167,17 +178,33 @@ class KernelRun:
             self.dq.copy_(self.dq_acc.mul_(self.scale))
         return atomic
 
+    def stash(self, filled=False):
+        """The dS scratch of all heads; `filled`: by a plain-pointer DQ_STASH dK/dV run."""
+        from kernels.attention_bwd import DQ_STASH, launch_dkdv, stash_stride
+
+        if getattr(self, "ds", None) is None:
+            b, hq, _, s, _ = self.shape
+            self.ds = torch.empty((b * hq, s, stash_stride(s)), dtype=self.q.dtype, device="cuda")
+            self.ds_filled = False
+        if filled and not self.ds_filled:
+            launch_dkdv(self.q, self.k, self.v, self.do, self.lse, self.delta, self.dk, self.dv,
+                        causal=True, softmax_scale=self.scale, use_tma=False,
+                        config=_cfg(32, 64, 4, 3, False, extra=Z), dq_acc=self.ds, mode=DQ_STASH)
+            self.ds_filled = True
+        return self.ds
+
     def outputs(self, kind):
         return {"fwd": [], "fwd_nosoftmax": [], "dkdv": ["dk", "dv"], "dq": ["dq"],
                 "dkdv_atomic": ["dk", "dv", "dq"], "dkdv_tma": ["dk", "dv", "dq"],
-                "dkdv_ordered": ["dk", "dv", "dq"]}[kind]
+                "dkdv_stash": ["dk", "dv"], "dq_ds": ["dq"]}[kind]
 
 
 def _kernel_of(kind):
-    from kernels import attention_bwd, attention_fwd
+    from kernels import attention_bwd, attention_dq_ds, attention_fwd
 
     return {"fwd": attention_fwd._fwd_kernel, "fwd_nosoftmax": attention_fwd._fwd_kernel,
-            "dq": attention_bwd._dq_kernel}.get(kind, attention_bwd._dkdv_kernel)
+            "dq": attention_bwd._dq_kernel,
+            "dq_ds": attention_dq_ds._dq_ds_kernel}.get(kind, attention_bwd._dkdv_kernel)
 
 
 def compile_one(kind, cfg, shape) -> dict:
@@ -277,16 +304,18 @@ def time_configs(compiled, kinds=KINDS):
 
 def resolve(kinds: dict, totals: dict) -> None:
     """One winner per slot: deterministic=False takes the faster of atomics ("dkdv_atomic")
-    and reduce-adds ("dkdv_tma"), left under "dkdv_atomic"; "dkdv_ordered" stays only if it
-    beats the dK/dV + dQ pair (sums of the tune shapes' median times)."""
+    and reduce-adds ("dkdv_tma"), left under "dkdv_atomic"; the DQ_STASH pair ("dkdv_stash",
+    "dq_ds") stays only if its total beats the dK/dV + dQ pair's (sums of the tune shapes'
+    median times)."""
+    inf = float("inf")
     if "dkdv_tma" in kinds:
         tma = kinds.pop("dkdv_tma")
-        if totals["dkdv_tma"] < totals.get("dkdv_atomic", float("inf")):
+        if totals["dkdv_tma"] < totals.get("dkdv_atomic", inf):
             kinds["dkdv_atomic"] = tma
-    if "dkdv_ordered" in kinds:
-        pair = totals.get("dkdv", float("inf")) + totals.get("dq", float("inf"))
-        if totals["dkdv_ordered"] >= pair:
-            del kinds["dkdv_ordered"]
+    stash = totals.get("dkdv_stash", inf) + totals.get("dq_ds", inf)
+    if stash == inf or stash >= totals.get("dkdv", inf) + totals.get("dq", inf):
+        kinds.pop("dkdv_stash", None)
+        kinds.pop("dq_ds", None)
 
 
 def install(winners: dict) -> None:
@@ -294,7 +323,8 @@ def install(winners: dict) -> None:
     from kernels import attention as A
 
     tables = {"fwd": A.FWD_CONFIGS, "dkdv": A.DKDV_CONFIGS, "dq": A.DQ_CONFIGS,
-              "dkdv_atomic": A.DKDV_ATOMIC_CONFIGS, "dkdv_ordered": A.DKDV_ORDERED_CONFIGS}
+              "dkdv_atomic": A.DKDV_ATOMIC_CONFIGS, "dkdv_stash": A.DKDV_STASH_CONFIGS,
+              "dq_ds": A.DQ_DS_CONFIGS}
     for d, kinds in winners.items():
         for kind, cfg in kinds.items():
             tables[kind][int(d)] = cfg
@@ -324,7 +354,7 @@ def main():
         compiled = precompile(args.workers, kinds)
     results = dict(provenance(), compiled=compiled, shapes=TUNE_SHAPES,
                    flops="per kernel: fwd 2*b*hq*s^2*d (causal); dkdv, dq 1.25x; "
-                         "dkdv_atomic, dkdv_tma, dkdv_ordered 2.5x")
+                         "dkdv_stash, dq_ds 1.25x; dkdv_atomic, dkdv_tma 2.5x")
     if not args.compile_only:
         results["table"], results["winners"] = time_configs(compiled, kinds)
         print("winners", json.dumps(results["winners"]), flush=True)

@@ -59,12 +59,14 @@ import triton
 from core.choices import TRITON_HEAD_DIMS as HEAD_DIMS  # the sweeper's validity reads the same tuple
 from kernels.attention_bwd import (
     DQ_NONE,
-    DQ_ORDERED,
+    DQ_STASH,
     dq_mode,
     launch_delta,
     launch_dkdv,
     launch_dq,
+    stash_stride,
 )
+from kernels.attention_dq_ds import launch_dq_ds
 from kernels.attention_fwd import launch_forward, tma_aligned
 
 # Block configurations per head dim, winners of the H200 sweep of benchmarks/tune_attention.py
@@ -96,9 +98,13 @@ DKDV_ATOMIC_CONFIGS = {
     64: dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3, tma=False),
     128: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3, tma=True),
 }
-# The deterministic dK/dV kernel that also sums dQ in a fixed order ("DQ_ORDERED"), used
-# instead of the dK/dV + dQ pair at the head dims listed here.
-DKDV_ORDERED_CONFIGS: dict[int, dict] = {}
+# DQ_STASH (kernels/attention_bwd.py): the dK/dV kernel that stores dS ("DS_STASH") and the
+# dQ = dS K kernel (kernels/attention_dq_ds.py); where a head dim is listed, both
+# deterministic settings run this pair instead of the dK/dV + dQ one.
+DKDV_STASH_CONFIGS: dict[int, dict] = {}
+DQ_DS_CONFIGS: dict[int, dict] = {}
+# The dS scratch is at most this large: beyond it, the heads run in chunks.
+DS_SCRATCH_BYTES = 1 << 30
 # Untuned head dims get small blocks. The CPU interpreter simulates every program
 # in numpy: few, small tiles keep the tests fast there.
 SMALL_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, tma=False)
@@ -106,16 +112,16 @@ INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, tma
 
 
 def kernel_configs(head_dim: int, device: torch.device, *, deterministic: bool = True):
-    """(forward, dk/dv, dq) block configurations for this head dim and device; with
-    deterministic=False the dk/dv one is for the kernel that also adds dQ atomically."""
+    """(forward, dk/dv, dq) block configurations for this head dim and device. A dk/dv config
+    with "DS_STASH" pairs with the dQ = dS K kernel's; otherwise with deterministic=False
+    the dk/dv one is for the kernel that also adds dQ (atomics or bulk reduce-adds)."""
     if device.type != "cuda":
         return INTERPRETER_CONFIG, INTERPRETER_CONFIG, INTERPRETER_CONFIG
     if head_dim in FWD_CONFIGS:
-        if not deterministic:
-            dkdv = DKDV_ATOMIC_CONFIGS[head_dim]
-        else:
-            dkdv = DKDV_ORDERED_CONFIGS.get(head_dim) or DKDV_CONFIGS[head_dim]
-        return FWD_CONFIGS[head_dim], dkdv, DQ_CONFIGS[head_dim]
+        if head_dim in DKDV_STASH_CONFIGS:
+            return FWD_CONFIGS[head_dim], DKDV_STASH_CONFIGS[head_dim], DQ_DS_CONFIGS[head_dim]
+        dkdv = DKDV_CONFIGS if deterministic else DKDV_ATOMIC_CONFIGS
+        return FWD_CONFIGS[head_dim], dkdv[head_dim], DQ_CONFIGS[head_dim]
     return SMALL_CONFIG, SMALL_CONFIG, SMALL_CONFIG
 
 
@@ -253,12 +259,14 @@ def attention_forward(q, k, v, *, causal, softmax_scale, seq_first_out=False, co
 
 
 def attention_backward(do, q, k, v, out, lse, *, causal, softmax_scale, dkdv_config=None,
-                       dq_config=None, deterministic=True, impl="auto"):
+                       dq_config=None, deterministic=True, impl="auto",
+                       ds_scratch_bytes=None):
     """Host launcher: (dq, dk, dv), each laid out in its input's dimension order.
 
-    deterministic=False: one dK/dV kernel that also adds dQ into an fp32 buffer (atomics or
-    bulk reduce-adds; no dQ kernel; the buffer is then scaled and cast into dq). A dK/dV
-    config with "DQ_ORDERED" (deterministic) sums dQ in a fixed order and writes dq itself.
+    A dK/dV config with "DS_STASH": it stores dS, dq_config is the dQ = dS K kernel's, and
+    the heads run in chunks whose scratch fits `ds_scratch_bytes` (DS_SCRATCH_BYTES).
+    Otherwise deterministic=False: one dK/dV kernel that also adds dQ into an fp32 buffer
+    (atomics or bulk reduce-adds; no dQ kernel; the buffer is then scaled and cast into dq).
     Block configs given select the Triton-language kernels; `impl` as in `_pick`."""
     if dkdv_config is None and dq_config is None:
         gluon = _gluon_backward(impl, q, k, v, do, causal, deterministic)
@@ -275,22 +283,46 @@ def attention_backward(do, q, k, v, out, lse, *, causal, softmax_scale, dkdv_con
     delta = torch.empty_like(lse)
     kw = dict(causal=causal, softmax_scale=softmax_scale)
     with _device(q):
+        launch_delta(out, do, delta)
         use_tma = _use_tma(dkdv_config, q, k, v, do)
         mode = dq_mode(dkdv_config, deterministic=deterministic, use_tma=use_tma,
                        on_gpu=q.is_cuda)
-        dq_acc = None
-        if mode != DQ_NONE:
-            new = torch.empty if mode == DQ_ORDERED else torch.zeros
-            dq_acc = new(q.shape, dtype=torch.float32, device=q.device)
-        launch_delta(out, do, delta)
-        launch_dkdv(q, k, v, do, lse, delta, dk, dv, config=dkdv_config, use_tma=use_tma,
-                    dq_acc=dq_acc, dq=dq, mode=mode, **kw)
-        if mode == DQ_NONE:
+        if mode == DQ_STASH:
+            _stashed_backward(q, k, v, do, lse, delta, dq, dk, dv, dkdv_config, dq_config,
+                              use_tma, ds_scratch_bytes or DS_SCRATCH_BYTES, kw)
+        elif mode == DQ_NONE:
+            launch_dkdv(q, k, v, do, lse, delta, dk, dv, config=dkdv_config, use_tma=use_tma,
+                        **kw)
             launch_dq(q, k, v, do, lse, delta, dq, config=dq_config,
                       use_tma=_use_tma(dq_config, q, k, v, do), **kw)
-        elif mode != DQ_ORDERED:
+        else:
+            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            launch_dkdv(q, k, v, do, lse, delta, dk, dv, config=dkdv_config, use_tma=use_tma,
+                        dq_acc=dq_acc, mode=mode, **kw)
             dq.copy_(dq_acc.mul_(softmax_scale))
     return dq, dk, dv
+
+
+def _ds_scratch(shape, dtype, device):
+    """The dS scratch, uninitialized (tests fill it with NaN: no unwritten entry is read)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _stashed_backward(q, k, v, do, lse, delta, dq, dk, dv, dkdv_config, dq_config, use_tma,
+                      scratch_bytes, kw):
+    """DQ_STASH: per chunk of (batch, KV head)s, dK/dV storing dS, then dQ = dS K."""
+    batch, seqlen, num_heads, _ = q.shape
+    kv_heads, group = batch * k.shape[2], num_heads // k.shape[2]
+    per_kv_head = group * seqlen * stash_stride(seqlen) * q.element_size()
+    chunk = max(1, min(kv_heads, scratch_bytes // per_kv_head))
+    ds = _ds_scratch((chunk * group, seqlen, stash_stride(seqlen)), q.dtype, q.device)
+    dq_tma = _use_tma(dq_config, q, k, ds)
+    for first in range(0, kv_heads, chunk):
+        count = min(chunk, kv_heads - first)
+        launch_dkdv(q, k, v, do, lse, delta, dk, dv, config=dkdv_config, use_tma=use_tma,
+                    dq_acc=ds, mode=DQ_STASH, kv_heads=(first, count), **kw)
+        launch_dq_ds(ds, k, dq, heads=(first * group, count * group), config=dq_config,
+                     use_tma=dq_tma, **kw)
 
 
 class FlashAttentionFunction(torch.autograd.Function):

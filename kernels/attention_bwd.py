@@ -16,19 +16,15 @@ Each output block is owned by exactly one program and summed in a fixed order,
 so results are bitwise reproducible run to run. The price is recomputing
 Q K^T and dO V^T in both kernels: 7 block matmuls instead of 5.
 
-The dK/dV kernel can also form each block's dQ_i += scale * dS_ij K_j itself (5 block matmuls, no
-dQ kernel), summed into an fp32 [b, s, hq, d] buffer; DQ_MODE says how:
-- DQ_ATOMIC: element-wise fp32 atomics (FlashAttention-2, Algorithm 2);
-- DQ_TMA: the whole [BLOCK_M, d] tile with one bulk tensor reduce-add (TMA, sm_90+), as
-  FlashAttention-3 does;
-  both add in whatever order the programs reach a block, so dQ's last bits vary run to run;
-- DQ_ORDERED, deterministic: the key blocks add into query block i in a fixed order (the
-  highest key block first, key block 0 last), each waiting on a per-block counter for its
-  turn (acquire) and bumping it once its sum is stored (release); the first adder stores
-  without reading and the last writes scaled dQ in the output dtype, so the buffer needs no
-  zeroing and no cast kernel runs. Programs take (KV head, key block) from a ticket counter
-  in the order the waits need (high key blocks first), so a program only ever waits on one
-  that started before it: no deadlock whatever order the GPU starts programs in.
+The dK/dV kernel can take over dQ's share of that work (DQ_MODE), leaving 5 block matmuls:
+- DQ_STASH (deterministic): it stores each block's dS^T, in the input dtype (the very values
+  its dK matmul takes), into a [heads, s, s] scratch, and kernels/attention_dq_ds.py forms
+  dQ_i = scale * sum_j dS_ij K_j from it, one query block per program, summed in a fixed
+  order. The price: dS written and read once, 2 bytes per score of the causal triangle.
+- DQ_ATOMIC / DQ_TMA (deterministic=False): it forms dQ_i += dS_ij K_j itself and adds it
+  into an fp32 [b, s, hq, d] buffer, element by element with atomics (FlashAttention-2,
+  Algorithm 2) or the whole tile with one bulk tensor reduce-add (TMA, sm_90+, as
+  FlashAttention-3); the order of those additions varies run to run, hence dQ's last bits.
 
 DEFER (a config flag of either kernel, deterministic path only) issues each unmasked block's
 dK += dS^T Q (or dQ += dS K) one iteration late, after the next block's S dot, so that wgmma
@@ -71,70 +67,45 @@ def _delta_kernel(O, DO, DELTA,
     tl.store(DELTA + bh.to(tl.int64) * seqlen + rows, delta, mask=rows < seqlen)
 
 
-# How the dK/dV kernel sums dQ (DQ_MODE); DQ_NONE: a separate dQ kernel does.
-DQ_NONE, DQ_ATOMIC, DQ_TMA, DQ_ORDERED = 0, 1, 2, 3
+# How the dK/dV kernel takes part in dQ (DQ_MODE); DQ_NONE: not at all (the dQ kernel does).
+DQ_NONE, DQ_ATOMIC, DQ_TMA, DQ_STASH = 0, 1, 2, 3
 
 
 @triton.jit
-def _add_dq(dq, dq_dst, dq_out, lock_ptr, start_m, key_block, last_key_block, seqlen,
-            stride_dqs, stride_os, stride_od, softmax_scale, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-            EVEN: tl.constexpr, DQ_MODE: tl.constexpr):
-    """Add this key block's share of dQ rows [start_m, start_m + BLOCK_M) (unscaled fp32).
-
-    dq_dst: the fp32 buffer (a tensor descriptor for DQ_TMA); dq_out, lock_ptr: DQ_ORDERED's
-    output rows and this head's counters (one per query block)."""
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, HEAD_DIM)
-    rows_ok = offs_m[:, None] < seqlen
-    if DQ_MODE == 2:
-        dq_dst.atomic_add([start_m, 0], dq)  # rows past the end are dropped by the TMA unit
-    elif DQ_MODE == 1:
-        ptrs = dq_dst + offs_m[:, None] * stride_dqs + cols[None, :]
-        if EVEN:
-            tl.atomic_add(ptrs, dq, sem="relaxed")
+def _dq_share(dq_dst, ds_t, k, start_n, start_m, offs_n, offs_m, seqlen, stride_dqs,
+              HEAD_DIM: tl.constexpr, EVEN: tl.constexpr, USE_TMA: tl.constexpr,
+              DOT_F32: tl.constexpr, DQ_MODE: tl.constexpr):
+    """This block's part in dQ. DQ_STASH: dS^T into the scratch (dq_dst: this head's
+    [s, s] keys-by-queries, row stride stride_dqs; a tensor descriptor with USE_TMA).
+    DQ_ATOMIC / DQ_TMA: dS K (unscaled) added into the fp32 buffer (a descriptor for DQ_TMA)."""
+    if DQ_MODE == 3:
+        if USE_TMA:
+            dq_dst.store([start_n, start_m], ds_t)  # rows and columns past the end are dropped
         else:
-            tl.atomic_add(ptrs, dq, mask=rows_ok, sem="relaxed")
+            ptrs = dq_dst + offs_n[:, None].to(tl.int64) * stride_dqs + offs_m[None, :]
+            if EVEN:
+                tl.store(ptrs, ds_t)
+            else:
+                tl.store(ptrs, ds_t, mask=(offs_n[:, None] < seqlen) & (offs_m[None, :] < seqlen))
     else:
-        # Key blocks add into this query block from the highest that sees it down to 0.
-        if CAUSAL:
-            first = start_m // BLOCK_N  # the block holding key start_m (BLOCK_N % BLOCK_M == 0)
+        dq = _dot(tl.trans(ds_t), k, None, DOT_F32)  # [BLOCK_M, HEAD_DIM]
+        if DQ_MODE == 2:
+            dq_dst.atomic_add([start_m, 0], dq)  # rows past the end are dropped
         else:
-            first = last_key_block
-        turn = first - key_block
-        lock = lock_ptr + start_m // BLOCK_M
-        ptrs = dq_dst + offs_m[:, None] * stride_dqs + cols[None, :]
-        if turn > 0:
-            while tl.atomic_add(lock, 0, sem="acquire") < turn:
-                pass
+            ptrs = dq_dst + offs_m[:, None] * stride_dqs + tl.arange(0, HEAD_DIM)[None, :]
             if EVEN:
-                dq += tl.load(ptrs, cache_modifier=".cg")
+                tl.atomic_add(ptrs, dq, sem="relaxed")
             else:
-                dq += tl.load(ptrs, mask=rows_ok, other=0.0, cache_modifier=".cg")
-        if key_block == 0:
-            out = dq_out + offs_m[:, None] * stride_os + cols[None, :] * stride_od
-            val = (dq * softmax_scale).to(dq_out.dtype.element_ty)
-            if EVEN:
-                tl.store(out, val)
-            else:
-                tl.store(out, val, mask=rows_ok)
-        else:
-            if EVEN:
-                tl.store(ptrs, dq)
-            else:
-                tl.store(ptrs, dq, mask=rows_ok)
-            tl.debug_barrier()  # every thread's rows stored before the counter says so
-            tl.atomic_add(lock, 1, sem="release")
+                tl.atomic_add(ptrs, dq, mask=offs_m[:, None] < seqlen, sem="relaxed")
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dq_dst, dq_out, lock_ptr,
-                offs_n, lo, hi, key_block, last_key_block, seqlen, stride_qs, stride_qd,
-                stride_gs, stride_gd, stride_dqs, stride_os, stride_od, softmax_scale,
-                qk_scale2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                HEAD_DIM: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dq_dst, start_n, lo, hi,
+                seqlen, stride_qs, stride_qd, stride_gs, stride_gd, stride_dqs, qk_scale2,
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
                 EVEN: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
                 DOT_F32: tl.constexpr, DQ_MODE: tl.constexpr):
+    offs_n = start_n + tl.arange(0, k.shape[0])
     for start_m in tl.range(lo, hi, BLOCK_M, warp_specialize=WARP_SPEC):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -152,11 +123,9 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, dq_dst, dq_out,
         dp_t = _dot(v, tl.trans(do), None, DOT_F32)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
         dk = _dot(ds_t, q, dk, DOT_F32)
-        if DQ_MODE != 0:  # this block's share of dQ (unscaled)
-            dq = _dot(tl.trans(ds_t), k, None, DOT_F32)  # [BLOCK_M, HEAD_DIM]
-            _add_dq(dq, dq_dst, dq_out, lock_ptr, start_m, key_block, last_key_block, seqlen,
-                    stride_dqs, stride_os, stride_od, softmax_scale, BLOCK_M, BLOCK_N,
-                    HEAD_DIM, CAUSAL, EVEN, DQ_MODE)
+        if DQ_MODE != 0:
+            _dq_share(dq_dst, ds_t, k, start_n, start_m, offs_n, offs_m, seqlen, stride_dqs,
+                      HEAD_DIM, EVEN, USE_TMA, DOT_F32, DQ_MODE)
     return dk, dv
 
 
@@ -168,7 +137,7 @@ def _dkdv_inner_deferred(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, offs_n
     """The unmasked query blocks [lo, hi) with each block's dK += dS^T Q deferred to the
     next iteration, issued after that block's S^T dot: the wgmma then runs under the exp2 of
     P^T (Triton waits on a dot at once unless only its accumulator is carried; see
-    attention_fwd._fwd_inner_pipelined). Only with a separate dQ kernel (DQ_NONE)."""
+    attention_fwd._fwd_inner_pipelined). Only with DQ_NONE (the separate dQ kernel)."""
     if lo < hi:
         last = lo + (tl.cdiv(hi - lo, BLOCK_M) - 1) * BLOCK_M
         ds_t = tl.zeros([offs_n.shape[0], BLOCK_M], tl.float32)
@@ -216,36 +185,26 @@ def _load_delta(delta_ptr, offs_m, seqlen, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, DQ, LOCKS,
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, bhk_offset, ds_ld,
                  stride_qb, stride_qs, stride_qh, stride_qd,
                  stride_kb, stride_ks, stride_kh, stride_kd,
                  stride_vb, stride_vs, stride_vh, stride_vd,
                  stride_gb, stride_gs, stride_gh, stride_gd,
                  stride_dkb, stride_dks, stride_dkh, stride_dkd,
                  stride_dvb, stride_dvs, stride_dvh, stride_dvd,
-                 stride_dqb, stride_dqs, stride_dqh, stride_dqd,
                  seqlen, num_heads, num_kv_heads, group, softmax_scale, qk_scale2,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, EVEN: tl.constexpr, USE_TMA: tl.constexpr,
                  WARP_SPEC: tl.constexpr, DOT_F32: tl.constexpr, DQ_MODE: tl.constexpr,
                  DEFER: tl.constexpr):
-    # DQ_ACC: fp32 [b, s, hq, HEAD_DIM], contiguous (DQ_MODE != DQ_NONE). DQ, LOCKS
-    # (DQ_ORDERED): dq [b, s, hq, d] any strides; int32 counters [b * hq * query blocks]
-    # and, last, the ticket counter, zeroed.
+    # DQ_ACC: DQ_ATOMIC / DQ_TMA's fp32 [b, s, hq, HEAD_DIM], contiguous; DQ_STASH's scratch
+    # [programs(0) * group, s, ds_ld] in Q's dtype (query head (b, h) of this launch's KV
+    # heads bhk_offset + program_id(0) at program_id(0) * group + h % group).
     # DEFER: the unmasked query blocks through _dkdv_inner_deferred (DQ_NONE only).
     tl.static_assert(not (DEFER and DQ_MODE != 0))
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
-    num_key_blocks = tl.num_programs(1)
-    if DQ_MODE == 3:
-        # Tickets in start order: high key blocks first, KV heads fastest.
-        n_locks = tl.num_programs(0) // num_kv_heads * num_heads * tl.cdiv(seqlen, BLOCK_M)
-        ticket = tl.atomic_add(LOCKS + n_locks, 1)
-        bhk = ticket % tl.num_programs(0)
-        key_block = num_key_blocks - 1 - ticket // tl.num_programs(0)
-    else:
-        bhk = tl.program_id(0)
-        key_block = tl.program_id(1)
-    start_n = key_block * BLOCK_N
+    bhk = bhk_offset + tl.program_id(0)
+    start_n = tl.program_id(1) * BLOCK_N
     b = (bhk // num_kv_heads).to(tl.int64)
     hk = (bhk % num_kv_heads).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -268,23 +227,27 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, DQ, LOCKS,
         do_src = _rows_source(DO + b * stride_gb + h * stride_gh, seqlen, stride_gs, BLOCK_M,
                               HEAD_DIM, USE_TMA)
         row = (b * num_heads + h) * seqlen
-        stride_acc = num_heads * HEAD_DIM
-        dq_dst = DQ_ACC + (b * seqlen * num_heads + h) * HEAD_DIM
-        if DQ_MODE == 2:
-            dq_dst = tl.make_tensor_descriptor(dq_dst, shape=[seqlen, HEAD_DIM],
-                                               strides=[stride_acc, 1],
-                                               block_shape=[BLOCK_M, HEAD_DIM])
-        dq_out = DQ + b * stride_dqb + h * stride_dqh
-        lock_ptr = LOCKS + (b * num_heads + h) * tl.cdiv(seqlen, BLOCK_M)
+        if DQ_MODE == 3:
+            stride_dqs = ds_ld
+            dq_dst = DQ_ACC + (tl.program_id(0) * group + g).to(tl.int64) * seqlen * ds_ld
+            if USE_TMA:
+                dq_dst = tl.make_tensor_descriptor(dq_dst, shape=[seqlen, seqlen],
+                                                   strides=[ds_ld, 1],
+                                                   block_shape=[BLOCK_N, BLOCK_M])
+        else:
+            stride_dqs = num_heads * HEAD_DIM
+            dq_dst = DQ_ACC + (b * seqlen * num_heads + h) * HEAD_DIM
+            if DQ_MODE == 2:
+                dq_dst = tl.make_tensor_descriptor(dq_dst, shape=[seqlen, HEAD_DIM],
+                                                   strides=[stride_dqs, 1],
+                                                   block_shape=[BLOCK_M, HEAD_DIM])
         if CAUSAL:
             # Query blocks on the diagonal are masked; those below it are not.
             diag_end = tl.minimum(start_n + BLOCK_N, seqlen)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE + row, DELTA + row, dq_dst,
-                                 dq_out, lock_ptr, offs_n, start_n, diag_end, key_block,
-                                 num_key_blocks - 1, seqlen, stride_qs, stride_qd, stride_gs,
-                                 stride_gd, stride_acc, stride_dqs, stride_dqd, softmax_scale,
-                                 qk_scale2, BLOCK_M, BLOCK_N, HEAD_DIM, True, CAUSAL, EVEN,
-                                 USE_TMA, WARP_SPEC, DOT_F32, DQ_MODE)
+                                 start_n, start_n, diag_end, seqlen, stride_qs, stride_qd,
+                                 stride_gs, stride_gd, stride_dqs, qk_scale2, BLOCK_M, HEAD_DIM,
+                                 True, EVEN, USE_TMA, WARP_SPEC, DOT_F32, DQ_MODE)
             unmasked_lo = start_n + BLOCK_N
         else:
             unmasked_lo = 0
@@ -295,11 +258,9 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, DQ, LOCKS,
                                           HEAD_DIM, EVEN, USE_TMA, DOT_F32)
         else:
             dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE + row, DELTA + row, dq_dst,
-                                 dq_out, lock_ptr, offs_n, unmasked_lo, seqlen, key_block,
-                                 num_key_blocks - 1, seqlen, stride_qs, stride_qd, stride_gs,
-                                 stride_gd, stride_acc, stride_dqs, stride_dqd, softmax_scale,
-                                 qk_scale2, BLOCK_M, BLOCK_N, HEAD_DIM, False, CAUSAL, EVEN,
-                                 USE_TMA, WARP_SPEC, DOT_F32, DQ_MODE)
+                                 start_n, unmasked_lo, seqlen, seqlen, stride_qs, stride_qd,
+                                 stride_gs, stride_gd, stride_dqs, qk_scale2, BLOCK_M, HEAD_DIM,
+                                 False, EVEN, USE_TMA, WARP_SPEC, DOT_F32, DQ_MODE)
 
     dk = dk * softmax_scale
     cols = tl.arange(0, HEAD_DIM)
@@ -451,38 +412,46 @@ def launch_delta(o, do, delta):
 
 
 def dq_mode(config, *, deterministic: bool, use_tma: bool, on_gpu: bool) -> int:
-    """How a dK/dV config sums dQ: DQ_ORDERED for a deterministic "DQ_ORDERED" config, else a
-    separate dQ kernel (DQ_NONE) when deterministic; otherwise DQ_TMA for a "DQ_TMA" config
-    on a GPU with tensor descriptors (the CPU interpreter has no bulk reduce), else DQ_ATOMIC."""
+    """How the dK/dV kernel takes part in dQ: DQ_STASH for a "DS_STASH" config (deterministic
+    either way); else DQ_NONE when deterministic; else DQ_TMA for a "DQ_TMA" config on a GPU
+    with tensor descriptors (the CPU interpreter has no bulk reduce), else DQ_ATOMIC."""
+    if config.get("DS_STASH"):
+        return DQ_STASH
     if deterministic:
-        return DQ_ORDERED if config.get("DQ_ORDERED") else DQ_NONE
+        return DQ_NONE
     return DQ_TMA if use_tma and on_gpu and config.get("DQ_TMA") else DQ_ATOMIC
 
 
+def stash_stride(seqlen: int) -> int:
+    """Row stride of the dS scratch: 16-byte rows for tensor descriptors."""
+    return -(-seqlen // 8) * 8
+
+
 def launch_dkdv(q, k, v, do, lse, delta, dk, dv, *, causal, softmax_scale, config, use_tma,
-                dq_acc=None, dq=None, mode=None):
-    """dk, dv [b, s, hkv, d]: one program per (key block, batch, KV head).
+                dq_acc=None, mode=None, kv_heads=None):
+    """dk, dv [b, s, hkv, d]: one program per (key block, batch, KV head), for the flat
+    (batch, KV head) range `kv_heads` = (first, count) (default: all).
 
     mode DQ_ATOMIC / DQ_TMA: also adds the unscaled dQ into `dq_acc` (fp32 [b, s, hq, d],
-    contiguous, zeroed); DQ_ORDERED: writes dq (any strides) itself, `dq_acc` (same shape,
-    uninitialized) holding the partial sums. None: DQ_NONE, or DQ_ATOMIC with dq_acc."""
+    contiguous, zeroed); DQ_STASH: stores dS^T into `dq_acc`, the scratch [count * group,
+    s, stash_stride(s)] in q's dtype. mode None: DQ_NONE, or DQ_ATOMIC given dq_acc."""
     batch, seqlen, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
+    first, count = kv_heads or (0, batch * num_kv_heads)
     if mode is None:
         mode = DQ_NONE if dq_acc is None else DQ_ATOMIC
-    locks = dk  # unused unless DQ_ORDERED
-    if mode != DQ_NONE:
-        assert dq_acc is not None and dq_acc.dtype == torch.float32 and dq_acc.is_contiguous()
-        assert not config.get("DEFER"), "DEFER needs the separate dQ kernel"
-    if mode == DQ_ORDERED:
-        assert dq is not None
-        n_locks = batch * num_heads * triton.cdiv(seqlen, config["BLOCK_M"])
-        locks = torch.zeros(n_locks + 1, dtype=torch.int32, device=q.device)
-    dq = dk if dq is None else dq
-    _dkdv_kernel[(batch * num_kv_heads, triton.cdiv(seqlen, config["BLOCK_N"]))](
-        q, k, v, do, lse, delta, dk, dv, dk if dq_acc is None else dq_acc, dq, locks,
+    if mode in (DQ_ATOMIC, DQ_TMA):
+        assert dq_acc.dtype == torch.float32 and dq_acc.is_contiguous()
+    if mode == DQ_STASH:
+        group = num_heads // num_kv_heads
+        assert dq_acc.dtype == q.dtype and dq_acc.is_contiguous()
+        assert dq_acc.shape[0] >= count * group and tuple(dq_acc.shape[1:]) == (
+            seqlen, stash_stride(seqlen))
+    _dkdv_kernel[(count, triton.cdiv(seqlen, config["BLOCK_N"]))](
+        q, k, v, do, lse, delta, dk, dv, dk if dq_acc is None else dq_acc, first,
+        stash_stride(seqlen),
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        *dq.stride(), seqlen, num_heads, num_kv_heads, num_heads // num_kv_heads, softmax_scale,
+        seqlen, num_heads, num_kv_heads, num_heads // num_kv_heads, softmax_scale,
         softmax_scale * LOG2E_HOST,
         HEAD_DIM=head_dim, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         CAUSAL=causal, EVEN=seqlen % config["BLOCK_N"] == 0, USE_TMA=use_tma,

@@ -299,54 +299,62 @@ def test_deferred_backward_matches_float64(causal, s):
     assert max(_relerr(g, w) for g, w in zip(grads, reference_grads(not causal))) > 1e-2
 
 
-def _grads(q, k, v, dout, *, causal, dkdv_config, deterministic=True, scale=0.3):
-    out, lse = attention_forward(q, k, v, causal=causal, softmax_scale=scale,
-                                 config=INTERPRETER_CONFIG if q.device.type == "cpu" else None)
-    return attention_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=scale,
-                              dkdv_config=dkdv_config, deterministic=deterministic,
-                              dq_config=INTERPRETER_CONFIG if q.device.type == "cpu" else None)
-
-
 def _reference_grads(q, k, v, dout, *, causal, scale=0.3):
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     attention_reference(*leaves, causal=causal, softmax_scale=scale).backward(dout.double())
     return [t.grad for t in leaves]
 
 
+@pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("causal, s, hq, hkv", [(True, 64, 4, 2), (True, 37, 2, 1),
                                                 (False, 64, 2, 2), (False, 37, 4, 2)])
-def test_ordered_dq_backward_matches_float64(causal, s, hq, hkv):
-    # DQ_ORDERED (kernels/attention_bwd.py): the dK/dV kernel sums dQ itself, key block by
-    # key block in a fixed order through per-block counters, and writes dq; 16-row query
-    # blocks under 32-row key blocks (two query blocks per key block), a partial last block
-    # at s = 37, GQA. fp32 throughout: only the summation order differs from float64.
-    q, k, v = (t.detach() for t in _inputs(2, s, hq, hkv, 32, torch.float32, seed=s + hq))
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(s))
-    ordered = dict(INTERPRETER_CONFIG, BLOCK_N=32, DQ_ORDERED=True)
-    grads = _grads(q, k, v, dout, causal=causal, dkdv_config=ordered)
-    for name, got, want in zip("qkv", grads, _reference_grads(q, k, v, dout, causal=causal)):
-        assert _relerr(got, want) < 1e-5, f"d{name}"
-    # the same dq as the separate dQ kernel's, to fp32 rounding, and bitwise run to run
-    pair = _grads(q, k, v, dout, causal=causal, dkdv_config=dict(INTERPRETER_CONFIG, BLOCK_N=32))
-    torch.testing.assert_close(grads[0], pair[0], rtol=1e-5, atol=1e-6)
-    assert torch.equal(grads[0], _grads(q, k, v, dout, causal=causal, dkdv_config=ordered)[0])
-    # negative control: the tolerance rejects the other masking's dq
-    wrong = _reference_grads(q, k, v, dout, causal=not causal)[0]
-    assert _relerr(grads[0], wrong) > 1e-2
-
-
-def test_ordered_dq_is_the_deterministic_default_where_configured(monkeypatch):
-    # kernel_configs hands the ordered dK/dV config to deterministic backward passes at the
-    # head dims in DKDV_ORDERED_CONFIGS (on a GPU); deterministic=False keeps the atomic one.
+def test_stashed_ds_backward_matches_float64(monkeypatch, causal, s, hq, hkv, tma):
+    # DQ_STASH (kernels/attention_bwd.py): the dK/dV kernel stores dS^T and
+    # kernels/attention_dq_ds.py forms dQ = scale * dS K from it. 16-row key blocks in the
+    # dK/dV kernel, 32-row query blocks in the dQ one: each diagonal dQ block then covers
+    # scores above the diagonal that no dK/dV program wrote. The scratch starts as NaN, so
+    # reading one as a number would poison dq (it does with the dQ kernel's mask removed).
+    # A partial last block at s = 37, GQA; a 1-byte scratch cap runs each (batch, KV head)
+    # as its own chunk. fp32 throughout: only the summation order differs from float64.
     import kernels.attention as A
 
-    cfg = dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3, tma=True, DQ_ORDERED=True)
-    monkeypatch.setitem(A.DKDV_ORDERED_CONFIGS, 128, cfg)
-    assert A.kernel_configs(128, torch.device("cuda"))[1] is cfg
-    assert A.kernel_configs(128, torch.device("cuda"), deterministic=False)[1] is (
-        A.DKDV_ATOMIC_CONFIGS[128])
-    assert A.kernel_configs(64, torch.device("cuda"))[1] is A.DKDV_ORDERED_CONFIGS.get(
-        64, A.DKDV_CONFIGS[64])
+    monkeypatch.setattr(A, "_ds_scratch",
+                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype))
+    q, k, v = (t.detach() for t in _inputs(2, s, hq, hkv, 32, torch.float32, seed=s + hq))
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(s))
+    stash = dict(INTERPRETER_CONFIG, DS_STASH=True, tma=tma)
+    dq_ds = dict(INTERPRETER_CONFIG, BLOCK_M=32, tma=tma)
+    out, lse = attention_forward(q, k, v, causal=causal, softmax_scale=0.3)
+    runs = [attention_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=0.3,
+                               dkdv_config=stash, dq_config=dq_ds, ds_scratch_bytes=cap)
+            for cap in (None, 1)]
+    for grads in runs:
+        for name, got, want in zip("qkv", grads, _reference_grads(q, k, v, dout, causal=causal)):
+            assert _relerr(got, want) < 1e-5, f"d{name}"
+    for one, chunked in zip(*runs):  # the same sums in the same order, chunked or not
+        assert torch.equal(one, chunked)
+    # negative control: the tolerance rejects the other masking's dq
+    wrong = _reference_grads(q, k, v, dout, causal=not causal)[0]
+    assert _relerr(runs[0][0], wrong) > 1e-2
+
+
+def test_stash_configs_take_over_both_deterministic_settings(monkeypatch):
+    # Where DKDV_STASH_CONFIGS lists a head dim (on a GPU), kernel_configs hands its dK/dV
+    # config and the dQ = dS K kernel's to both settings; elsewhere the old pairs stay.
+    import kernels.attention as A
+
+    stash = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3, tma=False, DS_STASH=True)
+    dq_ds = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma=True)
+    monkeypatch.setitem(A.DKDV_STASH_CONFIGS, 128, stash)
+    monkeypatch.setitem(A.DQ_DS_CONFIGS, 128, dq_ds)
+    monkeypatch.delitem(A.DKDV_STASH_CONFIGS, 64, raising=False)
+    for deterministic in (True, False):
+        assert A.kernel_configs(128, torch.device("cuda"), deterministic=deterministic)[1:] == (
+            stash, dq_ds)
+    assert A.kernel_configs(64, torch.device("cuda"))[1:] == (A.DKDV_CONFIGS[64],
+                                                             A.DQ_CONFIGS[64])
+    assert A.kernel_configs(64, torch.device("cuda"), deterministic=False)[1] is (
+        A.DKDV_ATOMIC_CONFIGS[64])
 
 
 # ----------------------------------------------------------------------- GPU
@@ -373,23 +381,31 @@ def test_gpu_atomic_dq_matches_float64(d, s, hq, hkv):
                              deterministic=False)
 
 
-ORDERED = dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3, tma=True, DQ_ORDERED=True)
+STASH = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3, tma=False, DS_STASH=True)
+DQ_DS = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma=True)
 BULK = dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3, tma=True, DQ_TMA=True)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("config, deterministic", [(ORDERED, True), (dict(ORDERED, tma=False), True),
-                                                   (BULK, False)], ids=["ordered", "ordered-ptr",
-                                                                        "bulk-reduce"])
+@pytest.mark.parametrize("dkdv, dq_config, deterministic", [
+    (STASH, DQ_DS, True), (dict(STASH, tma=True), dict(DQ_DS, tma=False), True),
+    (BULK, None, False)], ids=["stash", "stash-tma-store", "bulk-reduce"])
 @pytest.mark.parametrize("d, s, hq, hkv, causal", [(128, 1000, 8, 2, True),
                                                     (128, 1024, 4, 4, False),
                                                     (64, 777, 4, 1, True)])
-def test_gpu_dq_in_the_dkdv_kernel_matches_float64(config, deterministic, d, s, hq, hkv, causal):
+def test_gpu_dq_through_the_dkdv_kernel_matches_float64(monkeypatch, dkdv, dq_config,
+                                                        deterministic, d, s, hq, hkv, causal):
+    import kernels.attention as A
+
+    monkeypatch.setattr(A, "_ds_scratch", lambda shape, dtype, device: torch.full(
+        shape, float("nan"), dtype=dtype, device=device))
     q, k, v = (t.detach() for t in _inputs(2, s, hq, hkv, d, torch.bfloat16, device="cuda",
                                             seed=s + d))
     dout = torch.randn_like(q)
-    grads = _grads(q, k, v, dout, causal=causal, dkdv_config=config,
-                   deterministic=deterministic, scale=d ** -0.5)
+    out, lse = attention_forward(q, k, v, causal=causal, softmax_scale=d ** -0.5)
+    grads = attention_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=d ** -0.5,
+                               dkdv_config=dkdv, dq_config=dq_config,
+                               deterministic=deterministic, ds_scratch_bytes=64 << 20)
     want = _reference_grads(q, k, v, dout, causal=causal, scale=d ** -0.5)
     for name, got, ref in zip("qkv", grads, want):
         assert _relerr(got, ref) < TOLERANCE[torch.bfloat16], f"d{name}"
@@ -398,12 +414,14 @@ def test_gpu_dq_in_the_dkdv_kernel_matches_float64(config, deterministic, d, s, 
 
 
 @pytest.mark.cuda
-def test_gpu_ordered_dq_is_bitwise_repeatable():
+def test_gpu_stashed_backward_is_bitwise_repeatable_and_chunking_free():
     q, k, v = (t.detach() for t in _inputs(2, 2048, 8, 2, 128, torch.bfloat16, device="cuda",
                                             seed=2))
     dout = torch.randn_like(q)
-    runs = [_grads(q, k, v, dout, causal=True, dkdv_config=ORDERED, scale=0.088)
-            for _ in range(3)]
+    out, lse = attention_forward(q, k, v, causal=True, softmax_scale=0.088)
+    runs = [attention_backward(dout, q, k, v, out, lse, causal=True, softmax_scale=0.088,
+                               dkdv_config=STASH, dq_config=DQ_DS, ds_scratch_bytes=cap)
+            for cap in (None, None, 1)]
     for run in runs[1:]:
         for first, other in zip(runs[0], run):
             assert torch.equal(first, other)
