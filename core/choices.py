@@ -67,6 +67,11 @@ def spec_name(attention: str, norm: str, swiglu: str = "megatron", add_norm: str
 
 # Head dims kernels/attention.py's Triton kernel is compiled for (its _check_inputs).
 TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
+# On a GPU, at these head dims its backward stores dS in a scratch of at most this many
+# bytes (whole KV heads; beyond it they run in chunks): kernels/attention.py's
+# DKDV_STASH_CONFIGS and DS_SCRATCH_BYTES, and the memory model's attention transient.
+TRITON_DS_STASH_HEAD_DIMS = (128,)
+TRITON_DS_SCRATCH_BYTES = 1 << 30
 
 # flash-attn-4 (optional extra `gpu`): SM90 limits of 4.0.0b36 (`_validate_head_dims`):
 # 16-byte multiples of bf16/fp16 elements, at most 256.

@@ -57,6 +57,7 @@ import torch
 import triton
 
 from core.choices import TRITON_HEAD_DIMS as HEAD_DIMS  # the sweeper's validity reads the same tuple
+from core.choices import TRITON_DS_SCRATCH_BYTES
 from kernels.attention_bwd import (
     DQ_NONE,
     DQ_STASH,
@@ -101,10 +102,20 @@ DKDV_ATOMIC_CONFIGS = {
 # DQ_STASH (kernels/attention_bwd.py): the dK/dV kernel that stores dS ("DS_STASH") and the
 # dQ = dS K kernel (kernels/attention_dq_ds.py); where a head dim is listed, both
 # deterministic settings run this pair instead of the dK/dV + dQ one.
-DKDV_STASH_CONFIGS: dict[int, dict] = {}
-DQ_DS_CONFIGS: dict[int, dict] = {}
-# The dS scratch is at most this large: beyond it, the heads run in chunks.
-DS_SCRATCH_BYTES = 1 << 30
+# H200 tuner, 2026-12-02 (attention_tune_h200_2026-12-02_stash.json): at 8x16x2048 /
+# 4x32/8x4096 (d=128) the dK/dV kernel storing dS runs 228/290 TFLOP/s (its 1.25x share;
+# the plain one 291/326), dQ = dS K 642/984 (the dQ kernel 412/502): the pair's total wins
+# by 13% at 4096, loses by 1.5% at 2048. At d=64 dS costs twice the bytes per FLOP: the
+# storing dK/dV kernel's best, 153, loses to the plain 209, so d=64 keeps the old pair.
+DKDV_STASH_CONFIGS: dict[int, dict] = {
+    128: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3, tma=True, DS_STASH=True),
+}
+DQ_DS_CONFIGS: dict[int, dict] = {
+    128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, tma=True),
+}
+# The dS scratch is at most this large: beyond it, the heads run in chunks (the memory
+# model counts it: core.choices).
+DS_SCRATCH_BYTES = TRITON_DS_SCRATCH_BYTES
 # Untuned head dims get small blocks. The CPU interpreter simulates every program
 # in numpy: few, small tiles keep the tests fast there.
 SMALL_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, tma=False)

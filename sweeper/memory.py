@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
+from core.choices import TRITON_DS_SCRATCH_BYTES, TRITON_DS_STASH_HEAD_DIMS
 from core.config import ClusterConfig, Layout, ModelConfig
 from sweeper.constants import Calibration, default_calibration
 
@@ -153,6 +154,14 @@ class LayerBytes:
 REPEATS_KV = ("megatron", "sdpa_cudnn")
 
 
+def ds_scratch_bytes(kv_heads: int, group: int, s: int, e: float) -> float:
+    """The Triton attention backward's dS scratch: whole KV heads (group query heads each,
+    s x s scores in rows rounded up to 8), as many as fit TRITON_DS_SCRATCH_BYTES, one at
+    least (kernels/attention.py's _stashed_backward)."""
+    per_kv_head = group * s * (-(-s // 8) * 8) * e
+    return min(kv_heads, max(1, TRITON_DS_SCRATCH_BYTES // per_kv_head)) * per_kv_head
+
+
 def layer_bytes(sh: Shape, layout: Layout, cpu: bool) -> LayerBytes:
     e = 4.0 if cpu else 2.0
     tp, cp = layout.tp, layout.cp
@@ -180,6 +189,9 @@ def layer_bytes(sh: Shape, layout: Layout, cpu: bool) -> LayerBytes:
         kept = qkv_output
         saved_core = 4.0 * T * sh.a / tp  # fp32 log-sum-exp; the output is the projection's input
         attention_ws = (4.0 + e) * T * sh.q / tp + 2 * e * T * sh.kv / tp  # dq (fp32 acc), dk, dv
+        if layout.attention == "triton" and not cpu and sh.q // sh.a in TRITON_DS_STASH_HEAD_DIMS:
+            attention_ws += ds_scratch_bytes(layout.mbs * max(1, sh.g // tp), sh.a // sh.g,
+                                             round(s_local), e)
     core = attention_inputs - kept + saved_core
     proj_input = e * T * sh.q / tp
     # GPU: megatron's fused SwiGLU saves its input (fc1 output, 2f) and fc2 saves the

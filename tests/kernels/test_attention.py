@@ -338,6 +338,16 @@ def test_stashed_ds_backward_matches_float64(monkeypatch, causal, s, hq, hkv, tm
     assert _relerr(runs[0][0], wrong) > 1e-2
 
 
+def test_stash_head_dims_are_the_memory_models():
+    # sweeper/memory.py counts the dS scratch at core.choices' head dims: the same as here
+    import kernels.attention as A
+    from core.choices import TRITON_DS_SCRATCH_BYTES, TRITON_DS_STASH_HEAD_DIMS
+
+    assert set(A.DKDV_STASH_CONFIGS) == set(A.DQ_DS_CONFIGS) == set(TRITON_DS_STASH_HEAD_DIMS)
+    assert all(c.get("DS_STASH") for c in A.DKDV_STASH_CONFIGS.values())
+    assert A.DS_SCRATCH_BYTES == TRITON_DS_SCRATCH_BYTES
+
+
 def test_stash_configs_take_over_both_deterministic_settings(monkeypatch):
     # Where DKDV_STASH_CONFIGS lists a head dim (on a GPU), kernel_configs hands its dK/dV
     # config and the dQ = dS K kernel's to both settings; elsewhere the old pairs stay.

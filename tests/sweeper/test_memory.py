@@ -324,3 +324,27 @@ def test_deferred_wgrad_adds_its_arenas_and_drops_the_saved_linear_inputs():
     # tp 2 splits the out (QKV, fc1) and in (proj, fc2) widths, never the h sides: 256 + 288 / 2.
     tp2 = predict_memory(SMALL, GPU, dataclasses.replace(on, tp=2), BARE, dp=1)
     assert tp2.terms["wgrad_arena"] == pytest.approx(4 * 64 * (256 + 576 / 2) * 2 * 4 / GIB)
+
+
+def test_triton_attention_backward_counts_its_ds_scratch():
+    # kernels/attention.py's backward at head dim 128 on a GPU stores dS: whole KV heads of
+    # group x s x s bf16 scores, as many as fit TRITON_DS_SCRATCH_BYTES (1 GiB).
+    from core.choices import TRITON_DS_SCRATCH_BYTES
+
+    wide = model_shape(dataclasses.replace(SMALL, hidden_size=512, seq_length=4096))  # d = 128
+    base = dict(mbs=2, tp=1)
+    triton = layer_bytes(wide, Layout(attention="triton", **base), cpu=False)
+    sdpa = layer_bytes(wide, Layout(attention="sdpa", **base), cpu=False)
+    per_kv_head = 2 * 4096 * 4096 * 2  # group 2, s x s, bf16: 64 MiB
+    kv_heads = 2 * 2  # mbs x g
+    assert triton.attention_workspace - sdpa.attention_workspace == kv_heads * per_kv_head
+    # 16 KV heads (mbs 8) hold 1 GiB; 32 run in two chunks of 16: the scratch stays 1 GiB
+    big = layer_bytes(wide, Layout(attention="triton", mbs=16, tp=1), cpu=False)
+    assert big.attention_workspace - layer_bytes(
+        wide, Layout(attention="sdpa", mbs=16, tp=1), cpu=False).attention_workspace == (
+        TRITON_DS_SCRATCH_BYTES)
+    # no scratch at other head dims (SMALL's 16) or on CPU
+    assert layer_bytes(SH, Layout(attention="triton", **base), cpu=False).attention_workspace == (
+        layer_bytes(SH, Layout(attention="sdpa", **base), cpu=False).attention_workspace)
+    assert layer_bytes(wide, Layout(attention="triton", **base), cpu=True).attention_workspace == (
+        layer_bytes(wide, Layout(attention="sdpa", **base), cpu=True).attention_workspace)
