@@ -44,6 +44,7 @@ import torch
 import triton
 
 from kernels.attention_fwd import tma_aligned
+from kernels.fast_launch import CachedLaunch, aligned, device_index
 
 try:  # Gluon's Hopper API as in Triton 3.6; other Triton versions fall back to the Triton kernel
     from triton.experimental import gluon
@@ -365,12 +366,23 @@ def gluon_forward(q, k, v, out, lse, *, causal, softmax_scale, config=None) -> N
     # producer loads the next tile's Q and K/V while the consumers finish the current one
     ctas = cfg.get("max_ctas") or _sm_count(q.device)  # max_ctas: tests walk many tiles
     grid = min(n_tiles, ctas) if cfg.get("persistent") else n_tiles
-    _gluon_attn_fwd_kernel[(grid,)](*descs, lse, s, hq, hq // k.shape[2], scale * LOG2E, n_tiles, b * hq,
-                         BLOCK_M=block, BLOCK_N=block, HEAD_DIM=d, STAGES=cfg["stages"],
-                         QBUF=cfg.get("qbuf", 2 if cfg.get("persistent") else 1), CAUSAL=causal,
-                         PINGPONG=cfg.get("pingpong", True), SOFTMAX=cfg.get("softmax", True),
-                         CONSUMER_REGS=cfg["consumer_regs"], PRODUCER_REGS=cfg["producer_regs"],
-                         num_warps=4)
+    constexprs = dict(BLOCK_M=block, BLOCK_N=block, HEAD_DIM=d, STAGES=cfg["stages"],
+                      QBUF=cfg.get("qbuf", 2 if cfg.get("persistent") else 1), CAUSAL=causal,
+                      PINGPONG=cfg.get("pingpong", True), SOFTMAX=cfg.get("softmax", True),
+                      CONSUMER_REGS=cfg["consumer_regs"], PRODUCER_REGS=cfg["producer_regs"])
+    args = (*descs, lse, s, hq, hq // k.shape[2], scale * LOG2E, n_tiles, b * hq)
+    # What Triton specializes on: the descriptors' dtype, block shape and layout (constexprs
+    # and q's dtype here), lse's alignment and the value class of each int (their values).
+    key = (device_index(q), q.dtype, aligned(lse), s, hq, hq // k.shape[2], n_tiles, b * hq,
+           *constexprs.values())
+    _launch().launch(key, (grid,), args, constexprs, num_warps=4)
+
+
+@functools.lru_cache(maxsize=None)
+def _launch() -> CachedLaunch:
+    """The forward's compiled variants, launched without JITFunction.run's binding after the
+    first call of each (kernels/fast_launch.py)."""
+    return CachedLaunch(_gluon_attn_fwd_kernel)
 
 
 @functools.lru_cache(maxsize=None)
