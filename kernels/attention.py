@@ -15,11 +15,13 @@ Triton 3.6: warp-specialized, TMA, async wgmma); here are the block configuratio
 choice between the two (`impl`), the autograd.Function and the keyword-only entry point
 `flash_attention`, plus a float64 reference.
 
-As every caller gets it (impl="auto"; H200, 2026-12-01, tree bb60683,
-benchmarks/results/attention_h200_2026-12-01_v3.json): the Gluon forward 468/566/333/540
-TFLOP/s at the issue's four shapes (0.875x flash-attn-4 at the minimum), the Triton-language
-backward (the Gluon one, correct but slower, stays opt-in): fwd+bwd 0.754x flash-attn-4,
-0.834x SDPA-cuDNN. The figures below are the Triton-language kernels'.
+As every caller gets it (impl="auto"; H200, 2026-12-02, tree 0f87f5c,
+benchmarks/results/attention_h200_2026-12-02_v2.json): the Gluon forward 462/559/326/571
+TFLOP/s at the issue's four shapes (0.854x flash-attn-4 at the minimum, 1.24x at d=64), the
+Triton-language backward 326/441/245/412 (d=128: the dK/dV kernel storing dS, then
+dQ = dS K, see DKDV_STASH_CONFIGS; the Gluon backward, correct but slower, stays opt-in):
+fwd+bwd 0.760x flash-attn-4, 0.864x SDPA-cuDNN (1.015x cuDNN at 4x32/8x4096). The figures
+below are the Triton-language kernels' of earlier runs.
 
 H200, bf16, causal, the issue's four shapes (benchmarks/results/attention_h200_2026-12-01.json;
 bf16 matmul ceiling 701 TFLOP/s in that run): forward+backward 343/391/241/378 TFLOP/s,

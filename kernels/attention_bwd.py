@@ -26,6 +26,25 @@ The dK/dV kernel can take over dQ's share of that work (DQ_MODE), leaving 5 bloc
   Algorithm 2) or the whole tile with one bulk tensor reduce-add (TMA, sm_90+, as
   FlashAttention-3); the order of those additions varies run to run, hence dQ's last bits.
 
+Measured on the H200 (benchmarks/tune_attention.py; TFLOP/s at 8x16x2048 / 4x32/8x4096,
+d=128, each kernel at its share of the backward's FLOPs):
+- the pair: dK/dV 291/326 (238 registers, no spills), dQ 412/502;
+- DQ_STASH: dK/dV storing dS 228/290 (the store is a tensor-descriptor store Triton waits
+  on every iteration; a pointer store spills), dQ = dS K 642/984: a 13% lower total at
+  4096, 1.5% higher at 2048; at d=64 dS costs twice the bytes per FLOP and the storing
+  kernel loses (153 against 209), so d=64 keeps the pair. Chunking the heads to fit the
+  scratch: 4 chunks (the 1 GiB default) ran 3.14 / 3.49 ms against one chunk's 3.37 at
+  2x16x8192 / 4x32/8x4096; 16 chunks (256 MiB: grids of 128 programs) 5.33 / 7.76
+  (attention_launch_h200_2026-12-02.json);
+- 5 matmuls in one kernel (DQ_TMA, whole backward counted) at most 251/331, DQ_ATOMIC
+  247/282: the fifth matmul's accumulator and the transposed dS take the registers (255,
+  with spills), about half the pair's achieved tensor throughput (dK/dV's 4 matmuls run
+  at 466/522 actual TFLOP/s);
+- tried and removed: a deterministic dQ summed in a fixed key-block order inside the
+  dK/dV kernel (per-query-block counters, acquire/release; 109-141): each iteration then
+  waits out an L2 round trip for the counter and one for the partial sum, unhidden.
+  attention_tune_h200_2026-12-02_dq_in_dkdv.json and _stash.json.
+
 DEFER (a config flag of either kernel, deterministic path only) issues each unmasked block's
 dK += dS^T Q (or dQ += dS K) one iteration late, after the next block's S dot, so that wgmma
 runs under the next exp2; the previous block's Q (or K) tile is loaded again for it.

@@ -64,10 +64,13 @@ class Calibration:
     # fraction of peak, when (batch x heads per rank) is large; it falls as
     # B/(B + attention_half_heads): the H200 profile has cuDNN at 358 TFLOP/s at mbs 8
     # (16 heads) and 253 at mbs 1. Kernel ratios from the H100 sweep and the anchors'
-    # attention table (ours 0.73x cuDNN, flash-attn-4 1.11x). For "megatron" (unfused):
-    # the efficiency of its batched matmuls over the whole s x s; its softmax costs bytes.
+    # attention table (flash-attn-4 1.11x cuDNN); ours from bench_attention on the H200
+    # (attention_h200_2026-12-02_v2.json: fwd+bwd 0.86-1.02x cuDNN over the four shapes,
+    # 0.92x their geometric mean; it was 0.73x before the Gluon forward and the dS-stash
+    # backward). For "megatron" (unfused): the efficiency of its batched matmuls over the
+    # whole s x s; its softmax costs bytes.
     attention_efficiency: dict = field(
-        default_factory=lambda: {"triton": 0.28, "flash_attn": 0.43, "sdpa": 0.22,
+        default_factory=lambda: {"triton": 0.355, "flash_attn": 0.43, "sdpa": 0.22,
                                  "sdpa_flash": 0.22, "sdpa_cudnn": 0.385, "megatron": 0.50}
     )
     attention_half_heads: float = 8.0
