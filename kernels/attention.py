@@ -5,9 +5,11 @@
 q: [b, s, hq, d], k, v: [b, s, hkv, d] with hkv dividing hq (GQA/MQA: query head h
 reads KV head h // (hq // hkv)); any strides. The s x s score matrix is never
 stored: the forward keeps only the per-row log-sum-exp [b, hq, s] for the backward.
-The backward is deterministic by default (each gradient block owned by one program, no
-atomics); `deterministic=False` adds dQ with fp32 atomics instead (5 block matmuls, not 7;
-dQ's last bits then vary from run to run).
+The backward is deterministic (each gradient block owned by one program, summed in a fixed
+order, no atomics): at head dim 128 on a GPU by 5 block matmuls, the dK/dV kernel storing dS
+for a dQ = dS K kernel (DKDV_STASH_CONFIGS); elsewhere by 7, a dK/dV and a dQ kernel, unless
+`deterministic=False` lets the dK/dV kernel add dQ with fp32 atomics (5 block matmuls; dQ's
+last bits then vary from run to run; on the H200 it was slower wherever timed).
 
 Layers: `attention_fwd.py` / `attention_bwd.py` hold the @triton.jit kernels and
 their launchers; `attention_gluon_fwd.py` / `attention_gluon_bwd.py` the Gluon ones (sm_90,
@@ -370,8 +372,8 @@ def flash_attention(q, k, v, *, causal=True, softmax_scale=None, seq_first_out=F
 
     softmax_scale defaults to 1/sqrt(d). The output is contiguous, or, with
     `seq_first_out=True`, a [b, s, hq, d] view of a contiguous [s, b, hq, d] buffer.
-    deterministic=False: dQ by fp32 atomics in the backward (faster where measured so,
-    not bitwise repeatable; see attention_bwd.py).
+    deterministic=False: allows dQ by fp32 atomics in the backward where no dS-stash config
+    is tuned (not bitwise repeatable; on the H200 slower wherever timed; attention_bwd.py).
     impl: "auto" runs the Gluon kernels (attention_gluon_fwd/_bwd: Hopper, warp-specialized,
     async wgmma) where they support the inputs and the Triton-language ones elsewhere;
     "triton" forces the latter, "gluon" the former (ValueError naming why it cannot run).

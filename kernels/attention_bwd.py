@@ -97,7 +97,7 @@ def _dq_share(dq_dst, ds_t, k, start_n, start_m, offs_n, offs_m, seqlen, stride_
     """This block's part in dQ. DQ_STASH: dS^T into the scratch (dq_dst: this head's
     [s, s] keys-by-queries, row stride stride_dqs; a tensor descriptor with USE_TMA).
     DQ_ATOMIC / DQ_TMA: dS K (unscaled) added into the fp32 buffer (a descriptor for DQ_TMA)."""
-    if DQ_MODE == 3:
+    if DQ_MODE == 3:  # DQ_STASH
         if USE_TMA:
             dq_dst.store([start_n, start_m], ds_t)  # rows and columns past the end are dropped
         else:
@@ -108,7 +108,7 @@ def _dq_share(dq_dst, ds_t, k, start_n, start_m, offs_n, offs_m, seqlen, stride_
                 tl.store(ptrs, ds_t, mask=(offs_n[:, None] < seqlen) & (offs_m[None, :] < seqlen))
     else:
         dq = _dot(tl.trans(ds_t), k, None, DOT_F32)  # [BLOCK_M, HEAD_DIM]
-        if DQ_MODE == 2:
+        if DQ_MODE == 2:  # DQ_TMA
             dq_dst.atomic_add([start_m, 0], dq)  # rows past the end are dropped
         else:
             ptrs = dq_dst + offs_m[:, None] * stride_dqs + tl.arange(0, HEAD_DIM)[None, :]
@@ -246,7 +246,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, bhk_offset, ds_ld,
         do_src = _rows_source(DO + b * stride_gb + h * stride_gh, seqlen, stride_gs, BLOCK_M,
                               HEAD_DIM, USE_TMA)
         row = (b * num_heads + h) * seqlen
-        if DQ_MODE == 3:
+        if DQ_MODE == 3:  # DQ_STASH: this head's [s, s] scratch, keys by queries
             stride_dqs = ds_ld
             dq_dst = DQ_ACC + (tl.program_id(0) * group + g).to(tl.int64) * seqlen * ds_ld
             if USE_TMA:
@@ -256,7 +256,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, bhk_offset, ds_ld,
         else:
             stride_dqs = num_heads * HEAD_DIM
             dq_dst = DQ_ACC + (b * seqlen * num_heads + h) * HEAD_DIM
-            if DQ_MODE == 2:
+            if DQ_MODE == 2:  # DQ_TMA
                 dq_dst = tl.make_tensor_descriptor(dq_dst, shape=[seqlen, HEAD_DIM],
                                                    strides=[stride_dqs, 1],
                                                    block_shape=[BLOCK_M, HEAD_DIM])
