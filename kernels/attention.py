@@ -3,8 +3,8 @@
     out = softmax(scale * Q K^T + causal_mask) V        per (batch, query head)
 
 q: [b, s, hq, d], k, v: [b, s, hkv, d] with hkv dividing hq (GQA/MQA: query head h
-reads KV head h // (hq // hkv)); any strides. The s x s score matrix is never
-stored: the forward keeps only the per-row log-sum-exp [b, hq, s] for the backward.
+reads KV head h // (hq // hkv)); any strides. The forward never stores the s x s score
+matrix: it keeps only the per-row log-sum-exp [b, hq, s] for the backward.
 The backward is deterministic (each gradient block owned by one program, summed in a fixed
 order, no atomics): at head dim 128 on a GPU by 5 block matmuls, the dK/dV kernel storing dS
 for a dQ = dS K kernel (DKDV_STASH_CONFIGS); elsewhere by 7, a dK/dV and a dQ kernel, unless
@@ -279,7 +279,8 @@ def attention_backward(do, q, k, v, out, lse, *, causal, softmax_scale, dkdv_con
     """Host launcher: (dq, dk, dv), each laid out in its input's dimension order.
 
     A dK/dV config with "DS_STASH": it stores dS, dq_config is the dQ = dS K kernel's, and
-    the heads run in chunks whose scratch fits `ds_scratch_bytes` (DS_SCRATCH_BYTES).
+    the heads run in chunks whose scratch fits `ds_scratch_bytes` (DS_SCRATCH_BYTES); where
+    one KV head's dS alone exceeds it (long sequences), the dK/dV + dQ pair runs instead.
     Otherwise deterministic=False: one dK/dV kernel that also adds dQ into an fp32 buffer
     (atomics or bulk reduce-adds; no dQ kernel; the buffer is then scaled and cast into dq).
     Block configs given select the Triton-language kernels; `impl` as in `_pick`."""
@@ -302,9 +303,14 @@ def attention_backward(do, q, k, v, out, lse, *, causal, softmax_scale, dkdv_con
         use_tma = _use_tma(dkdv_config, q, k, v, do)
         mode = dq_mode(dkdv_config, deterministic=deterministic, use_tma=use_tma,
                        on_gpu=q.is_cuda)
+        scratch_bytes = ds_scratch_bytes or DS_SCRATCH_BYTES
+        if mode == DQ_STASH and _ds_bytes_per_kv_head(q, k) > scratch_bytes:
+            dkdv_config, dq_config = _pair_configs(q)
+            use_tma = _use_tma(dkdv_config, q, k, v, do)
+            mode = dq_mode(dkdv_config, deterministic=True, use_tma=use_tma, on_gpu=q.is_cuda)
         if mode == DQ_STASH:
             _stashed_backward(q, k, v, do, lse, delta, dq, dk, dv, dkdv_config, dq_config,
-                              use_tma, ds_scratch_bytes or DS_SCRATCH_BYTES, kw)
+                              use_tma, scratch_bytes, kw)
         elif mode == DQ_NONE:
             launch_dkdv(q, k, v, do, lse, delta, dk, dv, config=dkdv_config, use_tma=use_tma,
                         **kw)
@@ -318,6 +324,20 @@ def attention_backward(do, q, k, v, out, lse, *, causal, softmax_scale, dkdv_con
     return dq, dk, dv
 
 
+def _ds_bytes_per_kv_head(q, k) -> int:
+    """dS of one KV head's query heads: the stash's smallest chunk."""
+    seqlen, group = q.shape[1], q.shape[2] // k.shape[2]
+    return group * seqlen * stash_stride(seqlen) * q.element_size()
+
+
+def _pair_configs(q):
+    """The dK/dV + dQ pair's configs for q's head dim (the stash's fallback)."""
+    if q.device.type != "cuda":
+        return INTERPRETER_CONFIG, INTERPRETER_CONFIG
+    d = q.shape[-1]
+    return DKDV_CONFIGS.get(d, SMALL_CONFIG), DQ_CONFIGS.get(d, SMALL_CONFIG)
+
+
 def _ds_scratch(shape, dtype, device):
     """The dS scratch, uninitialized (tests fill it with NaN: no unwritten entry is read)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -328,8 +348,7 @@ def _stashed_backward(q, k, v, do, lse, delta, dq, dk, dv, dkdv_config, dq_confi
     """DQ_STASH: per chunk of (batch, KV head)s, dK/dV storing dS, then dQ = dS K."""
     batch, seqlen, num_heads, _ = q.shape
     kv_heads, group = batch * k.shape[2], num_heads // k.shape[2]
-    per_kv_head = group * seqlen * stash_stride(seqlen) * q.element_size()
-    chunk = max(1, min(kv_heads, scratch_bytes // per_kv_head))
+    chunk = min(kv_heads, scratch_bytes // _ds_bytes_per_kv_head(q, k))
     ds = _ds_scratch((chunk * group, seqlen, stash_stride(seqlen)), q.dtype, q.device)
     dq_tma = _use_tma(dq_config, q, k, ds)
     for first in range(0, kv_heads, chunk):

@@ -156,10 +156,10 @@ REPEATS_KV = ("megatron", "sdpa_cudnn")
 
 def ds_scratch_bytes(kv_heads: int, group: int, s: int, e: float) -> float:
     """The Triton attention backward's dS scratch: whole KV heads (group query heads each,
-    s x s scores in rows rounded up to 8), as many as fit TRITON_DS_SCRATCH_BYTES, one at
-    least (kernels/attention.py's _stashed_backward)."""
+    s x s scores in rows rounded up to 8), as many as fit TRITON_DS_SCRATCH_BYTES; none
+    where one does not fit (it then runs without: kernels/attention.py)."""
     per_kv_head = group * s * (-(-s // 8) * 8) * e
-    return min(kv_heads, max(1, TRITON_DS_SCRATCH_BYTES // per_kv_head)) * per_kv_head
+    return min(kv_heads, TRITON_DS_SCRATCH_BYTES // per_kv_head) * per_kv_head
 
 
 def layer_bytes(sh: Shape, layout: Layout, cpu: bool) -> LayerBytes:

@@ -314,8 +314,9 @@ def test_stashed_ds_backward_matches_float64(monkeypatch, causal, s, hq, hkv, tm
     # dK/dV kernel, 32-row query blocks in the dQ one: each diagonal dQ block then covers
     # scores above the diagonal that no dK/dV program wrote. The scratch starts as NaN, so
     # reading one as a number would poison dq (it does with the dQ kernel's mask removed).
-    # A partial last block at s = 37, GQA; a 1-byte scratch cap runs each (batch, KV head)
-    # as its own chunk. fp32 throughout: only the summation order differs from float64.
+    # A partial last block at s = 37, GQA; a scratch cap of one KV head's dS runs each
+    # (batch, KV head) as its own chunk. fp32 throughout: only the summation order differs
+    # from float64.
     import kernels.attention as A
 
     monkeypatch.setattr(A, "_ds_scratch",
@@ -327,7 +328,7 @@ def test_stashed_ds_backward_matches_float64(monkeypatch, causal, s, hq, hkv, tm
     out, lse = attention_forward(q, k, v, causal=causal, softmax_scale=0.3)
     runs = [attention_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=0.3,
                                dkdv_config=stash, dq_config=dq_ds, ds_scratch_bytes=cap)
-            for cap in (None, 1)]
+            for cap in (None, A._ds_bytes_per_kv_head(q, k))]
     for grads in runs:
         for name, got, want in zip("qkv", grads, _reference_grads(q, k, v, dout, causal=causal)):
             assert _relerr(got, want) < 1e-5, f"d{name}"
@@ -336,6 +337,32 @@ def test_stashed_ds_backward_matches_float64(monkeypatch, causal, s, hq, hkv, tm
     # negative control: the tolerance rejects the other masking's dq
     wrong = _reference_grads(q, k, v, dout, causal=not causal)[0]
     assert _relerr(runs[0][0], wrong) > 1e-2
+
+
+def test_stash_falls_back_to_the_pair_where_one_kv_head_does_not_fit(monkeypatch):
+    # Long sequences: one KV head's dS over the cap. The dK/dV + dQ pair runs instead (the
+    # same numbers as asked for directly), and no scratch is allocated.
+    import kernels.attention as A
+
+    def no_scratch(*args):
+        raise AssertionError("the scratch was allocated")
+
+    q, k, v = (t.detach() for t in _inputs(1, 40, 4, 2, 32, torch.float32, seed=29))
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(29))
+    out, lse = attention_forward(q, k, v, causal=True, softmax_scale=0.3)
+    stash = dict(INTERPRETER_CONFIG, DS_STASH=True)
+    cap = A._ds_bytes_per_kv_head(q, k) - 1
+    monkeypatch.setattr(A, "_ds_scratch", no_scratch)
+    got = attention_backward(dout, q, k, v, out, lse, causal=True, softmax_scale=0.3,
+                             dkdv_config=stash, dq_config=INTERPRETER_CONFIG, ds_scratch_bytes=cap)
+    pair = attention_backward(dout, q, k, v, out, lse, causal=True, softmax_scale=0.3,
+                              dkdv_config=INTERPRETER_CONFIG, dq_config=INTERPRETER_CONFIG)
+    for one, other in zip(got, pair):
+        assert torch.equal(one, other)
+    with pytest.raises(AssertionError, match="allocated"):  # one byte more: the stash runs
+        attention_backward(dout, q, k, v, out, lse, causal=True, softmax_scale=0.3,
+                           dkdv_config=stash, dq_config=INTERPRETER_CONFIG,
+                           ds_scratch_bytes=cap + 1)
 
 
 def test_stash_head_dims_are_the_memory_models():
@@ -425,13 +452,15 @@ def test_gpu_dq_through_the_dkdv_kernel_matches_float64(monkeypatch, dkdv, dq_co
 
 @pytest.mark.cuda
 def test_gpu_stashed_backward_is_bitwise_repeatable_and_chunking_free():
+    import kernels.attention as A
+
     q, k, v = (t.detach() for t in _inputs(2, 2048, 8, 2, 128, torch.bfloat16, device="cuda",
                                             seed=2))
     dout = torch.randn_like(q)
     out, lse = attention_forward(q, k, v, causal=True, softmax_scale=0.088)
     runs = [attention_backward(dout, q, k, v, out, lse, causal=True, softmax_scale=0.088,
                                dkdv_config=STASH, dq_config=DQ_DS, ds_scratch_bytes=cap)
-            for cap in (None, None, 1)]
+            for cap in (None, None, A._ds_bytes_per_kv_head(q, k))]
     for run in runs[1:]:
         for first, other in zip(runs[0], run):
             assert torch.equal(first, other)

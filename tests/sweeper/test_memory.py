@@ -343,6 +343,11 @@ def test_triton_attention_backward_counts_its_ds_scratch():
     assert big.attention_workspace - layer_bytes(
         wide, Layout(attention="sdpa", mbs=16, tp=1), cpu=False).attention_workspace == (
         TRITON_DS_SCRATCH_BYTES)
+    # none where one KV head's dS alone is over the cap (the backward then runs without):
+    # s = 16392, group 2: 2 x 16392^2 x 2 bytes, just over 1 GiB
+    longer = model_shape(dataclasses.replace(SMALL, hidden_size=512, seq_length=16384 + 8))
+    assert layer_bytes(longer, Layout(attention="triton", **base), cpu=False).attention_workspace == (
+        layer_bytes(longer, Layout(attention="sdpa", **base), cpu=False).attention_workspace)
     # no scratch at other head dims (SMALL's 16) or on CPU
     assert layer_bytes(SH, Layout(attention="triton", **base), cpu=False).attention_workspace == (
         layer_bytes(SH, Layout(attention="sdpa", **base), cpu=False).attention_workspace)
