@@ -19,11 +19,12 @@ CATEGORIES = ("attention", "matmul", "norm", "elementwise", "optimizer",
 COMM = ("tp_comm", "dp_comm", "pp_comm")
 BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
 
-# Our Triton and Gluon kernels (kernels/attention_fwd.py, attention_bwd.py, attention_gluon_*.py,
-# rmsnorm_kernels.py, rmsnorm_two_pass.py, add_rmsnorm.py) by their @triton.jit / @gluon.jit
-# names, which are their CUDA names (older Triton appends a signature: _0d1d2de). The residual add fused into RMSNorm counts as norm time.
+# Our Triton and Gluon kernels (kernels/attention_fwd.py, attention_bwd.py, attention_dq_ds.py,
+# attention_gluon_*.py, rmsnorm_kernels.py, rmsnorm_two_pass.py, add_rmsnorm.py) by their
+# @triton.jit / @gluon.jit names, which are their CUDA names (older Triton appends a
+# signature: _0d1d2de). The residual add fused into RMSNorm counts as norm time.
 TRITON_ATTENTION_KERNELS = ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel", "_delta_kernel",
-                            "_gluon_attn_fwd_kernel", "_gluon_attn_bwd_kernel")
+                            "_dq_ds_kernel", "_gluon_attn_fwd_kernel", "_gluon_attn_bwd_kernel")
 TRITON_NORM_KERNELS = ("_forward_kernel", "_backward_kernel", "_dw_reduce_kernel",
                        "_forward_chunked_kernel", "_backward_chunked_kernel", "_forward_tma_kernel",
                        "_add_norm_fwd_kernel", "_add_norm_bwd_kernel", "_add_norm_bwd_tiles_kernel",
