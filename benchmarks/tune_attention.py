@@ -144,7 +144,8 @@ class KernelRun:
 
     def fn(self, kind, cfg):
         from kernels import attention as A
-        from kernels.attention_bwd import DQ_STASH, DQ_TMA, launch_dkdv, launch_dq
+        from kernels.attention_bwd import DQ_STASH, DQ_TMA, launch_dkdv
+        from kernels.attention_dq import launch_dq
         from kernels.attention_dq_ds import launch_dq_ds
 
         if kind in ("fwd", "fwd_nosoftmax"):
@@ -200,10 +201,10 @@ class KernelRun:
 
 
 def _kernel_of(kind):
-    from kernels import attention_bwd, attention_dq_ds, attention_fwd
+    from kernels import attention_bwd, attention_dq, attention_dq_ds, attention_fwd
 
     return {"fwd": attention_fwd._fwd_kernel, "fwd_nosoftmax": attention_fwd._fwd_kernel,
-            "dq": attention_bwd._dq_kernel,
+            "dq": attention_dq._dq_kernel,
             "dq_ds": attention_dq_ds._dq_ds_kernel}.get(kind, attention_bwd._dkdv_kernel)
 
 

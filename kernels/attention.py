@@ -11,7 +11,8 @@ for a dQ = dS K kernel (DKDV_STASH_CONFIGS); elsewhere by 7, a dK/dV and a dQ ke
 `deterministic=False` lets the dK/dV kernel add dQ with fp32 atomics (5 block matmuls; dQ's
 last bits then vary from run to run; on the H200 it was slower wherever timed).
 
-Layers: `attention_fwd.py` / `attention_bwd.py` hold the @triton.jit kernels and
+Layers: `attention_fwd.py` / `attention_bwd.py` (delta, dK/dV) / `attention_dq.py` /
+`attention_dq_ds.py` hold the @triton.jit kernels and
 their launchers; `attention_gluon_fwd.py` / `attention_gluon_bwd.py` the Gluon ones (sm_90,
 Triton 3.6: warp-specialized, TMA, async wgmma); here are the block configurations, the
 choice between the two (`impl`), the autograd.Function and the keyword-only entry point
@@ -68,9 +69,9 @@ from kernels.attention_bwd import (
     dq_mode,
     launch_delta,
     launch_dkdv,
-    launch_dq,
     stash_stride,
 )
+from kernels.attention_dq import launch_dq
 from kernels.attention_dq_ds import launch_dq_ds
 from kernels.attention_fwd import launch_forward, tma_aligned
 

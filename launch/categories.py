@@ -19,7 +19,7 @@ CATEGORIES = ("attention", "matmul", "norm", "elementwise", "optimizer",
 COMM = ("tp_comm", "dp_comm", "pp_comm")
 BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
 
-# Our Triton and Gluon kernels (kernels/attention_fwd.py, attention_bwd.py, attention_dq_ds.py,
+# Our Triton and Gluon kernels (kernels/attention_fwd.py, attention_bwd.py, attention_dq*.py,
 # attention_gluon_*.py, rmsnorm_kernels.py, rmsnorm_two_pass.py, add_rmsnorm.py) by their
 # @triton.jit / @gluon.jit names, which are their CUDA names (older Triton appends a
 # signature: _0d1d2de). The residual add fused into RMSNorm counts as norm time.

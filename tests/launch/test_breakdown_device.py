@@ -91,15 +91,15 @@ def _triton_launches(*paths: Path) -> set[str]:
 
 def test_our_triton_kernel_names_are_known():
     attention = set().union(*(_triton_launches(KERNELS / f"attention_{part}.py")
-                              for part in ("fwd", "bwd", "dq_ds", "gluon_fwd", "gluon_bwd")))
+                              for part in ("fwd", "bwd", "dq", "dq_ds", "gluon_fwd", "gluon_bwd")))
     norm = (_triton_launches(KERNELS / "rmsnorm.py", KERNELS / "rmsnorm_kernels.py",
                              KERNELS / "rmsnorm_two_pass.py")
             | _triton_launches(KERNELS / "add_rmsnorm.py"))
     assert attention == set(TRITON_ATTENTION_KERNELS)
     assert norm == set(TRITON_NORM_KERNELS)
-    ours = ("attention_fwd.py", "attention_bwd.py", "attention_dq_ds.py", "attention_gluon_fwd.py",
-            "attention_gluon_bwd.py", "rmsnorm.py", "rmsnorm_kernels.py", "rmsnorm_two_pass.py",
-            "add_rmsnorm.py")
+    ours = ("attention_fwd.py", "attention_bwd.py", "attention_dq.py", "attention_dq_ds.py",
+            "attention_gluon_fwd.py", "attention_gluon_bwd.py", "rmsnorm.py", "rmsnorm_kernels.py",
+            "rmsnorm_two_pass.py", "add_rmsnorm.py")
     for path in KERNELS.glob("*.py"):  # no other kernel of ours may take one of these names
         if path.name not in ours:
             assert not _triton_launches(path) & (attention | norm), path.name
