@@ -97,21 +97,20 @@ def main():
 def _scratch_costs(A, q, k, v):
     from triton.testing import do_bench
 
-    from kernels.attention_bwd import stash_stride
+    from core.choices import ds_stash_heads
 
     b, s, hq, d = q.shape
     scale = d ** -0.5
     out, lse = A.attention_forward(q, k, v, causal=True, softmax_scale=scale)
     do = torch.randn_like(out)
     kv_heads, group = b * k.shape[2], hq // k.shape[2]
-    per_kv_head = group * s * stash_stride(s) * q.element_size()
     rows = []
     for cap in SCRATCH_CAPS:
         ms = do_bench(lambda cap=cap: A.attention_backward(
             do, q, k, v, out, lse, causal=True, softmax_scale=scale, ds_scratch_bytes=cap),
             warmup=10, rep=60, return_mode="median")
-        chunk = max(1, min(kv_heads, cap // per_kv_head))
-        rows.append(dict(cap_bytes=cap, chunks=-(-kv_heads // chunk), bwd_ms=ms))
+        chunk = ds_stash_heads(kv_heads, group, s, q.element_size(), cap)
+        rows.append(dict(cap_bytes=cap, chunks=-(-kv_heads // chunk) if chunk else 0, bwd_ms=ms))
     return rows
 
 

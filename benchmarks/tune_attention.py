@@ -141,6 +141,7 @@ class KernelRun:
         self.dq = torch.empty_like(self.q)
         self.dk, self.dv = torch.empty_like(self.k), torch.empty_like(self.v)
         self.dq_acc = torch.zeros(self.q.shape, dtype=torch.float32, device="cuda")
+        self.ds, self.ds_filled = None, False  # the dS scratch, made on first use (stash)
 
     def fn(self, kind, cfg):
         from kernels import attention as A
@@ -181,12 +182,12 @@ class KernelRun:
 
     def stash(self, filled=False):
         """The dS scratch of all heads; `filled`: by a plain-pointer DQ_STASH dK/dV run."""
-        from kernels.attention_bwd import DQ_STASH, launch_dkdv, stash_stride
+        from core.choices import ds_stash_stride
+        from kernels.attention_bwd import DQ_STASH, launch_dkdv
 
-        if getattr(self, "ds", None) is None:
+        if self.ds is None:
             b, hq, _, s, _ = self.shape
-            self.ds = torch.empty((b * hq, s, stash_stride(s)), dtype=self.q.dtype, device="cuda")
-            self.ds_filled = False
+            self.ds = torch.empty((b * hq, s, ds_stash_stride(s)), dtype=self.q.dtype, device="cuda")
         if filled and not self.ds_filled:
             launch_dkdv(self.q, self.k, self.v, self.do, self.lse, self.delta, self.dk, self.dv,
                         causal=True, softmax_scale=self.scale, use_tma=False,

@@ -73,6 +73,23 @@ TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 TRITON_DS_STASH_HEAD_DIMS = (128,)
 TRITON_DS_SCRATCH_BYTES = 1 << 30
 
+
+def ds_stash_stride(seqlen: int) -> int:
+    """Row stride of the dS scratch, in elements: 16-byte rows for tensor descriptors."""
+    return -(-seqlen // 8) * 8
+
+
+def ds_bytes_per_kv_head(group: int, seqlen: int, elem_size: float) -> float:
+    """dS of one KV head's `group` query heads: the scratch's smallest chunk."""
+    return group * seqlen * ds_stash_stride(seqlen) * elem_size
+
+
+def ds_stash_heads(kv_heads: int, group: int, seqlen: int, elem_size: float,
+                   cap: float = TRITON_DS_SCRATCH_BYTES) -> int:
+    """KV heads per chunk of the dS scratch: as many as fit `cap`, at most `kv_heads`;
+    0 where one alone does not fit (the backward then runs without the scratch)."""
+    return int(min(kv_heads, cap // ds_bytes_per_kv_head(group, seqlen, elem_size)))
+
 # flash-attn-4 (optional extra `gpu`): SM90 limits of 4.0.0b36 (`_validate_head_dims`):
 # 16-byte multiples of bf16/fp16 elements, at most 256.
 FA4_NOT_INSTALLED = "flash-attn-4 not installed"

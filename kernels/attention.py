@@ -62,14 +62,13 @@ import torch
 import triton
 
 from core.choices import TRITON_HEAD_DIMS as HEAD_DIMS  # the sweeper's validity reads the same tuple
-from core.choices import TRITON_DS_SCRATCH_BYTES
+from core.choices import TRITON_DS_SCRATCH_BYTES, ds_stash_heads, ds_stash_stride
 from kernels.attention_bwd import (
     DQ_NONE,
     DQ_STASH,
     dq_mode,
     launch_delta,
     launch_dkdv,
-    stash_stride,
 )
 from kernels.attention_dq import launch_dq
 from kernels.attention_dq_ds import launch_dq_ds
@@ -304,14 +303,15 @@ def attention_backward(do, q, k, v, out, lse, *, causal, softmax_scale, dkdv_con
         use_tma = _use_tma(dkdv_config, q, k, v, do)
         mode = dq_mode(dkdv_config, deterministic=deterministic, use_tma=use_tma,
                        on_gpu=q.is_cuda)
-        scratch_bytes = ds_scratch_bytes or DS_SCRATCH_BYTES
-        if mode == DQ_STASH and _ds_bytes_per_kv_head(q, k) > scratch_bytes:
-            dkdv_config, dq_config = _pair_configs(q)
-            use_tma = _use_tma(dkdv_config, q, k, v, do)
-            mode = dq_mode(dkdv_config, deterministic=True, use_tma=use_tma, on_gpu=q.is_cuda)
+        if mode == DQ_STASH:
+            heads = ds_stash_heads(q.shape[0] * k.shape[2], q.shape[2] // k.shape[2], q.shape[1],
+                                   q.element_size(), ds_scratch_bytes or DS_SCRATCH_BYTES)
+            if heads == 0:  # one KV head's dS alone is over the cap
+                dkdv_config, dq_config = _pair_configs(q)
+                use_tma, mode = _use_tma(dkdv_config, q, k, v, do), DQ_NONE
         if mode == DQ_STASH:
             _stashed_backward(q, k, v, do, lse, delta, dq, dk, dv, dkdv_config, dq_config,
-                              use_tma, scratch_bytes, kw)
+                              use_tma, heads, kw)
         elif mode == DQ_NONE:
             launch_dkdv(q, k, v, do, lse, delta, dk, dv, config=dkdv_config, use_tma=use_tma,
                         **kw)
@@ -323,12 +323,6 @@ def attention_backward(do, q, k, v, out, lse, *, causal, softmax_scale, dkdv_con
                         dq_acc=dq_acc, mode=mode, **kw)
             dq.copy_(dq_acc.mul_(softmax_scale))
     return dq, dk, dv
-
-
-def _ds_bytes_per_kv_head(q, k) -> int:
-    """dS of one KV head's query heads: the stash's smallest chunk."""
-    seqlen, group = q.shape[1], q.shape[2] // k.shape[2]
-    return group * seqlen * stash_stride(seqlen) * q.element_size()
 
 
 def _pair_configs(q):
@@ -345,12 +339,11 @@ def _ds_scratch(shape, dtype, device):
 
 
 def _stashed_backward(q, k, v, do, lse, delta, dq, dk, dv, dkdv_config, dq_config, use_tma,
-                      scratch_bytes, kw):
-    """DQ_STASH: per chunk of (batch, KV head)s, dK/dV storing dS, then dQ = dS K."""
+                      chunk, kw):
+    """DQ_STASH: per chunk of `chunk` (batch, KV head)s, dK/dV storing dS, then dQ = dS K."""
     batch, seqlen, num_heads, _ = q.shape
     kv_heads, group = batch * k.shape[2], num_heads // k.shape[2]
-    chunk = min(kv_heads, scratch_bytes // _ds_bytes_per_kv_head(q, k))
-    ds = _ds_scratch((chunk * group, seqlen, stash_stride(seqlen)), q.dtype, q.device)
+    ds = _ds_scratch((chunk * group, seqlen, ds_stash_stride(seqlen)), q.dtype, q.device)
     dq_tma = _use_tma(dq_config, q, k, ds)
     for first in range(0, kv_heads, chunk):
         count = min(chunk, kv_heads - first)

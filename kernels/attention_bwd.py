@@ -56,6 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
+from core.choices import ds_stash_stride
 from kernels.attention_fwd import (
     LOG2E_HOST,
     _dot,
@@ -318,11 +319,6 @@ def dq_mode(config, *, deterministic: bool, use_tma: bool, on_gpu: bool) -> int:
     return DQ_TMA if use_tma and on_gpu and config.get("DQ_TMA") else DQ_ATOMIC
 
 
-def stash_stride(seqlen: int) -> int:
-    """Row stride of the dS scratch: 16-byte rows for tensor descriptors."""
-    return -(-seqlen // 8) * 8
-
-
 def launch_dkdv(q, k, v, do, lse, delta, dk, dv, *, causal, softmax_scale, config, use_tma,
                 dq_acc=None, mode=None, kv_heads=None):
     """dk, dv [b, s, hkv, d]: one program per (key block, batch, KV head), for the flat
@@ -330,7 +326,7 @@ def launch_dkdv(q, k, v, do, lse, delta, dk, dv, *, causal, softmax_scale, confi
 
     mode DQ_ATOMIC / DQ_TMA: also adds the unscaled dQ into `dq_acc` (fp32 [b, s, hq, d],
     contiguous, zeroed); DQ_STASH: stores dS^T into `dq_acc`, the scratch [count * group,
-    s, stash_stride(s)] in q's dtype. mode None: DQ_NONE, or DQ_ATOMIC given dq_acc."""
+    s, ds_stash_stride(s)] in q's dtype. mode None: DQ_NONE, or DQ_ATOMIC given dq_acc."""
     batch, seqlen, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     first, count = kv_heads or (0, batch * num_kv_heads)
@@ -342,10 +338,10 @@ def launch_dkdv(q, k, v, do, lse, delta, dk, dv, *, causal, softmax_scale, confi
         group = num_heads // num_kv_heads
         assert dq_acc.dtype == q.dtype and dq_acc.is_contiguous()
         assert dq_acc.shape[0] >= count * group and tuple(dq_acc.shape[1:]) == (
-            seqlen, stash_stride(seqlen))
+            seqlen, ds_stash_stride(seqlen))
     _dkdv_kernel[(count, triton.cdiv(seqlen, config["BLOCK_N"]))](
         q, k, v, do, lse, delta, dk, dv, dk if dq_acc is None else dq_acc, first,
-        stash_stride(seqlen),
+        ds_stash_stride(seqlen),
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         seqlen, num_heads, num_kv_heads, num_heads // num_kv_heads, softmax_scale,
         softmax_scale * LOG2E_HOST,

@@ -3,7 +3,7 @@
     dQ_i = scale * sum_j dS_ij K_j          one program per (query block, query head)
 
 The scratch holds, per query head, dS^T: [s keys, s queries] in the inputs' dtype, rows
-`stash_stride(s)` apart. The dK/dV kernel wrote every score it computed (masked ones as 0);
+`ds_stash_stride(s)` apart. The dK/dV kernel wrote every score it computed (masked ones as 0);
 under the causal mask the block pairs it never reached lie above the diagonal, so this kernel
 reads only key blocks left of its diagonal and masks the diagonal blocks: an unwritten entry
 is never read as a number. Each dQ block is summed by one program over its key blocks in
@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.attention_bwd import stash_stride
+from core.choices import ds_stash_stride
 from kernels.attention_fwd import _dot, _load_rows, _rows_source, dot_f32, launch_extras
 
 
@@ -100,12 +100,12 @@ def _dq_ds_kernel(DS, K, DQ,
 
 def launch_dq_ds(ds, k, dq, *, heads, causal, softmax_scale, config, use_tma):
     """dq [b, s, hq, d] for the flat query heads `heads` = (first, count), from `ds` (the
-    scratch launch_dkdv filled for those heads: [count, s, stash_stride(s)])."""
+    scratch launch_dkdv filled for those heads: [count, s, ds_stash_stride(s)])."""
     batch, seqlen, num_heads, head_dim = dq.shape
     first, count = heads
-    assert ds.shape[0] >= count and tuple(ds.shape[1:]) == (seqlen, stash_stride(seqlen))
+    assert ds.shape[0] >= count and tuple(ds.shape[1:]) == (seqlen, ds_stash_stride(seqlen))
     _dq_ds_kernel[(count, triton.cdiv(seqlen, config["BLOCK_M"]))](
-        ds, k, dq, *k.stride(), *dq.stride(), seqlen, stash_stride(seqlen), num_heads,
+        ds, k, dq, *k.stride(), *dq.stride(), seqlen, ds_stash_stride(seqlen), num_heads,
         num_heads // k.shape[2], first, softmax_scale,
         HEAD_DIM=head_dim, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         CAUSAL=causal, EVEN=seqlen % config["BLOCK_M"] == 0, USE_TMA=use_tma,

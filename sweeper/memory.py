@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
-from core.choices import TRITON_DS_SCRATCH_BYTES, TRITON_DS_STASH_HEAD_DIMS
+from core.choices import TRITON_DS_STASH_HEAD_DIMS, ds_bytes_per_kv_head, ds_stash_heads
 from core.config import ClusterConfig, Layout, ModelConfig
 from sweeper.constants import Calibration, default_calibration
 
@@ -154,14 +154,6 @@ class LayerBytes:
 REPEATS_KV = ("megatron", "sdpa_cudnn")
 
 
-def ds_scratch_bytes(kv_heads: int, group: int, s: int, e: float) -> float:
-    """The Triton attention backward's dS scratch: whole KV heads (group query heads each,
-    s x s scores in rows rounded up to 8), as many as fit TRITON_DS_SCRATCH_BYTES; none
-    where one does not fit (it then runs without: kernels/attention.py)."""
-    per_kv_head = group * s * (-(-s // 8) * 8) * e
-    return min(kv_heads, TRITON_DS_SCRATCH_BYTES // per_kv_head) * per_kv_head
-
-
 def layer_bytes(sh: Shape, layout: Layout, cpu: bool) -> LayerBytes:
     e = 4.0 if cpu else 2.0
     tp, cp = layout.tp, layout.cp
@@ -190,8 +182,10 @@ def layer_bytes(sh: Shape, layout: Layout, cpu: bool) -> LayerBytes:
         saved_core = 4.0 * T * sh.a / tp  # fp32 log-sum-exp; the output is the projection's input
         attention_ws = (4.0 + e) * T * sh.q / tp + 2 * e * T * sh.kv / tp  # dq (fp32 acc), dk, dv
         if layout.attention == "triton" and not cpu and sh.q // sh.a in TRITON_DS_STASH_HEAD_DIMS:
-            attention_ws += ds_scratch_bytes(layout.mbs * max(1, sh.g // tp), sh.a // sh.g,
-                                             round(s_local), e)
+            # the dS scratch (kernels/attention.py): whole KV heads, as many as fit its cap
+            kv_heads, group, s = layout.mbs * max(1, sh.g // tp), sh.a // sh.g, round(s_local)
+            attention_ws += (ds_stash_heads(kv_heads, group, s, e)
+                             * ds_bytes_per_kv_head(group, s, e))
     core = attention_inputs - kept + saved_core
     proj_input = e * T * sh.q / tp
     # GPU: megatron's fused SwiGLU saves its input (fc1 output, 2f) and fc2 saves the

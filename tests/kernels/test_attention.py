@@ -305,6 +305,13 @@ def _reference_grads(q, k, v, dout, *, causal, scale=0.3):
     return [t.grad for t in leaves]
 
 
+def _one_kv_heads_ds(q, k):
+    """Bytes of one KV head's dS in the stash's scratch: its smallest chunk."""
+    from core.choices import ds_bytes_per_kv_head
+
+    return ds_bytes_per_kv_head(q.shape[2] // k.shape[2], q.shape[1], q.element_size())
+
+
 @pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("causal, s, hq, hkv", [(True, 64, 4, 2), (True, 37, 2, 1),
                                                 (False, 64, 2, 2), (False, 37, 4, 2)])
@@ -328,7 +335,7 @@ def test_stashed_ds_backward_matches_float64(monkeypatch, causal, s, hq, hkv, tm
     out, lse = attention_forward(q, k, v, causal=causal, softmax_scale=0.3)
     runs = [attention_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=0.3,
                                dkdv_config=stash, dq_config=dq_ds, ds_scratch_bytes=cap)
-            for cap in (None, A._ds_bytes_per_kv_head(q, k))]
+            for cap in (None, _one_kv_heads_ds(q, k))]
     for grads in runs:
         for name, got, want in zip("qkv", grads, _reference_grads(q, k, v, dout, causal=causal)):
             assert _relerr(got, want) < 1e-5, f"d{name}"
@@ -351,7 +358,7 @@ def test_stash_falls_back_to_the_pair_where_one_kv_head_does_not_fit(monkeypatch
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(29))
     out, lse = attention_forward(q, k, v, causal=True, softmax_scale=0.3)
     stash = dict(INTERPRETER_CONFIG, DS_STASH=True)
-    cap = A._ds_bytes_per_kv_head(q, k) - 1
+    cap = _one_kv_heads_ds(q, k) - 1
     monkeypatch.setattr(A, "_ds_scratch", no_scratch)
     got = attention_backward(dout, q, k, v, out, lse, causal=True, softmax_scale=0.3,
                              dkdv_config=stash, dq_config=INTERPRETER_CONFIG, ds_scratch_bytes=cap)
@@ -460,7 +467,7 @@ def test_gpu_stashed_backward_is_bitwise_repeatable_and_chunking_free():
     out, lse = attention_forward(q, k, v, causal=True, softmax_scale=0.088)
     runs = [attention_backward(dout, q, k, v, out, lse, causal=True, softmax_scale=0.088,
                                dkdv_config=STASH, dq_config=DQ_DS, ds_scratch_bytes=cap)
-            for cap in (None, None, A._ds_bytes_per_kv_head(q, k))]
+            for cap in (None, None, _one_kv_heads_ds(q, k))]
     for run in runs[1:]:
         for first, other in zip(runs[0], run):
             assert torch.equal(first, other)
