@@ -5,7 +5,7 @@
 
 --configs  block configs from benchmarks/tune_attention.py's --winners-out, installed
            before anything runs (recorded with each row); default: the hard-coded ones.
-(Correctness is tests/kernels/test_attention.py's: its `cuda` tests run ours against the
+(Correctness is tests/kernels/test_attention*.py's: their `cuda` tests run ours against the
 float64 reference on the GPU; benchmarks/kernels_device.sh runs them beside the tuner.)
 --bench    forward, backward and forward+backward at the issue's four shapes, same process,
            same inputs: ours (deterministic backward, the default, and deterministic=False;

@@ -34,7 +34,7 @@ export GIT_COMMIT=$2
 if [ "$step" = 1 ]; then
   . benchmarks/gpu_env.sh fa4-1 || exit 1
   env -u TRITON_ALLOW_NON_CONSTEXPR_GLOBALS timeout 240 python -m pytest -q -p no:cacheprovider \
-    -m cuda tests/kernels/test_attention.py tests/kernels/test_rmsnorm.py \
+    -m cuda tests/kernels/test_attention{,_bwd}.py tests/kernels/test_rmsnorm.py \
     tests/kernels/test_fast_launch.py tests/kernels/test_megatron_norm.py > "$OUT/tests1.log" 2>&1 &
   tests=$!
   timeout 240 python -m benchmarks.tune_attention --compile-only --workers 12 \
@@ -49,7 +49,7 @@ elif [ "$step" = attention-1 ]; then
   . benchmarks/gpu_env.sh fa4-1 || exit 1
   kinds=${KINDS:-fwd,fwd_nosoftmax,dkdv,dq}
   env -u TRITON_ALLOW_NON_CONSTEXPR_GLOBALS timeout 150 python -m pytest -q -p no:cacheprovider \
-    -m cuda tests/kernels/test_attention.py > "$OUT/tests_attention.log" 2>&1 &
+    -m cuda tests/kernels/test_attention{,_bwd}.py > "$OUT/tests_attention.log" 2>&1 &
   tests=$!
   timeout "${COMPILE_S:-120}" python -m benchmarks.tune_attention --compile-only --kinds $kinds \
     --workers 12 --out /tmp/tune_compiled.json > "$OUT/tune.log" 2>&1
@@ -97,7 +97,7 @@ elif [ "$step" = rmsnorm ]; then
 elif [ "$step" = 3 ]; then
   . benchmarks/gpu_env.sh || exit 1
   env -u TRITON_ALLOW_NON_CONSTEXPR_GLOBALS timeout 200 python -m pytest -q -p no:cacheprovider \
-    -m cuda tests/kernels/test_attention.py tests/kernels/test_rmsnorm.py \
+    -m cuda tests/kernels/test_attention{,_bwd}.py tests/kernels/test_rmsnorm.py \
     tests/kernels/test_fast_launch.py > "$OUT/tests3.log" 2>&1 &
   tests=$!
   timeout 120 python -m benchmarks.tune_attention --compile-only --kinds fwd,fwd_nosoftmax \

@@ -1,6 +1,6 @@
 """kernels.attention_gluon_bwd against the float64 reference (GPU), and its refusals (CPU).
 
-Tolerances are test_attention.py's (relative norm ||x - ref|| / ||ref||; bf16 2e-2, fp16
+Tolerances are attention_cases.py's (relative norm ||x - ref|| / ||ref||; bf16 2e-2, fp16
 3e-3: P and dS are rounded to the input dtype before their matmuls, the result once more).
 The forward (out, lse) comes from our Triton-language forward, as in training.
 """
@@ -12,7 +12,7 @@ import torch
 
 from kernels.attention import attention_forward, attention_reference
 from kernels.attention_gluon_bwd import gluon_backward, gluon_backward_unsupported, shape_unsupported
-from tests.kernels.test_attention import TOLERANCE, _relerr
+from tests.kernels.attention_cases import TOLERANCE, relerr
 
 
 def _inputs(b, s, hq, hkv, d, dtype, *, seq_first=False, seed=0):
@@ -41,7 +41,7 @@ def _grads(q, k, v, do, *, causal, deterministic=True, lse_shift=0.0, bwd_causal
 def _errors(q, k, v, do, grads, *, causal):
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     attention_reference(q64, k64, v64, causal=causal).backward(do.double())
-    return {name: _relerr(got, ref.grad)
+    return {name: relerr(got, ref.grad)
             for name, got, ref in zip(("dq", "dk", "dv"), grads, (q64, k64, v64))}
 
 

@@ -1,6 +1,6 @@
 """kernels.attention_gluon_fwd against the float64 reference (GPU), and its refusals (CPU).
 
-Tolerances are test_attention.py's (relative norm; bf16 2e-2, fp16 3e-3: P is rounded to the
+Tolerances are attention_cases.py's (relative norm; bf16 2e-2, fp16 3e-3: P is rounded to the
 input dtype before P V, then O once more). The LSE is checked to 1e-3 absolute: it is
 computed in fp32 from bf16/fp16 inputs whose scores are exact in fp32 up to ~1e-6 relative.
 """
@@ -10,7 +10,7 @@ import torch
 
 from kernels.attention import attention_reference
 from kernels.attention_gluon_fwd import CONFIGS, gluon_forward, gluon_forward_unsupported
-from tests.kernels.test_attention import TOLERANCE, _fused_qkv_views, _lse_reference, _relerr
+from tests.kernels.attention_cases import TOLERANCE, fused_qkv_views, lse_reference, relerr
 
 
 def _run(q, k, v, *, seq_first=False, scale=None, config=None):
@@ -41,11 +41,11 @@ def test_matches_float64(b, s, hq, hkv, d, dtype, persistent):
     out, lse = _run(q, k, v, scale=0.3 if hkv == 1 else None, config=config)
     scale = 0.3 if hkv == 1 else d ** -0.5
     ref = attention_reference(q, k, v, causal=True, softmax_scale=scale)
-    assert _relerr(out, ref) < TOLERANCE[dtype]
-    lse_ref = _lse_reference(q, k, causal=True, scale=scale)
+    assert relerr(out, ref) < TOLERANCE[dtype]
+    lse_ref = lse_reference(q, k, causal=True, scale=scale)
     torch.testing.assert_close(lse.double(), lse_ref, rtol=0, atol=1e-3)
     # negative control: the same output is far from the non-causal attention
-    assert _relerr(out, attention_reference(q, k, v, causal=False, softmax_scale=scale)) > 0.1
+    assert relerr(out, attention_reference(q, k, v, causal=False, softmax_scale=scale)) > 0.1
 
 
 def _cuda_keeping_strides(t):
@@ -59,14 +59,14 @@ def _cuda_keeping_strides(t):
 @pytest.mark.parametrize("group", [1, 2])
 def test_megatron_seq_first_views(group):
     # q/k/v strided views of one [s, b, hkv, (group + 2) * d] buffer; O written seq-first
-    q, k, v = (_cuda_keeping_strides(t) for t in _fused_qkv_views(
+    q, k, v = (_cuda_keeping_strides(t) for t in fused_qkv_views(
         s=512, b=2, hkv=2, group=group, d=128, dtype=torch.bfloat16, seed=3))
     assert not k.is_contiguous() and k.stride(1) > k.stride(0)  # seq-first, with gaps
     out, lse = _run(q, k, v, seq_first=True)
     assert out.permute(1, 0, 2, 3).is_contiguous()
     ref = attention_reference(q, k, v, causal=True)
-    assert _relerr(out, ref) < TOLERANCE[torch.bfloat16]
-    lse_ref = _lse_reference(q, k, causal=True, scale=128 ** -0.5)
+    assert relerr(out, ref) < TOLERANCE[torch.bfloat16]
+    lse_ref = lse_reference(q, k, causal=True, scale=128 ** -0.5)
     torch.testing.assert_close(lse.double(), lse_ref, rtol=0, atol=1e-3)
 
 
