@@ -308,20 +308,23 @@ def resolve(kinds: dict, totals: dict) -> None:
     """One winner per slot: deterministic=False takes the faster of atomics ("dkdv_atomic")
     and reduce-adds ("dkdv_tma"), left under "dkdv_atomic"; the DQ_STASH pair ("dkdv_stash",
     "dq_ds") stays only if its total beats the dK/dV + dQ pair's (sums of the tune shapes'
-    median times)."""
+    median times). Where the stash was tuned and lost, both become None: install() then
+    takes the head dim out of the stash tables, so the dK/dV + dQ pair runs."""
     inf = float("inf")
     if "dkdv_tma" in kinds:
         tma = kinds.pop("dkdv_tma")
         if totals["dkdv_tma"] < totals.get("dkdv_atomic", inf):
             kinds["dkdv_atomic"] = tma
+    if "dkdv_stash" not in totals and "dq_ds" not in totals:
+        return  # not tuned in this run: the tables keep what they have
     stash = totals.get("dkdv_stash", inf) + totals.get("dq_ds", inf)
-    if stash == inf or stash >= totals.get("dkdv", inf) + totals.get("dq", inf):
-        kinds.pop("dkdv_stash", None)
-        kinds.pop("dq_ds", None)
+    if stash >= totals.get("dkdv", inf) + totals.get("dq", inf):
+        kinds["dkdv_stash"] = kinds["dq_ds"] = None
 
 
 def install(winners: dict) -> None:
-    """Make `winners` ({d: {kind: cfg}}, as written by --winners-out) the kernels' configs."""
+    """Make `winners` ({d: {kind: cfg}}, as written by --winners-out) the kernels' configs;
+    a None config takes its head dim out of that table (resolve: the stash lost)."""
     from kernels import attention as A
 
     tables = {"fwd": A.FWD_CONFIGS, "dkdv": A.DKDV_CONFIGS, "dq": A.DQ_CONFIGS,
@@ -329,7 +332,10 @@ def install(winners: dict) -> None:
               "dq_ds": A.DQ_DS_CONFIGS}
     for d, kinds in winners.items():
         for kind, cfg in kinds.items():
-            tables[kind][int(d)] = cfg
+            if cfg is None:
+                tables[kind].pop(int(d), None)
+            else:
+                tables[kind][int(d)] = cfg
 
 
 def main():
